@@ -1,0 +1,3 @@
+"""ingestd: a systemd-native file-ingestion daemon."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,86 @@
+"""The only module that writes, renames, links, unlinks or fsyncs: crash-safe file primitives.
+
+Keeping every durability step here gives one seam for the power-loss tests.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_RENAME_NOREPLACE = 1
+_AT_FDCWD = -100
+
+
+def fsync_dir(path: str) -> None:
+    """fsync a directory so the names created, renamed or removed in it survive a power cut."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync(fd: int) -> None:
+    os.fsync(fd)
+
+
+def write_all(fd: int, data: bytes | memoryview) -> None:
+    """os.write may write less than asked (RLIMIT_FSIZE, signals): loop until all is written."""
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def create_exclusive(path: str, mode: int = 0o644) -> int:
+    """Open a new file for writing; O_EXCL so we never write through a symlink or into someone's file."""
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, mode)
+
+
+def rename(src: str, dst: str) -> None:
+    """Atomic replace: readers see the old file or the new one, never a mix."""
+    os.rename(src, dst)
+
+
+def rename_noreplace(src: str, dst: str) -> None:
+    """Atomic move that refuses to overwrite (EEXIST): a claim or a recovery must never clobber a file."""
+    if _libc.renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
+        return
+    err = ctypes.get_errno()
+    if err not in (errno.EINVAL, errno.ENOSYS):
+        raise OSError(err, os.strerror(err), src, None, dst)
+    # The filesystem lacks RENAME_NOREPLACE: link() also refuses to overwrite; a crash between
+    # link and unlink leaves two names of one inode, which recovery treats as the claimed copy.
+    os.link(src, dst, follow_symlinks=False)
+    os.unlink(src)
+
+
+def unlink(path: str) -> None:
+    os.unlink(path)
+
+
+def unlink_quiet(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def publish_bytes(directory: str, name: str, data: bytes, temp: str) -> None:
+    """Write a small file durably under a temp name, then rename it into place (name appears last)."""
+    tmp_path = os.path.join(directory, temp)
+    unlink_quiet(tmp_path)
+    fd = create_exclusive(tmp_path)
+    try:
+        write_all(fd, data)
+        fsync(fd)  # data on disk before the name points at it
+    except BaseException:
+        os.close(fd)
+        unlink_quiet(tmp_path)
+        raise
+    os.close(fd)
+    rename(tmp_path, os.path.join(directory, name))
+    fsync_dir(directory)  # make the rename itself durable

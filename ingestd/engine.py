@@ -1,0 +1,145 @@
+"""The pure engine: tag a file by its name, pass each line through the filters, pick its output.
+
+No file system, no clock: lines in, (output, bytes) out. Routing works in the manner of
+Fluent Bit: a tag per file, filters matched by tag glob (which may transform, drop or re-tag
+a record), and the first output whose glob matches the record's final tag receives it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+
+Processor = Callable[[str], "str | None"]  # returns the new text, or None to drop the record
+
+DEFAULT_TAG = "default"
+
+
+@dataclass(frozen=True, slots=True)
+class TagRule:
+    match: str  # glob on the file name
+    tag: str
+    binary: str = "fail"  # "fail": binary files go to failed/; "pass": copied byte for byte
+
+
+@dataclass(frozen=True, slots=True)
+class Filter:
+    match: str  # glob on the record's tag
+    name: str  # processor name, or "retag"
+    processor: Processor | None = None
+    retag: str | None = None
+    pattern: re.Pattern[str] | None = None  # for retag: only records matching it get the new tag
+
+
+@dataclass(frozen=True, slots=True)
+class Output:
+    match: str  # glob on the record's tag
+    path: str  # folder under processed/; "" is processed/ itself
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """One line's journey, for `ingestd process --explain`."""
+
+    tag: str
+    applied: tuple[str, ...]
+    output: str | None  # None: dropped by a filter or matched no output
+
+
+@dataclass(frozen=True)
+class Routing:
+    tags: tuple[TagRule, ...] = ()
+    filters: tuple[Filter, ...] = ()
+    outputs: tuple[Output, ...] = (Output("*", ""),)
+    _cache: dict[str, tuple[tuple[int, ...], str | None]] = field(default_factory=dict, compare=False, repr=False)
+
+    def rule_for(self, name: str) -> TagRule:
+        """First matching rule wins; a file no rule names gets the default tag."""
+        for rule in self.tags:
+            if fnmatchcase(name, rule.match):
+                return rule
+        return TagRule("*", DEFAULT_TAG)
+
+    def output_for(self, tag: str) -> str | None:
+        for out in self.outputs:
+            if fnmatchcase(tag, out.match):
+                return out.path
+        return None
+
+    def _plan(self, tag: str) -> tuple[tuple[int, ...], str | None]:
+        """Filters that apply to a tag, and its output; cached, since tags are few and lines many."""
+        plan = self._cache.get(tag)
+        if plan is None:
+            idx = tuple(i for i, f in enumerate(self.filters) if fnmatchcase(tag, f.match))
+            plan = self._cache[tag] = (idx, self.output_for(tag))
+        return plan
+
+    def route(self, tag: str, line: bytes, start: int = 0) -> tuple[str | None, bytes]:
+        """One line (with its ending) -> (output folder or None if dropped, new bytes)."""
+        body, end = split_ending(line)
+        text = body.decode("utf-8", "surrogateescape")
+        filters = self.filters
+        while True:
+            idx, out = self._plan(tag)
+            for i in idx:
+                if i < start:
+                    continue
+                f = filters[i]
+                if f.retag is not None:
+                    if f.pattern is None or f.pattern.search(text):
+                        tag, start = f.retag, i + 1
+                        break  # a new tag: the filters after this one, matched against it
+                    continue
+                new = f.processor(text)  # type: ignore[misc]
+                if new is None:
+                    return None, b""
+                text = new
+            else:
+                if out is None:
+                    return None, b""
+                return out, text.encode("utf-8", "surrogateescape") + end
+
+    def explain(self, tag: str, line: bytes) -> Step:
+        """The same decisions as route(), spelled out."""
+        body, _ = split_ending(line)
+        text = body.decode("utf-8", "surrogateescape")
+        applied: list[str] = []
+        for f in self.filters:
+            if not fnmatchcase(tag, f.match):
+                continue
+            if f.retag is not None:
+                if f.pattern is None or f.pattern.search(text):
+                    applied.append(f"retag->{f.retag}")
+                    tag = f.retag
+                continue
+            new = f.processor(text)  # type: ignore[misc]
+            applied.append(f.name)
+            if new is None:
+                return Step(tag, tuple(applied), None)
+            text = new
+        return Step(tag, tuple(applied), self.output_for(tag))
+
+    def run(self, tag: str, lines: Iterable[bytes]) -> Iterator[tuple[str, bytes]]:
+        """Stream a file's lines through the routing; dropped records yield nothing."""
+        if not self.filters:  # no filter can change a record: skip decoding
+            out = self.output_for(tag)
+            if out is not None:
+                for line in lines:
+                    yield out, line
+            return
+        route = self.route
+        for line in lines:
+            out, data = route(tag, line)
+            if out is not None:
+                yield out, data
+
+
+def split_ending(line: bytes) -> tuple[bytes, bytes]:
+    """Separate a line from its ending so processors never see (or lose) it."""
+    if line.endswith(b"\r\n"):
+        return line[:-2], b"\r\n"
+    if line.endswith(b"\n"):
+        return line[:-1], b"\n"
+    return line, b""

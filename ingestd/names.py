@@ -1,0 +1,33 @@
+"""File names: which entries are ours to ignore, how to show any name safely, stable keys for sidecars."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+TEMP_PREFIX = ".ingestd-"  # our own temp outputs and sidecars; never a user's file
+STATE_DIR = ".ingestd"  # per-watch-dir state (lock, attempt counts), hidden
+
+
+def ignored(name: str) -> bool:
+    """Dot-files (ours, rsync's and editors' temps) and common temp suffixes are never claimed."""
+    return name.startswith(".") or name.endswith((".tmp", ".part", ".swp", "~", ".filepart", ".crdownload"))
+
+
+def display(name: str) -> str:
+    """Printable text for logs and pages: undecodable bytes and control characters become escapes."""
+    raw = os.fsencode(name)
+    text = raw.decode("utf-8", "backslashreplace")
+    return "".join(c if c.isprintable() else _escape(c) for c in text)
+
+
+def _escape(c: str) -> str:
+    o = ord(c)
+    if o < 0x100:
+        return f"\\x{o:02x}"
+    return f"\\u{o:04x}" if o < 0x10000 else f"\\U{o:08x}"
+
+
+def key(name: str) -> str:
+    """A fixed-length key for a name, so sidecar and temp names never exceed NAME_MAX (255 bytes)."""
+    return hashlib.sha256(os.fsencode(name)).hexdigest()[:32]

@@ -1,0 +1,71 @@
+"""The processor registry: built-in line processors and third-party ones from entry points.
+
+A processor factory takes the filter's options as keywords and returns a function
+text -> new text (or None to drop the record). Third parties register factories in the
+`ingestd.processors` entry-point group.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from importlib.metadata import entry_points
+
+from ingestd.engine import Processor
+
+Factory = Callable[..., Processor]
+GROUP = "ingestd.processors"
+
+
+def _simple(fn: Processor) -> Factory:
+    def factory() -> Processor:
+        return fn
+
+    return factory
+
+
+def _grep(pattern: str) -> Processor:
+    search = re.compile(pattern).search
+    return lambda text: text if search(text) else None
+
+
+def _drop(pattern: str) -> Processor:
+    search = re.compile(pattern).search
+    return lambda text: None if search(text) else text
+
+
+def _redact(pattern: str, replacement: str = "[REDACTED]") -> Processor:
+    sub = re.compile(pattern).sub
+    return lambda text: sub(replacement, text)
+
+
+BUILTIN: dict[str, Factory] = {
+    "uppercase": _simple(str.upper),
+    "lowercase": _simple(str.lower),
+    "titlecase": _simple(str.title),
+    "strip": _simple(str.strip),
+    "reverse": _simple(lambda text: text[::-1]),
+    "passthrough": _simple(lambda text: text),
+    "grep": _grep,
+    "drop": _drop,
+    "redact": _redact,
+}
+
+
+def names() -> list[str]:
+    """Every processor name a filter may use: built-ins and installed plug-ins."""
+    return sorted({*BUILTIN, *(ep.name for ep in entry_points(group=GROUP))})
+
+
+def make(name: str, options: dict[str, object]) -> Processor:
+    """Build one processor; KeyError for an unknown name, TypeError/re.error for bad options.
+
+    A built-in cannot be shadowed by a plug-in of the same name.
+    """
+    factory = BUILTIN.get(name)
+    if factory is None:
+        found = entry_points(group=GROUP, name=name)
+        if not found:
+            raise KeyError(name)
+        factory = next(iter(found)).load()
+    return factory(**options)

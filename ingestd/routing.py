@@ -1,0 +1,102 @@
+"""Build and validate a Routing from the config file's [[tags]], [[filters]] and [[outputs]] tables."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from ingestd import processors
+from ingestd.engine import Filter, Output, Routing, TagRule
+
+
+class RoutingError(ValueError):
+    """A routing table is wrong; the message names the table entry and what is allowed."""
+
+
+def from_mode(mode: str) -> Routing:
+    """MODE=uppercase alone: one filter, that processor, on every record, to processed/."""
+    return Routing(filters=(_filter("mode", {"match": "*", "processor": mode}),))
+
+
+def from_tables(doc: dict[str, Any]) -> Routing:
+    tags = tuple(_tag(f"tags[{i}]", t) for i, t in enumerate(_list(doc, "tags")))
+    filters = tuple(_filter(f"filters[{i}]", t) for i, t in enumerate(_list(doc, "filters")))
+    outs = _list(doc, "outputs")
+    outputs = tuple(_output(f"outputs[{i}]", t) for i, t in enumerate(outs)) if outs else Routing().outputs
+    return Routing(tags=tags, filters=filters, outputs=outputs)
+
+
+def has_tables(doc: dict[str, Any]) -> bool:
+    return any(k in doc for k in ("tags", "filters", "outputs"))
+
+
+def build(doc: dict[str, Any]) -> Routing:
+    """From the picklable routing document workers receive: the config's tables, or {"mode": NAME}."""
+    return from_tables(doc) if has_tables(doc) else from_mode(doc["mode"])
+
+
+def _list(doc: dict[str, Any], key: str) -> list[dict[str, Any]]:
+    value = doc.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
+        raise RoutingError(f"{key}: must be an array of tables ([[{key}]])")
+    return value
+
+
+def _str(where: str, table: dict[str, Any], key: str, default: str | None = None) -> str:
+    value = table.get(key, default)
+    if not isinstance(value, str) or (value == "" and key != "path"):
+        raise RoutingError(f"{where}.{key}: a non-empty string is required")
+    return value
+
+
+def _only(where: str, table: dict[str, Any], allowed: set[str]) -> None:
+    extra = sorted(set(table) - allowed)
+    if extra:
+        raise RoutingError(f"{where}: unknown key {extra[0]!r} (allowed: {', '.join(sorted(allowed))})")
+
+
+def _tag(where: str, t: dict[str, Any]) -> TagRule:
+    _only(where, t, {"match", "tag", "binary"})
+    binary = _str(where, t, "binary", "fail")
+    if binary not in ("fail", "pass"):
+        raise RoutingError(f"{where}.binary: must be 'fail' or 'pass', not {binary!r}")
+    return TagRule(_str(where, t, "match"), _str(where, t, "tag"), binary)
+
+
+def _filter(where: str, t: dict[str, Any]) -> Filter:
+    match = _str(where, t, "match", "*")
+    pattern = t.get("pattern")
+    if "retag" in t:
+        _only(where, t, {"match", "retag", "pattern"})
+        return Filter(match, "retag", retag=_str(where, t, "retag"), pattern=_regex(where, pattern))
+    name = _str(where, t, "processor")
+    options = {k: v for k, v in t.items() if k not in ("match", "processor")}
+    try:
+        proc = processors.make(name, options)
+    except KeyError:
+        raise RoutingError(f"{where}.processor: unknown processor {name!r} (known: {', '.join(processors.names())})") from None
+    except re.error as e:
+        raise RoutingError(f"{where}.pattern: invalid regular expression: {e}") from None
+    except TypeError as e:
+        raise RoutingError(f"{where}: bad options for processor {name!r}: {e}") from None
+    return Filter(match, name, processor=proc)
+
+
+def _regex(where: str, pattern: object) -> re.Pattern[str] | None:
+    if pattern is None:
+        return None
+    if not isinstance(pattern, str):
+        raise RoutingError(f"{where}.pattern: must be a string")
+    try:
+        return re.compile(pattern)
+    except re.error as e:
+        raise RoutingError(f"{where}.pattern: invalid regular expression: {e}") from None
+
+
+def _output(where: str, t: dict[str, Any]) -> Output:
+    _only(where, t, {"match", "path"})
+    path = _str(where, t, "path", "")
+    parts = path.split("/") if path else []
+    if path.startswith("/") or any(p in ("", ".", "..") or p.startswith(".") for p in parts):
+        raise RoutingError(f"{where}.path: must be a relative folder under processed/ without '.', '..' or hidden parts, not {path!r}")
+    return Output(_str(where, t, "match", "*"), path)

@@ -1,0 +1,230 @@
+"""The folder queue: claim, commit, fail, recover, requeue and count. State is which folder holds a file.
+
+unprocessed/ -> underprocess/ (claim: one atomic rename) -> outputs published -> input removed (commit).
+A file that cannot be processed moves to failed/ beside a sidecar that says why.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import socket
+import stat
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from ingestd import durable
+from ingestd.names import STATE_DIR, TEMP_PREFIX, display, key
+
+FOLDERS = ("unprocessed", "underprocess", "processed", "failed")
+REASON_PREFIX = TEMP_PREFIX + "reason-"
+TEMP_OUTPUT_PREFIX = TEMP_PREFIX + "tmp-"
+
+
+class SpoolError(Exception):
+    """The watch dir cannot be used (message says why); the daemon refuses to start."""
+
+
+class AlreadyRunning(SpoolError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    reason: str
+    line: int | None = None
+    attempts: int = 1
+
+
+class Spool:
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.unprocessed = str(self.root / "unprocessed")
+        self.underprocess = str(self.root / "underprocess")
+        self.processed = str(self.root / "processed")
+        self.failed = str(self.root / "failed")
+        self.state = str(self.root / STATE_DIR)
+        self._lock_fd: int | None = None
+
+    # --- start-up -------------------------------------------------------------------------
+    def ensure(self) -> None:
+        """Create missing folders; refuse folders on different filesystems (renames would fail with EXDEV)."""
+        devs: dict[int, str] = {}
+        for path in (self.unprocessed, self.underprocess, self.processed, self.failed, self.state):
+            try:
+                os.makedirs(path, exist_ok=True)
+                st = os.stat(path)
+            except OSError as e:
+                raise SpoolError(f"watch_dir: cannot use {path}: {e.strerror}") from None
+            if not stat.S_ISDIR(st.st_mode):
+                raise SpoolError(f"watch_dir: {path} is not a directory")
+            devs.setdefault(st.st_dev, path)
+        if len(devs) > 1:
+            raise SpoolError(
+                "watch_dir: folders are on different filesystems (" + ", ".join(devs.values())
+                + "); a claim must be one atomic rename, so all must share one filesystem"
+            )
+
+    def lock(self, wait: bool = False) -> None:
+        """One daemon per watch dir: an flock held for the process's life, released by the kernel on death."""
+        path = os.path.join(self.state, "lock")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            holder = os.pread(fd, 512, 0).decode("utf-8", "replace").strip() or "unknown"
+            os.close(fd)
+            raise AlreadyRunning(f"watch_dir: another ingestd is running on {self.root} ({holder})") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+        self._lock_fd = fd
+
+    def recover(self, max_attempts: int, now: float) -> tuple[list[str], list[str]]:
+        """After a crash: drop stale temp outputs, return in-flight files to the queue, quarantine poison files.
+
+        Files stay in underprocess/ and are processed first (no rename back, so nothing can be
+        overwritten); each recovery counts as an attempt. Returns (requeued, quarantined).
+        """
+        for folder, _, files in os.walk(self.processed):
+            for f in files:
+                if f.startswith(TEMP_OUTPUT_PREFIX):
+                    durable.unlink_quiet(os.path.join(folder, f))  # never published: a redo rewrites it
+        for f in os.listdir(self.failed):
+            if f.startswith(TEMP_OUTPUT_PREFIX):
+                durable.unlink_quiet(os.path.join(self.failed, f))
+        requeued, quarantined = [], []
+        for name in sorted(self.list(self.underprocess)):
+            attempts = self.bump_attempts(name)
+            if attempts >= max_attempts:
+                reason = f"poison: in progress during {attempts} crashes or restarts in a row"
+                self.fail(name, Failure(reason, attempts=attempts), now)
+                quarantined.append(name)
+            else:
+                requeued.append(name)
+        return requeued, quarantined
+
+    # --- the life of a file ----------------------------------------------------------------
+    def claim(self, name: str) -> bool:
+        """Move a file into underprocess/. False if it vanished or a file of that name is in flight."""
+        try:
+            # No fsync: a claim lost in a power cut leaves the file in unprocessed/, where it is redone.
+            durable.rename_noreplace(os.path.join(self.unprocessed, name), os.path.join(self.underprocess, name))
+        except OSError as e:
+            if e.errno in (errno.ENOENT, errno.EEXIST):
+                return False
+            raise
+        return True
+
+    def commit(self, name: str) -> None:
+        """Outputs are durable: now the input may go. This unlink is the commit point."""
+        durable.unlink(os.path.join(self.underprocess, name))
+        self.clear_attempts(name)
+        # If this fsync is lost the file is redone, and the redo publishes identical bytes.
+        durable.fsync_dir(self.underprocess)
+
+    def fail(self, name: str, failure: Failure, now: float, source: str | None = None) -> None:
+        """Quarantine a file with a readable reason. A newer failure of the same name replaces the older."""
+        src = os.path.join(source or self.underprocess, name)
+        try:
+            size = os.lstat(src).st_size
+        except FileNotFoundError:
+            return  # gone (deleted by its owner): nothing to quarantine
+        record = {
+            "name": display(name),
+            "reason": failure.reason,
+            "line": failure.line,
+            "attempts": failure.attempts,
+            "failed_at": datetime.fromtimestamp(now, timezone.utc).isoformat(timespec="seconds"),
+            "failed_at_unix": now,
+            "size": size,
+        }
+        # The reason is durable before the file moves, so a failed file always has its sidecar.
+        durable.publish_bytes(self.failed, REASON_PREFIX + key(name) + ".json",
+                              json.dumps(record, indent=1).encode() + b"\n", TEMP_OUTPUT_PREFIX + key(name))
+        durable.rename(src, os.path.join(self.failed, name))
+        durable.fsync_dir(self.failed)  # the file is in failed/ for good before it leaves its source
+        durable.fsync_dir(os.path.dirname(src))
+        self.clear_attempts(name)
+
+    def requeue(self, names: list[str] | None = None) -> tuple[list[str], list[str]]:
+        """Move failed files back to unprocessed/ (never over a waiting file). Returns (moved, refused)."""
+        moved, refused = [], []
+        for name in self.list(self.failed) if names is None else names:
+            try:
+                durable.rename_noreplace(os.path.join(self.failed, name), os.path.join(self.unprocessed, name))
+            except OSError:
+                refused.append(name)
+                continue
+            durable.unlink_quiet(os.path.join(self.failed, REASON_PREFIX + key(name) + ".json"))
+            moved.append(name)
+        if moved:
+            durable.fsync_dir(self.unprocessed)  # requeued files durable in the queue before the sidecars go
+            durable.fsync_dir(self.failed)
+        return moved, refused
+
+    # --- attempt counts (survive restarts) ---------------------------------------------------
+    def _attempts_path(self, name: str) -> str:
+        return os.path.join(self.state, "attempts-" + key(name))
+
+    def attempts(self, name: str) -> int:
+        """Crashes this very file (same inode) was in progress for; 0 if none."""
+        try:
+            with open(self._attempts_path(name), "rb") as f:
+                data = json.load(f)
+            ino = os.lstat(os.path.join(self.underprocess, name)).st_ino
+        except (OSError, ValueError):
+            return 0
+        return int(data.get("attempts", 0)) if data.get("ino") == ino else 0
+
+    def bump_attempts(self, name: str) -> int:
+        n = self.attempts(name) + 1
+        ino = os.lstat(os.path.join(self.underprocess, name)).st_ino
+        # Durable before the redo starts: a crash during the redo must still count.
+        durable.publish_bytes(self.state, "attempts-" + key(name), json.dumps({"ino": ino, "attempts": n}).encode(),
+                              TEMP_OUTPUT_PREFIX + key(name))
+        return n
+
+    def clear_attempts(self, name: str) -> None:
+        durable.unlink_quiet(self._attempts_path(name))
+
+    # --- looking -----------------------------------------------------------------------------
+    @staticmethod
+    def list(folder: str) -> list[str]:
+        """User entries of a folder: everything but dot-names (ours, and producers' temps)."""
+        with os.scandir(folder) as it:
+            return [e.name for e in it if not e.name.startswith(".")]
+
+    def counts(self) -> dict[str, int]:
+        """Entries per folder; processed/ counts files only (its subfolders are routing outputs)."""
+        return {f: _count(getattr(self, f), f == "processed") for f in FOLDERS}
+
+    def failures(self, limit: int) -> list[dict[str, Any]]:
+        """The most recent failures with their reasons, newest first."""
+        records = []
+        for name in self.list(self.failed):
+            try:
+                with open(os.path.join(self.failed, REASON_PREFIX + key(name) + ".json"), "rb") as f:
+                    records.append(json.load(f))
+            except (OSError, ValueError):
+                records.append({"name": display(name), "reason": "unknown (no sidecar)", "failed_at_unix": 0})
+        records.sort(key=lambda r: r.get("failed_at_unix", 0), reverse=True)
+        return records[:limit]
+
+    def completions(self, limit: int) -> list[dict[str, Any]]:
+        """The newest results in processed/ (by publish time), for `status` when no daemon runs."""
+        entries = []
+        with os.scandir(self.processed) as it:
+            for e in it:
+                if not e.name.startswith(".") and e.is_file(follow_symlinks=False):
+                    entries.append((e.stat(follow_symlinks=False).st_mtime, e.name))
+        entries.sort(reverse=True)
+        return [{"name": display(n), "finished_at_unix": t} for t, n in entries[:limit]]
+
+
+def _count(folder: str, skip_dirs: bool) -> int:
+    with os.scandir(folder) as it:
+        return sum(1 for e in it if not e.name.startswith(".") and not (skip_dirs and e.is_dir(follow_symlinks=False)))

@@ -1,0 +1,73 @@
+"""A worker process: takes claimed file names from the parent, processes each, reports progress and results.
+
+Workers never move files between folders; the parent alone does (see spool.py). A worker only
+reads its input in underprocess/ and publishes outputs (temp file, fsync, rename) via sinks.py.
+"""
+
+from __future__ import annotations
+
+import errno
+import faulthandler
+import os
+import signal
+import time
+from multiprocessing.connection import Connection
+from typing import Any
+
+from ingestd import pipeline, routing
+from ingestd.sinks import Sinks
+
+PROGRESS_EVERY = 0.25  # seconds between progress reports (the parent's liveness signal)
+
+
+def main(conn: Connection, routing_doc: dict[str, Any], max_line_bytes: int, underprocess: str, processed: str) -> None:
+    # The parent owns signals: Ctrl-C and SIGHUP reach the whole process group, but only the parent acts.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    faulthandler.enable()  # a watchdog SIGABRT dumps this worker's stack too
+    table = routing.build(routing_doc)
+    folders = sorted({out.path for out in table.outputs})
+    while True:
+        try:
+            name = conn.recv()
+        except (EOFError, OSError):
+            return
+        if name is None:
+            return
+        conn.send(process(conn, name, table, folders, max_line_bytes, underprocess, processed))
+
+
+def process(conn: Connection, name: str, table: routing.Routing, folders: list[str], max_line_bytes: int,
+            underprocess: str, processed: str) -> tuple[str, dict[str, Any]]:
+    """Returns ("done", stats) | ("rejected", reason) | ("error", reason): an error keeps the input for a retry."""
+    started = time.monotonic()
+    last = [started]
+
+    def progress(done: int) -> None:
+        now = time.monotonic()
+        if now - last[0] >= PROGRESS_EVERY:
+            last[0] = now
+            conn.send(("progress", {"bytes": done}))
+
+    stats = pipeline.Stats()
+    sinks = Sinks(processed, name, folders)
+    try:
+        with pipeline.open_input(os.path.join(underprocess, name)) as f:
+            pipeline.run(f, name, table, max_line_bytes, sinks.write, stats, progress)
+        sinks.commit()
+    except pipeline.Rejected as e:
+        sinks.abort()
+        return "rejected", {"reason": e.reason, "line": e.line, "bytes_in": stats.bytes_in, "lines_in": stats.lines_in}
+    except OSError as e:
+        # Full disk, read-only folder, EIO: not the input's fault. After a failed fsync the temp is
+        # untrustworthy (Linux forgets the error), so it is dropped and the whole file redone later.
+        sinks.abort()
+        return "error", {"reason": f"{e.strerror or e} ({_errname(e.errno)})", "errno": e.errno}
+    return "done", {
+        "bytes_in": stats.bytes_in, "lines_in": stats.lines_in, "bytes_out": sinks.bytes_out,
+        "lines_out": sinks.lines_out, "duration": time.monotonic() - started,
+    }
+
+
+def _errname(num: int | None) -> str:
+    return errno.errorcode.get(num or 0, "error")
