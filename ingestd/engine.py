@@ -121,8 +121,17 @@ class Routing:
             text = new
         return Step(tag, tuple(applied), self.output_for(tag))
 
-    def run(self, tag: str, lines: Iterable[bytes]) -> Iterator[tuple[str, bytes]]:
-        """Stream a file's lines through the routing; dropped records yield nothing."""
+    def run(self, tag: str, lines: Iterable[bytes], explain: Callable[[Step], None] | None = None
+            ) -> Iterator[tuple[str, bytes]]:
+        """Stream a file's lines through the routing; dropped records yield nothing.
+        With explain, each line's Step is reported first (for `ingestd process --explain`)."""
+        if explain is not None:
+            for line in lines:
+                explain(self.explain(tag, line))
+                out, data = self.route(tag, line)
+                if out is not None:
+                    yield out, data
+            return
         if not self.filters:  # no filter can change a record: skip decoding
             out = self.output_for(tag)
             if out is not None:

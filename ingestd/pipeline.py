@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from ingestd.engine import Routing
+from ingestd.engine import Routing, Step
 
 BLOCK = 64 * 1024  # the first block decides "binary" (a NUL byte), as grep and git do
 
@@ -81,6 +81,7 @@ def run(
     write: Callable[[str, bytes], None],
     stats: Stats,
     progress: Progress = lambda _: None,
+    explain: Callable[[Step], None] | None = None,
 ) -> None:
     """Route every line of f to write(output_folder, bytes). Raises Rejected for binary or over-long input."""
     rule = routing.rule_for(name)
@@ -95,5 +96,5 @@ def run(
             if out is not None:
                 write(out, block)
         return
-    for out, data in routing.run(rule.tag, lines(f, max_line_bytes, stats, progress)):
+    for out, data in routing.run(rule.tag, lines(f, max_line_bytes, stats, progress), explain):
         write(out, data)

@@ -83,6 +83,21 @@ class Spool:
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
         self._lock_fd = fd
 
+    def holder(self) -> str | None:
+        """Who holds the daemon lock ("pid N on HOST"), or None when no daemon runs here."""
+        path = os.path.join(self.state, "lock")
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return os.pread(fd, 512, 0).decode("utf-8", "replace").strip() or "unknown"
+        finally:
+            os.close(fd)
+        return None
+
     def recover(self, max_attempts: int, now: float) -> tuple[list[str], list[str]]:
         """After a crash: drop stale temp outputs, return in-flight files to the queue, quarantine poison files.
 
@@ -117,6 +132,14 @@ class Spool:
             if e.errno in (errno.ENOENT, errno.EEXIST):
                 return False
             raise
+        return True
+
+    def unclaim(self, name: str) -> bool:
+        """Give an abandoned (not crashed) file back to the queue; never over a newer file of that name."""
+        try:
+            durable.rename_noreplace(os.path.join(self.underprocess, name), os.path.join(self.unprocessed, name))
+        except OSError:
+            return False  # a newer file of that name waits: recovery takes this one at the next start
         return True
 
     def commit(self, name: str) -> None:

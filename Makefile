@@ -1,0 +1,34 @@
+# ingestd: `make run` starts the daemon on ./watch_dir; `make test` runs every test.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+WATCH_DIR ?= watch_dir
+
+.PHONY: run test install uninstall bench torture-long clean
+
+# The virtualenv is rebuilt when the project's dependencies change.
+$(BIN)/ingestd: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check -e .
+	touch $@
+
+$(VENV)/.test-deps: $(BIN)/ingestd pyproject.toml tests/plugins/pyproject.toml
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[test]' ./tests/plugins
+	touch $@
+
+run: $(BIN)/ingestd
+	$(BIN)/ingestd run --watch-dir $(WATCH_DIR)
+
+# System packages the real-component tests use (Prometheus, Chromium); installed when missing.
+test: $(VENV)/.test-deps
+	sh tests/system-deps.sh
+	$(BIN)/python -m pytest
+
+bench: $(BIN)/ingestd
+	$(BIN)/python bench/run.py
+
+torture-long: $(VENV)/.test-deps
+	INGESTD_TORTURE_SCALE=10 $(BIN)/python -m pytest tests/torture
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info

@@ -1,0 +1,85 @@
+"""Command line: run | process | status | requeue. Turns flags into Settings and user errors into exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from ingestd import __version__, log
+from ingestd.settings import ConfigError, Settings, load
+from ingestd.spool import SpoolError
+
+EX_USAGE, EX_CONFIG, EX_TEMPFAIL = 2, 78, 75
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ingestd", description="A systemd-native file-ingestion daemon.")
+    p.add_argument("--version", action="version", version=f"ingestd {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def common(sp: argparse.ArgumentParser, routing: bool = True) -> None:
+        sp.add_argument("--watch-dir", help="the folder holding unprocessed/ underprocess/ processed/ failed/")
+        if routing:
+            sp.add_argument("--mode", help="one processor for every line (e.g. uppercase)")
+            sp.add_argument("--config", help="TOML file: settings and routing tables")
+
+    run = sub.add_parser("run", help="run the daemon in the foreground")
+    common(run)
+    run.add_argument("--workers", help="worker processes (default: the number of cores)")
+    run.add_argument("--listen", help="HOST:PORT for /metrics, /healthz, /api/status and / (default 127.0.0.1:9800)")
+    run.add_argument("--log-format", choices=("json", "text"), help="log lines as JSON (default) or text")
+
+    proc = sub.add_parser("process", help="run one file through the engine")
+    proc.add_argument("--input", required=True, help="input file, or - for stdin")
+    proc.add_argument("--output", required=True, help="output file, or - for stdout")
+    mx = proc.add_mutually_exclusive_group()
+    mx.add_argument("--mode", help="one processor for every line (e.g. uppercase)")
+    mx.add_argument("--config", help="TOML file with routing tables")
+    proc.add_argument("--explain", action="store_true", help="print each line's tag and route to stderr")
+
+    st = sub.add_parser("status", help="folder counts, files in progress, recent completions and failures")
+    common(st, routing=False)
+    st.add_argument("--json", action="store_true", help="machine-readable output")
+
+    rq = sub.add_parser("requeue", help="move failed files back to unprocessed/")
+    common(rq, routing=False)
+    rq.add_argument("names", nargs="*", metavar="NAME", help="files in failed/ (default: all)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)  # a bad command line exits 2 here
+    flags = {k: v for k, v in vars(args).items() if k in ("watch_dir", "mode", "config", "workers", "listen", "log_format")}
+    try:
+        settings = load(flags)
+        log.setup(settings.log_format)
+        if args.command == "run":
+            return _run(settings, flags)
+        if args.command == "process":
+            from ingestd.commands import process
+
+            return process(settings, args.input, args.output, args.explain)
+        from ingestd import commands
+
+        if args.command == "status":
+            return commands.status(settings, args.json)
+        return commands.requeue(settings, args.names)
+    except ConfigError as e:
+        print(f"ingestd: {e}", file=sys.stderr)
+        return EX_CONFIG
+    except SpoolError as e:
+        print(f"ingestd: {e}", file=sys.stderr)
+        return EX_TEMPFAIL if type(e).__name__ == "AlreadyRunning" else EX_CONFIG
+    except KeyboardInterrupt:
+        return 130
+
+
+def _run(settings: Settings, flags: dict[str, Any]) -> int:
+    from ingestd.daemon import Daemon
+
+    # SIGHUP re-reads every source the start did (same flags, current environment and files).
+    Daemon(settings, reload=lambda: load(flags)).run()
+    return 0

@@ -1,0 +1,66 @@
+"""The HTTP server: /metrics, /healthz, /api/status and the live status page, in one background thread."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib.resources import files
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+
+class Web:
+    """Serves what the daemon exposes; the daemon's state is only ever read through the callables given."""
+
+    def __init__(self, host: str, port: int, registry: CollectorRegistry,
+                 status: Callable[[], dict[str, Any]], health: Callable[[], str | None]) -> None:
+        page = files("ingestd").joinpath("static/index.html").read_bytes()
+
+        class Handler(BaseHTTPRequestHandler):
+            server_version = "ingestd"
+
+            def do_GET(self) -> None:  # noqa: N802 (the stdlib's name)
+                path = self.path.split("?", 1)[0]
+                if path == "/metrics":
+                    self._send(200, CONTENT_TYPE_LATEST, generate_latest(registry))
+                elif path == "/healthz":
+                    problem = health()
+                    self._send(503 if problem else 200, "text/plain; charset=utf-8", (problem or "ok").encode() + b"\n")
+                elif path == "/api/status":
+                    body = json.dumps(status(), ensure_ascii=True).encode()
+                    self._send(200, "application/json", body)
+                elif path in ("/", "/index.html"):
+                    self._send(200, "text/html; charset=utf-8", page)
+                else:
+                    self._send(404, "text/plain; charset=utf-8", b"not found\n")
+
+            def _send(self, code: int, ctype: str, body: bytes) -> None:
+                self.send_response(code)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.send_header("Cache-Control", "no-store")
+                self.send_header("X-Content-Type-Options", "nosniff")
+                self.send_header("Content-Security-Policy",
+                                 "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+                                 "connect-src 'self'; img-src 'self' data:")
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass  # scrapes every second would drown the event log
+
+        self.server = ThreadingHTTPServer((host, port), Handler)
+        self.server.daemon_threads = True
+        self.address = "%s:%d" % self.server.server_address[:2]
+        self._thread = threading.Thread(target=self.server.serve_forever, name="http", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self._thread.join(timeout=5)

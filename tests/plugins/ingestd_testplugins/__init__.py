@@ -1,0 +1,34 @@
+"""Test-only ingestd processors: real code paths that hang or crash a worker on a marker line."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+
+
+def hang_on(marker: str = "HANG") -> Callable[[str], str | None]:
+    """Blocks forever on a line containing the marker: a stuck worker, for the watchdog tests."""
+
+    def process(text: str) -> str:
+        if marker in text:
+            threading.Event().wait()
+        return text
+
+    return process
+
+
+def abort_on(marker: str = "ABORT") -> Callable[[str], str | None]:
+    """Kills its worker with SIGABRT on a line containing the marker: a crashing worker."""
+
+    def process(text: str) -> str:
+        if marker in text:
+            os.abort()
+        return text
+
+    return process
+
+
+def shout(suffix: str = "!") -> Callable[[str], str | None]:
+    """A well-behaved third-party processor, to prove the entry-point group works."""
+    return lambda text: text.upper() + suffix
