@@ -104,24 +104,22 @@ class Arrivals:
         self.ready.pop(name, None)
 
     # --- output: what may be claimed -----------------------------------------------------------
-    def take(self, n: int, now: float, stat: Stat) -> list[str]:
-        """Up to n complete names, oldest completion first; they leave the bookkeeping."""
+    def take(self, n: int, now: float, stat: Stat) -> list[tuple[str, float]]:
+        """Up to n complete names with the time each became complete, oldest first; they leave the bookkeeping."""
         self._run_timers(now, stat)
         out = []
         for name in list(self.ready)[:n]:
+            e = self.entries[name]
             self.forget(name)
-            out.append(name)
+            out.append((name, e.complete_at if e.complete_at is not None else now))
         return out
-
-    def complete_since(self, name: str) -> float | None:
-        e = self.entries.get(name)
-        return e.complete_at if e else None
 
     def next_deadline(self) -> float | None:
         return self._timers[0][0] if self._timers else None
 
     def oldest_seen(self) -> float | None:
-        return min((e.seen for e in self.entries.values()), default=None)
+        """When the longest-waiting file was first noticed: entries keep insertion order, so O(1)."""
+        return next(iter(self.entries.values())).seen if self.entries else None
 
     # --- inside ----------------------------------------------------------------------------------
     def _at(self, when: float, name: str) -> None:
@@ -147,10 +145,12 @@ class Arrivals:
                 return
             if sig != e.sig:
                 e.sig, e.sig_since = sig, now
-            if now - e.sig_since < self.settle_time:
+            # Compare with the very sum the timer uses: `now - since < settle` can hold by rounding when the
+            # timer is due, which re-armed it at a time <= now, forever.
+            if now < e.sig_since + self.settle_time:
                 self._at(e.sig_since + self.settle_time, name)
                 return
-        elif not e.closed and now - e.seen < LINK_GRACE:
+        elif not e.closed and now < e.seen + LINK_GRACE:
             return  # IN_CREATE alone so far; its timer comes back
         e.complete_at = now
         self.ready[name] = None

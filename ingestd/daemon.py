@@ -209,12 +209,12 @@ class Daemon:
             if self.retry:
                 self._start(slot, self.retry.popleft(), None, now)
                 continue
-            names = self.arrivals.take(1, now, self._stat)
-            if not names:
+            taken = self.arrivals.take(1, now, self._stat)
+            if not taken:
                 return
-            self._claim_and_start(slot, names[0], now)
+            self._claim_and_start(slot, *taken[0], now)
 
-    def _claim_and_start(self, slot: Slot, name: str, now: float) -> None:
+    def _claim_and_start(self, slot: Slot, name: str, complete: float, now: float) -> None:
         src = os.path.join(self.spool.unprocessed, name)
         try:
             st = os.lstat(src)
@@ -223,7 +223,6 @@ class Daemon:
         if not stat.S_ISREG(st.st_mode):
             self._fail(name, Failure(f"not a regular file: {kind(st.st_mode)}"), 0.0, source=self.spool.unprocessed)
             return
-        complete = self.arrivals.complete_since(name)
         if not self.spool.claim(name):
             if os.path.lexists(os.path.join(self.spool.underprocess, name)):
                 # The same name is still in flight: take the new one after the old one commits.
@@ -231,8 +230,7 @@ class Daemon:
             return
         self._remove_marker(name)
         self.metrics.wait.observe(max(0.0, self.wall() - st.st_ctime))  # ctime: when it arrived (create or rename)
-        if complete is not None:
-            self.metrics.pickup.observe(max(0.0, now - complete))
+        self.metrics.pickup.observe(max(0.0, now - complete))
         self._start(slot, name, st.st_size, now)
 
     def _start(self, slot: Slot, name: str, size: int | None, now: float) -> None:
@@ -416,8 +414,9 @@ class Daemon:
         return None
 
     def _stall_limit(self) -> float:
-        # A worker silent for the whole watchdog interval is stuck (it reports every 0.25 s while reading).
-        return 2 * self.notifier.watchdog_interval if self.notifier.watchdog_interval else 30.0
+        # Workers report every 0.25 s while reading; one silent for a whole watchdog period is stuck too.
+        wd = self.notifier.watchdog_interval
+        return min(self.s.stall_time, 2 * wd) if wd else self.s.stall_time
 
     def _watchdog(self, now: float) -> None:
         interval = self.notifier.watchdog_interval
@@ -439,7 +438,7 @@ class Daemon:
         while self.done_times and now - self.done_times[0][0] > 60:
             self.done_times.popleft()
         in_flight = self.pool.started_times()
-        oldest_seen = self.arrivals.oldest_seen() if len(self.arrivals) < 10000 else None
+        oldest_seen = self.arrivals.oldest_seen()
         self._view = {
             "workers": self.pool.view(),
             "recent": list(self.recent),

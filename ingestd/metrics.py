@@ -98,13 +98,13 @@ class _Live(Collector):
                 size.add_metric([wid], w["size"])
         yield from (info, started, done, size)
         recent = GaugeMetricFamily("ingestd_recent_file_info", "The last completions, one series per slot (0 = newest)",
-                                   labels=["slot", "file", "result"])
+                                   labels=["slot", "file", "result", "reason"])
         rdur = GaugeMetricFamily("ingestd_recent_file_duration_seconds", "Processing time of a recent completion",
                                  labels=["slot"])
         rts = GaugeMetricFamily("ingestd_recent_file_finished_timestamp_seconds", "When a recent completion finished",
                                 labels=["slot"])
         for slot, c in enumerate(s["recent"]):
-            recent.add_metric([str(slot), c["file"], c["result"]], 1)
+            recent.add_metric([str(slot), c["file"], c["result"], c.get("reason") or ""], 1)
             rdur.add_metric([str(slot)], c["duration"])
             rts.add_metric([str(slot)], c["finished_at"])
         yield from (recent, rdur, rts)

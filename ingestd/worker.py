@@ -6,6 +6,7 @@ reads its input in underprocess/ and publishes outputs (temp file, fsync, rename
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import faulthandler
 import os
@@ -21,12 +22,15 @@ PROGRESS_EVERY = 0.25  # seconds between progress reports (the parent's liveness
 
 
 def main(conn: Connection, routing_doc: dict[str, Any], max_line_bytes: int, underprocess: str, processed: str) -> None:
-    # The parent owns signals: Ctrl-C and SIGHUP reach the whole process group, but only the parent acts.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    # The parent owns signals: Ctrl-C, `timeout`, or systemd's control-group kill reach every process,
+    # but only the parent decides (warm stop); a worker must not die with its file half done.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+    _die_with_parent()
     faulthandler.enable()  # a watchdog SIGABRT dumps this worker's stack too
     table = routing.build(routing_doc)
     folders = sorted({out.path for out in table.outputs})
+    conn.send(("ready", {"pid": os.getpid()}))
     while True:
         try:
             name = conn.recv()
@@ -67,6 +71,14 @@ def process(conn: Connection, name: str, table: routing.Routing, folders: list[s
         "bytes_in": stats.bytes_in, "lines_in": stats.lines_in, "bytes_out": sinks.bytes_out,
         "lines_out": sinks.lines_out, "duration": time.monotonic() - started,
     }
+
+
+def _die_with_parent() -> None:
+    """PR_SET_PDEATHSIG: if the parent is killed (kill -9, watchdog), its workers go too, at once."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() == 1:  # the parent died before prctl took effect
+        os._exit(1)
 
 
 def _errname(num: int | None) -> str:

@@ -31,6 +31,7 @@ class Slot:
     since_wall: float = 0.0
     last_progress: float = 0.0
     retire: bool = False  # restart after the current file (a reload changed the routing)
+    ready: bool = False  # imported and listening (a spawned interpreter takes a moment)
 
 
 class Pool:
@@ -39,9 +40,15 @@ class Pool:
         self.slots: list[Slot] = []
         self._by_fd: dict[int, Slot] = {}
 
-    def start(self) -> None:
+    def start(self, timeout: float = 60.0) -> None:
+        """Spawn every worker and wait until each says it is ready, so READY=1 means work starts at once."""
         self.slots = [self._spawn(i) for i in range(self.s.workers)]
         self._index()
+        for slot in self.slots:
+            if not slot.conn.poll(timeout):
+                raise RuntimeError(f"worker {slot.id} did not start within {timeout:.0f}s")
+            for _ in self.receive(slot.conn.fileno()):
+                pass
 
     def _spawn(self, wid: int) -> Slot:
         parent, child = _ctx.Pipe()
@@ -71,6 +78,9 @@ class Pool:
                 kind, data = slot.conn.recv()
                 if kind == "progress":
                     slot.bytes, slot.last_progress = data["bytes"], time.monotonic()
+                elif kind == "ready":
+                    slot.ready = True
+                    continue
                 yield slot, kind, data
         except (EOFError, OSError):
             pass
@@ -81,7 +91,7 @@ class Pool:
             yield slot, "died", {"exitcode": slot.process.exitcode}
 
     def idle(self) -> list[Slot]:
-        return [s for s in self.slots if s.file is None and s.process.is_alive() and s.conn.fileno() in self._by_fd]
+        return [s for s in self.slots if s.file is None and s.ready and s.process.sentinel in self._by_fd]
 
     def busy(self) -> bool:
         return any(s.file is not None for s in self.slots)

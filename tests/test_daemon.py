@@ -1,0 +1,270 @@
+"""The daemon end to end: a real process, real folders, real inotify."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from support import INGESTD, DaemonProcess, folder, wait_for
+
+
+@pytest.fixture
+def start(tmp_path: Path) -> Iterator:
+    procs: list[DaemonProcess] = []
+
+    def _start(*args: str, env: dict[str, str] | None = None, watch: Path | None = None) -> DaemonProcess:
+        d = DaemonProcess(watch or tmp_path / "w", *args, env=env, cwd=tmp_path)
+        procs.append(d)
+        return d.started()
+
+    yield _start
+    for d in procs:
+        if d.proc.poll() is None:
+            d.kill()
+
+
+def processed(w: Path, name: str) -> bytes | None:
+    p = w / "processed" / name
+    return p.read_bytes() if p.exists() else None
+
+
+def test_write_rename_and_link_arrivals_are_processed(start, tmp_path: Path) -> None:
+    d = start("--workers", "2")
+    w = d.watch_dir
+    (w / "unprocessed" / "written.txt").write_bytes(b"alpha\r\nbeta")
+    outside = tmp_path / "renamed.txt"
+    outside.write_bytes(b"gamma\n")
+    os.rename(outside, w / "unprocessed" / "renamed.txt")
+    linked = tmp_path / "linked.txt"
+    linked.write_bytes(b"delta\n")
+    os.link(linked, w / "unprocessed" / "linked.txt")  # only IN_CREATE: no open, no close, no move
+    wait_for(lambda: len(folder(w, "processed")) == 3, what="three results")
+    assert processed(w, "written.txt") == b"ALPHA\r\nBETA"
+    assert processed(w, "renamed.txt") == b"GAMMA\n"
+    assert processed(w, "linked.txt") == b"DELTA\n"
+    wait_for(lambda: not folder(w, "unprocessed") and not folder(w, "underprocess"), what="empty queue")
+    assert d.count("processed") == 3
+
+
+def test_pickup_is_event_driven_not_polled(start) -> None:
+    d = start()
+    w = d.watch_dir
+    t0 = time.monotonic()
+    (w / "unprocessed" / "fast.txt").write_bytes(b"x\n")
+    wait_for(lambda: processed(w, "fast.txt"), interval=0.002, what="result")
+    assert time.monotonic() - t0 < 0.25  # the settle time is 0.3 s here: this was no settle check
+
+
+def test_slow_writer_is_never_processed_early(start) -> None:
+    d = start()
+    w = d.watch_dir
+    with open(w / "unprocessed" / "slow.txt", "wb") as f:
+        for i in range(4):
+            f.write(b"chunk %d\n" % i)
+            f.flush()
+            time.sleep(0.6)  # longer than the settle time: only open tracking keeps it waiting
+            assert not folder(w, "underprocess") and processed(w, "slow.txt") is None
+    wait_for(lambda: processed(w, "slow.txt"), what="result")
+    assert processed(w, "slow.txt") == b"CHUNK 0\nCHUNK 1\nCHUNK 2\nCHUNK 3\n"
+
+
+def test_files_present_at_start_are_settled_then_processed(tmp_path: Path, start) -> None:
+    w = tmp_path / "w"
+    for sub in ("unprocessed", "underprocess", "processed", "failed"):
+        (w / sub).mkdir(parents=True)
+    for i in range(20):
+        (w / "unprocessed" / f"early-{i}.txt").write_bytes(b"e%d\n" % i)
+    start()
+    wait_for(lambda: len(folder(w, "processed")) == 20, what="20 results")
+    assert processed(w, "early-7.txt") == b"E7\n"
+
+
+def test_recovery_processes_in_flight_files_and_removes_stale_temps(tmp_path: Path, start) -> None:
+    w = tmp_path / "w"
+    for sub in ("unprocessed", "underprocess", "processed", "failed"):
+        (w / sub).mkdir(parents=True)
+    (w / "underprocess" / "crashed.txt").write_bytes(b"was in flight\n")
+    (w / "processed" / ".ingestd-tmp-999-abc").write_bytes(b"half")
+    d = start()
+    wait_for(lambda: processed(w, "crashed.txt"), what="recovered result")
+    assert processed(w, "crashed.txt") == b"WAS IN FLIGHT\n"
+    assert not (w / "processed" / ".ingestd-tmp-999-abc").exists()
+    assert d.event("recovered")["file"] == "crashed.txt"
+
+
+def test_a_worker_crash_is_retried_then_quarantined_as_poison(tmp_path: Path, start) -> None:
+    cfg = tmp_path / "crash.toml"
+    cfg.write_text('[[filters]]\nmatch = "*"\nprocessor = "abort_on"\n[[filters]]\nmatch = "*"\nprocessor = "uppercase"\n')
+    d = start("--config", str(cfg), "--workers", "1", env={"INGESTD_MAX_ATTEMPTS": "2"})
+    w = d.watch_dir
+    (w / "unprocessed" / "poison.txt").write_bytes(b"ok\nABORT here\n")
+    wait_for(lambda: folder(w, "failed") == ["poison.txt"], what="poison quarantined")
+    (w / "unprocessed" / "fine.txt").write_bytes(b"fine\n")
+    wait_for(lambda: processed(w, "fine.txt") == b"FINE\n", what="the rest flows")
+    assert d.count("worker_died") == 2
+    out = subprocess.run([*INGESTD, "status", "--watch-dir", str(w)], capture_output=True, text=True)
+    assert "poison.txt: poison: its worker died 2 times" in out.stdout
+
+
+def test_hostile_entries_fail_with_a_reason_and_the_daemon_goes_on(start, tmp_path: Path) -> None:
+    d = start()
+    w = d.watch_dir
+    u = w / "unprocessed"
+    secret = tmp_path / "secret"
+    secret.write_text("do not read\n")
+    os.symlink(secret, u / "link-to-secret")
+    os.symlink(tmp_path / "nowhere", u / "dangling")
+    os.mkfifo(u / "pipe")
+    (u / "adir").mkdir()
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(u / "sock"))
+    (u / "blob.bin").write_bytes(b"\x7fELF\x00\x01")
+    weird = os.fsdecode(b"-n\nnew\xffline <b>.txt")
+    (u / weird).write_bytes(b"ok\n")
+    wait_for(lambda: len(folder(w, "failed")) == 6, timeout=15, what="6 failures")
+    sock.close()
+    reasons = {f["name"]: f["reason"] for f in d.status()["failures"]}
+    assert reasons["link-to-secret"].startswith("not a regular file: symlink")
+    assert reasons["pipe"] == "not a regular file: FIFO"
+    assert reasons["adir"] == "not a regular file: directory"
+    assert reasons["sock"] == "not a regular file: socket"
+    assert reasons["blob.bin"].startswith("binary content")
+    assert os.readlink(w / "failed" / "link-to-secret") == str(secret)  # moved as a link, never followed
+    assert processed(w, weird) == b"OK\n"
+    assert d.event("processed", file="-n\\x0anew\\xffline <b>.txt")
+    assert d.get("/healthz")[0] == 200
+
+
+def test_same_name_again_replaces_the_result_atomically(start) -> None:
+    d = start()
+    w = d.watch_dir
+    (w / "unprocessed" / "again.txt").write_bytes(b"first\n")
+    wait_for(lambda: processed(w, "again.txt") == b"FIRST\n")
+    (w / "unprocessed" / "again.txt").write_bytes(b"second\n")
+    wait_for(lambda: processed(w, "again.txt") == b"SECOND\n")
+    assert folder(w, "processed") == ["again.txt"]
+
+
+def test_sigterm_finishes_the_current_file_then_exits_zero(start, tmp_path: Path) -> None:
+    d = start("--workers", "1")
+    w = d.watch_dir
+    big = tmp_path / "big.txt"
+    big.write_bytes(b"some line of text\n" * 3_000_000)  # ~54 MB: takes a while to process
+    os.rename(big, w / "unprocessed" / "big.txt")
+    wait_for(lambda: d.event("claimed", file="big.txt"), what="claim")
+    d.signal(signal.SIGTERM)
+    assert d.wait() == 0
+    assert d.event("stopping") and d.event("stopped")
+    assert (w / "processed" / "big.txt").stat().st_size == 54_000_000
+    assert not folder(w, "underprocess")
+
+
+def test_second_sigterm_abandons_the_file_back_to_the_queue(start, tmp_path: Path) -> None:
+    cfg = tmp_path / "hang.toml"
+    cfg.write_text('[[filters]]\nmatch = "*"\nprocessor = "hang_on"\n')
+    d = start("--config", str(cfg), "--workers", "1")
+    w = d.watch_dir
+    (w / "unprocessed" / "stuck.txt").write_bytes(b"HANG\n")
+    wait_for(lambda: d.event("claimed", file="stuck.txt"), what="claim")
+    d.signal(signal.SIGTERM)
+    wait_for(lambda: d.event("stopping"))
+    d.signal(signal.SIGTERM)
+    assert d.wait(timeout=10) == 0
+    assert folder(w, "unprocessed") == ["stuck.txt"]  # abandoned by a stop: back in the queue, not lost
+    assert not folder(w, "underprocess") and not folder(w, "failed")
+
+
+def test_a_hung_worker_makes_healthz_fail(start, tmp_path: Path) -> None:
+    cfg = tmp_path / "hang.toml"
+    cfg.write_text('[[filters]]\nmatch = "*"\nprocessor = "hang_on"\n')
+    d = start("--config", str(cfg), "--workers", "1", env={"INGESTD_STALL_TIME": "1"})
+    assert d.get("/healthz")[0] == 200
+    (d.watch_dir / "unprocessed" / "stuck.txt").write_bytes(b"HANG\n")
+    code, body = wait_for(lambda: (r := d.get("/healthz"))[0] == 503 and r, timeout=10, what="503")
+    assert b"no progress from worker" in body
+
+
+def test_second_daemon_is_refused_naming_the_first(start) -> None:
+    d = start()
+    out = subprocess.run([*INGESTD, "run", "--watch-dir", str(d.watch_dir), "--listen", "127.0.0.1:0"],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 75
+    assert f"pid {d.proc.pid}" in out.stderr and "another ingestd is running" in out.stderr
+    assert d.proc.poll() is None
+
+
+def test_sighup_reloads_routing_and_rejects_a_bad_config(start, tmp_path: Path) -> None:
+    cfg = tmp_path / "r.toml"
+    cfg.write_text('[[filters]]\nmatch = "*"\nprocessor = "uppercase"\n')
+    d = start("--config", str(cfg))
+    w = d.watch_dir
+    cfg.write_text('[[filters]]\nmatch = "*"\nprocessor = "no-such"\n')
+    d.signal(signal.SIGHUP)
+    wait_for(lambda: d.event("reload_failed"))
+    (w / "unprocessed" / "a.txt").write_bytes(b"Keep\n")
+    wait_for(lambda: processed(w, "a.txt") == b"KEEP\n", what="old routing kept")
+    cfg.write_text('[[filters]]\nmatch = "*"\nprocessor = "reverse"\n')
+    d.signal(signal.SIGHUP)
+    wait_for(lambda: d.event("reloaded"))
+    (w / "unprocessed" / "b.txt").write_bytes(b"abc\n")
+    wait_for(lambda: processed(w, "b.txt") == b"cba\n", what="new routing applied")
+
+
+def test_done_marker_mode_waits_for_the_marker(start) -> None:
+    d = start(env={"INGESTD_DONE_MARKER": "true"})
+    w = d.watch_dir
+    (w / "unprocessed" / "data.csv").write_bytes(b"a,b\n")
+    time.sleep(0.8)
+    assert processed(w, "data.csv") is None and folder(w, "unprocessed") == ["data.csv"]
+    (w / "unprocessed" / "data.csv.done").write_bytes(b"")
+    wait_for(lambda: processed(w, "data.csv") == b"A,B\n", what="processed after marker")
+    wait_for(lambda: not folder(w, "unprocessed"), what="marker removed")
+
+
+def test_routing_writes_tagged_records_to_their_outputs(start, tmp_path: Path) -> None:
+    cfg = tmp_path / "route.toml"
+    cfg.write_text("""
+[[tags]]
+match = "*.log"
+tag = "app"
+[[filters]]
+match = "app"
+retag = "errors"
+pattern = "ERROR"
+[[filters]]
+match = "errors"
+processor = "uppercase"
+[[outputs]]
+match = "errors"
+path = "errors"
+[[outputs]]
+match = "*"
+""")
+    d = start("--config", str(cfg))
+    w = d.watch_dir
+    (w / "unprocessed" / "x.log").write_bytes(b"fine\nERROR bad\nok\n")
+    wait_for(lambda: processed(w, "x.log") is not None and (w / "processed" / "errors" / "x.log").exists())
+    assert processed(w, "x.log") == b"fine\nok\n"
+    assert (w / "processed" / "errors" / "x.log").read_bytes() == b"ERROR BAD\n"
+
+
+def test_idle_daemon_uses_almost_no_cpu(start) -> None:
+    d = start()
+    time.sleep(0.5)
+    before = _cpu_seconds(d.proc.pid)
+    time.sleep(3)
+    used = _cpu_seconds(d.proc.pid) - before
+    assert used < 0.05, f"idle daemon used {used:.3f}s CPU in 3s"
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
