@@ -58,12 +58,12 @@ TICK = 4096
 def lines(f: BinaryIO, max_line_bytes: int, stats: Stats, progress: Progress) -> Iterator[bytes]:
     """Lines with their endings; memory is bounded by max_line_bytes whatever the file."""
     readline = f.readline
-    limit = max_line_bytes + 1
+    limit = max_line_bytes + 2  # the content and its ending, \n or \r\n: the ending does not count
     n = stats.lines_in
     while line := readline(limit):
         n += 1
         stats.bytes_in += len(line)
-        if len(line) > max_line_bytes and not line.endswith(b"\n"):
+        if len(line) > max_line_bytes and len(line) - line.endswith(b"\n") - line.endswith(b"\r\n") > max_line_bytes:
             stats.lines_in = n
             raise Rejected(f"line longer than max_line_bytes ({max_line_bytes} bytes)", line=n)
         if not n % TICK:

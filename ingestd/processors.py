@@ -36,6 +36,10 @@ def _drop(pattern: str) -> Processor:
 
 def _redact(pattern: str, replacement: str = "[REDACTED]") -> Processor:
     sub = re.compile(pattern).sub
+    try:
+        sub(replacement, "")  # parses the replacement now: a bad one fails at start-up, not on a worker's first match
+    except (re.error, IndexError, TypeError) as e:
+        raise TypeError(f"invalid replacement {replacement!r}: {e}") from None
     return lambda text: sub(replacement, text)
 
 

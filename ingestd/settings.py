@@ -34,6 +34,7 @@ class Settings:
     done_marker: bool = False  # claim NAME only once NAME.done exists
     min_free_bytes: int = 16 << 20  # stop claiming below this much free space in the watch dir
     stop_timeout: float = 20.0  # warm stop: how long to let the current files finish
+    stall_time: float = 30.0  # a busy worker silent this long is stuck (healthz 503, no watchdog ping)
     log_format: str = "json"
     routing_doc: dict[str, Any] = field(default_factory=lambda: {"mode": "uppercase"})  # picklable, for workers
 
@@ -53,7 +54,7 @@ def _int(minimum: int) -> Callable[[str, Any], int]:
             n = int(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{name}: must be an integer >= {minimum}, not {value!r}") from None
-        if isinstance(value, bool) or n < minimum:
+        if isinstance(value, (bool, float)) or n < minimum:  # TOML 2.5 must not quietly become 2
             raise ConfigError(f"{name}: must be an integer >= {minimum}, not {value!r}")
         return n
 
@@ -97,6 +98,12 @@ def _choice(*allowed: str) -> Callable[[str, Any], str]:
     return parse
 
 
+def _path(name: str, value: Any) -> Path:
+    if not isinstance(value, (str, os.PathLike)) or not str(value):
+        raise ConfigError(f"{name}: must be a path, not {value!r}")
+    return Path(value)
+
+
 def _mode(name: str, value: Any) -> str:
     if not isinstance(value, str) or not value:
         raise ConfigError(f"{name}: must be a processor name, not {value!r}")
@@ -104,11 +111,11 @@ def _mode(name: str, value: Any) -> str:
 
 
 PARSERS: dict[str, Callable[[str, Any], Any]] = {
-    "watch_dir": lambda n, v: Path(v),
+    "watch_dir": _path,
     "mode": _mode,
     "workers": _int(1),
     "listen": _listen,
-    "config": lambda n, v: Path(v) if v else None,
+    "config": lambda n, v: _path(n, v) if v else None,
     "max_attempts": _int(1),
     "settle_time": _float,
     "rescan_interval": _float,
@@ -117,6 +124,7 @@ PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "done_marker": _bool,
     "min_free_bytes": _int(0),
     "stop_timeout": _float,
+    "stall_time": _float,
     "log_format": _choice("json", "text"),
 }
 
@@ -154,7 +162,7 @@ def load(
                 values[name] = parse(name, layer[name])
                 break
     values["config"] = Path(config) if config else None
-    values["routing_doc"] = _routing_doc(doc, values, explicit_mode=any("mode" in layer for layer in layers[:3]))
+    values["routing_doc"] = _routing_doc(doc, values, explicit_mode=any("mode" in layer for layer in layers))
     known = {f.name for f in fields(Settings)}
     return Settings(**{k: v for k, v in values.items() if k in known})
 
@@ -171,16 +179,22 @@ def _read_toml(path: Path) -> dict[str, Any]:
 
 def _routing_doc(doc: dict[str, Any], values: dict[str, Any], explicit_mode: bool) -> dict[str, Any]:
     """Choose the routing (config tables, or MODE alone) and validate it once, here, with clear messages."""
+    mode = values.get("mode", Settings().mode)
     if routing.has_tables(doc):
         if explicit_mode and "filters" in doc:
-            raise ConfigError("mode: set both as MODE/--mode and as [[filters]] in the config; choose one")
+            raise ConfigError("mode: set both as mode (MODE/--mode/config) and as [[filters]] in the config; choose one")
         chosen = {k: doc[k] for k in ("tags", "filters", "outputs") if k in doc}
+        if explicit_mode:  # MODE beside [[tags]]/[[outputs]] only: the mode is the one filter, as MODE alone
+            chosen["filters"] = [{"match": "*", "processor": mode}]
     else:
-        chosen = {"mode": values.get("mode", Settings().mode)}
+        chosen = {"mode": mode}
+    try:
+        if "mode" in chosen or explicit_mode:
+            routing.from_mode(mode)
+    except routing.RoutingError as e:
+        raise ConfigError(f"mode: {str(e).split(': ', 1)[1]}") from None
     try:
         routing.build(chosen)
     except routing.RoutingError as e:
-        if "mode" in chosen:
-            raise ConfigError(f"mode: {str(e).split(': ', 1)[1]}") from None
         raise ConfigError(f"config: {e}") from None
     return chosen

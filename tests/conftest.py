@@ -1,0 +1,40 @@
+"""Shared fixtures for the unit suites. Keep this small: each fixture says what it is for."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+
+def _need_root(what: str) -> None:
+    """Skip (with a reason) when not root; on CI (CI=true) a missing privilege is a failure, not a skip."""
+    if os.geteuid() == 0:
+        return
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"{what} needs root, and CI=true: the test must run there")
+    pytest.skip(f"{what} needs root (mount); run as root or with CI=true")
+
+
+@pytest.fixture
+def tmpfs() -> Iterator[Callable[..., Path]]:
+    """mount(path, size="1m") mounts a real tmpfs at path (created if missing); all are unmounted at teardown.
+
+    For real kernel errors instead of mocks: a second filesystem (EXDEV, st_dev checks) or a tiny
+    one (ENOSPC). Skips when not root, except under CI=true where it fails.
+    """
+    _need_root("a tmpfs mount")
+    mounted: list[Path] = []
+
+    def mount(path: Path, size: str = "1m") -> Path:
+        path.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(path)], check=True)
+        mounted.append(path)
+        return path
+
+    yield mount
+    for path in reversed(mounted):
+        subprocess.run(["umount", "-l", str(path)], check=False)

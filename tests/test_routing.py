@@ -1,0 +1,173 @@
+"""Routing tables from TOML: validation messages, output paths, third-party processors by entry point."""
+
+from __future__ import annotations
+
+import tomllib
+
+import pytest
+
+from ingestd import routing
+from ingestd.engine import DEFAULT_TAG
+from ingestd.routing import RoutingError
+
+
+def doc(text: str) -> dict:
+    return tomllib.loads(text)
+
+
+def error(d: dict) -> str:
+    with pytest.raises(RoutingError) as e:
+        routing.from_tables(d)
+    msg = str(e.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_worked_example_from_toml() -> None:
+    r = routing.from_tables(doc("""
+        [[tags]]
+        match = "*.log"
+        tag = "app"
+
+        [[filters]]
+        match = "app"
+        retag = "errors"
+        pattern = "ERROR"
+
+        [[filters]]
+        match = "*"
+        processor = "redact"
+        pattern = '\\d{3}-\\d{4}'
+        replacement = "###"
+
+        [[outputs]]
+        match = "errors"
+        path = "errors"
+
+        [[outputs]]
+        match = "*"
+        path = ""
+    """))
+    tag = r.rule_for("web.log").tag
+    assert list(r.run(tag, [b"ok 555-1234\n", b"ERROR 555-9999\n"])) == [("", b"ok ###\n"), ("errors", b"ERROR ###\n")]
+
+
+def test_empty_document_means_defaults() -> None:
+    r = routing.from_tables({})
+    assert (r.tags, r.filters) == ((), ())
+    assert r.output_for(DEFAULT_TAG) == ""
+
+
+def test_build_picks_tables_or_mode() -> None:
+    assert routing.build({"mode": "lowercase"}).route(DEFAULT_TAG, b"AB\n") == ("", b"ab\n")
+    assert routing.build({"filters": [{"processor": "reverse"}]}).route(DEFAULT_TAG, b"ab\n") == ("", b"ba\n")
+    assert routing.has_tables({"outputs": []}) and not routing.has_tables({"mode": "x"})
+
+
+# --- validation messages ---------------------------------------------------------------------------------
+def test_unknown_processor_names_the_entry_and_lists_known_ones() -> None:
+    msg = error({"filters": [{"processor": "uppercase"}, {"processor": "upcase"}]})
+    assert msg.startswith("filters[1].processor: unknown processor 'upcase'")
+    assert "uppercase" in msg and "shout" in msg  # built-ins and plug-ins are offered
+
+
+def test_unknown_mode_processor() -> None:
+    with pytest.raises(RoutingError, match="unknown processor 'nope'"):
+        routing.from_mode("nope")
+
+
+@pytest.mark.parametrize("filt", [
+    {"processor": "grep", "pattern": "("},
+    {"processor": "drop", "pattern": "[a-"},
+    {"processor": "redact", "pattern": "*x"},
+    {"retag": "x", "pattern": "(?P<"},
+])
+def test_bad_regex(filt: dict) -> None:
+    msg = error({"filters": [filt]})
+    assert msg.startswith("filters[0].pattern: invalid regular expression:")
+
+
+@pytest.mark.parametrize("replacement", [r"\9", "\\", r"\g<nosuch>", 5])
+def test_bad_redact_replacement_is_caught_at_load_not_per_line(replacement: object) -> None:
+    """A replacement the regex engine rejects must fail at start-up, not crash a worker on the first match."""
+    msg = error({"filters": [{"processor": "redact", "pattern": "a", "replacement": replacement}]})
+    assert msg.startswith("filters[0]") and "replacement" in msg
+
+
+def test_good_redact_replacement_with_group_reference() -> None:
+    r = routing.from_tables({"filters": [{"processor": "redact", "pattern": r"(\w)\w*", "replacement": r"\1."}]})
+    assert r.route(DEFAULT_TAG, b"John Smith\n") == ("", b"J. S.\n")
+
+
+@pytest.mark.parametrize(("filt", "expected"), [
+    ({"processor": "grep"}, "filters[0]: bad options for processor 'grep'"),  # pattern missing
+    ({"processor": "uppercase", "pattern": "x"}, "filters[0]: bad options for processor 'uppercase'"),
+    ({"processor": "grep", "pattern": 5}, "filters[0]: bad options for processor 'grep'"),
+    ({"processor": "grep", "pattern": "x", "colour": 1}, "filters[0]: bad options for processor 'grep'"),
+    ({"match": "*"}, "filters[0].processor: a non-empty string is required"),
+    ({"processor": ""}, "filters[0].processor: a non-empty string is required"),
+    ({"processor": "uppercase", "match": ""}, "filters[0].match: a non-empty string is required"),
+    ({"retag": "x", "processor": "uppercase"}, "filters[0]: unknown key 'processor'"),
+    ({"retag": "x", "extra": 1}, "filters[0]: unknown key 'extra'"),
+    ({"retag": ""}, "filters[0].retag: a non-empty string is required"),
+    ({"retag": "x", "pattern": 3}, "filters[0].pattern: must be a string"),
+])
+def test_filter_validation(filt: dict, expected: str) -> None:
+    assert error({"filters": [filt]}).startswith(expected)
+
+
+@pytest.mark.parametrize(("tag", "expected"), [
+    ({"match": "*.log"}, "tags[0].tag: a non-empty string is required"),
+    ({"tag": "x"}, "tags[0].match: a non-empty string is required"),
+    ({"match": "*", "tag": "x", "binary": "yes"}, "tags[0].binary: must be 'fail' or 'pass'"),
+    ({"match": "*", "tag": "x", "bogus": 1}, "tags[0]: unknown key 'bogus' (allowed: binary, match, tag)"),
+    ({"match": "*", "tag": 7}, "tags[0].tag: a non-empty string is required"),
+])
+def test_tag_validation(tag: dict, expected: str) -> None:
+    assert error({"tags": [tag]}).startswith(expected)
+
+
+@pytest.mark.parametrize("key", ["tags", "filters", "outputs"])
+@pytest.mark.parametrize("value", [{"match": "*"}, "x", [1, 2]])
+def test_tables_must_be_arrays_of_tables(key: str, value: object) -> None:
+    assert error({key: value}) == f"{key}: must be an array of tables ([[{key}]])"
+
+
+@pytest.mark.parametrize("path", ["../x", "/abs", ".hidden", "a/../b", "a/./b", "a//b", "a/", "errors/.git", "..", "."])
+def test_bad_output_paths(path: str) -> None:
+    msg = error({"outputs": [{"match": "*", "path": path}]})
+    assert msg.startswith("outputs[0].path: must be a relative folder under processed/")
+    assert repr(path) in msg
+
+
+@pytest.mark.parametrize("path", ["", "errors", "by-tag/errors", "a b", "é"])
+def test_good_output_paths(path: str) -> None:
+    r = routing.from_tables({"outputs": [{"match": "*", "path": path}]})
+    assert r.output_for("anything") == path
+
+
+def test_output_unknown_key_and_missing_path_default() -> None:
+    assert error({"outputs": [{"match": "*", "folder": "x"}]}).startswith("outputs[0]: unknown key 'folder' (allowed: match, path)")
+    assert routing.from_tables({"outputs": [{"match": "x"}]}).output_for("x") == ""
+
+
+def test_error_names_the_right_index() -> None:
+    msg = error({"outputs": [{"match": "a", "path": "a"}, {"match": "b", "path": "b"}, {"match": "c", "path": "/c"}]})
+    assert msg.startswith("outputs[2].path")
+
+
+# --- third-party processors (tests/plugins, installed in the venv) -----------------------------------------
+def test_plugin_processor_by_entry_point_with_options() -> None:
+    r = routing.from_tables({"filters": [{"processor": "shout", "suffix": "!!"}]})
+    assert r.route(DEFAULT_TAG, b"hey\r\n") == ("", b"HEY!!\r\n")
+
+
+def test_plugin_bad_option_is_a_routing_error() -> None:
+    assert error({"filters": [{"processor": "shout", "volume": 11}]}).startswith("filters[0]: bad options for processor 'shout'")
+
+
+def test_plugin_processors_load_without_running_their_hazards() -> None:
+    """hang_on and abort_on are only dangerous on their marker line: building and ordinary lines are safe."""
+    r = routing.from_tables({"filters": [{"processor": "hang_on", "marker": "ZZZ"}, {"processor": "abort_on", "marker": "QQQ"}]})
+    assert r.route(DEFAULT_TAG, b"plain\n") == ("", b"plain\n")
+    assert [f.name for f in r.filters] == ["hang_on", "abort_on"]

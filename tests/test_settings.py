@@ -1,0 +1,302 @@
+"""Settings: flag > environment (INGESTD_*, plain MODE) > .env in cwd > TOML config > defaults; ConfigError on bad values."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ingestd.engine import DEFAULT_TAG
+from ingestd.settings import ConfigError, Settings, load
+
+
+@pytest.fixture
+def cwd(tmp_path: Path) -> Path:
+    """An empty working directory: no .env unless a test writes one."""
+    d = tmp_path / "cwd"
+    d.mkdir()
+    return d
+
+
+def toml(dirpath: Path, text: str) -> str:
+    path = dirpath / "ingestd.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def bad(flags: dict[str, Any], cwd: Path, environ: dict[str, str] | None = None) -> str:
+    with pytest.raises(ConfigError) as e:
+        load(flags, environ=environ or {}, cwd=cwd)
+    msg = str(e.value)
+    assert "\n" not in msg and msg, "a ConfigError is one line"
+    return msg
+
+
+def test_defaults(cwd: Path) -> None:
+    s = load({}, environ={}, cwd=cwd)
+    assert s == Settings(routing_doc={"mode": "uppercase"})
+    assert (s.watch_dir, s.mode, s.listen, s.config, s.max_attempts) == (Path("watch_dir"), "uppercase", "127.0.0.1:9800", None, 3)
+    assert s.workers >= 1 and s.max_line_bytes == 1 << 20 and s.log_format == "json"
+    assert s.routing.route(DEFAULT_TAG, b"a\n") == ("", b"A\n")
+
+
+def test_settings_are_frozen(cwd: Path) -> None:
+    s = load({}, environ={}, cwd=cwd)
+    with pytest.raises(AttributeError):
+        s.workers = 9  # type: ignore[misc]
+
+
+def test_none_flags_are_unset(cwd: Path) -> None:
+    """argparse gives None for flags not on the command line: they must not hide lower layers."""
+    s = load({"workers": None, "mode": None}, environ={"INGESTD_WORKERS": "3"}, cwd=cwd)
+    assert (s.workers, s.mode) == (3, "uppercase")
+
+
+# --- precedence -----------------------------------------------------------------------------------------
+LAYERS = ["flag", "env", "dotenv", "toml"]
+
+
+@pytest.mark.parametrize("top", LAYERS + ["default"])
+def test_precedence_for_each_layer(top: str, cwd: Path, tmp_path: Path) -> None:
+    """Each layer present from `top` down: the topmost wins, for several settings at once."""
+    present = LAYERS[LAYERS.index(top):] if top != "default" else []
+    values = {"flag": ("5", "lowercase", "h1:1"), "env": ("4", "reverse", "h2:2"),
+              "dotenv": ("3", "titlecase", "h3:3"), "toml": ("2", "strip", "h4:4")}
+    flags: dict[str, Any] = {}
+    environ: dict[str, str] = {}
+    if "toml" in present:
+        w, m, l = values["toml"]
+        flags_config = toml(tmp_path, f'workers = {w}\nmode = "{m}"\nlisten = "{l}"\n')
+        environ["INGESTD_CONFIG"] = flags_config
+    if "dotenv" in present:
+        w, m, l = values["dotenv"]
+        (cwd / ".env").write_text(f"INGESTD_WORKERS={w}\nMODE={m}\nINGESTD_LISTEN={l}\n")
+    if "env" in present:
+        w, m, l = values["env"]
+        environ |= {"INGESTD_WORKERS": w, "INGESTD_MODE": m, "INGESTD_LISTEN": l}
+    if "flag" in present:
+        w, m, l = values["flag"]
+        flags = {"workers": int(w), "mode": m, "listen": l}
+    s = load(flags, environ=environ, cwd=cwd)
+    if top == "default":
+        assert (s.mode, s.listen) == ("uppercase", "127.0.0.1:9800")
+        return
+    w, m, l = values[top]
+    assert (s.workers, s.mode, s.listen) == (int(w), m, l)
+    assert s.routing_doc == {"mode": m}
+
+
+def test_layers_merge_per_setting(cwd: Path, tmp_path: Path) -> None:
+    """Precedence is per setting: each comes from the highest layer that sets it."""
+    config = toml(tmp_path, "workers = 2\nsettle_time = 0.5\nrecent = 7\nmax_attempts = 9\n")
+    (cwd / ".env").write_text(f"INGESTD_CONFIG={config}\nINGESTD_RECENT=8\nINGESTD_MAX_ATTEMPTS=4\n")
+    s = load({"max_attempts": 5}, environ={"INGESTD_SETTLE_TIME": "0.25"}, cwd=cwd)
+    assert (s.workers, s.settle_time, s.recent, s.max_attempts) == (2, 0.25, 8, 5)
+    assert s.config == Path(config)
+
+
+def test_plain_mode_env_and_ingestd_mode_wins_within_a_layer(cwd: Path) -> None:
+    assert load({}, environ={"MODE": "lowercase"}, cwd=cwd).mode == "lowercase"
+    assert load({}, environ={"MODE": "lowercase", "INGESTD_MODE": "reverse"}, cwd=cwd).mode == "reverse"
+    (cwd / ".env").write_text("INGESTD_MODE=titlecase\n")
+    assert load({}, environ={"MODE": "lowercase"}, cwd=cwd).mode == "lowercase"  # env (even plain MODE) > .env
+
+
+def test_dotenv_mode_as_the_seed_project_writes_it(cwd: Path) -> None:
+    (cwd / ".env").write_text("# the seed project's .env\nMODE=lowercase\n")
+    s = load({}, environ={}, cwd=cwd)
+    assert s.mode == "lowercase"
+    assert s.routing.route(DEFAULT_TAG, b"AB\n") == ("", b"ab\n")
+
+
+def test_dotenv_only_from_the_given_cwd(cwd: Path, tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text("MODE=lowercase\n")  # the parent's .env is not ours
+    assert load({}, environ={}, cwd=cwd).mode == "uppercase"
+
+
+def test_dotenv_is_not_exported_to_the_environment(cwd: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("INGESTD_RECENT", raising=False)
+    (cwd / ".env").write_text("INGESTD_RECENT=4\n")
+    assert load({}, environ={}, cwd=cwd).recent == 4
+    import os
+    assert "INGESTD_RECENT" not in os.environ
+
+
+def test_empty_environment_value_counts_as_unset(cwd: Path) -> None:
+    assert load({}, environ={"INGESTD_WORKERS": "", "MODE": ""}, cwd=cwd).mode == "uppercase"
+
+
+def test_config_path_from_flag_beats_env(cwd: Path, tmp_path: Path) -> None:
+    a, b = tmp_path / "a.toml", tmp_path / "b.toml"
+    a.write_text("recent = 2\n")
+    b.write_text("recent = 3\n")
+    s = load({"config": str(a)}, environ={"INGESTD_CONFIG": str(b)}, cwd=cwd)
+    assert (s.config, s.recent) == (a, 2)
+
+
+def test_all_settings_from_environment(cwd: Path) -> None:
+    env = {"INGESTD_WATCH_DIR": "/srv/in", "INGESTD_WORKERS": "2", "INGESTD_LISTEN": "[::1]:9900",
+           "INGESTD_MAX_ATTEMPTS": "5", "INGESTD_SETTLE_TIME": "0", "INGESTD_RESCAN_INTERVAL": "2.5",
+           "INGESTD_MAX_LINE_BYTES": "100", "INGESTD_RECENT": "3", "INGESTD_DONE_MARKER": "yes",
+           "INGESTD_MIN_FREE_BYTES": "0", "INGESTD_STOP_TIMEOUT": "1.5", "INGESTD_LOG_FORMAT": "text"}
+    s = load({}, environ=env, cwd=cwd)
+    assert s.watch_dir == Path("/srv/in") and s.workers == 2 and s.host_port == ("::1", 9900)
+    assert (s.max_attempts, s.settle_time, s.rescan_interval, s.max_line_bytes) == (5, 0.0, 2.5, 100)
+    assert (s.recent, s.done_marker, s.min_free_bytes, s.stop_timeout, s.log_format) == (3, True, 0, 1.5, "text")
+
+
+@pytest.mark.parametrize(("text", "expected"), [("1", True), ("true", True), ("On", True), ("0", False), ("no", False), ("OFF", False)])
+def test_boolean_spellings(text: str, expected: bool, cwd: Path) -> None:
+    assert load({}, environ={"INGESTD_DONE_MARKER": text}, cwd=cwd).done_marker is expected
+
+
+def test_toml_native_types(cwd: Path, tmp_path: Path) -> None:
+    config = toml(tmp_path, 'watch_dir = "/data/w"\ndone_marker = true\nsettle_time = 2\nlog_format = "text"\n')
+    s = load({"config": config}, environ={}, cwd=cwd)
+    assert (s.watch_dir, s.done_marker, s.settle_time, s.log_format) == (Path("/data/w"), True, 2.0, "text")
+
+
+# --- bad values: one line naming the setting -------------------------------------------------------------------
+BAD_VALUES = [
+    ("workers", "0"), ("workers", "abc"), ("workers", "-2"), ("workers", "1.5"),
+    ("listen", "9800"), ("listen", "host:"), ("listen", ":9800"), ("listen", "h:99999"), ("listen", "h:port"),
+    ("max_attempts", "0"), ("settle_time", "-1"), ("settle_time", "soon"), ("settle_time", "nan"),
+    ("rescan_interval", "x"), ("max_line_bytes", "0"), ("recent", "0"), ("done_marker", "maybe"),
+    ("min_free_bytes", "-1"), ("stop_timeout", "-5"), ("stall_time", "-1"), ("log_format", "xml"), ("mode", "nope"),
+]
+
+
+@pytest.mark.parametrize(("name", "value"), BAD_VALUES)
+def test_bad_value_from_environment(name: str, value: str, cwd: Path) -> None:
+    msg = bad({}, cwd, environ={f"INGESTD_{name.upper()}": value})
+    assert msg.startswith(f"{name}: ")
+    if name != "mode":
+        assert repr(value) in msg
+
+
+@pytest.mark.parametrize(("name", "value"), BAD_VALUES)
+def test_bad_value_from_flag_and_dotenv(name: str, value: str, cwd: Path) -> None:
+    assert bad({name: value}, cwd).startswith(f"{name}: ")
+    (cwd / ".env").write_text(f"INGESTD_{name.upper()}={value}\n")
+    assert bad({}, cwd).startswith(f"{name}: ")
+
+
+@pytest.mark.parametrize(("line", "name"), [
+    ("workers = true", "workers"), ("workers = 2.5", "workers"), ("workers = 0", "workers"), ('workers = "many"', "workers"),
+    ("settle_time = false", "settle_time"), ("settle_time = -0.5", "settle_time"), ("done_marker = 2", "done_marker"),
+    ("log_format = 1", "log_format"), ("mode = 5", "mode"), ('mode = ""', "mode"), ("listen = 9800", "listen"),
+    ("watch_dir = 5", "watch_dir"), ('watch_dir = ""', "watch_dir"), ("watch_dir = [1]", "watch_dir"),
+    ("max_line_bytes = -1", "max_line_bytes"), ("rescan_interval = [1]", "rescan_interval"),
+])
+def test_bad_value_from_toml(line: str, name: str, cwd: Path, tmp_path: Path) -> None:
+    """Values of the wrong TOML type must be a ConfigError too, never a traceback."""
+    assert bad({"config": toml(tmp_path, line + "\n")}, cwd).startswith(f"{name}: ")
+
+
+def test_bad_flag_watch_dir(cwd: Path) -> None:
+    assert bad({"watch_dir": ""}, cwd).startswith("watch_dir: ")
+
+
+def test_unknown_mode_lists_processors(cwd: Path) -> None:
+    msg = bad({"mode": "upcase"}, cwd)
+    assert msg.startswith("mode: unknown processor 'upcase'") and "uppercase" in msg and "shout" in msg
+
+
+def test_mode_needing_options_is_a_clear_error(cwd: Path) -> None:
+    assert bad({}, cwd, environ={"MODE": "grep"}).startswith("mode: bad options for processor 'grep'")
+
+
+def test_plugin_mode(cwd: Path) -> None:
+    assert load({"mode": "shout"}, environ={}, cwd=cwd).routing.route(DEFAULT_TAG, b"a\n") == ("", b"A!\n")
+
+
+def test_unknown_toml_setting(cwd: Path, tmp_path: Path) -> None:
+    config = toml(tmp_path, "workers = 2\nwokers = 3\n")
+    msg = bad({"config": config}, cwd)
+    assert msg.startswith(f"{config}: unknown setting 'wokers'") and "workers" in msg
+
+
+def test_unknown_toml_section(cwd: Path, tmp_path: Path) -> None:
+    assert "unknown setting 'server'" in bad({"config": toml(tmp_path, "[server]\nport = 1\n")}, cwd)
+
+
+def test_invalid_toml(cwd: Path, tmp_path: Path) -> None:
+    config = toml(tmp_path, "workers = = 2\n")
+    assert bad({"config": config}, cwd).startswith(f"config: {config} is not valid TOML")
+
+
+def test_missing_config_file(cwd: Path, tmp_path: Path) -> None:
+    msg = bad({}, cwd, environ={"INGESTD_CONFIG": str(tmp_path / "nope.toml")})
+    assert msg.startswith("config: cannot read") and "nope.toml" in msg and "No such file" in msg
+
+
+def test_config_is_a_directory(cwd: Path, tmp_path: Path) -> None:
+    assert bad({"config": str(tmp_path)}, cwd).startswith("config: cannot read")
+
+
+def test_bad_routing_table_in_config(cwd: Path, tmp_path: Path) -> None:
+    config = toml(tmp_path, '[[outputs]]\nmatch = "*"\npath = "../escape"\n')
+    assert bad({"config": config}, cwd).startswith("config: outputs[0].path: must be a relative folder")
+    config = toml(tmp_path, '[[filters]]\nprocessor = "grep"\npattern = "("\n')
+    assert bad({"config": config}, cwd).startswith("config: filters[0].pattern: invalid regular expression")
+
+
+# --- mode and routing tables ------------------------------------------------------------------------------------
+FILTERS = '[[filters]]\nmatch = "*"\nprocessor = "reverse"\n'
+
+
+def test_config_tables_become_the_routing(cwd: Path, tmp_path: Path) -> None:
+    s = load({"config": toml(tmp_path, FILTERS)}, environ={}, cwd=cwd)
+    assert s.routing_doc == {"filters": [{"match": "*", "processor": "reverse"}]}
+    assert s.routing.route(DEFAULT_TAG, b"ab\n") == ("", b"ba\n")
+    assert s.mode == "uppercase"  # the default mode does not conflict with tables
+
+
+@pytest.mark.parametrize("where", ["flag", "env", "plain-env", "dotenv", "toml"])
+def test_mode_and_filters_conflict(where: str, cwd: Path, tmp_path: Path) -> None:
+    flags: dict[str, Any] = {}
+    environ: dict[str, str] = {}
+    text = FILTERS
+    if where == "flag":
+        flags["mode"] = "lowercase"
+    elif where == "env":
+        environ["INGESTD_MODE"] = "lowercase"
+    elif where == "plain-env":
+        environ["MODE"] = "lowercase"
+    elif where == "dotenv":
+        (cwd / ".env").write_text("MODE=lowercase\n")
+    else:
+        text = 'mode = "lowercase"\n' + FILTERS
+    flags["config"] = toml(tmp_path, text)
+    msg = bad(flags, cwd, environ)
+    assert msg.startswith("mode: ") and "[[filters]]" in msg and "choose one" in msg
+
+
+def test_mode_with_outputs_but_no_filters_is_not_ignored(cwd: Path, tmp_path: Path) -> None:
+    """MODE beside [[tags]]/[[outputs]] alone: the mode is the one filter, as MODE alone would be."""
+    config = toml(tmp_path, '[[tags]]\nmatch = "*.log"\ntag = "logs"\n\n[[outputs]]\nmatch = "logs"\npath = "logs"\n'
+                            '\n[[outputs]]\nmatch = "*"\npath = ""\n')
+    r = load({"config": config}, environ={"MODE": "lowercase"}, cwd=cwd).routing
+    assert list(r.run(r.rule_for("a.log").tag, [b"AB\n"])) == [("logs", b"ab\n")]
+    assert list(r.run(r.rule_for("a.txt").tag, [b"AB\n"])) == [("", b"ab\n")]
+    # and a bad mode there is still reported as the mode
+    assert bad({"config": config, "mode": "nope"}, cwd).startswith("mode: unknown processor 'nope'")
+
+
+def test_tables_without_filters_and_without_mode_pass_through(cwd: Path, tmp_path: Path) -> None:
+    config = toml(tmp_path, '[[outputs]]\nmatch = "*"\npath = "out"\n')
+    r = load({"config": config}, environ={}, cwd=cwd).routing
+    assert r.route(DEFAULT_TAG, b"Ab\n") == ("out", b"Ab\n")
+
+
+def test_routing_doc_is_plain_data_for_workers(cwd: Path, tmp_path: Path) -> None:
+    import pickle
+    s = load({"config": toml(tmp_path, FILTERS)}, environ={}, cwd=cwd)
+    assert pickle.loads(pickle.dumps(s.routing_doc)) == s.routing_doc
+
+
+@pytest.mark.parametrize(("listen", "expected"), [("127.0.0.1:9800", ("127.0.0.1", 9800)), ("[::1]:80", ("::1", 80)),
+                                                  ("localhost:0", ("localhost", 0))])
+def test_host_port(listen: str, expected: tuple[str, int], cwd: Path) -> None:
+    assert load({"listen": listen}, environ={}, cwd=cwd).host_port == expected

@@ -1,0 +1,187 @@
+"""A file's outputs: hidden temp files, nothing under the final name before commit, atomic re-publish."""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from ingestd import sinks as sinks_mod
+from ingestd.sinks import Sinks
+from ingestd.spool import TEMP_OUTPUT_PREFIX
+
+
+@pytest.fixture
+def processed(tmp_path: Path) -> Path:
+    """processed/ with two routing subfolders, as the daemon creates them at start."""
+    p = tmp_path / "processed"
+    (p / "errors").mkdir(parents=True)
+    (p / "by" / "tag").mkdir(parents=True)
+    return p
+
+
+def listing(root: Path) -> dict[str, bytes]:
+    """Every file under root, relative path -> content."""
+    return {str(f.relative_to(root)): f.read_bytes() for f in sorted(root.rglob("*")) if f.is_file()}
+
+
+def test_publish_default_and_routed_outputs(processed: Path) -> None:
+    s = Sinks(str(processed), "in.log", ["", "errors"])
+    s.write("", b"a\n")
+    s.write("errors", b"E\n")
+    s.write("", b"b\n")
+    s.commit()
+    assert listing(processed) == {"in.log": b"a\nb\n", "errors/in.log": b"E\n"}
+    assert s.bytes_out == 6
+    assert s.lines_out == {"": 2, "errors": 1}
+
+
+def test_temp_names_hidden_and_name_max_safe_for_255_byte_name(processed: Path) -> None:
+    name = "é" * 127 + "x"  # 255 bytes in UTF-8: the longest name the file system allows
+    assert len(os.fsencode(name)) == 255
+    s = Sinks(str(processed), name, ["", "errors"])
+    s.write("", b"data\n")
+    s.write("errors", b"err\n")
+    temps = [p for p in processed.rglob("*") if p.is_file()]
+    assert len(temps) == 2
+    for t in temps:
+        assert t.name.startswith(".") and t.name.startswith(TEMP_OUTPUT_PREFIX)
+        assert len(os.fsencode(t.name)) <= 255
+    assert temps[0].name == temps[1].name == s.temp_name  # depends on the name, not on the folder
+    s.commit()
+    assert listing(processed) == {name: b"data\n", f"errors/{name}": b"err\n"}
+
+
+def test_temp_name_is_the_same_for_any_name_length_and_different_per_name(processed: Path) -> None:
+    a, b, c = (Sinks(str(processed), n, [""]) for n in ("a", "b" * 255, "a"))
+    assert len(a.temp_name) == len(b.temp_name)
+    assert a.temp_name == c.temp_name and a.temp_name != b.temp_name
+
+
+def test_hostile_names(processed: Path) -> None:
+    for name in ["-rf", "new\nline", "<script>alert(1)", "sp ace", os.fsdecode(b"bad\xff\xfe")]:
+        s = Sinks(str(processed), name, [""])
+        s.write("", b"x\n")
+        s.commit()
+        assert (processed / name).read_bytes() == b"x\n"
+
+
+def test_nothing_visible_under_final_name_before_commit(processed: Path) -> None:
+    s = Sinks(str(processed), "big", ["", "errors"])
+    chunk = b"z" * 4096 + b"\n"
+    for _ in range(600):  # > FLUSH_BYTES: part of it is already in the temp file on disk
+        s.write("", chunk)
+    s.write("errors", b"e\n")
+    assert (processed / s.temp_name).stat().st_size > 0, "the test should cover data already flushed"
+    assert not (processed / "big").exists()
+    assert not (processed / "errors" / "big").exists()
+    assert all(p.name.startswith(TEMP_OUTPUT_PREFIX) for p in processed.rglob("*") if p.is_file())
+    s.commit()
+    assert (processed / "big").read_bytes() == chunk * 600
+    assert not any(p.name.startswith(".") for p in processed.rglob("*"))
+
+
+def test_default_output_gets_a_file_even_when_empty(processed: Path) -> None:
+    s = Sinks(str(processed), "all-dropped", ["", "errors"])
+    s.commit()
+    assert listing(processed) == {"all-dropped": b""}
+
+
+def test_abort_leaves_nothing(processed: Path) -> None:
+    s = Sinks(str(processed), "in", ["", "errors", "by/tag"])
+    for _ in range(300):
+        s.write("", b"y" * 8192)
+    s.write("errors", b"e\n")
+    s.write("by/tag", b"t\n")
+    s.abort()
+    assert listing(processed) == {}
+    s.abort()  # twice is harmless
+    assert listing(processed) == {}
+
+
+def test_abort_keeps_an_earlier_result(processed: Path) -> None:
+    (processed / "in").write_bytes(b"old result\n")
+    s = Sinks(str(processed), "in", [""])
+    s.write("", b"new\n")
+    s.abort()
+    assert listing(processed) == {"in": b"old result\n"}
+
+
+def test_republish_replaces_atomically(processed: Path) -> None:
+    first = Sinks(str(processed), "same", [""])
+    first.write("", b"version one\n")
+    first.commit()
+    old_ino = (processed / "same").stat().st_ino
+    with open(processed / "same", "rb") as reader:  # a reader of the old result keeps it whole
+        second = Sinks(str(processed), "same", [""])
+        second.write("", b"version two, longer\n")
+        assert (processed / "same").read_bytes() == b"version one\n"  # until commit
+        second.commit()
+        assert reader.read() == b"version one\n"
+    assert (processed / "same").read_bytes() == b"version two, longer\n"
+    assert (processed / "same").stat().st_ino != old_ino  # a new file renamed over, not rewritten in place
+    assert listing(processed) == {"same": b"version two, longer\n"}
+
+
+def test_stale_result_in_an_output_not_reached_is_removed(processed: Path) -> None:
+    first = Sinks(str(processed), "f", ["", "errors", "by/tag"])
+    first.write("", b"ok\n")
+    first.write("errors", b"ERROR\n")
+    first.write("by/tag", b"t\n")
+    first.commit()
+    second = Sinks(str(processed), "f", ["", "errors", "by/tag"])  # this version has no errors
+    second.write("", b"ok again\n")
+    second.commit()
+    assert listing(processed) == {"f": b"ok again\n"}
+
+
+def test_other_names_are_never_touched(processed: Path) -> None:
+    (processed / "other").write_bytes(b"keep\n")
+    (processed / "errors" / "other").write_bytes(b"keep\n")
+    (processed / ".gitkeep").write_bytes(b"")
+    s = Sinks(str(processed), "mine", ["", "errors"])
+    s.write("", b"x\n")
+    s.commit()
+    assert listing(processed) == {".gitkeep": b"", "other": b"keep\n", "errors/other": b"keep\n", "mine": b"x\n"}
+
+
+def test_leftover_temp_from_a_dead_worker_is_replaced(processed: Path) -> None:
+    s = Sinks(str(processed), "in", [""])
+    (processed / s.temp_name).write_bytes(b"half-written garbage from before a crash")
+    s.write("", b"clean\n")
+    s.commit()
+    assert listing(processed) == {"in": b"clean\n"}
+
+
+def test_failed_fsync_publishes_nothing(processed: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An fsync error is final: commit raises, the final name never appears, abort cleans up."""
+    (processed / "in").write_bytes(b"previous\n")
+    s = Sinks(str(processed), "in", [""])
+    s.write("", b"new\n")
+
+    def eio(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", eio)
+    with pytest.raises(OSError) as e:
+        s.commit()
+    assert e.value.errno == errno.EIO
+    monkeypatch.undo()
+    s.abort()
+    assert listing(processed) == {"in": b"previous\n"}
+
+
+def test_full_disk_publishes_nothing(tmp_path: Path, tmpfs: Callable[..., Path]) -> None:
+    """A real ENOSPC from a tiny tmpfs: the write or commit fails, abort leaves nothing, nothing half-published."""
+    processed = tmpfs(tmp_path / "small", size="256k")
+    s = Sinks(str(processed), "big", [""])
+    with pytest.raises(OSError) as e:
+        for _ in range(4):
+            s.write("", b"w" * (sinks_mod.FLUSH_BYTES // 2))
+        s.commit()
+    assert e.value.errno in (errno.ENOSPC, errno.EFBIG)
+    s.abort()
+    assert list(processed.iterdir()) == []

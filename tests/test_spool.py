@@ -1,0 +1,396 @@
+"""The folder queue: crash states before/after recover(), attempts and poison files, claim, requeue, counts, lock."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import json
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from ingestd import durable
+from ingestd.names import key
+from ingestd.spool import FOLDERS, REASON_PREFIX, TEMP_OUTPUT_PREFIX, AlreadyRunning, Failure, Spool, SpoolError
+
+NOW = 1_700_000_000.0
+K = key("a")
+OUT_TEMP = f"{TEMP_OUTPUT_PREFIX}4242-{K}"  # a worker's unpublished output (sinks.py names them so)
+SIDECAR = f"{REASON_PREFIX}{K}.json"
+
+
+@pytest.fixture
+def spool(tmp_path: Path) -> Spool:
+    """A fresh watch dir with its four folders (and state dir) created by ensure()."""
+    s = Spool(tmp_path / "w")
+    s.ensure()
+    return s
+
+
+def populate(root: Path, files: dict[str, bytes]) -> None:
+    for rel, data in files.items():
+        p = root / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)
+
+
+def state(root: Path) -> dict[str, bytes]:
+    """Every file of the watch dir except our private state dir: relative path -> content."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and not str(p.relative_to(root)).startswith(".ingestd/")}
+
+
+# --- crash states: before -> recover() -> after ---------------------------------------------------------------
+CRASH_STATES = [
+    # (what happened, before, after, requeued)
+    ("queued, never claimed", {"unprocessed/a": b"A"}, {"unprocessed/a": b"A"}, []),
+    ("killed right after the claim", {"underprocess/a": b"A"}, {"underprocess/a": b"A"}, ["a"]),
+    ("killed while writing the output",
+     {"underprocess/a": b"A", f"processed/{OUT_TEMP}": b"part"}, {"underprocess/a": b"A"}, ["a"]),
+    ("killed while writing a routed output",
+     {"underprocess/a": b"A", f"processed/errors/{OUT_TEMP}": b"part", "processed/errors/old": b"O"},
+     {"underprocess/a": b"A", "processed/errors/old": b"O"}, ["a"]),
+    ("killed after publishing, before the commit (redo gives identical bytes)",
+     {"underprocess/a": b"A", "processed/a": b"OUT"}, {"underprocess/a": b"A", "processed/a": b"OUT"}, ["a"]),
+    ("committed", {"processed/a": b"OUT"}, {"processed/a": b"OUT"}, []),
+    ("killed while writing the failure sidecar",
+     {"underprocess/a": b"A", f"failed/{TEMP_OUTPUT_PREFIX}{K}": b"{\"na"}, {"underprocess/a": b"A"}, ["a"]),
+    ("killed after the sidecar, before the move to failed/",
+     {"underprocess/a": b"A", f"failed/{SIDECAR}": b"{}"}, {"underprocess/a": b"A", f"failed/{SIDECAR}": b"{}"}, ["a"]),
+    ("failed earlier", {"failed/a": b"A", f"failed/{SIDECAR}": b"{}"}, {"failed/a": b"A", f"failed/{SIDECAR}": b"{}"}, []),
+    ("a newer file of the same name waits",
+     {"unprocessed/a": b"NEW", "underprocess/a": b"OLD"}, {"unprocessed/a": b"NEW", "underprocess/a": b"OLD"}, ["a"]),
+    ("the same name in every folder",
+     {"unprocessed/a": b"1", "underprocess/a": b"2", "processed/a": b"3", "failed/a": b"4"},
+     {"unprocessed/a": b"1", "underprocess/a": b"2", "processed/a": b"3", "failed/a": b"4"}, ["a"]),
+    ("several in flight", {"underprocess/b": b"B", "underprocess/a": b"A"}, {"underprocess/a": b"A", "underprocess/b": b"B"},
+     ["a", "b"]),
+    ("dot-files that are not ours stay",
+     {"unprocessed/.gitkeep": b"", "underprocess/.gitkeep": b"", "processed/.gitkeep": b"", "failed/.gitkeep": b"",
+      "unprocessed/.upload.part": b"p", "processed/.user-notes": b"n"},
+     {"unprocessed/.gitkeep": b"", "underprocess/.gitkeep": b"", "processed/.gitkeep": b"", "failed/.gitkeep": b"",
+      "unprocessed/.upload.part": b"p", "processed/.user-notes": b"n"}, []),
+    ("temp-like names outside processed/ and failed/ are user files",
+     {f"unprocessed/{OUT_TEMP}": b"u"}, {f"unprocessed/{OUT_TEMP}": b"u"}, []),
+]
+
+
+@pytest.mark.parametrize(("what", "before", "after", "requeued"), CRASH_STATES, ids=[c[0] for c in CRASH_STATES])
+def test_recover_crash_state(spool: Spool, what: str, before: dict[str, bytes], after: dict[str, bytes],
+                             requeued: list[str]) -> None:
+    populate(spool.root, before)
+    assert spool.recover(max_attempts=3, now=NOW) == (requeued, [])
+    assert state(spool.root) == after
+    for name in requeued:
+        assert spool.attempts(name) == 1
+
+
+def test_recover_on_a_clean_watch_dir_is_a_no_op(spool: Spool) -> None:
+    assert spool.recover(3, NOW) == ([], [])
+    assert state(spool.root) == {}
+
+
+def test_recover_twice_counts_twice_but_changes_nothing_else(spool: Spool) -> None:
+    populate(spool.root, {"underprocess/a": b"A", "unprocessed/a": b"N"})
+    spool.recover(5, NOW)
+    spool.recover(5, NOW)
+    assert spool.attempts("a") == 2
+    assert state(spool.root) == {"underprocess/a": b"A", "unprocessed/a": b"N"}
+
+
+# --- attempts and poison files --------------------------------------------------------------------------------
+def test_poison_file_quarantined_after_max_attempts(spool: Spool) -> None:
+    populate(spool.root, {"underprocess/a": b"kills the worker\n"})
+    assert spool.recover(3, NOW) == (["a"], [])
+    assert spool.recover(3, NOW + 1) == (["a"], [])
+    assert spool.recover(3, NOW + 2) == ([], ["a"])
+    after = state(spool.root)
+    assert set(after) == {"failed/a", f"failed/{SIDECAR}"} and after["failed/a"] == b"kills the worker\n"
+    record = json.loads((Path(spool.failed) / SIDECAR).read_text())
+    assert record["name"] == "a"
+    assert record["reason"] == "poison: in progress during 3 crashes or restarts in a row"
+    assert record["attempts"] == 3 and record["line"] is None and record["size"] == 17
+    assert record["failed_at_unix"] == NOW + 2 and record["failed_at"] == "2023-11-14T22:13:22+00:00"
+    assert spool.failures(10) == [record]
+    assert not any(Path(spool.state).glob("attempts-*")), "the count goes with the file"
+
+
+@pytest.mark.parametrize("max_attempts", [1, 2, 5])
+def test_attempt_bound_is_the_setting(spool: Spool, max_attempts: int) -> None:
+    populate(spool.root, {"underprocess/a": b"A"})
+    for i in range(1, max_attempts):
+        assert spool.recover(max_attempts, NOW) == (["a"], []), f"recovery {i}"
+    assert spool.recover(max_attempts, NOW) == ([], ["a"])
+
+
+def test_attempts_survive_a_restart(spool: Spool) -> None:
+    populate(spool.root, {"underprocess/a": b"A"})
+    spool.recover(3, NOW)
+    spool.recover(3, NOW)
+    assert Spool(spool.root).attempts("a") == 2  # a new Spool (a new daemon) reads them from disk
+
+
+def test_attempts_belong_to_the_file_not_the_name(spool: Spool) -> None:
+    """A new file of the same name (another inode) starts again from zero."""
+    populate(spool.root, {"underprocess/a": b"A"})
+    spool.recover(3, NOW)
+    spool.recover(3, NOW)
+    os.link(Path(spool.underprocess) / "a", Path(spool.root) / "held")  # keep the old inode alive: no reuse
+    os.unlink(Path(spool.underprocess) / "a")
+    populate(spool.root, {"underprocess/a": b"A2"})
+    assert spool.attempts("a") == 0
+    assert spool.recover(3, NOW) == (["a"], [])
+    assert spool.attempts("a") == 1
+
+
+def test_commit_removes_input_and_attempts(spool: Spool) -> None:
+    populate(spool.root, {"underprocess/a": b"A", "processed/a": b"OUT"})
+    spool.recover(3, NOW)
+    spool.commit("a")
+    assert state(spool.root) == {"processed/a": b"OUT"}
+    assert spool.attempts("a") == 0
+    assert not any(Path(spool.state).glob("attempts-*"))
+
+
+def test_attempts_file_corrupt_counts_as_zero(spool: Spool) -> None:
+    populate(spool.root, {"underprocess/a": b"A"})
+    Path(spool._attempts_path("a")).write_text("{not json")
+    assert spool.attempts("a") == 0
+    assert spool.recover(3, NOW) == (["a"], [])
+    assert spool.attempts("a") == 1
+
+
+# --- claim ------------------------------------------------------------------------------------------------------
+def test_claim_moves_the_file(spool: Spool) -> None:
+    populate(spool.root, {"unprocessed/a": b"A"})
+    ino = (Path(spool.unprocessed) / "a").stat().st_ino
+    assert spool.claim("a") is True
+    assert state(spool.root) == {"underprocess/a": b"A"}
+    assert (Path(spool.underprocess) / "a").stat().st_ino == ino
+
+
+def test_claim_of_a_vanished_file_is_false(spool: Spool) -> None:
+    assert spool.claim("gone") is False
+
+
+def test_claim_refuses_to_overwrite_an_in_flight_file(spool: Spool) -> None:
+    populate(spool.root, {"unprocessed/a": b"NEW", "underprocess/a": b"IN FLIGHT"})
+    assert spool.claim("a") is False
+    assert state(spool.root) == {"unprocessed/a": b"NEW", "underprocess/a": b"IN FLIGHT"}
+
+
+def test_claim_moves_a_symlink_itself_never_its_target(spool: Spool, tmp_path: Path) -> None:
+    target = tmp_path / "target"
+    target.write_bytes(b"T")
+    (Path(spool.unprocessed) / "link").symlink_to(target)
+    assert spool.claim("link")
+    assert (Path(spool.underprocess) / "link").is_symlink()
+    assert target.read_bytes() == b"T"
+
+
+def test_unclaim_gives_back_but_never_over_a_newer_file(spool: Spool) -> None:
+    populate(spool.root, {"underprocess/a": b"A", "underprocess/b": b"B", "unprocessed/b": b"NEWER"})
+    assert spool.unclaim("a") is True
+    assert spool.unclaim("b") is False
+    assert state(spool.root) == {"unprocessed/a": b"A", "underprocess/b": b"B", "unprocessed/b": b"NEWER"}
+
+
+# --- fail ---------------------------------------------------------------------------------------------------------
+def test_fail_moves_file_with_a_readable_sidecar(spool: Spool) -> None:
+    populate(spool.root, {"underprocess/a": b"line1\nline2\n"})
+    spool.fail("a", Failure("line longer than max_line_bytes (10 bytes)", line=2), NOW)
+    st = state(spool.root)
+    assert set(st) == {"failed/a", f"failed/{SIDECAR}"} and st["failed/a"] == b"line1\nline2\n"
+    record = json.loads(st[f"failed/{SIDECAR}"])
+    assert record == {"name": "a", "reason": "line longer than max_line_bytes (10 bytes)", "line": 2, "attempts": 1,
+                      "failed_at": "2023-11-14T22:13:20+00:00", "failed_at_unix": NOW, "size": 12}
+
+
+def test_fail_from_the_queue_itself(spool: Spool) -> None:
+    populate(spool.root, {"unprocessed/a": b"A"})
+    spool.fail("a", Failure("not a regular file: FIFO"), NOW, source=spool.unprocessed)
+    assert set(state(spool.root)) == {"failed/a", f"failed/{SIDECAR}"}
+
+
+def test_fail_of_a_vanished_file_does_nothing(spool: Spool) -> None:
+    spool.fail("gone", Failure("x"), NOW)
+    assert state(spool.root) == {}
+
+
+def test_fail_with_hostile_name(spool: Spool) -> None:
+    name = os.fsdecode(b"bad\xffname\n<script>")
+    populate(spool.root, {f"underprocess/{name}": b"x"})
+    spool.fail(name, Failure("binary content"), NOW)
+    (record,) = spool.failures(5)
+    assert record["name"] == "bad\\xffname\\x0a<script>"
+    assert (Path(spool.failed) / name).read_bytes() == b"x"
+
+
+def test_failures_newest_first_limited_and_without_sidecar(spool: Spool) -> None:
+    for i, name in enumerate(["old", "mid", "new"]):
+        populate(spool.root, {f"underprocess/{name}": b"x"})
+        spool.fail(name, Failure(f"reason {name}"), NOW + i)
+    populate(spool.root, {"failed/orphan": b"?"})  # put there by hand
+    got = spool.failures(10)
+    assert [r["name"] for r in got] == ["new", "mid", "old", "orphan"]
+    assert got[-1]["reason"] == "unknown (no sidecar)"
+    assert [r["name"] for r in spool.failures(2)] == ["new", "mid"]
+
+
+# --- requeue -------------------------------------------------------------------------------------------------------
+def failed_files(spool: Spool, *names: str) -> None:
+    for name in names:
+        populate(spool.root, {f"underprocess/{name}": name.encode()})
+        spool.fail(name, Failure("bad"), NOW)
+
+
+def test_requeue_all(spool: Spool) -> None:
+    failed_files(spool, "a", "b")
+    assert sorted(spool.requeue()[0]) == ["a", "b"]
+    assert state(spool.root) == {"unprocessed/a": b"a", "unprocessed/b": b"b"}  # sidecars gone too
+
+
+def test_requeue_by_name_and_refusals(spool: Spool) -> None:
+    failed_files(spool, "a", "b", "c")
+    populate(spool.root, {"unprocessed/c": b"waiting"})
+    moved, refused = spool.requeue(["a", "c", "nosuch", "../unprocessed/c"])
+    assert moved == ["a"]
+    assert refused == ["c", "nosuch", "../unprocessed/c"]
+    st = state(spool.root)
+    assert st["unprocessed/a"] == b"a" and st["unprocessed/c"] == b"waiting" and st["failed/c"] == b"c"
+    assert st["failed/b"] == b"b"
+    assert f"failed/{REASON_PREFIX}{key('c')}.json" in st  # a refused file keeps its reason
+    assert f"failed/{REASON_PREFIX}{key('a')}.json" not in st
+
+
+def test_requeue_nothing(spool: Spool) -> None:
+    assert spool.requeue() == ([], [])
+
+
+# --- counts and completions ----------------------------------------------------------------------------------------
+def test_counts(spool: Spool) -> None:
+    populate(spool.root, {"unprocessed/a": b"", "unprocessed/b": b"", "unprocessed/.gitkeep": b"", "unprocessed/.x.part": b"",
+                          "underprocess/c": b"", "processed/c": b"", "processed/errors/c": b"",
+                          f"processed/{OUT_TEMP}": b"", "failed/d": b"", f"failed/{REASON_PREFIX}x.json": b""})
+    assert spool.counts() == {"unprocessed": 2, "underprocess": 1, "processed": 1, "failed": 1}
+    assert list(spool.counts()) == list(FOLDERS)
+
+
+def test_completions_newest_first(spool: Spool) -> None:
+    for i, name in enumerate(["one", "two", "three"]):
+        populate(spool.root, {f"processed/{name}": b""})
+        os.utime(Path(spool.processed) / name, (NOW + i, NOW + i))
+    (Path(spool.processed) / "errors").mkdir()
+    got = spool.completions(2)
+    assert got == [{"name": "three", "finished_at_unix": NOW + 2}, {"name": "two", "finished_at_unix": NOW + 1}]
+
+
+# --- ensure ----------------------------------------------------------------------------------------------------------
+def test_ensure_creates_missing_folders_and_keeps_existing_files(tmp_path: Path) -> None:
+    root = tmp_path / "new"
+    populate(root, {"unprocessed/a": b"A"})
+    Spool(root).ensure()
+    assert all((root / f).is_dir() for f in FOLDERS)
+    assert (root / "unprocessed" / "a").read_bytes() == b"A"
+
+
+def test_ensure_refuses_a_file_where_a_folder_should_be(tmp_path: Path) -> None:
+    root = tmp_path / "w"
+    populate(root, {"failed": b"not a folder"})
+    with pytest.raises(SpoolError, match="^watch_dir: .*failed"):
+        Spool(root).ensure()
+
+
+@pytest.mark.parametrize("folder", ["processed", "failed", "underprocess"])
+def test_ensure_refuses_folders_on_different_filesystems(tmp_path: Path, tmpfs: Callable[..., Path], folder: str) -> None:
+    root = tmp_path / "w"
+    Spool(root).ensure()
+    tmpfs(root / folder)
+    with pytest.raises(SpoolError) as e:
+        Spool(root).ensure()
+    msg = str(e.value)
+    assert msg.startswith("watch_dir: folders are on different filesystems") and "\n" not in msg
+    assert folder in msg
+
+
+def test_ensure_accepts_a_watch_dir_wholly_on_another_filesystem(tmp_path: Path, tmpfs: Callable[..., Path]) -> None:
+    root = tmpfs(tmp_path / "w")
+    Spool(root).ensure()
+    assert all((root / f).is_dir() for f in FOLDERS)
+
+
+# --- lock --------------------------------------------------------------------------------------------------------------
+def release(s: Spool) -> None:
+    if s._lock_fd is not None:
+        os.close(s._lock_fd)
+        s._lock_fd = None
+
+
+def test_second_lock_raises_naming_the_holder(spool: Spool) -> None:
+    spool.lock()
+    try:
+        assert Spool(spool.root).holder() == f"pid {os.getpid()} on {socket.gethostname()}"
+        with pytest.raises(AlreadyRunning) as e:
+            Spool(spool.root).lock()
+        assert f"pid {os.getpid()}" in str(e.value) and str(spool.root) in str(e.value)
+    finally:
+        release(spool)
+    other = Spool(spool.root)
+    other.lock()  # released: the next daemon may start
+    release(other)
+    assert Spool(spool.root).holder() is None
+
+
+def test_lock_held_by_another_process_and_released_when_it_dies(spool: Spool) -> None:
+    code = ("import sys; from ingestd.spool import Spool; s = Spool(sys.argv[1]); s.lock(); "
+            "print('locked', flush=True); sys.stdin.read()")
+    child = subprocess.Popen([sys.executable, "-c", code, str(spool.root)], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert child.stdout is not None and child.stdout.readline() == b"locked\n"
+        with pytest.raises(AlreadyRunning, match=f"pid {child.pid} on "):
+            Spool(spool.root).lock()
+    finally:
+        assert child.stdin is not None
+        child.stdin.close()
+        child.wait(10)
+        child.stdout.close()  # type: ignore[union-attr]
+    s = Spool(spool.root)
+    s.lock()
+    release(s)
+
+
+def test_holder_without_a_lock_file(spool: Spool) -> None:
+    assert spool.holder() is None
+
+
+# --- claim where renameat2(RENAME_NOREPLACE) is unsupported (link + unlink fallback) ------------------------------------
+class _NoRenameat2:
+    """Stands in for libc: renameat2 fails with EINVAL, as on a filesystem without RENAME_NOREPLACE."""
+
+    @staticmethod
+    def renameat2(*args: object) -> int:
+        ctypes.set_errno(errno.EINVAL)
+        return -1
+
+
+def test_claim_fallback_moves_and_never_overwrites(spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(durable, "_libc", _NoRenameat2)
+    populate(spool.root, {"unprocessed/a": b"A", "unprocessed/b": b"NEW", "underprocess/b": b"IN FLIGHT"})
+    assert spool.claim("a") is True
+    assert spool.claim("b") is False
+    assert spool.claim("gone") is False
+    assert state(spool.root) == {"underprocess/a": b"A", "unprocessed/b": b"NEW", "underprocess/b": b"IN FLIGHT"}
+    assert (Path(spool.underprocess) / "a").stat().st_nlink == 1
+
+
+def test_requeue_fallback_never_overwrites(spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
+    failed_files(spool, "a")
+    populate(spool.root, {"unprocessed/a": b"waiting"})
+    monkeypatch.setattr(durable, "_libc", _NoRenameat2)
+    assert spool.requeue() == ([], ["a"])
+    assert state(spool.root)["unprocessed/a"] == b"waiting" and state(spool.root)["failed/a"] == b"a"
