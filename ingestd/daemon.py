@@ -27,6 +27,7 @@ from ingestd.names import display
 from ingestd.notify import Notifier
 from ingestd.pipeline import kind
 from ingestd.settings import ConfigError, Settings
+from ingestd.sinks import remove_temps
 from ingestd.spool import Failure, Spool
 from ingestd.watch import Watch
 from ingestd.web import Web
@@ -344,6 +345,8 @@ class Daemon:
         assert self.pool is not None
         event("worker_died", "a worker died", logging.ERROR, worker=slot.id, exitcode=data.get("exitcode"),
               file=display(name) if name else None)
+        if slot.process.pid is not None:
+            remove_temps(self.spool.processed, sorted({o.path for o in self.s.routing.outputs}), slot.process.pid)
         if name is not None:
             attempts = self.spool.bump_attempts(name)
             if attempts >= self.s.max_attempts:

@@ -33,7 +33,7 @@ class Sinks:
 
     def _open(self, folder: str) -> _Out:
         temp = os.path.join(self._dir(folder), self.temp_name)
-        durable.unlink_quiet(temp)  # left by a worker that died on this very file
+        durable.unlink_quiet(temp)  # left by an earlier attempt in this same worker process
         out = self.outs[folder] = _Out(durable.create_exclusive(temp), temp)
         return out
 
@@ -79,3 +79,14 @@ class Sinks:
                 os.close(out.fd)
             durable.unlink_quiet(out.temp)
         self.outs.clear()
+
+
+def remove_temps(processed: str, folders: list[str], pid: int) -> None:
+    """A worker died: its unpublished temps (as large as its input) go now, not at the next restart."""
+    prefix = f"{TEMP_OUTPUT_PREFIX}{pid}-"
+    for folder in folders:
+        path = os.path.join(processed, folder) if folder else processed
+        with os.scandir(path) as it:
+            for e in it:
+                if e.name.startswith(prefix):
+                    durable.unlink_quiet(e.path)

@@ -150,12 +150,15 @@ class Spool:
         durable.fsync_dir(self.underprocess)
 
     def fail(self, name: str, failure: Failure, now: float, source: str | None = None) -> None:
-        """Quarantine a file with a readable reason. A newer failure of the same name replaces the older."""
+        """Quarantine a file with a readable reason. An older failed file of the same name is kept,
+        renamed NAME.superseded-<unix time> (failed inputs are user data: never overwritten)."""
         src = os.path.join(source or self.underprocess, name)
         try:
             size = os.lstat(src).st_size
         except FileNotFoundError:
             return  # gone (deleted by its owner): nothing to quarantine
+        if os.path.lexists(os.path.join(self.failed, name)):
+            self._set_aside(name, now)
         record = {
             "name": display(name),
             "reason": failure.reason,
@@ -172,6 +175,16 @@ class Spool:
         durable.fsync_dir(self.failed)  # the file is in failed/ for good before it leaves its source
         durable.fsync_dir(os.path.dirname(src))
         self.clear_attempts(name)
+
+    def _set_aside(self, name: str, now: float) -> None:
+        suffix = f".superseded-{int(now)}".encode()
+        raw = os.fsencode(name)[: 255 - len(suffix)]  # stay within NAME_MAX
+        aside = os.fsdecode(raw + suffix)
+        durable.rename_noreplace(os.path.join(self.failed, name), os.path.join(self.failed, aside))
+        sidecar = os.path.join(self.failed, REASON_PREFIX + key(name) + ".json")
+        if os.path.exists(sidecar):
+            durable.rename(sidecar, os.path.join(self.failed, REASON_PREFIX + key(aside) + ".json"))
+        durable.fsync_dir(self.failed)  # the older file is safe under its new name before the newer arrives
 
     def requeue(self, names: list[str] | None = None) -> tuple[list[str], list[str]]:
         """Move failed files back to unprocessed/ (never over a waiting file). Returns (moved, refused)."""

@@ -21,7 +21,11 @@ class Watch:
     def __init__(self, folder: str) -> None:
         self.folder = folder
         self._ino = INotify(inheritable=False)
-        self._ino.add_watch(folder, MASK)
+        try:
+            self._ino.add_watch(folder, MASK)
+        except OSError:
+            self._ino.close()
+            raise
 
     def fileno(self) -> int:
         return self._ino.fileno()

@@ -18,6 +18,7 @@ from typing import Any
 from ingestd import pipeline, routing
 from ingestd.sinks import Sinks
 
+INPUT_ERRORS = {errno.EISDIR, errno.ENOTDIR, errno.ENAMETOOLONG, errno.EINVAL}
 PROGRESS_EVERY = 0.25  # seconds between progress reports (the parent's liveness signal)
 
 
@@ -63,10 +64,15 @@ def process(conn: Connection, name: str, table: routing.Routing, folders: list[s
         sinks.abort()
         return "rejected", {"reason": e.reason, "line": e.line, "bytes_in": stats.bytes_in, "lines_in": stats.lines_in}
     except OSError as e:
+        sinks.abort()
+        reason = f"{e.strerror or e} ({_errname(e.errno)})"
+        if e.errno in INPUT_ERRORS:
+            # The name itself cannot be published (e.g. it is an output folder's name): retrying cannot help.
+            return "rejected", {"reason": f"cannot publish: {reason}", "line": None, "bytes_in": stats.bytes_in,
+                                "lines_in": stats.lines_in}
         # Full disk, read-only folder, EIO: not the input's fault. After a failed fsync the temp is
         # untrustworthy (Linux forgets the error), so it is dropped and the whole file redone later.
-        sinks.abort()
-        return "error", {"reason": f"{e.strerror or e} ({_errname(e.errno)})", "errno": e.errno}
+        return "error", {"reason": reason, "errno": e.errno}
     return "done", {
         "bytes_in": stats.bytes_in, "lines_in": stats.lines_in, "bytes_out": sinks.bytes_out,
         "lines_out": sinks.lines_out, "duration": time.monotonic() - started,

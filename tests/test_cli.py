@@ -1,0 +1,135 @@
+"""The command line as a user meets it: every command and its exit codes, in real subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from support import INGESTD, DaemonProcess, folder, wait_for
+
+
+def ingestd(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None, input: bytes | None = None
+            ) -> subprocess.CompletedProcess[bytes]:
+    full = {k: v for k, v in os.environ.items() if not k.startswith("INGESTD_") and k != "MODE"}
+    return subprocess.run([*INGESTD, *args], capture_output=True, cwd=cwd, env={**full, **(env or {})}, input=input,
+                          timeout=60)
+
+
+def test_process_file_to_file_is_published_atomically(tmp_path: Path) -> None:
+    src = tmp_path / "in.txt"
+    src.write_bytes(b"one\r\ntwo\n\xff\xfe three")
+    r = ingestd("process", "--input", str(src), "--output", str(tmp_path / "out.txt"), "--mode", "uppercase")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "out.txt").read_bytes() == b"ONE\r\nTWO\n\xff\xfe THREE"
+    assert sorted(os.listdir(tmp_path)) == ["in.txt", "out.txt"]  # no temp left behind
+
+
+def test_process_stdin_to_stdout_with_each_mode() -> None:
+    cases = {"lowercase": b"ab c\n", "titlecase": b"Ab C\n", "reverse": b"c bA\n", "strip": b"Ab c\n",
+             "passthrough": b"  Ab c  \n"}
+    for mode, want in cases.items():
+        text = b"  Ab c  \n" if mode in ("strip", "passthrough") else b"Ab c\n"
+        r = ingestd("process", "--input", "-", "--output", "-", "--mode", mode, input=text)
+        assert (r.returncode, r.stdout) == (0, want), mode
+
+
+def test_explain_prints_the_route_of_every_line(tmp_path: Path) -> None:
+    cfg = tmp_path / "r.toml"
+    cfg.write_text('[[filters]]\nmatch="*"\nretag="errors"\npattern="ERR"\n[[filters]]\nmatch="default"\n'
+                   'processor="drop"\npattern="^#"\n[[outputs]]\nmatch="errors"\npath="errors"\n[[outputs]]\nmatch="*"\n')
+    r = ingestd("process", "--input", "-", "--output", "-", "--config", str(cfg), "--explain", input=b"ok\nERR x\n# c\n")
+    assert r.returncode == 0
+    assert r.stdout == b"ok\n"
+    lines = r.stderr.decode().splitlines()
+    assert lines[0] == "line 1: tag=default filters=[drop] -> processed/"
+    assert lines[1] == "line 2: tag=errors filters=[retag->errors] -> processed/errors/"
+    assert lines[2] == "line 3: tag=default filters=[drop] -> dropped"
+    assert "1 records routed to other outputs" in lines[3]
+
+
+def test_process_exit_codes(tmp_path: Path) -> None:
+    (tmp_path / "bin").write_bytes(b"a\0b")
+    assert ingestd("process", "--input", str(tmp_path / "missing"), "--output", "-").returncode == 66
+    r = ingestd("process", "--input", str(tmp_path / "bin"), "--output", str(tmp_path / "o"))
+    assert r.returncode == 65 and b"binary content" in r.stderr and not (tmp_path / "o").exists()
+    r = ingestd("process", "--input", "-", "--output", "-", "--mode", "nope", input=b"x")
+    assert r.returncode == 78 and r.stderr.startswith(b"ingestd: mode: unknown processor 'nope'")
+    assert ingestd("process", "--input", "-").returncode == 2  # --output missing
+    assert ingestd("process", "--input", "-", "--output", "-", "--mode", "x", "--config", "y").returncode == 2
+    (tmp_path / "text").write_bytes(b"fine\n")
+    r = ingestd("process", "--input", str(tmp_path / "text"), "--output", "/proc/nope/out")
+    assert r.returncode == 73 and b"cannot write /proc/nope/out" in r.stderr
+
+
+@pytest.mark.parametrize(("args", "env", "message"), [
+    (["--workers", "0"], {}, "workers: must be an integer >= 1, not '0'"),
+    (["--listen", "nowhere"], {}, "listen: must be HOST:PORT"),
+    ([], {"INGESTD_SETTLE_TIME": "soon"}, "settle_time: must be a number of seconds >= 0"),
+    ([], {"MODE": "shouting"}, "mode: unknown processor 'shouting'"),
+    (["--config", "/nonexistent.toml"], {}, "config: cannot read /nonexistent.toml"),
+])
+def test_bad_settings_exit_78_with_one_line(tmp_path: Path, args: list[str], env: dict[str, str], message: str) -> None:
+    r = ingestd("run", "--watch-dir", str(tmp_path / "w"), *args, env=env, cwd=tmp_path)
+    assert r.returncode == 78
+    err = r.stderr.decode()
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_bad_command_lines_exit_2() -> None:
+    assert ingestd().returncode == 2
+    assert ingestd("frobnicate").returncode == 2
+    assert ingestd("run", "--no-such-flag").returncode == 2
+    r = ingestd("--version")
+    assert r.returncode == 0 and r.stdout.startswith(b"ingestd ")
+
+
+def test_dotenv_mode_is_used_and_flags_win(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text("MODE=lowercase\n")
+    r = ingestd("process", "--input", "-", "--output", "-", cwd=tmp_path, input=b"MiXed\n")
+    assert r.stdout == b"mixed\n"
+    r = ingestd("process", "--input", "-", "--output", "-", "--mode", "reverse", cwd=tmp_path, input=b"MiXed\n")
+    assert r.stdout == b"deXiM\n"
+
+
+def test_status_and_requeue_without_a_daemon(tmp_path: Path) -> None:
+    w = tmp_path / "w"
+    for sub in ("unprocessed", "underprocess", "processed", "failed"):
+        (w / sub).mkdir(parents=True)
+    (w / "processed" / "done.txt").write_bytes(b"X")
+    (w / "underprocess" / "busy.txt").write_bytes(b"x")
+    (w / "failed" / "bad.bin").write_bytes(b"\0")
+    r = ingestd("status", "--watch-dir", str(w))
+    out = r.stdout.decode()
+    assert r.returncode == 0
+    assert "daemon      not running" in out
+    assert "unprocessed 0  underprocess 1  processed 1  failed 1" in out
+    assert "in progress busy.txt" in out and "done.txt" in out and "bad.bin: unknown (no sidecar)" in out
+    doc = json.loads(ingestd("status", "--watch-dir", str(w), "--json").stdout)
+    assert doc["counts"] == {"unprocessed": 0, "underprocess": 1, "processed": 1, "failed": 1}
+    r = ingestd("requeue", "--watch-dir", str(w), "nothere")
+    assert r.returncode == 1 and b"not in failed/: nothere" in r.stderr
+    r = ingestd("requeue", "--watch-dir", str(w))
+    assert r.returncode == 0 and b"requeued bad.bin" in r.stdout
+    assert folder(w, "unprocessed") == ["bad.bin"] and folder(w, "failed") == []
+    assert ingestd("status", "--watch-dir", str(tmp_path / "nope")).returncode == 78
+
+
+def test_status_and_requeue_with_a_running_daemon(tmp_path: Path) -> None:
+    d = DaemonProcess(tmp_path / "w", cwd=tmp_path).started()
+    try:
+        w = d.watch_dir
+        (w / "unprocessed" / "b.bin").write_bytes(b"x\0y")
+        wait_for(lambda: folder(w, "failed") == ["b.bin"])
+        out = ingestd("status", "--watch-dir", str(w)).stdout.decode()
+        assert f"running (pid {d.proc.pid}" in out
+        assert "b.bin: binary content" in out and "attempts 1" in out
+        # Requeued, it fails again: the failure is reported anew, never lost.
+        assert ingestd("requeue", "--watch-dir", str(w), "b.bin").returncode == 0
+        wait_for(lambda: d.count("failed") == 2)
+        assert folder(w, "failed") == ["b.bin"]
+    finally:
+        d.stop()
