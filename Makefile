@@ -4,7 +4,10 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 WATCH_DIR ?= watch_dir
 
-.PHONY: run test install uninstall bench torture-long clean
+.PHONY: run test bench torture-long clean
+
+# `make install` / `make uninstall`: ingestd as a systemd service (see packaging/install.mk).
+include packaging/install.mk
 
 # The virtualenv is rebuilt when the project's dependencies change.
 $(BIN)/ingestd: pyproject.toml

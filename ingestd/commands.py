@@ -37,8 +37,12 @@ def process(settings: Settings, input_path: str, output_path: str, explain: bool
     bar = tqdm(total=size, unit="B", unit_scale=True, file=sys.stderr, desc=name, leave=False) \
         if size >= PROGRESS_MIN_BYTES and sys.stderr.isatty() else None
     progress = (lambda done: bar.update(done - bar.n)) if bar else (lambda done: None)
-    sinks = None if output_path == "-" else Sinks(os.path.dirname(os.path.abspath(output_path)),
-                                                   os.path.basename(output_path), folders)
+    sinks = None
+    if output_path != "-":
+        base = os.path.dirname(os.path.abspath(output_path))
+        for folder in folders:
+            os.makedirs(os.path.join(base, folder), exist_ok=True)  # routed outputs beside the main one
+        sinks = Sinks(base, os.path.basename(output_path), folders)
     default = "" if "" in folders else folders[0]
     out = sys.stdout.buffer
     dropped = 0
