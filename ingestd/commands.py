@@ -40,8 +40,12 @@ def process(settings: Settings, input_path: str, output_path: str, explain: bool
     sinks = None
     if output_path != "-":
         base = os.path.dirname(os.path.abspath(output_path))
-        for folder in folders:
-            os.makedirs(os.path.join(base, folder), exist_ok=True)  # routed outputs beside the main one
+        try:
+            for folder in folders:
+                os.makedirs(os.path.join(base, folder), exist_ok=True)  # routed outputs beside the main one
+        except OSError as e:
+            print(f"ingestd: cannot write {output_path}: {e.strerror}", file=sys.stderr)
+            return EX_CANTCREAT
         sinks = Sinks(base, os.path.basename(output_path), folders)
     default = "" if "" in folders else folders[0]
     out = sys.stdout.buffer
