@@ -34,6 +34,7 @@ from ingestd.web import Web
 from ingestd.workers import Pool, Slot
 
 MAX_BACKOFF = 30.0
+HEARTBEAT = 5.0  # the idle main loop still turns this often, so /healthz can tell "idle" from "stuck"
 
 
 class Daemon:
@@ -156,7 +157,7 @@ class Daemon:
 
     def _timeout_ms(self) -> int:
         now = self.clock()
-        deadlines = [self.next_rescan]
+        deadlines = [self.next_rescan, now + HEARTBEAT]
         if (d := self.arrivals.next_deadline()) is not None:
             deadlines.append(d)
         if self.paused or self.retry:
@@ -347,7 +348,7 @@ class Daemon:
               file=display(name) if name else None)
         if slot.process.pid is not None:
             remove_temps(self.spool.processed, sorted({o.path for o in self.s.routing.outputs}), slot.process.pid)
-        if name is not None:
+        if name is not None and os.path.lexists(os.path.join(self.spool.underprocess, name)):
             attempts = self.spool.bump_attempts(name)
             if attempts >= self.s.max_attempts:
                 self._fail(name, Failure(f"poison: its worker died {attempts} times processing it "
@@ -408,8 +409,8 @@ class Daemon:
     def health(self) -> str | None:
         """None when healthy, else why: the main loop must turn and every busy worker must make progress."""
         now = self.clock()
-        limit = max(5.0, 2 * (self.notifier.watchdog_interval or 0))
-        if now - self.heartbeat > limit + 2.0:
+        limit = 2 * max(HEARTBEAT, self.notifier.watchdog_interval or 0) + 1.0
+        if now - self.heartbeat > limit:
             return f"main loop silent for {now - self.heartbeat:.1f}s"
         stuck = self.pool.stalled(now, self._stall_limit()) if self.pool else []
         if stuck:
@@ -469,6 +470,8 @@ class Daemon:
 
     # --- shutdown ------------------------------------------------------------------------------------------
     def shutdown(self) -> None:
+        for name in self.retry:
+            self.spool.unclaim(name)  # waiting for a retry (disk full...), not crashed: no attempt counted
         if self.pool is not None:
             for name in self.pool.abandon():
                 # Abandoned by a stop, not by a crash: back to the queue, no attempt counted.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import heapq
 import json
 import os
 import socket
@@ -144,7 +145,10 @@ class Spool:
 
     def commit(self, name: str) -> None:
         """Outputs are durable: now the input may go. This unlink is the commit point."""
-        durable.unlink(os.path.join(self.underprocess, name))
+        try:
+            durable.unlink(os.path.join(self.underprocess, name))
+        except FileNotFoundError:
+            pass  # its owner deleted it meanwhile; the outputs stand
         self.clear_attempts(name)
         # If this fsync is lost the file is redone, and the redo publishes identical bytes.
         durable.fsync_dir(self.underprocess)
@@ -239,15 +243,27 @@ class Spool:
         return {f: _count(getattr(self, f), f == "processed") for f in FOLDERS}
 
     def failures(self, limit: int) -> list[dict[str, Any]]:
-        """The most recent failures with their reasons, newest first."""
+        """The most recent failures with their reasons, newest first. Only the newest `limit` sidecars
+        are read (by mtime: when the failure was recorded), so status stays fast with many failed files."""
+        sidecars, names = [], []
+        with os.scandir(self.failed) as it:
+            for e in it:
+                if e.name.startswith(REASON_PREFIX):
+                    sidecars.append((e.stat(follow_symlinks=False).st_mtime, e.name))
+                elif not e.name.startswith("."):
+                    names.append(e.name)
+        sidecar_of = {REASON_PREFIX + key(n) + ".json": n for n in names}
         records = []
-        for name in self.list(self.failed):
+        for _, sidecar in heapq.nlargest(limit, (sc for sc in sidecars if sc[1] in sidecar_of)):
             try:
-                with open(os.path.join(self.failed, REASON_PREFIX + key(name) + ".json"), "rb") as f:
+                with open(os.path.join(self.failed, sidecar), "rb") as f:
                     records.append(json.load(f))
             except (OSError, ValueError):
-                records.append({"name": display(name), "reason": "unknown (no sidecar)", "failed_at_unix": 0})
+                continue  # requeued or superseded while we looked
+        have = {sc for _, sc in sidecars}
         records.sort(key=lambda r: r.get("failed_at_unix", 0), reverse=True)
+        records += [{"name": display(n), "reason": "unknown (no sidecar)", "failed_at_unix": 0}
+                    for sc, n in sidecar_of.items() if sc not in have][: max(0, limit - len(records))]
         return records[:limit]
 
     def completions(self, limit: int) -> list[dict[str, Any]]:
