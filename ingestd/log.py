@@ -34,6 +34,16 @@ class _Text(logging.Formatter):
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime", "taskName"}
 
 
+def _stderr_is_journal() -> bool:
+    """systemd sets JOURNAL_STREAM=dev:ino of the journal socket; only trust it if stderr is that socket."""
+    dev, _, ino = os.environ.get("JOURNAL_STREAM", "").partition(":")
+    try:
+        st = os.fstat(sys.stderr.fileno())
+    except (OSError, ValueError):
+        return False
+    return dev.isdigit() and ino.isdigit() and (st.st_dev, st.st_ino) == (int(dev), int(ino))
+
+
 def setup(fmt: str = "json", level: int = logging.INFO) -> None:
     handler = logging.StreamHandler(sys.stderr)
     formatter: logging.Formatter
@@ -44,7 +54,7 @@ def setup(fmt: str = "json", level: int = logging.INFO) -> None:
             "%(levelname)s %(message)s", rename_fields={"levelname": "level"}, timestamp=True,
             static_fields={"logger": "ingestd"}, json_ensure_ascii=True,
         )
-    if os.environ.get("JOURNAL_STREAM"):
+    if _stderr_is_journal():
         formatter = _JournalPriority(formatter)
     handler.setFormatter(formatter)
     logger.handlers[:] = [handler]
