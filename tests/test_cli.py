@@ -133,3 +133,34 @@ def test_status_and_requeue_with_a_running_daemon(tmp_path: Path) -> None:
         assert folder(w, "failed") == ["b.bin"]
     finally:
         d.stop()
+
+
+def test_progress_bar_only_on_a_terminal_for_large_inputs(tmp_path: Path) -> None:
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    big = tmp_path / "big.txt"
+    big.write_bytes((b"y" * 99 + b"\n") * 100_000)  # 10 MB, above the 8 MiB threshold
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))  # a terminal 80 columns wide
+    try:
+        r = subprocess.run([*INGESTD, "process", "--input", str(big), "--output", str(tmp_path / "o")],
+                           stderr=slave, stdout=subprocess.DEVNULL, timeout=60)
+        os.close(slave)
+        seen = b""
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            seen += chunk
+    finally:
+        os.close(master)
+    assert r.returncode == 0
+    assert b"big.txt" in seen and b"B/s" in seen  # tqdm's bar: name, bytes and rate
+    piped = ingestd("process", "--input", str(big), "--output", str(tmp_path / "o2"))
+    assert piped.returncode == 0 and piped.stderr == b""  # not a terminal: silent
