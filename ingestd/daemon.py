@@ -61,6 +61,7 @@ class Daemon:
         self.heartbeat = clock()
         self.next_rescan = clock() + settings.rescan_interval
         self.next_watchdog = 0.0
+        self._withheld = False
         self.web: Web | None = None
         self.watch: Watch | None = None
         self.pool: Pool | None = None
@@ -72,8 +73,7 @@ class Daemon:
         self.spool.ensure()
         self.spool.lock()
         self._install_signals()
-        for path in {out.path for out in self.s.routing.outputs}:
-            os.makedirs(os.path.join(self.spool.processed, path), exist_ok=True)
+        self._make_output_folders()
         now = self.wall()
         requeued, quarantined = self.spool.recover(self.s.max_attempts, now)
         for name in quarantined:
@@ -347,7 +347,7 @@ class Daemon:
         event("worker_died", "a worker died", logging.ERROR, worker=slot.id, exitcode=data.get("exitcode"),
               file=display(name) if name else None)
         if slot.process.pid is not None:
-            remove_temps(self.spool.processed, sorted({o.path for o in self.s.routing.outputs}), slot.process.pid)
+            remove_temps(self.spool.processed, self._output_folders(), slot.process.pid)
         if name is not None and os.path.lexists(os.path.join(self.spool.underprocess, name)):
             attempts = self.spool.bump_attempts(name)
             if attempts >= self.s.max_attempts:
@@ -357,6 +357,13 @@ class Daemon:
                 self.retry.appendleft(name)
         if self.state != "stopping":
             self.pool.replace(slot)
+
+    def _output_folders(self) -> list[str]:
+        return sorted({o.path for o in self.s.routing.outputs})
+
+    def _make_output_folders(self) -> None:
+        for path in self._output_folders():
+            os.makedirs(os.path.join(self.spool.processed, path), exist_ok=True)
 
     def _remember(self, name: str, result: str, duration: float, reason: str | None) -> None:
         self.recent.appendleft({"file": display(name), "result": result, "duration": round(duration, 6),
@@ -381,6 +388,8 @@ class Daemon:
             else:
                 self.state = "stopping"
                 self.notifier.stopping()
+                # Our warm stop may outlast systemd's TimeoutStopSec: ask for the time it needs.
+                self.notifier.extend_timeout(self.s.stop_timeout + 5)
                 self.stop_deadline = self.clock() + self.s.stop_timeout
                 busy = [display(n) for n in self.pool.files()] if self.pool else []
                 event("stopping", "stopping: finishing current files", signal=signal.Signals(sig).name,
@@ -397,8 +406,7 @@ class Daemon:
             event("reload_failed", "new configuration rejected; keeping the old one", logging.ERROR, error=str(e))
         else:
             self.s = _replace_routing(self.s, new)
-            for path in {out.path for out in self.s.routing.outputs}:
-                os.makedirs(os.path.join(self.spool.processed, path), exist_ok=True)
+            self._make_output_folders()
             assert self.pool is not None
             self.pool.reconfigure(self.s)
             event("reloaded", "routing reloaded", config=str(self.s.config) if self.s.config else None)
@@ -428,10 +436,14 @@ class Daemon:
             return
         problem = self.health()
         if problem:
-            if self.next_watchdog and now - self.next_watchdog < interval:
+            if not self._withheld:  # once per episode: log why, and have stuck workers dump their stacks
                 event("watchdog_withheld", "not pinging the watchdog", logging.ERROR, reason=problem)
+                if self.pool is not None:
+                    self.pool.dump_stacks(self.pool.stalled(now, self._stall_limit()))
+            self._withheld = True
             self.next_watchdog = now + interval
             return
+        self._withheld = False
         self.notifier.watchdog()
         self.next_watchdog = now + interval
 
@@ -473,9 +485,11 @@ class Daemon:
         for name in self.retry:
             self.spool.unclaim(name)  # waiting for a retry (disk full...), not crashed: no attempt counted
         if self.pool is not None:
-            for name in self.pool.abandon():
+            for name, pid in self.pool.abandon():
                 # Abandoned by a stop, not by a crash: back to the queue, no attempt counted.
                 self.spool.unclaim(name)
+                if pid is not None:
+                    remove_temps(self.spool.processed, self._output_folders(), pid)
                 event("abandoned", "stop timeout: file returned to the queue", logging.WARNING, file=display(name))
         if self.web is not None:
             self.web.stop()

@@ -28,7 +28,8 @@ def main(conn: Connection, routing_doc: dict[str, Any], max_line_bytes: int, und
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
     _die_with_parent()
-    faulthandler.enable()  # a watchdog SIGABRT dumps this worker's stack too
+    faulthandler.enable()  # a crash (SIGSEGV, SIGABRT) dumps this worker's stack
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # the parent asks when this worker seems stuck
     table = routing.build(routing_doc)
     folders = sorted({out.path for out in table.outputs})
     conn.send(("ready", {"pid": os.getpid()}))

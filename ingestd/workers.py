@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
+import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -139,15 +141,22 @@ class Pool:
                  "since": s.since_wall if s.file is not None else None, "bytes": s.bytes, "size": s.size}
                 for s in self.slots]
 
-    def abandon(self) -> list[str]:
-        """Stop every worker now; returns the files they were on (still in underprocess/)."""
-        names = self.files()
+    def abandon(self) -> list[tuple[str, int | None]]:
+        """Stop every worker now; returns (file, worker pid) for each file still in underprocess/."""
+        left = [(s.file, s.process.pid) for s in self.slots if s.file is not None]
         for slot in self.slots:
             if slot.file is not None:
                 slot.process.kill()
             self._stop(slot)
             slot.file = None
-        return names
+        return left
+
+    def dump_stacks(self, ids: list[int]) -> None:
+        """Ask stuck workers for their stacks (faulthandler on SIGUSR1): the watchdog's SIGABRT only
+        reaches the main process, and the journal should show where the worker hangs."""
+        for slot in self.slots:
+            if slot.id in ids and slot.process.pid is not None and slot.process.is_alive():
+                os.kill(slot.process.pid, signal.SIGUSR1)
 
     @staticmethod
     def _stop(slot: Slot) -> None:

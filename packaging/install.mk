@@ -9,6 +9,9 @@
 #               /usr/bin/python3, not a pyenv or conda one under a home directory.
 #   PIP_INSTALL_FLAGS  extra pip flags, e.g. "--no-index --find-links=/srv/wheels" for an offline install
 
+# Included before the Makefile's own rules, this fragment must not become the default goal (`make`).
+INGESTD_SAVED_GOAL := $(.DEFAULT_GOAL)
+
 PYTHON ?= python3
 PREFIX ?= /opt/ingestd
 DESTDIR ?=
@@ -85,3 +88,5 @@ uninstall:
 	rmdir $(DESTDIR)$(SYSCONFDIR)/ingestd 2>/dev/null || true
 	if $(INGESTD_LIVE); then systemctl daemon-reload; fi
 	@echo "uninstall: done. Kept: /var/lib/ingestd (data) and the ingestd user (userdel ingestd to remove it)"
+
+.DEFAULT_GOAL := $(INGESTD_SAVED_GOAL)

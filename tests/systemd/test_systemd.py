@@ -1,0 +1,314 @@
+"""ingestd under a real systemd 252 (booted for this module): install, readiness, crash and hang recovery,
+config errors and reload, warm stop, and the unit's hardening. Run as root; see conftest.py."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from systemd_harness import Machine, Service, wait_for
+
+REPO = Path(__file__).resolve().parents[2]
+UNIT_FILE = REPO / "packaging" / "systemd" / "ingestd.service"
+
+BASE_ENV = {"INGESTD_WORKERS": "2", "INGESTD_SETTLE_TIME": "0.2"}
+HANG_ROUTING = """
+[[filters]]
+match = "*"
+processor = "hang_on"
+[[filters]]
+match = "*"
+processor = "uppercase"
+"""
+
+
+def lines(name: str, n: int) -> str:
+    return "".join(f"line {i} of {name}, lower case\n" for i in range(n))
+
+
+def sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+# --- 1. install and start ---------------------------------------------------------------------------------
+def test_make_install_layout(installed: Machine) -> None:
+    m = installed
+    assert m.run("getent", "passwd", "ingestd").stdout.split(":")[6].strip() == "/usr/sbin/nologin"
+    m.run("test", "-x", "/opt/ingestd/bin/ingestd")
+    m.run("test", "-f", "/usr/local/lib/systemd/system/ingestd.service")
+    m.run("test", "-f", "/etc/ingestd/ingestd.env")
+    # tmpfiles.d made the queue before any start, owned by the service user; the drop folder setgid.
+    stat = m.run("stat", "-c", "%U:%G %a %n", *(f"/var/lib/ingestd/{f}" for f in ("unprocessed", "processed"))).stdout
+    assert stat.splitlines() == ["ingestd:ingestd 2770 /var/lib/ingestd/unprocessed",
+                                 "ingestd:ingestd 750 /var/lib/ingestd/processed"]
+    assert m.systemctl("is-enabled", "ingestd", check=False).stdout.strip() == "disabled"
+    assert m.run("systemctl", "cat", "ingestd").stdout.count("ExecStart=/opt/ingestd/bin/ingestd run") == 1
+
+
+def test_start_is_active_only_after_ready_and_processes_files(service: Service) -> None:
+    service.reset(BASE_ENV)
+    # Start without waiting and watch, from inside, the state and the HTTP port: the unit must stay
+    # "activating" until READY=1, which the daemon sends only once its port (among others) is up.
+    seen = service.m.py("""
+import subprocess, time, urllib.request
+subprocess.run(["systemctl", "start", "--no-block", "ingestd"], check=True)
+states, port_up = [], None
+deadline = time.monotonic() + 60
+while time.monotonic() < deadline:
+    state = subprocess.run(["systemctl", "show", "-P", "ActiveState", "ingestd"], capture_output=True,
+                           text=True).stdout.strip()
+    if not states or states[-1] != state:
+        states.append(state)
+    if state in ("active", "failed"):
+        try:
+            port_up = urllib.request.urlopen("http://127.0.0.1:9800/healthz", timeout=2).read().decode()
+        except OSError as e:
+            port_up = str(e)
+        break
+    time.sleep(0.01)
+RESULT = {"states": states, "port_up": port_up}
+""")
+    assert seen["states"][-1] == "active", seen
+    assert "activating" in seen["states"], seen
+    assert seen["port_up"] == "ok\n", f"active before the HTTP port was up (READY too early): {seen['port_up']}"
+    assert service.show("Type", "NotifyAccess", "SubState") == {"Type": "notify", "NotifyAccess": "main",
+                                                                "SubState": "running"}
+    pid = service.main_pid()
+    assert service.m.run("ps", "-o", "user=", "-p", str(pid)).stdout.strip() == "ingestd"
+
+    files = {f"report-{i}.txt": lines(f"report-{i}", 50) for i in range(6)}
+    service.drop(files)
+    state = service.wait_processed(set(files), 30)
+    for name, text in files.items():
+        assert state["processed"][name][2] == text.upper()
+    assert state["unprocessed"] == state["underprocess"] == state["failed"] == {}
+    # STATUS= is kept current: systemctl status shows the daemon's one-line summary.
+    status = wait_for(lambda: t if "done 6" in (t := service.status_text()) else None, 10, "STATUS with done 6")
+    line = re.search(r'^\s*Status: "(.*)"$', status, re.M)
+    assert line and "running" in line[1] and "failed 0" in line[1], status
+    assert service.m.run("stat", "-c", "%U %a", "/var/lib/ingestd/processed/report-0.txt").stdout.split() == \
+        ["ingestd", "640"]  # UMask=0027
+
+
+# --- 2. kill -9 ---------------------------------------------------------------------------------------------
+def test_kill_9_restarts_and_every_file_ends_processed_once(service: Service) -> None:
+    service.reset(BASE_ENV)
+    service.m.systemctl("start", "ingestd")
+    before, old_pid, mark = service.restarts(), service.main_pid(), service.m.mark()
+    line = "the quick brown fox jumps over the lazy dog, line after line\n"
+    names = [f"batch-{i:02d}.log" for i in range(24)]
+    service.drop_sized(names, 1_500_000, line)
+    # Kill the main process as soon as files are both done and in flight.
+    in_flight = service.m.py("""
+import signal, time
+w = ARG["watch"]
+deadline = time.monotonic() + 60
+while time.monotonic() < deadline:
+    done, busy = os.listdir(w + "/processed"), [n for n in os.listdir(w + "/underprocess") if not n.startswith(".")]
+    if len(done) >= 2 and busy:
+        os.kill(ARG["pid"], signal.SIGKILL)
+        break
+    time.sleep(0.002)
+RESULT = busy
+""", {"watch": "/var/lib/ingestd", "pid": old_pid})
+    assert in_flight, "no file was in flight at the kill"
+
+    wait_for(lambda: service.restarts() == before + 1 and service.prop("SubState") == "running", 30,
+             "systemd to restart the service")
+    assert service.main_pid() != old_pid
+    state = service.wait_processed(set(names), 90)
+    expected = hashlib.sha256(line.upper().encode() * (1_500_000 // len(line))).hexdigest()
+    assert {n: v[1] for n, v in state["processed"].items()} == {n: expected for n in names}
+    assert state["unprocessed"] == state["underprocess"] == state["failed"] == {}
+    assert state[".processed"] == [], "temp outputs left behind"
+    events = service.m.events(after=mark)
+    recovered = {e["file"] for e in events if e["event"] == "recovered"}
+    assert recovered and recovered <= set(in_flight), (recovered, in_flight)
+    counts = {n: sum(1 for e in events if e["event"] == "processed" and e["file"] == n) for n in names}
+    assert max(counts.values()) == 1, counts
+
+
+# --- 3. hung worker: the watchdog -------------------------------------------------------------------------------
+def test_hung_worker_trips_the_watchdog_and_the_file_is_quarantined(service: Service) -> None:
+    service.reset({**BASE_ENV, "INGESTD_CONFIG": Service.CONFIG, "INGESTD_MAX_ATTEMPTS": "2"},
+                  dropin="[Service]\nWatchdogSec=3\n", config=HANG_ROUTING)
+    service.m.systemctl("start", "ingestd")
+    assert service.prop("WatchdogUSec") == "3s"
+    mark, before = service.m.mark(), service.restarts()
+    poison = "a line\nthis one will HANG the worker\nnever reached\n"
+    service.drop({"poison.txt": poison})
+    wait_for(lambda: any(e["event"] == "claimed" for e in service.m.events(after=mark)), 10, "the poison claimed")
+    others = {f"ok-{i}.txt": lines(f"ok-{i}", 20) for i in range(8)}
+    service.drop(others)  # the other worker keeps the queue flowing meanwhile
+
+    # max_attempts=2: two watchdog kills, and the second restart's recovery quarantines the file.
+    state = wait_for(lambda: s if "poison.txt" in (s := service.folders())["failed"] else None, 90,
+                     "poison.txt in failed/")
+    assert state["failed"]["poison.txt"][2] == poison
+    sidecar = [n for n in state[".failed"] if n.endswith(".json")]
+    assert len(sidecar) == 1
+    reason = json.loads(service.m.run("cat", f"/var/lib/ingestd/failed/{sidecar[0]}").stdout)
+    assert reason["name"] == "poison.txt" and "poison" in reason["reason"] and reason["attempts"] == 2
+
+    assert service.restarts() >= before + 2
+    journal = service.m.journal("-u", "ingestd", after=mark)
+    assert journal.count("Watchdog timeout") >= 2, journal[-3000:]
+    assert "Fatal Python error: Aborted" in journal  # faulthandler's stack dump on the watchdog's SIGABRT
+    assert "in process" in journal and "ingestd_testplugins" in journal  # the stuck worker's own stack
+    withheld = [e for e in service.m.events(after=mark) if e["event"] == "watchdog_withheld"]
+    assert withheld and "no progress from worker" in withheld[0]["reason"]
+
+    state = service.wait_processed(set(others), 30)
+    assert all(state["processed"][n][2] == t.upper() for n, t in others.items())
+    wait_for(lambda: service.prop("SubState") == "running", 15, "the service running again")
+
+
+# --- 4. bad config: no restart loop; reload ----------------------------------------------------------------------
+def test_broken_config_exits_78_and_is_not_restarted(service: Service) -> None:
+    service.reset({**BASE_ENV, "INGESTD_CONFIG": Service.CONFIG}, config="[[filters]\nmatch = \n")
+    mark = service.m.mark()
+    start = service.m.systemctl("start", "ingestd", check=False)
+    assert start.returncode != 0
+    time.sleep(3)  # longer than RestartSec=2: a restart would have happened by now
+    assert service.show("ActiveState", "Result", "ExecMainStatus", "NRestarts") == {
+        "ActiveState": "failed", "Result": "exit-code", "ExecMainStatus": "78", "NRestarts": "0"}
+    logged = service.m.journal("SYSLOG_IDENTIFIER=ingestd", after=mark).splitlines()
+    assert len(logged) == 1 and logged[0].startswith("ingestd: config: ") and "not valid TOML" in logged[0], logged
+
+
+def test_reload_keeps_the_old_routing_on_a_bad_config_and_applies_a_good_one(service: Service) -> None:
+    service.reset({**BASE_ENV, "INGESTD_CONFIG": Service.CONFIG},
+                  config='[[filters]]\nmatch = "*"\nprocessor = "uppercase"\n')
+    service.m.systemctl("start", "ingestd")
+    pid = service.main_pid()
+
+    mark = service.m.mark()
+    service.write(Service.CONFIG, '[[filters]]\nmatch = "*"\nprocessor = "no-such-processor"\n')
+    service.m.systemctl("reload", "ingestd")
+    failed = service.wait_event("reload_failed", 10, after=mark)
+    assert "no-such-processor" in failed["error"]
+    service.drop({"after-bad.txt": "Mixed Case\n"})
+    assert service.wait_processed({"after-bad.txt"}, 20)["processed"]["after-bad.txt"][2] == "MIXED CASE\n"
+
+    mark = service.m.mark()
+    service.write(Service.CONFIG, '[[filters]]\nmatch = "*"\nprocessor = "reverse"\n')
+    service.m.systemctl("reload", "ingestd")
+    service.wait_event("reloaded", 10, after=mark)
+    service.drop({"after-good.txt": "Mixed Case\n"})
+    assert service.wait_processed({"after-good.txt"}, 20)["processed"]["after-good.txt"][2] == "esaC dexiM\n"
+
+    assert service.main_pid() == pid and service.restarts() == 0
+    assert service.prop("ActiveState") == "active"
+
+
+# --- 5. warm stop -------------------------------------------------------------------------------------------------
+def test_stop_during_large_files_loses_nothing(service: Service) -> None:
+    service.reset({**BASE_ENV, "INGESTD_STOP_TIMEOUT": "6"})
+    service.m.systemctl("start", "ingestd")
+    invocation = service.invocation()
+    line = "a long stream of words to shout, one line at a time\n"
+    service.drop_sized(["huge.dat"], 300_000_000, line)  # far longer than stop_timeout: abandoned
+    service.drop_sized(["medium.dat"], 40_000_000, line)  # about 2 s: finishes within the warm stop
+    # `systemctl stop` the moment both are in progress, timed from inside.
+    took = service.m.py("""
+import subprocess, time
+deadline = time.monotonic() + 20
+while set(os.listdir("/var/lib/ingestd/underprocess")) != {"huge.dat", "medium.dat"}:
+    assert time.monotonic() < deadline, "not both in progress"
+    time.sleep(0.005)
+started = time.monotonic()
+subprocess.run(["systemctl", "stop", "ingestd"], check=True)
+RESULT = time.monotonic() - started
+""")
+    assert took < 30, f"stop took {took:.1f}s, TimeoutStopSec is 30"
+    assert service.show("ActiveState", "Result") == {"ActiveState": "inactive", "Result": "success"}
+
+    state = service.folders()
+    n = 40_000_000 // len(line)
+    assert state["processed"] == {"medium.dat": [n * len(line), sha(line.upper() * n), None]}
+    m = 300_000_000 // len(line)
+    assert state["unprocessed"] == {"huge.dat": [m * len(line), sha(line * m), None]}  # whole, back in the queue
+    assert state["underprocess"] == {}
+
+    # The journal of this run: every line the daemon wrote is JSON, with stopping, abandoned, stopped.
+    own = service.m.journal("SYSLOG_IDENTIFIER=ingestd", f"_SYSTEMD_INVOCATION_ID={invocation}").splitlines()
+    events = [json.loads(line) for line in own]
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "started" and kinds[-1] == "stopped", kinds
+    stopping = events[kinds.index("stopping")]
+    assert stopping["signal"] == "SIGTERM" and sorted(stopping["in_progress"]) == ["huge.dat", "medium.dat"]
+    assert kinds.index("stopping") < kinds.index("processed") < kinds.index("abandoned")
+    assert events[kinds.index("abandoned")]["file"] == "huge.dat"
+
+    # The abandoned file's worker was killed mid-write: its temp output is removed at once, not left to
+    # the next start's recovery.
+    assert not state[".processed"], state[".processed"]
+
+
+# --- 6. the unit itself -----------------------------------------------------------------------------------------------
+def test_security_exposure_is_at_most_2() -> None:
+    proc = subprocess.run(["systemd-analyze", "security", "--offline=true", "--threshold=20", "--no-pager",
+                           str(UNIT_FILE)], capture_output=True, text=True)
+    found = re.search(r"Overall exposure level for ingestd\.service: (\d+\.\d+) (\w+)", proc.stdout)
+    assert found, proc.stdout[-2000:] + proc.stderr
+    assert float(found[1]) <= 2.0 and found[2] == "OK", found[0]
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_systemd_analyze_verify_prints_nothing(installed: Machine) -> None:
+    proc = installed.run("systemd-analyze", "verify", "/usr/local/lib/systemd/system/ingestd.service", check=False)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, "", "")
+
+
+def test_make_install_destdir_stages_a_relocatable_install(wheelhouse: Path, tmp_path: Path) -> None:
+    """Packaging: everything under DESTDIR, pointing at PREFIX, and nothing run on this system."""
+    stage = tmp_path / "stage"
+    proc = subprocess.run(["make", "-C", str(REPO), "-f", "packaging/install.mk", "install", f"DESTDIR={stage}",
+                           "PREFIX=/opt/ingestd-alt", "PYTHON=/usr/bin/python3",
+                           f"PIP_INSTALL_FLAGS=--no-index --find-links={wheelhouse}"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "systemd-sysusers, systemd-tmpfiles --create and systemctl daemon-reload are left to do" in proc.stdout
+    venv = stage / "opt/ingestd-alt"
+    assert (venv / "bin/ingestd").read_text().splitlines()[0] == "#!/opt/ingestd-alt/bin/python"
+    leftovers = subprocess.run(["grep", "-rlF", str(stage), str(venv / "bin"), str(venv / "pyvenv.cfg")],
+                               capture_output=True, text=True).stdout
+    assert leftovers == "", f"the staging path leaked into: {leftovers}"
+    unit = (stage / "usr/local/lib/systemd/system/ingestd.service").read_text()
+    assert "ExecStart=/opt/ingestd-alt/bin/ingestd run" in unit and "/opt/ingestd/" not in unit
+    for path in ("usr/local/lib/sysusers.d/ingestd.conf", "usr/local/lib/tmpfiles.d/ingestd.conf",
+                 "etc/ingestd/ingestd.env"):
+        assert (stage / path).is_file(), path
+    # The staged venv works: the package and its data file (the status page) are installed.
+    check = "from importlib.resources import files; import ingestd.cli; print(files('ingestd').joinpath('static/index.html').is_file())"
+    assert subprocess.run([str(venv / "bin/python"), "-c", check], capture_output=True, text=True).stdout == "True\n"
+
+
+def test_example_env_file_documents_every_setting() -> None:
+    from ingestd.settings import PARSERS
+
+    text = (REPO / "packaging" / "systemd" / "ingestd.env").read_text()
+    documented = set(re.findall(r"^#INGESTD_([A-Z_]+)=", text, re.M))
+    assert documented == {name.upper() for name in PARSERS}
+    assert not re.search(r"^[^#\s]", text, re.M), "the shipped example must set nothing (all defaults)"
+
+
+# --- make uninstall (last: it removes what the other tests use) --------------------------------------------------------
+def test_make_uninstall_removes_the_install_and_keeps_data_and_settings(service: Service) -> None:
+    service.reset(BASE_ENV)  # an env file changed from the shipped example
+    service.m.systemctl("enable", "--now", "ingestd")
+    service.drop({"keep.txt": "keep me\n"})
+    service.wait_processed({"keep.txt"}, 20)
+    service.m.run("make", "-C", str(REPO), "-f", "packaging/install.mk", "uninstall")
+    assert service.m.systemctl("cat", "ingestd", check=False).returncode != 0
+    for path in ("/opt/ingestd", "/usr/local/lib/sysusers.d/ingestd.conf", "/usr/local/lib/tmpfiles.d/ingestd.conf"):
+        assert service.m.run("test", "-e", path, check=False).returncode != 0, path
+    assert service.m.run("test", "-L", "/etc/systemd/system/multi-user.target.wants/ingestd.service",
+                         check=False).returncode != 0
+    assert service.m.run("cat", "/etc/ingestd/ingestd.env").stdout == "".join(f"{k}={v}\n" for k, v in BASE_ENV.items())
+    assert service.m.run("cat", "/var/lib/ingestd/processed/keep.txt").stdout == "KEEP ME\n"
