@@ -16,6 +16,17 @@ from typing import Any
 
 INGESTD = [sys.executable, "-m", "ingestd"]
 
+# A routing whose worker blocks forever on a line containing HANG (tests/plugins): a stuck worker.
+HANG_ROUTING = """
+[[filters]]
+match = "*"
+processor = "hang_on"
+
+[[filters]]
+match = "*"
+processor = "uppercase"
+"""
+
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02, what: str = "") -> Any:
     """Poll until predicate() is truthy; fail with `what` after timeout seconds."""
@@ -32,14 +43,18 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: floa
 class DaemonProcess:
     """`ingestd run` in a subprocess; its stderr JSON events are collected in .events."""
 
-    def __init__(self, watch_dir: Path, *args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> None:
+    def __init__(self, watch_dir: Path, *args: str, env: dict[str, str] | None = None, cwd: Path | None = None,
+                 preexec_fn: Callable[[], None] | None = None, command: list[str] | None = None) -> None:
         self.watch_dir = Path(watch_dir)
         self.args = ["run", "--watch-dir", str(watch_dir), "--listen", "127.0.0.1:0", *args]
         full_env = {**os.environ, "INGESTD_SETTLE_TIME": "0.3", **(env or {})}
         full_env.pop("NOTIFY_SOCKET", None)
         self.events: list[dict[str, Any]] = []
         self.lines: list[str] = []
-        self.proc = subprocess.Popen([*INGESTD, *self.args], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+        # preexec_fn (torture tests): limits or another user for the daemon only, e.g. RLIMIT_FSIZE, setuid.
+        # command: another interpreter (e.g. one a non-root user may execute), default this one.
+        self.proc = subprocess.Popen([*(command or INGESTD), *self.args], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                     preexec_fn=preexec_fn,
                                      env=full_env, cwd=cwd, text=True, errors="replace")
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from support import INGESTD, DaemonProcess, folder, wait_for
+from support import HANG_ROUTING, INGESTD, DaemonProcess, folder, wait_for
 
 
 @pytest.fixture
@@ -169,7 +169,7 @@ def test_sigterm_finishes_the_current_file_then_exits_zero(start, tmp_path: Path
 
 def test_second_sigterm_abandons_the_file_back_to_the_queue(start, tmp_path: Path) -> None:
     cfg = tmp_path / "hang.toml"
-    cfg.write_text('[[filters]]\nmatch = "*"\nprocessor = "hang_on"\n')
+    cfg.write_text(HANG_ROUTING)
     d = start("--config", str(cfg), "--workers", "1")
     w = d.watch_dir
     (w / "unprocessed" / "stuck.txt").write_bytes(b"HANG\n")
@@ -184,7 +184,7 @@ def test_second_sigterm_abandons_the_file_back_to_the_queue(start, tmp_path: Pat
 
 def test_a_hung_worker_makes_healthz_fail(start, tmp_path: Path) -> None:
     cfg = tmp_path / "hang.toml"
-    cfg.write_text('[[filters]]\nmatch = "*"\nprocessor = "hang_on"\n')
+    cfg.write_text(HANG_ROUTING)
     d = start("--config", str(cfg), "--workers", "1", env={"INGESTD_STALL_TIME": "1"})
     assert d.get("/healthz")[0] == 200
     (d.watch_dir / "unprocessed" / "stuck.txt").write_bytes(b"HANG\n")

@@ -18,22 +18,11 @@ from typing import Any
 import pytest
 
 from obs_support import BUILTINS, DASHBOARD, Prometheus, fast_rules, need_binary, panels, substitute
-from support import DaemonProcess, folder, wait_for
+from support import HANG_ROUTING, DaemonProcess, folder, wait_for
 
 FOR = "3s"            # every alert's for: in the test copy of the rules
 STUCK_AFTER = "3"     # IngestdFileStuck's 900 s threshold in the test copy
 NORMAL_FILES = 6
-
-HANG_ROUTING = """
-[[filters]]
-match = "*"
-processor = "hang_on"
-
-[[filters]]
-match = "*"
-processor = "uppercase"
-"""
-
 
 def children(pid: int) -> list[int]:
     found = []

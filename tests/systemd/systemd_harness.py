@@ -17,6 +17,7 @@ empty cgroups, which the next boot sweeps away.
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 import os
 import shlex
@@ -26,6 +27,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import support
+
+# Each poll here runs a command in the namespace: look ten times a second, not fifty.
+wait_for = functools.partial(support.wait_for, interval=0.1)
 
 # Runs in the new namespaces (mount, PID, UTS, IPC, network). $1: mount point for the scratch tmpfs;
 # $2: a host folder shown read-only at /wheelhouse inside (pip's offline package source), or "";
@@ -95,18 +101,6 @@ class BootError(Exception):
 
 def _die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
-    """Poll until predicate() is truthy; AssertionError naming `what` after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
 
 
 class CgroupSubtree:
@@ -218,7 +212,7 @@ class Machine:
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=ENV,
                 preexec_fn=_die_with_parent)
         try:
-            self.pid = wait_for(self._find_systemd, 20, "systemd to start in the namespace")
+            self.pid = wait_for(self._find_systemd, 20, what="systemd to start in the namespace")
             state = ""
             deadline = time.monotonic() + timeout
             while state not in ("running", "degraded"):
@@ -454,7 +448,7 @@ class Service:
             state = self.folders()
             return state if names <= set(state["processed"]) else None
 
-        return wait_for(done, timeout, f"{len(names)} files in processed/", interval=0.3)
+        return wait_for(done, timeout, what=f"{len(names)} files in processed/", interval=0.3)
 
     def wait_event(self, name: str, timeout: float, after: int | None = None, **fields: Any) -> dict[str, Any]:
         def find() -> dict[str, Any] | None:
@@ -463,4 +457,4 @@ class Service:
                     return ev
             return None
 
-        return wait_for(find, timeout, f"event {name} {fields or ''}", interval=0.3)
+        return wait_for(find, timeout, what=f"event {name} {fields or ''}", interval=0.3)

@@ -11,22 +11,13 @@ import time
 from pathlib import Path
 
 import pytest
+from support import HANG_ROUTING
 from systemd_harness import Machine, Service, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 UNIT_FILE = REPO / "packaging" / "systemd" / "ingestd.service"
 
 BASE_ENV = {"INGESTD_WORKERS": "2", "INGESTD_SETTLE_TIME": "0.2"}
-HANG_ROUTING = """
-[[filters]]
-match = "*"
-processor = "hang_on"
-[[filters]]
-match = "*"
-processor = "uppercase"
-"""
-
-
 def lines(name: str, n: int) -> str:
     return "".join(f"line {i} of {name}, lower case\n" for i in range(n))
 
@@ -88,7 +79,7 @@ RESULT = {"states": states, "port_up": port_up}
         assert state["processed"][name][2] == text.upper()
     assert state["unprocessed"] == state["underprocess"] == state["failed"] == {}
     # STATUS= is kept current: systemctl status shows the daemon's one-line summary.
-    status = wait_for(lambda: t if "done 6" in (t := service.status_text()) else None, 10, "STATUS with done 6")
+    status = wait_for(lambda: t if "done 6" in (t := service.status_text()) else None, 10, what="STATUS with done 6")
     line = re.search(r'^\s*Status: "(.*)"$', status, re.M)
     assert line and "running" in line[1] and "failed 0" in line[1], status
     assert service.m.run("stat", "-c", "%U %a", "/var/lib/ingestd/processed/report-0.txt").stdout.split() == \
@@ -119,7 +110,7 @@ RESULT = busy
     assert in_flight, "no file was in flight at the kill"
 
     wait_for(lambda: service.restarts() == before + 1 and service.prop("SubState") == "running", 30,
-             "systemd to restart the service")
+             what="systemd to restart the service")
     assert service.main_pid() != old_pid
     state = service.wait_processed(set(names), 90)
     expected = hashlib.sha256(line.upper().encode() * (1_500_000 // len(line))).hexdigest()
@@ -142,13 +133,13 @@ def test_hung_worker_trips_the_watchdog_and_the_file_is_quarantined(service: Ser
     mark, before = service.m.mark(), service.restarts()
     poison = "a line\nthis one will HANG the worker\nnever reached\n"
     service.drop({"poison.txt": poison})
-    wait_for(lambda: any(e["event"] == "claimed" for e in service.m.events(after=mark)), 10, "the poison claimed")
+    wait_for(lambda: any(e["event"] == "claimed" for e in service.m.events(after=mark)), 10, what="the poison claimed")
     others = {f"ok-{i}.txt": lines(f"ok-{i}", 20) for i in range(8)}
     service.drop(others)  # the other worker keeps the queue flowing meanwhile
 
     # max_attempts=2: two watchdog kills, and the second restart's recovery quarantines the file.
     state = wait_for(lambda: s if "poison.txt" in (s := service.folders())["failed"] else None, 90,
-                     "poison.txt in failed/")
+                     what="poison.txt in failed/")
     assert state["failed"]["poison.txt"][2] == poison
     sidecar = [n for n in state[".failed"] if n.endswith(".json")]
     assert len(sidecar) == 1
@@ -165,7 +156,7 @@ def test_hung_worker_trips_the_watchdog_and_the_file_is_quarantined(service: Ser
 
     state = service.wait_processed(set(others), 30)
     assert all(state["processed"][n][2] == t.upper() for n, t in others.items())
-    wait_for(lambda: service.prop("SubState") == "running", 15, "the service running again")
+    wait_for(lambda: service.prop("SubState") == "running", 15, what="the service running again")
 
 
 # --- 4. bad config: no restart loop; reload ----------------------------------------------------------------------
