@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-from pathlib import Path
 from typing import Any
 
 from ingestd import __version__, log
@@ -31,6 +29,8 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--workers", help="worker processes (default: the number of cores)")
     run.add_argument("--listen", help="HOST:PORT for /metrics, /healthz, /api/status and / (default 127.0.0.1:9800)")
     run.add_argument("--log-format", choices=("json", "text"), help="log lines as JSON (default) or text")
+    run.add_argument("--wait-lock", action="store_const", const=True,
+                     help="if another ingestd runs on this watch dir, wait and take over when it stops")
 
     proc = sub.add_parser("process", help="run one file through the engine")
     proc.add_argument("--input", required=True, help="input file, or - for stdin")
@@ -52,7 +52,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)  # a bad command line exits 2 here
-    flags = {k: v for k, v in vars(args).items() if k in ("watch_dir", "mode", "config", "workers", "listen", "log_format")}
+    flags = {k: v for k, v in vars(args).items() if k in ("watch_dir", "mode", "config", "workers", "listen", "log_format",
+                                                            "wait_lock")}
     try:
         settings = load(flags)
         log.setup(settings.log_format)

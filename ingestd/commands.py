@@ -6,7 +6,7 @@ import json
 import os
 import sys
 from datetime import datetime
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from tqdm import tqdm
 
@@ -96,11 +96,11 @@ def process(settings: Settings, input_path: str, output_path: str, explain: bool
 
 def status(settings: Settings, as_json: bool) -> int:
     spool = _existing(settings)
-    report = {
+    report: dict[str, Any] = {
         "watch_dir": str(spool.root.resolve()),
         "daemon": spool.holder(),
         "counts": spool.counts(),
-        "in_progress": [display(n) for n in sorted(Spool.list(spool.underprocess))],
+        "in_progress": [display(n) for n in sorted(Spool.entries(spool.underprocess))],
         "recent": spool.completions(settings.recent),
         "failures": spool.failures(settings.recent),
     }

@@ -71,7 +71,7 @@ class Daemon:
     def startup(self) -> None:
         faulthandler.enable()  # the watchdog's SIGABRT dumps every thread's stack into the journal
         self.spool.ensure()
-        self.spool.lock()
+        self.spool.lock(wait=self.s.wait_lock)  # --wait-lock: a standby blocks here until the owner is gone
         self._install_signals()
         self._make_output_folders()
         now = self.wall()
@@ -190,7 +190,7 @@ class Daemon:
 
     def _rescan(self, reason: str) -> None:
         self.metrics.rescans.labels(reason).inc()
-        self.arrivals.scanned(Spool.list(self.spool.unprocessed), self.clock())
+        self.arrivals.scanned(Spool.entries(self.spool.unprocessed), self.clock())
         self.next_rescan = self.clock() + self.s.rescan_interval
 
     def _stat(self, name: str) -> tuple[int, int] | None:
@@ -222,10 +222,23 @@ class Daemon:
             st = os.lstat(src)
         except FileNotFoundError:
             return
-        if not stat.S_ISREG(st.st_mode):
-            self._fail(name, Failure(f"not a regular file: {kind(st.st_mode)}"), 0.0, source=self.spool.unprocessed)
+        try:
+            if not stat.S_ISREG(st.st_mode):
+                self._fail(name, Failure(f"not a regular file: {kind(st.st_mode)}"), 0.0, source=self.spool.unprocessed)
+                return
+            claimed = self.spool.claim(name)
+        except OSError as e:
+            # EIO/ENOSPC on the claim rename or on quarantining a non-file must not kill the daemon: the entry
+            # stays in unprocessed/, is looked at again, and claiming pauses (tests/torture/test_errors.py, eio).
+            self.arrivals.scanned([name], now)
+            self.metrics.errors.inc()
+            reason = f"{e.strerror} ({errno.errorcode.get(e.errno or 0, 'error')})"
+            self._pause(f"I/O error: {reason}", self.clock() + self.backoff)
+            event("io_error", "could not claim a file; it stays queued", logging.ERROR, file=display(name),
+                  reason=reason, retry_in=self.backoff)
+            self.backoff = min(MAX_BACKOFF, self.backoff * 2)
             return
-        if not self.spool.claim(name):
+        if not claimed:
             if os.path.lexists(os.path.join(self.spool.underprocess, name)):
                 # The same name is still in flight: take the new one after the old one commits.
                 self.arrivals.scanned([name], now)

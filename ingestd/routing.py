@@ -98,5 +98,6 @@ def _output(where: str, t: dict[str, Any]) -> Output:
     path = _str(where, t, "path", "")
     parts = path.split("/") if path else []
     if path.startswith("/") or any(p in ("", ".", "..") or p.startswith(".") for p in parts):
-        raise RoutingError(f"{where}.path: must be a relative folder under processed/ without '.', '..' or hidden parts, not {path!r}")
+        raise RoutingError(f"{where}.path: must be a relative folder under processed/ "
+                           f"without '.', '..' or hidden parts, not {path!r}")
     return Output(_str(where, t, "match", "*"), path)

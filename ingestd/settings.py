@@ -34,6 +34,7 @@ class Settings:
     done_marker: bool = False  # claim NAME only once NAME.done exists
     min_free_bytes: int = 16 << 20  # stop claiming below this much free space in the watch dir
     stop_timeout: float = 20.0  # warm stop: how long to let the current files finish
+    wait_lock: bool = False  # another daemon holds the watch dir: wait for it to go (a standby) instead of exiting 75
     stall_time: float = 30.0  # a busy worker silent this long is stuck (healthz 503, no watchdog ping)
     log_format: str = "json"
     routing_doc: dict[str, Any] = field(default_factory=lambda: {"mode": "uppercase"})  # picklable, for workers
@@ -124,6 +125,7 @@ PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "done_marker": _bool,
     "min_free_bytes": _int(0),
     "stop_timeout": _float,
+    "wait_lock": _bool,
     "stall_time": _float,
     "log_format": _choice("json", "text"),
 }
@@ -152,7 +154,8 @@ def load(
     doc = _read_toml(Path(config)) if config else {}
     unknown = sorted(set(doc) - set(PARSERS) - {"tags", "filters", "outputs"})
     if unknown:
-        raise ConfigError(f"{config}: unknown setting {unknown[0]!r} (allowed: {', '.join(sorted(PARSERS))}, [[tags]], [[filters]], [[outputs]])")
+        allowed = ", ".join([*sorted(PARSERS), "[[tags]]", "[[filters]]", "[[outputs]]"])
+        raise ConfigError(f"{config}: unknown setting {unknown[0]!r} (allowed: {allowed})")
     layers.append({k: v for k, v in doc.items() if k in PARSERS})
 
     values: dict[str, Any] = {}
@@ -183,7 +186,7 @@ def _routing_doc(doc: dict[str, Any], values: dict[str, Any], explicit_mode: boo
     if routing.has_tables(doc):
         if explicit_mode and "filters" in doc:
             raise ConfigError("mode: set both as mode (MODE/--mode/config) and as [[filters]] in the config; choose one")
-        chosen = {k: doc[k] for k in ("tags", "filters", "outputs") if k in doc}
+        chosen: dict[str, Any] = {k: doc[k] for k in ("tags", "filters", "outputs") if k in doc}
         if explicit_mode:  # MODE beside [[tags]]/[[outputs]] only: the mode is the one filter, as MODE alone
             chosen["filters"] = [{"match": "*", "processor": mode}]
     else:

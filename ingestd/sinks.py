@@ -15,7 +15,8 @@ class _Out:
     __slots__ = ("fd", "temp", "buf", "size", "lines")
 
     def __init__(self, fd: int, temp: str) -> None:
-        self.fd, self.temp, self.buf, self.size, self.lines = fd, temp, [], 0, 0
+        self.fd, self.temp, self.size, self.lines = fd, temp, 0, 0
+        self.buf: list[bytes] = []
 
 
 class Sinks:

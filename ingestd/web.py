@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -10,6 +11,10 @@ from importlib.resources import files
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+
+class _Server6(ThreadingHTTPServer):
+    address_family = socket.AF_INET6
 
 
 class Web:
@@ -52,9 +57,11 @@ class Web:
             def log_message(self, format: str, *args: Any) -> None:
                 pass  # scrapes every second would drown the event log
 
-        self.server = ThreadingHTTPServer((host, port), Handler)
+        server_class = _Server6 if ":" in host else ThreadingHTTPServer
+        self.server = server_class((host, port), Handler)
         self.server.daemon_threads = True
-        self.address = "%s:%d" % self.server.server_address[:2]
+        bound, port = str(self.server.server_address[0]), self.server.server_address[1]
+        self.address = f"[{bound}]:{port}" if ":" in bound else f"{bound}:{port}"
         self._thread = threading.Thread(target=self.server.serve_forever, name="http", daemon=True)
 
     def start(self) -> None:
