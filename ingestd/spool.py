@@ -80,8 +80,13 @@ class Spool:
             holder = os.pread(fd, 512, 0).decode("utf-8", "replace").strip() or "unknown"
             os.close(fd)
             raise AlreadyRunning(f"watch_dir: another ingestd is running on {self.root} ({holder})") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+        except OSError:
+            # Only a label for `status`; the flock is the lock. A full disk (ENOSPC) must not stop a start,
+            # or a restart on a full disk could never pause and resume by itself (tests/torture/test_errors.py).
+            pass
         self._lock_fd = fd
 
     def holder(self) -> str | None:
@@ -112,8 +117,9 @@ class Spool:
         for f in os.listdir(self.failed):
             if f.startswith(TEMP_OUTPUT_PREFIX):
                 durable.unlink_quiet(os.path.join(self.failed, f))
+        self._drop_claim_ghosts()
         requeued, quarantined = [], []
-        for name in sorted(self.list(self.underprocess)):
+        for name in sorted(self.entries(self.underprocess)):
             attempts = self.bump_attempts(name)
             if attempts >= max_attempts:
                 reason = f"poison: in progress during {attempts} crashes or restarts in a row"
@@ -122,6 +128,28 @@ class Spool:
             else:
                 requeued.append(name)
         return requeued, quarantined
+
+    def _drop_claim_ghosts(self) -> None:
+        """A claim is one rename, never fsynced in unprocessed/: after a power cut its old name can be back
+        while the file (same inode) is also in underprocess/ or failed/. Processing that name again would
+        finish the file twice (a failure would even be kept twice), so the stale name goes.
+        Found by tests/torture/test_power_loss.py (restart on a disk cut mid-run)."""
+        taken = {}
+        for folder in (self.underprocess, self.failed):
+            for name in self.entries(folder):
+                try:
+                    st = os.lstat(os.path.join(folder, name))
+                except FileNotFoundError:
+                    continue
+                taken[name] = (st.st_dev, st.st_ino)
+        for name in self.entries(self.unprocessed):
+            try:
+                st = os.lstat(os.path.join(self.unprocessed, name))
+            except FileNotFoundError:
+                continue
+            if taken.get(name) == (st.st_dev, st.st_ino):
+                # No fsync: if this unlink is lost too, the next start drops the ghost again.
+                durable.unlink_quiet(os.path.join(self.unprocessed, name))
 
     # --- the life of a file ----------------------------------------------------------------
     def claim(self, name: str) -> bool:
@@ -193,7 +221,7 @@ class Spool:
     def requeue(self, names: list[str] | None = None) -> tuple[list[str], list[str]]:
         """Move failed files back to unprocessed/ (never over a waiting file). Returns (moved, refused)."""
         moved, refused = [], []
-        for name in self.list(self.failed) if names is None else names:
+        for name in self.entries(self.failed) if names is None else names:
             try:
                 durable.rename_noreplace(os.path.join(self.failed, name), os.path.join(self.unprocessed, name))
             except OSError:
@@ -233,7 +261,7 @@ class Spool:
 
     # --- looking -----------------------------------------------------------------------------
     @staticmethod
-    def list(folder: str) -> list[str]:
+    def entries(folder: str) -> list[str]:
         """User entries of a folder: everything but dot-names (ours, and producers' temps)."""
         with os.scandir(folder) as it:
             return [e.name for e in it if not e.name.startswith(".")]

@@ -18,7 +18,9 @@ from typing import Any
 from ingestd import pipeline, routing
 from ingestd.sinks import Sinks
 
-INPUT_ERRORS = {errno.EISDIR, errno.ENOTDIR, errno.ENAMETOOLONG, errno.EINVAL}
+# EFBIG: this file's output exceeds the file-size limit (RLIMIT_FSIZE or the filesystem's maximum); retrying it
+# would pause the whole queue forever, so it fails with the reason (tests/torture/test_errors.py, efbig).
+INPUT_ERRORS = {errno.EISDIR, errno.ENOTDIR, errno.ENAMETOOLONG, errno.EINVAL, errno.EFBIG}
 PROGRESS_EVERY = 0.25  # seconds between progress reports (the parent's liveness signal)
 
 
