@@ -73,6 +73,41 @@ def lines(f: BinaryIO, max_line_bytes: int, stats: Stats, progress: Progress) ->
     stats.lines_in = n
 
 
+READ = 256 * 1024  # block reads for the fast path; a block only needs a line-length check above max_line_bytes
+
+
+def blocks(f: BinaryIO, max_line_bytes: int, stats: Stats, progress: Progress) -> Iterator[bytes]:
+    """Whole lines in blocks (each ends at a newline, but the last), with the same line-length limit."""
+    carry = b""
+    while chunk := f.read(READ):
+        stats.bytes_in += len(chunk)
+        cut = chunk.rfind(b"\n") + 1
+        if not cut:  # no line ends in this chunk: keep gathering, within the limit
+            carry += chunk
+            if len(carry) > max_line_bytes + 1:
+                raise Rejected(f"line longer than max_line_bytes ({max_line_bytes} bytes)", line=stats.lines_in + 1)
+            continue
+        block, carry = carry + chunk[:cut], chunk[cut:]
+        _check_lines(block, max_line_bytes, stats)
+        stats.lines_in += block.count(b"\n")
+        progress(stats.bytes_in)
+        yield block
+    if carry:
+        _check_lines(carry, max_line_bytes, stats)
+        stats.lines_in += 1
+        yield carry
+
+
+def _check_lines(block: bytes, max_line_bytes: int, stats: Stats) -> None:
+    if len(block) <= max_line_bytes:
+        return  # no line in it can be longer
+    parts = block.split(b"\n")
+    last = len(parts) - 1
+    for i, line in enumerate(parts):
+        if len(line) - (line.endswith(b"\r") and i < last) > max_line_bytes:  # a CR counts only before a LF
+            raise Rejected(f"line longer than max_line_bytes ({max_line_bytes} bytes)", line=stats.lines_in + i + 1)
+
+
 def run(
     f: BinaryIO,
     name: str,
@@ -95,6 +130,12 @@ def run(
             progress(stats.bytes_in)
             if out is not None:
                 write(out, block)
+        return
+    plan = None if explain else routing.block_plan(rule.tag)
+    if plan is not None:  # fast path: per-character processors on whole blocks of lines
+        out, fn = plan
+        for block in blocks(f, max_line_bytes, stats, progress):
+            write(out, fn(block.decode("utf-8", "surrogateescape")).encode("utf-8", "surrogateescape"))  # type: ignore[union-attr]
         return
     for out, data in routing.run(rule.tag, lines(f, max_line_bytes, stats, progress), explain):
         write(out, data)

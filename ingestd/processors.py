@@ -56,6 +56,10 @@ BUILTIN: dict[str, Factory] = {
 }
 
 
+# Processors that map text character by character (no line-level logic): safe on whole blocks of lines.
+PER_CHAR = frozenset({"uppercase", "lowercase", "passthrough"})
+
+
 def names() -> list[str]:
     """Every processor name a filter may use: built-ins and installed plug-ins."""
     return sorted({*BUILTIN, *(ep.name for ep in entry_points(group=GROUP))})

@@ -79,7 +79,7 @@ def _filter(where: str, t: dict[str, Any]) -> Filter:
         raise RoutingError(f"{where}.pattern: invalid regular expression: {e}") from None
     except TypeError as e:
         raise RoutingError(f"{where}: bad options for processor {name!r}: {e}") from None
-    return Filter(match, name, processor=proc)
+    return Filter(match, name, processor=proc, per_char=name in processors.PER_CHAR)
 
 
 def _regex(where: str, pattern: object) -> re.Pattern[str] | None:
