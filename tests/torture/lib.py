@@ -1,0 +1,165 @@
+"""Shared helpers of the torture suite: scale, skip-or-fail, inputs with known results, the shim, audits, figures."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from support import DaemonProcess, wait_for
+
+SCALE = max(1, int(os.environ.get("INGESTD_TORTURE_SCALE", "1") or 1))
+SHIM_DIR = Path(__file__).resolve().parent / "shim"
+FIGURES = Path(os.environ.get("INGESTD_TORTURE_FIGURES", f"/tmp/ingestd-torture-figures-scale{SCALE}.json"))
+QUEUE = ("unprocessed", "underprocess", "processed", "failed")
+
+
+def unavailable(reason: str) -> None:
+    """A missing component: skip with the reason, but under CI=true the test must run, so fail."""
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"{reason} (CI=true: this test must run)", pytrace=False)
+    pytest.skip(reason)
+
+
+def need_root(what: str) -> None:
+    if os.geteuid() != 0:
+        unavailable(f"{what} needs root")
+
+
+def record(key: str, value: Any) -> None:
+    """Keep a measured figure for docs/guarantees.md (one JSON file per scale, merged across tests)."""
+    data = json.loads(FIGURES.read_text()) if FIGURES.exists() else {}
+    data[key] = value
+    FIGURES.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+
+
+def make_watch(root: Path) -> Path:
+    for sub in (*QUEUE, ".ingestd"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def text_blob(rng: random.Random, size: int) -> bytes:
+    """ASCII lines (mixed case, so uppercase changes them) of about `size` bytes; the reference is .upper()."""
+    words = [b"alpha", b"Beta", b"gamma", b"delta", b"Epsilon", b"zeta", b"eta", b"theta", b"iota", b"kappa"]
+    line = b" ".join(rng.choice(words) for _ in range(12)) + b"\n"
+    reps = max(1, size // len(line))
+    return (line * reps)[:size] if size else b""
+
+
+def ls(w: Path, sub: str) -> list[str]:
+    return sorted(n for n in os.listdir(w / sub) if not n.startswith("."))
+
+
+def hidden(w: Path, sub: str) -> list[str]:
+    return sorted(n for n in os.listdir(w / sub) if n.startswith("."))
+
+
+def shim_env(tmp: Path, **cfg: Any) -> dict[str, str]:
+    """Environment that installs the I/O shim in the daemon and its workers (see shim/ingestd_shim.py)."""
+    d = tmp / f"shim-{time.monotonic_ns()}"
+    d.mkdir(parents=True)
+    cfg.setdefault("dir", str(d))
+    path = d / "cfg.json"
+    path.write_text(json.dumps(cfg))
+    return {"PYTHONPATH": str(SHIM_DIR), "INGESTD_SHIM": str(path)}
+
+
+def read_journal(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            pass  # a line cut by the kill
+    return out
+
+
+def audit_processed(w: Path, expected: dict[str, bytes]) -> None:
+    """Nothing half-written: every user-visible result in processed/ is complete and correct."""
+    for name in ls(w, "processed"):
+        if (w / "processed" / name).is_dir():
+            continue
+        assert name in expected, f"unexpected result {name!r}"
+        got = (w / "processed" / name).read_bytes()
+        assert got == expected[name], f"partial or wrong result {name!r}: {len(got)} bytes, want {len(expected[name])}"
+
+
+def audit_final(w: Path, expected: dict[str, bytes], failed: set[str] = frozenset()) -> None:
+    """At the end: each input exactly once in processed/ (byte-identical) or failed/ (with a reason), queue empty."""
+    assert ls(w, "unprocessed") == [] and ls(w, "underprocess") == [], "inputs left in the queue"
+    assert [n for n in hidden(w, "processed") if n.startswith(".ingestd-tmp-")] == [], "temp files left"
+    audit_processed(w, expected)
+    got_failed = set(ls(w, "failed"))
+    assert got_failed == set(failed), f"failed/ holds {sorted(got_failed)}, expected {sorted(failed)}"
+    assert set(ls(w, "processed")) | got_failed == set(expected) | set(failed)
+    assert not set(ls(w, "processed")) & got_failed, "a file is both processed and failed"
+    for name in got_failed:
+        sidecar = [n for n in hidden(w, "failed") if n.startswith(".ingestd-reason-")]
+        assert sidecar, f"{name} failed without a reason"
+
+
+def start_daemon(w: Path, *args: str, env: dict[str, str] | None = None, cwd: Path | None = None,
+                 wait: bool = True) -> DaemonProcess:
+    d = DaemonProcess(w, *args, env=env, cwd=cwd or w.parent)
+    return d.started(timeout=30) if wait else d
+
+
+def wait_drained(w: Path, total: int, timeout: float = 60.0) -> None:
+    wait_for(lambda: not ls(w, "unprocessed") and not ls(w, "underprocess")
+             and len(ls(w, "processed")) + len(ls(w, "failed")) >= total, timeout=timeout, interval=0.05,
+             what=f"{total} inputs finished")
+
+
+def kill_tree(d: DaemonProcess) -> None:
+    """kill -9 the daemon; its workers follow at once (PR_SET_PDEATHSIG). Waits until they are gone too."""
+    kids = children(d.proc.pid)
+    if d.proc.poll() is None:
+        d.proc.send_signal(signal.SIGKILL)
+    d.proc.wait()
+    d._close()
+    for pid in kids:
+        wait_for(lambda pid=pid: not _alive(pid), timeout=10, what=f"worker {pid} gone")
+
+
+def children(pid: int) -> list[int]:
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def _alive(pid: int) -> bool:
+    try:
+        st = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return st.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def metrics_ok(body: bytes) -> dict[str, float]:
+    """/metrics must parse as Prometheus text; returns the unlabelled and labelled samples by full name."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    samples = {}
+    for fam in text_string_to_metric_families(body.decode("utf-8")):
+        for s in fam.samples:
+            key = s.name + ("{" + ",".join(f"{k}={v}" for k, v in sorted(s.labels.items())) + "}" if s.labels else "")
+            samples[key] = s.value
+    return samples
+
+
+def cli_status(w: Path) -> dict[str, Any]:
+    out = subprocess.run([*__import__("support").INGESTD, "status", "--json", "--watch-dir", str(w)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
