@@ -862,7 +862,7 @@ def bench_scrape_idle(work: Path, t: Table, quick: bool, waiting: int, only: lis
         t.add("4.4", "", "", "response size, empty queue / waiting", f"{e_size:,} / {f_size:,} B")
         t.add("4.5", f"/api/status p50 / p99, {waiting:,} waiting",
               f"{f_ms(pct(s_lat, 50))} / {f_ms(pct(s_lat, 99))}")
-        t.add("4.6", f"  Spool.counts() alone (what each scrape runs), {waiting:,} waiting", counts_t.fmt(f_ms))
+        t.add("4.6", f"  Spool.counts() alone (what each rescan runs), {waiting:,} waiting", counts_t.fmt(f_ms))
         if not quick:
             t.add("4.7", f"/metrics p50 / p99, empty queue, {waiting:,} in processed/",
                   f"{f_ms(pct(p_lat, 50))} / {f_ms(pct(p_lat, 99))}")
