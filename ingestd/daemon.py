@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import errno
 import faulthandler
 import logging
 import os
@@ -23,7 +22,7 @@ from ingestd import __version__
 from ingestd.arrivals import DONE_SUFFIX, Arrivals
 from ingestd.log import event
 from ingestd.metrics import Metrics
-from ingestd.names import display
+from ingestd.names import display, oserror
 from ingestd.notify import Notifier
 from ingestd.pipeline import kind
 from ingestd.settings import ConfigError, Settings
@@ -65,6 +64,11 @@ class Daemon:
         self.next_rescan = clock() + settings.rescan_interval
         self.next_watchdog = 0.0
         self._withheld = False
+        self._unacked: list[tuple[str, dict[str, Any], float, int, bool]] = []  # commits not yet fsynced, not announced
+        # Folder counts for scrapes, kept from our own bookkeeping (listing 100,000 entries per scrape took
+        # ~100 ms); processed/ and failed/ are re-counted from disk at every rescan, as others may change them.
+        self.kept = {"processed": 0, "failed": 0}
+        self._fresh: set[str] = set()  # in-flight names with no earlier result in processed/
         self.web: Web | None = None
         self.watch: Watch | None = None
         self.pool: Pool | None = None
@@ -145,6 +149,8 @@ class Daemon:
             else:
                 for slot, kind, data in self.pool.receive(fd):
                     self._on_worker(slot, kind, data)
+        if self._unacked:
+            self._ack_commits()  # one fsync for this turn's commits, then they are announced
         if self.signals:
             self._handle_signals()
         if now >= self.next_rescan:
@@ -193,6 +199,8 @@ class Daemon:
 
     def _rescan(self, reason: str) -> None:
         self.metrics.rescans.labels(reason).inc()
+        counts = self.spool.counts()
+        self.kept = {"processed": counts["processed"], "failed": counts["failed"]}
         self.arrivals.scanned(Spool.entries(self.spool.unprocessed), self.clock())
         self.next_rescan = self.clock() + self.s.rescan_interval
 
@@ -234,19 +242,15 @@ class Daemon:
             # EIO/ENOSPC on the claim rename or on quarantining a non-file must not kill the daemon: the entry
             # stays in unprocessed/, is looked at again, and claiming pauses (tests/torture/test_errors.py, eio).
             self.arrivals.scanned([name], now)
-            self.metrics.errors.inc()
-            reason = f"{e.strerror} ({errno.errorcode.get(e.errno or 0, 'error')})"
-            self._pause(f"I/O error: {reason}", self.clock() + self.backoff)
-            event("io_error", "could not claim a file; it stays queued", logging.ERROR, file=display(name),
-                  reason=reason, retry_in=self.backoff)
-            self.backoff = min(MAX_BACKOFF, self.backoff * 2)
+            self._back_off(name, oserror(e), "could not claim a file; it stays queued")
             return
         if not claimed:
             if os.path.lexists(os.path.join(self.spool.underprocess, name)):
                 # The same name is still in flight: take the new one after the old one commits.
                 self.arrivals.scanned([name], now)
             return
-        self._remove_marker(name)
+        if self.s.done_marker:
+            self.spool.remove_marker(name + DONE_SUFFIX)
         self.metrics.wait.observe(max(0.0, self.wall() - st.st_ctime))  # ctime: when it arrived (create or rename)
         self.metrics.pickup.observe(max(0.0, now - complete))
         self._start(slot, name, st.st_size, now)
@@ -258,15 +262,11 @@ class Daemon:
                 size = os.lstat(os.path.join(self.spool.underprocess, name)).st_size
             except FileNotFoundError:
                 return
+        if not os.path.lexists(os.path.join(self.spool.processed, name)):
+            self._fresh.add(name)
         self.pool.assign(slot, name, size, now, self.wall())
         event("claimed", "claimed", file=display(name), bytes=size, worker=slot.id)
 
-    def _remove_marker(self, name: str) -> None:
-        if self.s.done_marker:
-            try:
-                os.unlink(os.path.join(self.spool.unprocessed, name + DONE_SUFFIX))
-            except FileNotFoundError:
-                pass
 
     def _space_ok(self) -> bool:
         """Backpressure: below min_free_bytes (or out of inodes) claim nothing; resume by itself."""
@@ -301,6 +301,7 @@ class Daemon:
             return
         name, elapsed = self.pool.release(slot, self.clock())
         if kind == "died":
+            self._fresh.discard(name or "")
             self._on_worker_death(slot, name, data)
             return
         if name is None:
@@ -308,16 +309,30 @@ class Daemon:
         try:
             if kind == "done":
                 self.spool.commit(name)
-                self._count_processed(name, data, elapsed, slot.id)
+                self._unacked.append((name, data, elapsed, slot.id, name in self._fresh))  # announced once durable
             elif kind == "rejected":
                 self._fail(name, Failure(data["reason"], data.get("line"), self.spool.attempts(name) + 1), elapsed,
                            worker=slot.id)
             else:
                 self._io_error(name, data["reason"])
         except OSError as e:
-            self._io_error(name, f"{e.strerror} ({errno.errorcode.get(e.errno or 0, 'error')})")
+            self._io_error(name, oserror(e))
+        finally:
+            self._fresh.discard(name)
 
-    def _count_processed(self, name: str, data: dict[str, Any], elapsed: float, worker: int) -> None:
+    def _ack_commits(self) -> None:
+        """One directory fsync makes all of this turn's commits durable; only then are they logged and counted
+        as processed, so a power cut can never bring back a file the log already called done."""
+        try:
+            self.spool.sync_commits()
+        except OSError as e:  # try again next turn; the acks wait (the outputs themselves are durable)
+            self._back_off(self._unacked[0][0], oserror(e), "could not make commits durable; will retry")
+            return
+        acks, self._unacked = self._unacked, []
+        for name, data, elapsed, worker, fresh in acks:
+            self._count_processed(name, data, elapsed, worker, fresh)
+
+    def _count_processed(self, name: str, data: dict[str, Any], elapsed: float, worker: int, fresh: bool) -> None:
         m = self.metrics
         m.files.labels("processed").inc()
         m.bytes_in.inc(data["bytes_in"])
@@ -332,6 +347,8 @@ class Daemon:
         self.totals["bytes_in"] += data["bytes_in"]
         self.totals["bytes_out"] += data["bytes_out"]
         self.done_times.append((self.clock(), data["bytes_in"]))
+        if fresh:  # a new result, not a replacement of an earlier same-named one
+            self.kept["processed"] += 1
         self.done_bytes += data["bytes_in"]
         self._remember(name, "processed", elapsed, None)
         if self.paused and not self.paused.startswith("low disk"):
@@ -347,16 +364,20 @@ class Daemon:
 
     def _count_failed(self, name: str, reason: str, elapsed: float) -> None:
         self.metrics.files.labels("failed").inc()
+        self.kept["failed"] += 1
         self.totals["failed"] += 1
         self._remember(name, "failed", elapsed, reason)
 
     def _io_error(self, name: str, reason: str) -> None:
         """Not the input's fault (disk full, read-only, EIO): keep the file claimed, pause, retry it first."""
-        self.metrics.errors.inc()
         self.retry.appendleft(name)
+        self._back_off(name, reason, "could not finish a file; it is kept and retried")
+
+    def _back_off(self, name: str, reason: str, message: str) -> None:
+        """Pause claiming for a while that doubles with each error (to MAX_BACKOFF); a success resets it."""
+        self.metrics.errors.inc()
         self._pause(f"I/O error: {reason}", self.clock() + self.backoff)
-        event("io_error", "could not finish a file; it is kept and retried", logging.ERROR, file=display(name),
-              reason=reason, retry_in=self.backoff)
+        event("io_error", message, logging.ERROR, file=display(name), reason=reason, retry_in=self.backoff)
         self.backoff = min(MAX_BACKOFF, self.backoff * 2)
 
     def _on_worker_death(self, slot: Slot, name: str | None, data: dict[str, Any]) -> None:
@@ -479,6 +500,8 @@ class Daemon:
                        "underprocess": max(0.0, wall - min(in_flight)) if in_flight else 0.0},
             "throughput": {"files_per_second": round(len(self.done_times) / 60, 3),
                            "bytes_per_second": round(self.done_bytes / 60, 1)},
+            "counts": {"unprocessed": len(self.arrivals), "underprocess": len(self.pool.files()) + len(self.retry),
+                       **self.kept},
             "totals": dict(self.totals),
             "state": self.state,
             "paused": self.paused,
@@ -490,7 +513,7 @@ class Daemon:
                              + (f"; PAUSED: {self.paused}" if self.paused else ""))
 
     def snapshot(self) -> dict[str, Any]:
-        return {**self._view, "counts": self.spool.counts()}
+        return self._view
 
     def status(self) -> dict[str, Any]:
         return {"version": __version__, "started_at": self.started_at, "now": self.wall(),
@@ -499,6 +522,8 @@ class Daemon:
 
     # --- shutdown ------------------------------------------------------------------------------------------
     def shutdown(self) -> None:
+        if self._unacked:
+            self._ack_commits()
         for name in self.retry:
             self.spool.unclaim(name)  # waiting for a retry (disk full...), not crashed: no attempt counted
         if self.pool is not None:

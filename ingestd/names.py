@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 
@@ -31,3 +32,8 @@ def _escape(c: str) -> str:
 def key(name: str) -> str:
     """A fixed-length key for a name, so sidecar and temp names never exceed NAME_MAX (255 bytes)."""
     return hashlib.sha256(os.fsencode(name)).hexdigest()[:32]
+
+
+def oserror(e: OSError) -> str:
+    """An OSError as a reason people and tests can read: "No space left on device (ENOSPC)"."""
+    return f"{e.strerror or e} ({errno.errorcode.get(e.errno or 0, 'error')})"

@@ -171,14 +171,22 @@ class Spool:
             return False  # a newer file of that name waits: recovery takes this one at the next start
         return True
 
+    def remove_marker(self, marker: str) -> None:
+        """A done-marker has served once its file is claimed. Not fsynced: if a crash brings it back, it can only
+        vouch for a later file of the same name, which the producer would mark again anyway."""
+        durable.unlink_quiet(os.path.join(self.unprocessed, marker))
+
     def commit(self, name: str) -> None:
-        """Outputs are durable: now the input may go. This unlink is the commit point."""
+        """Outputs are durable: now the input may go. This unlink is the commit point (see sync_commits)."""
         try:
             durable.unlink(os.path.join(self.underprocess, name))
         except FileNotFoundError:
             pass  # its owner deleted it meanwhile; the outputs stand
         self.clear_attempts(name)
-        # If this fsync is lost the file is redone, and the redo publishes identical bytes.
+
+    def sync_commits(self) -> None:
+        """Make the commits (unlinks) so far durable; batched once per main-loop turn, as a lost commit is
+        harmless: the file is redone, and the redo publishes identical bytes."""
         durable.fsync_dir(self.underprocess)
 
     def fail(self, name: str, failure: Failure, now: float, source: str | None = None) -> None:

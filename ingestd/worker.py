@@ -16,6 +16,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from ingestd import pipeline, routing
+from ingestd.names import oserror
 from ingestd.sinks import Sinks
 
 # EFBIG: this file's output exceeds the file-size limit (RLIMIT_FSIZE or the filesystem's maximum); retrying it
@@ -68,7 +69,7 @@ def process(conn: Connection, name: str, table: routing.Routing, folders: list[s
         return "rejected", {"reason": e.reason, "line": e.line, "bytes_in": stats.bytes_in, "lines_in": stats.lines_in}
     except OSError as e:
         sinks.abort()
-        reason = f"{e.strerror or e} ({_errname(e.errno)})"
+        reason = oserror(e)
         if e.errno in INPUT_ERRORS:
             # The name itself cannot be published (e.g. it is an output folder's name): retrying cannot help.
             return "rejected", {"reason": f"cannot publish: {reason}", "line": None, "bytes_in": stats.bytes_in,
@@ -88,7 +89,3 @@ def _die_with_parent() -> None:
     libc.prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
     if os.getppid() == 1:  # the parent died before prctl took effect
         os._exit(1)
-
-
-def _errname(num: int | None) -> str:
-    return errno.errorcode.get(num or 0, "error")

@@ -184,6 +184,8 @@ def install(cfg_path: str) -> None:
     # Acknowledgements and kill points in the folder state machine.
     S = spool.Spool
     o_claim, o_commit, o_fail, o_bump, o_recover, o_requeue = S.claim, S.commit, S.fail, S.bump_attempts, S.recover, S.requeue
+    o_sync = S.sync_commits
+    committed: list[str] = []  # commits made, acknowledged once sync_commits has made them durable
 
     def claim(self, name):
         ok = o_claim(self, name)
@@ -194,7 +196,13 @@ def install(cfg_path: str) -> None:
     def commit(self, name):
         _point("published")  # outputs are published and durable; the input is not yet removed
         o_commit(self, name)
-        _journal(op="ack", what="commit", name=name)
+        committed.append(name)
+
+    def sync_commits(self):
+        o_sync(self)  # the daemon batches one underprocess/ fsync per main-loop turn: commits count from here
+        for name in committed:
+            _journal(op="ack", what="commit", name=name)
+        committed.clear()
         _point("commit")
 
     def fail(self, name, failure, now, source=None):
@@ -218,6 +226,7 @@ def install(cfg_path: str) -> None:
         return moved, refused
 
     S.claim, S.commit, S.fail, S.bump_attempts, S.recover, S.requeue = claim, commit, fail, bump, recover, requeue
+    S.sync_commits = sync_commits
     if CFG.get("kill") and CFG["kill"]["at"] == "mid-output":
         o_write = sinks.Sinks.write
 
