@@ -36,7 +36,7 @@ wait_for = functools.partial(support.wait_for, interval=0.1)
 # Runs in the new namespaces (mount, PID, UTS, IPC, network). $1: mount point for the scratch tmpfs;
 # $2: a host folder shown read-only at /wheelhouse inside (pip's offline package source), or "";
 # $3: the cgroup.procs files of this boot's own cgroup subtree (space-separated); $4: the cgroup
-# hierarchies' mount points. Everything the booted systemd may write lands in the namespace: the overlay's
+# hierarchies' mount points; $5: the repository under test. Everything the booted systemd may write lands in the namespace: the overlay's
 # upper layer on a tmpfs, fresh /run, /tmp and /dev, a read-only /sys and /proc/sys, a private tmpfs on
 # /sys/fs/cgroup, and its cgroups under the subtree (inside the test's own memory cgroup).
 BOOT_SCRIPT = r"""
@@ -65,6 +65,10 @@ ln -s /proc/self/fd "$M/dev/fd"
 mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs "$M/dev/shm"
 mount -t tmpfs -o mode=0755 tmpfs "$M/run"
 mount -t tmpfs -o mode=1777 tmpfs "$M/tmp"
+# The repository under test at its own path, even when that lies under a folder replaced above (a clone in
+# /tmp): an overlay of its own, so whatever the tests build in it stays in the namespace.
+mkdir -p "$S/repo-upper" "$S/repo-work" "$M$5"
+mount -t overlay overlay -o "lowerdir=$5,upperdir=$S/repo-upper,workdir=$S/repo-work" "$M$5"
 if [ -n "$2" ]; then
     mkdir -p "$M/wheelhouse"
     mount --bind "$2" "$M/wheelhouse"
@@ -90,6 +94,7 @@ rmdir /.oldroot
 exec env container=other /usr/bin/systemd --system --unit=basic.target
 """
 
+REPO = Path(__file__).resolve().parents[2]
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 ENV = {"PATH": PATH, "HOME": "/root", "LANG": "C.UTF-8", "SYSTEMD_PAGER": "", "SYSTEMD_COLORS": "0",
        "TERM": "dumb"}
@@ -208,7 +213,7 @@ class Machine:
                 ["unshare", "--mount", "--propagation", "private", "--pid", "--fork", "--kill-child",
                  "--uts", "--ipc", "--net",
                  "sh", "-c", BOOT_SCRIPT, "boot", str(scratch), str(self.wheelhouse or ""), " ".join(procs),
-                 " ".join(self.cgroups.mounts)],
+                 " ".join(self.cgroups.mounts), str(REPO)],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=ENV,
                 preexec_fn=_die_with_parent)
         try:

@@ -18,6 +18,8 @@ REPO = Path(__file__).resolve().parents[2]
 UNIT_FILE = REPO / "packaging" / "systemd" / "ingestd.service"
 
 BASE_ENV = {"INGESTD_WORKERS": "2", "INGESTD_SETTLE_TIME": "0.2"}
+
+
 def lines(name: str, n: int) -> str:
     return "".join(f"line {i} of {name}, lower case\n" for i in range(n))
 
@@ -199,7 +201,8 @@ def test_reload_keeps_the_old_routing_on_a_bad_config_and_applies_a_good_one(ser
 
 # --- 5. warm stop -------------------------------------------------------------------------------------------------
 def test_stop_during_large_files_loses_nothing(service: Service) -> None:
-    service.reset({**BASE_ENV, "INGESTD_STOP_TIMEOUT": "6"})
+    # reverse goes line by line (~15 MB/s here): uppercase's block path would finish even 300 MB within the stop.
+    service.reset({**BASE_ENV, "INGESTD_STOP_TIMEOUT": "6", "INGESTD_MODE": "reverse"})
     service.m.systemctl("start", "ingestd")
     invocation = service.invocation()
     line = "a long stream of words to shout, one line at a time\n"
@@ -221,7 +224,7 @@ RESULT = time.monotonic() - started
 
     state = service.folders()
     n = 40_000_000 // len(line)
-    assert state["processed"] == {"medium.dat": [n * len(line), sha(line.upper() * n), None]}
+    assert state["processed"] == {"medium.dat": [n * len(line), sha((line[-2::-1] + "\n") * n), None]}
     m = 300_000_000 // len(line)
     assert state["unprocessed"] == {"huge.dat": [m * len(line), sha(line * m), None]}  # whole, back in the queue
     assert state["underprocess"] == {}
