@@ -10,7 +10,7 @@ from ingestd import __version__, log
 from ingestd.settings import ConfigError, Settings, load
 from ingestd.spool import SpoolError
 
-EX_USAGE, EX_CONFIG, EX_TEMPFAIL = 2, 78, 75
+EX_CONFIG, EX_TEMPFAIL = 78, 75  # a bad command line exits 2 (argparse)
 
 
 def parser() -> argparse.ArgumentParser:
