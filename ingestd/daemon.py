@@ -69,6 +69,7 @@ class Daemon:
         # ~100 ms); processed/ and failed/ are re-counted from disk at every rescan, as others may change them.
         self.kept = {"processed": 0, "failed": 0}
         self._fresh: set[str] = set()  # in-flight names with no earlier result in processed/
+        self.outputs: list[str] = []  # output folders under processed/ (set with the routing)
         self.web: Web | None = None
         self.watch: Watch | None = None
         self.pool: Pool | None = None
@@ -385,7 +386,7 @@ class Daemon:
         event("worker_died", "a worker died", logging.ERROR, worker=slot.id, exitcode=data.get("exitcode"),
               file=display(name) if name else None)
         if slot.process.pid is not None:
-            remove_temps(self.spool.processed, self._output_folders(), slot.process.pid)
+            remove_temps(self.spool.processed, self.outputs, slot.process.pid)
         if name is not None and os.path.lexists(os.path.join(self.spool.underprocess, name)):
             attempts = self.spool.bump_attempts(name)
             if attempts >= self.s.max_attempts:
@@ -396,11 +397,10 @@ class Daemon:
         if self.state != "stopping":
             self.pool.replace(slot)
 
-    def _output_folders(self) -> list[str]:
-        return sorted({o.path for o in self.s.routing.outputs})
-
     def _make_output_folders(self) -> None:
-        for path in self._output_folders():
+        """Output folders of the current routing, created; kept, as `routing` rebuilds the tables on each use."""
+        self.outputs = sorted({o.path for o in self.s.routing.outputs})
+        for path in self.outputs:
             os.makedirs(os.path.join(self.spool.processed, path), exist_ok=True)
 
     def _remember(self, name: str, result: str, duration: float, reason: str | None) -> None:
@@ -531,7 +531,7 @@ class Daemon:
                 # Abandoned by a stop, not by a crash: back to the queue, no attempt counted.
                 self.spool.unclaim(name)
                 if pid is not None:
-                    remove_temps(self.spool.processed, self._output_folders(), pid)
+                    remove_temps(self.spool.processed, self.outputs, pid)
                 event("abandoned", "stop timeout: file returned to the queue", logging.WARNING, file=display(name))
         if self.web is not None:
             self.web.stop()
