@@ -64,8 +64,8 @@ def _maybe_fail(kind: str) -> None:
         raise OSError(code, os.strerror(code))
 
 
-def _site() -> str:
-    f = sys._getframe(2)  # the caller of the durable function
+def _site(depth: int = 2) -> str:
+    f = sys._getframe(depth)  # the caller of the durable function (depth counts from here)
     return f"{os.path.basename(f.f_code.co_filename)}:{f.f_lineno}"
 
 
@@ -91,9 +91,16 @@ def install(cfg_path: str) -> None:
     orig = {n: getattr(durable, n) for n in ("fsync", "fsync_dir", "write_all", "create_exclusive", "rename",
                                             "rename_noreplace", "unlink", "unlink_quiet")}
 
+    def skipped() -> bool:
+        """This fsync's call site is switched off for the run: journal that, and do nothing."""
+        site = _site(3)  # skipped() <- fsync/fsync_dir <- their caller
+        if site not in disabled:
+            return False
+        _journal(op="skipped", site=site)
+        return True
+
     def fsync(fd: int) -> None:
-        if _site() in disabled:
-            _journal(op="skipped", site=_site())
+        if skipped():
             return
         _maybe_fail("fsync")
         orig["fsync"](fd)
@@ -107,8 +114,7 @@ def install(cfg_path: str) -> None:
         _journal(**rec)
 
     def fsync_dir(path: str) -> None:
-        if _site() in disabled:
-            _journal(op="skipped", site=_site())
+        if skipped():
             return
         _maybe_fail("fsync")
         orig["fsync_dir"](path)
