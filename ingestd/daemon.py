@@ -104,6 +104,7 @@ class Daemon:
             self.web = Web(host, port, self.metrics.registry, self.status, self.health)
         except OSError as e:
             raise ConfigError(f"listen: cannot listen on {self.s.listen}: {e.strerror}") from None
+        self._publish_view()  # a scrape that arrives at once must find a complete view (counts included)
         self.web.start()
         self.state = "running"
         self._publish_view()
