@@ -117,6 +117,10 @@ class Arrivals:
             out.append((name, e.complete_at if e.complete_at is not None else now))
         return out
 
+    def tick(self, now: float, stat: Stat) -> None:
+        """Run the timers that are due, so next_deadline() moves on even when nothing is taken."""
+        self._run_timers(now, stat)
+
     def next_deadline(self) -> float | None:
         return self._timers[0][0] if self._timers else None
 

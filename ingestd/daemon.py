@@ -1,7 +1,9 @@
-"""The daemon's life: startup (lock, recover, watch, workers, HTTP, READY), the main loop, shutdown.
+"""The daemon's life: startup (lock, recover, watch, HTTP, workers, READY), the main loop, shutdown.
 
-One poll() waits on everything: inotify, signals (set_wakeup_fd), worker pipes and worker deaths.
-The parent alone moves files between folders; workers only read inputs and publish outputs.
+One persistent poll() waits on everything: inotify, signals (set_wakeup_fd), worker pipes and worker deaths.
+Each event is handled inside a failure boundary (as Mailman's runner handles each message): an unexpected
+exception costs the file it concerns a retry with backoff, never the daemon. The parent alone moves files
+between folders; workers only read inputs and publish outputs.
 """
 
 from __future__ import annotations
@@ -15,25 +17,30 @@ import select
 import signal
 import stat
 import time
-from collections.abc import Callable
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from ingestd import __version__
 from ingestd.arrivals import DONE_SUFFIX, Arrivals
+from ingestd.job import Job
 from ingestd.log import event
-from ingestd.metrics import Metrics
+from ingestd.messages import Done, Rejected, Retry, ToParent
 from ingestd.names import display, oserror
 from ingestd.notify import Notifier
 from ingestd.pipeline import kind
 from ingestd.settings import ConfigError, Settings
 from ingestd.sinks import remove_temps
 from ingestd.spool import Failure, Spool
+from ingestd.state import PauseKind, State
 from ingestd.watch import Watch
 from ingestd.web import Web
 from ingestd.workers import Pool, Slot
 
-MAX_BACKOFF = 30.0
 HEARTBEAT = 5.0  # the idle main loop still turns this often, so /healthz can tell "idle" from "stuck"
+PROGRESS_REFRESH = 1.0  # seconds between STATUS=/page refreshes while workers are busy
+MAX_INTERNAL_ERRORS = 3  # unexpected exceptions one file may cause before it is set aside in failed/
 
 
 class Daemon:
@@ -45,88 +52,91 @@ class Daemon:
         self.spool = Spool(settings.watch_dir)
         self.arrivals = Arrivals(settings.settle_time, settings.done_marker)
         self.notifier = Notifier()
-        self.metrics = Metrics(self.snapshot)
-        self.state = "starting"
-        self.started_at = wall()
+        self.state = State(settings.recent, clock, wall)
+        self.metrics = self.state.metrics
         self.signals: list[int] = []
-        self.retry: collections.deque[str] = collections.deque()  # claimed files to (re)do first
-        self.recent: collections.deque[dict[str, Any]] = collections.deque(maxlen=settings.recent)
-        self.done_times: collections.deque[tuple[float, int]] = collections.deque()  # (when, bytes) for throughput
-        # Running sum of done_times' bytes: summing the deque every loop turn was O(files in the last minute) per
-        # turn, quadratic under a burst (tests/torture/test_arrivals.py: 50,000 files took over 6 minutes).
-        self.done_bytes = 0
-        self.totals = dict.fromkeys(("processed", "failed", "recovered", "bytes_in", "bytes_out"), 0)
-        self.paused: str | None = None
-        self.resume_at = 0.0
-        self.backoff = 1.0
+        self.queue: collections.deque[Job] = collections.deque()  # claimed jobs waiting for a worker
+        self.unacked: list[tuple[Job, Done, float]] = []  # commits not yet fsynced, so not yet announced
+        self.outputs: list[str] = []  # output folders under processed/ (set with the routing)
         self.stop_deadline: float | None = None
+        self.abandon_reason = "stop timeout"
         self.heartbeat = clock()
         self.next_rescan = clock() + settings.rescan_interval
         self.next_watchdog = 0.0
+        self.next_view = 0.0
         self._withheld = False
-        self._unacked: list[tuple[str, dict[str, Any], float, int, bool]] = []  # commits not yet fsynced, not announced
-        # Folder counts for scrapes, kept from our own bookkeeping (listing 100,000 entries per scrape took
-        # ~100 ms); processed/ and failed/ are re-counted from disk at every rescan, as others may change them.
-        self.kept = {"processed": 0, "failed": 0}
-        self._fresh: set[str] = set()  # in-flight names with no earlier result in processed/
-        self.outputs: list[str] = []  # output folders under processed/ (set with the routing)
         self.web: Web | None = None
         self.watch: Watch | None = None
         self.pool: Pool | None = None
-        self._view: dict[str, Any] = {"workers": [], "recent": [], "oldest": {}}
+        self.poller = select.poll()
+        self._polled: set[int] = set()
+        self._wake_r = self._wake_w = -1
+        self._old_handlers: dict[int, Any] = {}
 
     # --- startup -------------------------------------------------------------------------------
     def startup(self) -> None:
+        """Raises ConfigError/SpoolError/RuntimeError on a start-up failure; the caller then runs shutdown()."""
         faulthandler.enable()  # the watchdog's SIGABRT dumps every thread's stack into the journal
         self.spool.ensure()
         self.spool.lock(wait=self.s.wait_lock)  # --wait-lock: a standby blocks here until the owner is gone
         self._install_signals()
         self._make_output_folders()
-        now = self.wall()
-        requeued, quarantined = self.spool.recover(self.s.max_attempts, now)
-        for name in quarantined:
-            self._count_failed(name, "poison: in progress during too many crashes", 0.0)
-        if requeued or quarantined:
-            self.metrics.restarts_recovered.inc()
-        for name in requeued:
-            self.retry.append(name)
-            self.metrics.files.labels("recovered").inc()
-            self.totals["recovered"] += 1
-            event("recovered", "recovered a file left in progress by a crash", file=display(name),
-                  attempts=self.spool.attempts(name))
+        self._recover()
         # The watch goes up before the scan, so nothing arriving in between is missed.
         self.watch = Watch(self.spool.unprocessed)
         self._rescan("startup")
-        self.pool = Pool(self.s, self.spool)
-        self.pool.start()
         host, port = self.s.host_port
-        try:
+        try:  # bound before the workers start: a port in use fails fast, with nothing to clean up
             self.web = Web(host, port, self.metrics.registry, self.status, self.health)
         except OSError as e:
             raise ConfigError(f"listen: cannot listen on {self.s.listen}: {e.strerror}") from None
+        self.pool = Pool(self.s, self.spool, self.clock)
+        self.pool.start()
+        self._sync_poller()
         self._publish_view()  # a scrape that arrives at once must find a complete view (counts included)
         self.web.start()
-        self.state = "running"
+        self.state.phase = "running"
         self._publish_view()
         self.notifier.ready()
-        event("started", "ingestd started", version=__version__, watch_dir=str(self.spool.root),
-              listen=self.web.address, workers=self.s.workers, recovered=len(requeued), quarantined=len(quarantined),
+        event("started", "ingestd started", version=__version__, watch_dir=str(self.spool.root.resolve()),
+              listen=self.web.address, workers=self.s.workers, recovered=len(self.queue),
               waiting=len(self.arrivals))
 
+    def _recover(self) -> None:
+        requeued, quarantined = self.spool.recover(self.s.max_attempts, self.wall())
+        for name in quarantined:
+            self.state.failed(name, "poison: in progress during too many crashes", 0.0, recovered=True)
+        if requeued or quarantined:
+            self.metrics.restarts_recovered.inc()
+        for name in requeued:
+            job = self._job_in_flight(name, recovered=True)
+            if job is None:
+                continue
+            self.queue.append(job)
+            self.state.recovered()
+            event("recovered", "recovered a file left in progress by a crash", file=display(name),
+                  attempts=job.attempts)
+
+    def _job_in_flight(self, name: str, recovered: bool = False) -> Job | None:
+        try:
+            st = os.lstat(os.path.join(self.spool.underprocess, name))
+        except FileNotFoundError:
+            return None
+        return Job(name, st.st_size, self.wall(), attempts=self.spool.attempts(name), recovered=recovered)
+
     def _install_signals(self) -> None:
-        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._wake_r = r
-        signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(sig, self._on_signal)
+            self._old_handlers[sig] = signal.signal(sig, self._on_signal)
 
     def _on_signal(self, signum: int, frame: object) -> None:
         self.signals.append(signum)  # handled in the main loop; the wakeup fd wakes its poll()
 
     # --- the main loop -----------------------------------------------------------------------------
     def run(self) -> None:
-        self.startup()
         try:
+            self.startup()
             while self.main_loop_once():
                 pass
         finally:
@@ -135,51 +145,99 @@ class Daemon:
     def main_loop_once(self) -> bool:
         """One turn: wait, handle what woke us, hand out work, ping the watchdog. False when done."""
         assert self.watch is not None and self.pool is not None
-        poller = select.poll()
-        poller.register(self.watch.fileno(), select.POLLIN)
-        poller.register(self._wake_r, select.POLLIN)
-        for fd in self.pool.fds():
-            poller.register(fd, select.POLLIN)
-        ready = poller.poll(self._timeout_ms())
+        ready = self.poller.poll(self._timeout_ms())
         now = self.clock()
         self.heartbeat = now
         for fd, _ in ready:
             if fd == self.watch.fileno():
-                self._on_watch(now)
+                with self._boundary("watch"):
+                    self._on_watch(now)
             elif fd == self._wake_r:
                 self._drain_signals()
             else:
-                for slot, kind, data in self.pool.receive(fd):
-                    self._on_worker(slot, kind, data)
-        if self._unacked:
-            self._ack_commits()  # one fsync for this turn's commits, then they are announced
-        if self.signals:
-            self._handle_signals()
-        if now >= self.next_rescan:
-            self._rescan("periodic")
-        if self.state == "stopping":
+                for slot, msg in self.pool.receive(fd):
+                    with self._boundary("worker message", slot.job):
+                        self._on_worker(slot, msg)
+        with self._boundary("housekeeping"):
+            self._housekeeping(now)
+        if self.state.phase == "stopping":
             if not self.pool.busy() or (self.stop_deadline is not None and now >= self.stop_deadline):
                 return False
         else:
-            self._dispatch(now)
+            with self._boundary("dispatch"):
+                self._dispatch(now)
         self._watchdog(now)
-        self._publish_view()
+        if now >= self.next_view or ready:
+            self._publish_view()
         return True
 
+    def _housekeeping(self, now: float) -> None:
+        assert self.pool is not None
+        if self.unacked:
+            self._ack_commits()  # one fsync for this turn's commits, then they are announced
+        if self.signals:
+            self._handle_signals()
+        self._supervise(now)
+        if self.pool.maintain(running=self.state.phase != "stopping"):
+            self._sync_poller()
+        self.arrivals.tick(now, self._stat)  # due settle/grace timers run now, not only when a worker is free
+        if now >= self.next_rescan:
+            self._rescan("periodic")
+
+    @contextmanager
+    def _boundary(self, what: str, job: Job | None = None) -> Iterator[None]:
+        """The failure boundary: an unexpected exception is logged with its traceback; the job it concerns
+        (if any) is retried with backoff, or set aside after MAX_INTERNAL_ERRORS; the loop goes on."""
+        try:
+            yield
+        except Exception as e:  # noqa: BLE001 (that is the point)
+            self.metrics.errors.inc()
+            event("internal_error", f"unexpected error in {what}", logging.ERROR,
+                  error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc(),
+                  file=display(job.name) if job else None)
+            if job is not None:
+                self._retry_later(job, f"internal error: {type(e).__name__}: {e}")
+
+    def _retry_later(self, job: Job, reason: str) -> None:
+        job.retries += 1
+        if job.retries >= MAX_INTERNAL_ERRORS and reason.startswith("internal error"):
+            with self._boundary("setting a file aside"):
+                self._fail(job, Failure(f"{reason} ({job.retries} times)", attempts=job.retries), 0.0)
+            return
+        job.not_before = self.clock() + min(30.0, 2.0 ** job.retries)
+        if job not in self.queue:
+            self.queue.append(job)
+
     def _timeout_ms(self) -> int:
+        assert self.pool is not None
         now = self.clock()
         deadlines = [self.next_rescan, now + HEARTBEAT]
         if (d := self.arrivals.next_deadline()) is not None:
             deadlines.append(d)
-        if self.paused or self.retry:
-            deadlines.append(max(self.resume_at, now + 0.05))
+        if self.pool.idle() and self.state.phase == "running":
+            if self.state.pause is not None:
+                deadlines.append(self.state.pause.until)
+            elif self.queue:
+                deadlines.append(min(j.not_before for j in self.queue))
         if self.notifier.watchdog_interval:
             deadlines.append(self.next_watchdog)
         if self.stop_deadline is not None:
             deadlines.append(self.stop_deadline)
-        if self.pool and self.pool.busy():
-            deadlines.append(now + 1.0)  # refresh STATUS= and the status page with progress
+        if (k := self.pool.next_kill()) is not None:
+            deadlines.append(k)
+        if self.pool.busy():
+            deadlines.append(now + PROGRESS_REFRESH)  # refresh STATUS=, the page, and look for stuck workers
         return max(0, int((min(deadlines) - now) * 1000) + 1)
+
+    def _sync_poller(self) -> None:
+        """The poller lives as long as the daemon; only the worker fds that changed are (un)registered."""
+        assert self.watch is not None and self.pool is not None
+        want = {self.watch.fileno(), self._wake_r, *self.pool.fds()}
+        for fd in self._polled - want:
+            self.poller.unregister(fd)
+        for fd in want - self._polled:
+            self.poller.register(fd, select.POLLIN)
+        self._polled = want
 
     # --- arrivals ------------------------------------------------------------------------------------
     def _on_watch(self, now: float) -> None:
@@ -194,17 +252,21 @@ class Daemon:
                 event("watch_lost", "unprocessed/ went away: recreating it", logging.ERROR)
                 self.spool.ensure()
                 self.watch.close()
+                self._polled.discard(self.watch.fileno())
                 self.watch = Watch(self.spool.unprocessed)
+                self._sync_poller()
                 self._rescan("overflow")
             else:
                 self.arrivals.change(c, now)
 
     def _rescan(self, reason: str) -> None:
+        self.next_rescan = self.clock() + self.s.rescan_interval  # first: a failing rescan must not repeat each turn
         self.metrics.rescans.labels(reason).inc()
+        self.spool.ensure()  # a folder removed by hand (rm -rf failed/) comes back instead of failing every step
+        self._make_output_folders(self.outputs)
         counts = self.spool.counts()
-        self.kept = {"processed": counts["processed"], "failed": counts["failed"]}
+        self.state.kept = {"processed": counts["processed"], "failed": counts["failed"]}
         self.arrivals.scanned(Spool.entries(self.spool.unprocessed), self.clock())
-        self.next_rescan = self.clock() + self.s.rescan_interval
 
     def _stat(self, name: str) -> tuple[int, int] | None:
         try:
@@ -216,111 +278,109 @@ class Daemon:
     # --- handing out work ------------------------------------------------------------------------------
     def _dispatch(self, now: float) -> None:
         assert self.pool is not None
-        if self.paused and now < self.resume_at:
+        idle = self.pool.idle()
+        if not idle or self.state.paused(now) or not self._space_ok(now):
             return
-        if not self._space_ok():
-            return
-        for slot in self.pool.idle():
-            if self.retry:
-                self._start(slot, self.retry.popleft(), None, now)
-                continue
-            taken = self.arrivals.take(1, now, self._stat)
-            if not taken:
+        for slot in idle:
+            job = self._next_job(now)
+            if job is None:
                 return
-            self._claim_and_start(slot, *taken[0], now)
+            if not self.pool.assign(slot, job, now, self.wall()):
+                job.not_before = now
+                self.queue.appendleft(job)  # the worker died in between: its death is handled next turn
+                continue
+            if not os.path.lexists(os.path.join(self.spool.processed, job.name)):
+                job.fresh = True
+            event("claimed", "claimed", file=display(job.name), bytes=job.size, worker=slot.id,
+                  attempts=job.attempts or None, recovered=job.recovered or None)
 
-    def _claim_and_start(self, slot: Slot, name: str, complete: float, now: float) -> None:
+    def _next_job(self, now: float) -> Job | None:
+        """A claimed job whose backoff is over, else a newly claimed file, else None."""
+        for job in list(self.queue):
+            if job.not_before <= now:
+                self.queue.remove(job)
+                if os.path.lexists(os.path.join(self.spool.underprocess, job.name)):
+                    return job  # else it was committed or removed meanwhile: nothing left to do
+
+        while taken := self.arrivals.take(1, now, self._stat):
+            with self._boundary("claim"):
+                job = self._claim(*taken[0], now)
+                if job is not None:
+                    return job
+        return None
+
+    def _claim(self, name: str, complete: float, now: float) -> Job | None:
         src = os.path.join(self.spool.unprocessed, name)
         try:
             st = os.lstat(src)
         except FileNotFoundError:
-            return
+            return None
         try:
             if not stat.S_ISREG(st.st_mode):
-                self._fail(name, Failure(f"not a regular file: {kind(st.st_mode)}"), 0.0, source=self.spool.unprocessed)
-                return
+                self.spool.fail(name, Failure(f"not a regular file: {kind(st.st_mode)}"), self.wall(),
+                                source=self.spool.unprocessed)
+                self._count_failed(name, f"not a regular file: {kind(st.st_mode)}", 0.0, None)
+                return None
             claimed = self.spool.claim(name)
         except OSError as e:
             # EIO/ENOSPC on the claim rename or on quarantining a non-file must not kill the daemon: the entry
             # stays in unprocessed/, is looked at again, and claiming pauses (tests/torture/test_errors.py, eio).
             self.arrivals.scanned([name], now)
             self._back_off(name, oserror(e), "could not claim a file; it stays queued")
-            return
+            return None
         if not claimed:
             if os.path.lexists(os.path.join(self.spool.underprocess, name)):
                 # The same name is still in flight: take the new one after the old one commits.
                 self.arrivals.scanned([name], now)
-            return
-        if self.s.done_marker:
-            self.spool.remove_marker(name + DONE_SUFFIX)
-        self.metrics.wait.observe(max(0.0, self.wall() - st.st_ctime))  # ctime: when it arrived (create or rename)
-        self.metrics.pickup.observe(max(0.0, now - complete))
-        self._start(slot, name, st.st_size, now)
+            return None
+        job = Job(name, st.st_size, self.wall(), complete_at=complete)  # from here on it must not be lost
+        with self._boundary("after a claim"):
+            if self.s.done_marker:
+                self.spool.remove_marker(name + DONE_SUFFIX)
+            self.metrics.wait.observe(max(0.0, self.wall() - st.st_ctime))  # ctime: when it arrived
+            self.metrics.pickup.observe(max(0.0, now - complete))
+        return job
 
-    def _start(self, slot: Slot, name: str, size: int | None, now: float) -> None:
-        assert self.pool is not None
-        if size is None:
-            try:
-                size = os.lstat(os.path.join(self.spool.underprocess, name)).st_size
-            except FileNotFoundError:
-                return
-        if not os.path.lexists(os.path.join(self.spool.processed, name)):
-            self._fresh.add(name)
-        self.pool.assign(slot, name, size, now, self.wall())
-        event("claimed", "claimed", file=display(name), bytes=size, worker=slot.id)
-
-
-    def _space_ok(self) -> bool:
+    def _space_ok(self, now: float) -> bool:
         """Backpressure: below min_free_bytes (or out of inodes) claim nothing; resume by itself."""
         st = os.statvfs(self.spool.root)
         free = st.f_bavail * st.f_frsize
         low_inodes = st.f_files > 0 and st.f_favail < 64
+        pause = self.state.pause
         if free >= self.s.min_free_bytes and not low_inodes:
-            if self.paused and self.paused.startswith("low disk"):
-                self._unpause()
+            if pause is not None and pause.kind is PauseKind.LOW_DISK:
+                self.state.unpause()
             return True
         reason = f"low disk space: {free} bytes free, min_free_bytes is {self.s.min_free_bytes}" if not low_inodes \
             else f"low disk space: {st.f_favail} inodes free"
-        self._pause(reason, self.clock() + 1.0)
+        self.state.pause_for(PauseKind.LOW_DISK, reason, now + 1.0)
         return False
 
-    def _pause(self, reason: str, until: float) -> None:
-        if self.paused != reason:
-            event("paused", "claiming paused", logging.WARNING, reason=reason)
-        self.paused, self.resume_at = reason, until
-        self.metrics.paused.set(1)
-
-    def _unpause(self) -> None:
-        if self.paused:
-            event("resumed", "claiming resumed", previous=self.paused)
-        self.paused, self.backoff = None, 1.0
-        self.metrics.paused.set(0)
+    def _back_off(self, name: str, reason: str, message: str) -> None:
+        """The machine's fault: pause claiming for a while that doubles with each error; a success resets it."""
+        wait = self.state.back_off(reason)
+        event("io_error", message, logging.ERROR, file=display(name), reason=reason, retry_in=wait)
 
     # --- results --------------------------------------------------------------------------------------
-    def _on_worker(self, slot: Slot, kind: str, data: dict[str, Any]) -> None:
+    def _on_worker(self, slot: Slot, msg: ToParent | None) -> None:
         assert self.pool is not None
-        if kind == "progress":
+        if msg is None:
+            self._on_worker_death(slot)
             return
-        name, elapsed = self.pool.release(slot, self.clock())
-        if kind == "died":
-            self._fresh.discard(name or "")
-            self._on_worker_death(slot, name, data)
+        job = self.pool.release(slot)
+        if job is None:
             return
-        if name is None:
-            return
+        elapsed = self.clock() - job.started
         try:
-            if kind == "done":
-                self.spool.commit(name)
-                self._unacked.append((name, data, elapsed, slot.id, name in self._fresh))  # announced once durable
-            elif kind == "rejected":
-                self._fail(name, Failure(data["reason"], data.get("line"), self.spool.attempts(name) + 1), elapsed,
-                           worker=slot.id)
-            else:
-                self._io_error(name, data["reason"])
+            if isinstance(msg, Done):
+                self.spool.commit(job.name)
+                self.unacked.append((job, msg, elapsed))  # announced once durable
+            elif isinstance(msg, Rejected):
+                self._fail(job, Failure(msg.reason, msg.line, job.attempts + 1), elapsed, worker=slot.id)
+            elif isinstance(msg, Retry):
+                self._io_error(job, msg.reason)
         except OSError as e:
-            self._io_error(name, oserror(e))
-        finally:
-            self._fresh.discard(name)
+            self._io_error(job, oserror(e))
 
     def _ack_commits(self) -> None:
         """One directory fsync makes all of this turn's commits durable; only then are they logged and counted
@@ -328,85 +388,80 @@ class Daemon:
         try:
             self.spool.sync_commits()
         except OSError as e:  # try again next turn; the acks wait (the outputs themselves are durable)
-            self._back_off(self._unacked[0][0], oserror(e), "could not make commits durable; will retry")
+            self._back_off(self.unacked[0][0].name, oserror(e), "could not make commits durable; will retry")
             return
-        acks, self._unacked = self._unacked, []
-        for name, data, elapsed, worker, fresh in acks:
-            self._count_processed(name, data, elapsed, worker, fresh)
+        acks, self.unacked = self.unacked, []
+        for job, done, elapsed in acks:
+            with self._boundary("announcing a commit"):  # bookkeeping only: the commit itself is durable
+                self._announce(job, done, elapsed)
 
-    def _count_processed(self, name: str, data: dict[str, Any], elapsed: float, worker: int, fresh: bool) -> None:
-        m = self.metrics
-        m.files.labels("processed").inc()
-        m.bytes_in.inc(data["bytes_in"])
-        m.bytes_out.inc(data["bytes_out"])
-        m.lines_in.inc(data["lines_in"])
-        for out, n in data["lines_out"].items():
-            m.lines_out.inc(n)
-            m.records.labels(out).inc(n)
-        m.duration.observe(elapsed)
-        m.last_success.set(self.wall())
-        self.totals["processed"] += 1
-        self.totals["bytes_in"] += data["bytes_in"]
-        self.totals["bytes_out"] += data["bytes_out"]
-        self.done_times.append((self.clock(), data["bytes_in"]))
-        if fresh:  # a new result, not a replacement of an earlier same-named one
-            self.kept["processed"] += 1
-        self.done_bytes += data["bytes_in"]
-        self._remember(name, "processed", elapsed, None)
-        if self.paused and not self.paused.startswith("low disk"):
-            self._unpause()
-        event("processed", "processed", file=display(name), bytes=data["bytes_in"], lines=data["lines_in"],
-              bytes_out=data["bytes_out"], duration=round(elapsed, 6), worker=worker)
+    def _announce(self, job: Job, done: Done, elapsed: float) -> None:
+        self.state.processed(job, done, elapsed)
+        event("processed", "processed", file=display(job.name), bytes=done.bytes_in, lines=done.lines_in,
+              bytes_out=done.bytes_out, duration=round(elapsed, 6), worker=job.worker,
+              recovered=job.recovered or None)
 
-    def _fail(self, name: str, failure: Failure, elapsed: float, source: str | None = None, worker: int | None = None) -> None:
-        self.spool.fail(name, failure, self.wall(), source=source)
-        self._count_failed(name, failure.reason, elapsed)
-        event("failed", "failed", logging.WARNING, file=display(name), reason=failure.reason, line=failure.line,
-              attempts=failure.attempts, duration=round(elapsed, 6), worker=worker)
+    def _fail(self, job: Job, failure: Failure, elapsed: float, worker: int | None = None) -> None:
+        self.spool.fail(job.name, failure, self.wall())
+        self._count_failed(job.name, failure.reason, elapsed, worker, failure, job.recovered)
 
-    def _count_failed(self, name: str, reason: str, elapsed: float) -> None:
-        self.metrics.files.labels("failed").inc()
-        self.kept["failed"] += 1
-        self.totals["failed"] += 1
-        self._remember(name, "failed", elapsed, reason)
+    def _count_failed(self, name: str, reason: str, elapsed: float, worker: int | None,
+                      failure: Failure | None = None, recovered: bool = False) -> None:
+        self.state.failed(name, reason, elapsed, recovered)
+        event("failed", "failed", logging.WARNING, file=display(name), reason=reason,
+              line=failure.line if failure else None, attempts=failure.attempts if failure else 1,
+              duration=round(elapsed, 6), worker=worker)
 
-    def _io_error(self, name: str, reason: str) -> None:
+    def _io_error(self, job: Job, reason: str) -> None:
         """Not the input's fault (disk full, read-only, EIO): keep the file claimed, pause, retry it first."""
-        self.retry.appendleft(name)
-        self._back_off(name, reason, "could not finish a file; it is kept and retried")
+        job.not_before = 0.0
+        self.queue.appendleft(job)
+        self._back_off(job.name, reason, "could not finish a file; it is kept and retried")
 
-    def _back_off(self, name: str, reason: str, message: str) -> None:
-        """Pause claiming for a while that doubles with each error (to MAX_BACKOFF); a success resets it."""
-        self.metrics.errors.inc()
-        self._pause(f"I/O error: {reason}", self.clock() + self.backoff)
-        event("io_error", message, logging.ERROR, file=display(name), reason=reason, retry_in=self.backoff)
-        self.backoff = min(MAX_BACKOFF, self.backoff * 2)
-
-    def _on_worker_death(self, slot: Slot, name: str | None, data: dict[str, Any]) -> None:
+    def _on_worker_death(self, slot: Slot) -> None:
         assert self.pool is not None
-        event("worker_died", "a worker died", logging.ERROR, worker=slot.id, exitcode=data.get("exitcode"),
-              file=display(name) if name else None)
-        if slot.process.pid is not None:
-            remove_temps(self.spool.processed, self.outputs, slot.process.pid)
-        if name is not None and os.path.lexists(os.path.join(self.spool.underprocess, name)):
-            attempts = self.spool.bump_attempts(name)
-            if attempts >= self.s.max_attempts:
-                self._fail(name, Failure(f"poison: its worker died {attempts} times processing it "
-                                         f"(last exit code {data.get('exitcode')})", attempts=attempts), 0.0)
-            else:
-                self.retry.appendleft(name)
-        if self.state != "stopping":
-            self.pool.replace(slot)
+        job = self.pool.release(slot)
+        code = slot.process.exitcode
+        why = slot.kill_reason
+        if why:
+            event("worker_killed", "killed a stuck worker", logging.ERROR, worker=slot.id, reason=why,
+                  file=display(job.name) if job else None)
+        else:
+            event("worker_died", "a worker died", logging.ERROR, worker=slot.id, exitcode=code,
+                  file=display(job.name) if job else None)
+        if slot.pid is not None:
+            remove_temps(self.spool.processed, self.outputs, slot.pid)
+        if job is None or not os.path.lexists(os.path.join(self.spool.underprocess, job.name)):
+            return
+        try:
+            job.attempts = self.spool.bump_attempts(job.name)  # durable: a crash loop still ends in failed/
+        except OSError as e:
+            job.attempts += 1  # a full disk cannot record it: count in memory, keep going
+            event("io_error", "could not record an attempt; counting it in memory", logging.ERROR,
+                  file=display(job.name), reason=oserror(e))
+        if job.attempts >= self.s.max_attempts:
+            what = (f"its worker was stuck {job.attempts} times processing it ({why})" if why else
+                    f"its worker died {job.attempts} times processing it (last exit code {code})")
+            self._fail(job, Failure(f"poison: {what}", attempts=job.attempts), 0.0)
+        else:
+            job.not_before = 0.0
+            self.queue.appendleft(job)
 
-    def _make_output_folders(self) -> None:
-        """Output folders of the current routing, created; kept, as `routing` rebuilds the tables on each use."""
-        self.outputs = sorted({o.path for o in self.s.routing.outputs})
+    def _supervise(self, now: float) -> None:
+        """The parent notices stuck workers itself: no progress for stall_time, or over time_limit; it logs,
+        shows, kills and replaces them (the death counts an attempt). The watchdog guards the main loop."""
+        assert self.pool is not None
+        for slot, reason in self.pool.stalled(now, self.s.stall_time, self.s.time_limit):
+            event("worker_stuck", "a worker is stuck: dumping its stack, then killing it", logging.ERROR,
+                  worker=slot.id, reason=reason, file=display(slot.job.name) if slot.job else None)
+            self.pool.condemn(slot, reason, now)
+        self.pool.execute(now)
+
+    def _make_output_folders(self, outputs: list[str] | None = None) -> None:
+        """Output folders of the current routing (rebuilt from it unless given), created again if removed."""
+        self.outputs = outputs if outputs is not None else sorted({o.path for o in self.s.routing.outputs})
         for path in self.outputs:
             os.makedirs(os.path.join(self.spool.processed, path), exist_ok=True)
-
-    def _remember(self, name: str, result: str, duration: float, reason: str | None) -> None:
-        self.recent.appendleft({"file": display(name), "result": result, "duration": round(duration, 6),
-                                "finished_at": self.wall(), "reason": reason})
 
     # --- signals: stop and reload ----------------------------------------------------------------------
     def _drain_signals(self) -> None:
@@ -417,57 +472,51 @@ class Daemon:
             pass
 
     def _handle_signals(self) -> None:
+        assert self.pool is not None
         sigs, self.signals = self.signals, []
         for sig in sigs:
             if sig == signal.SIGHUP:
                 self._reload()
-            elif self.state == "stopping":
+            elif self.state.phase == "stopping":
                 event("stopping", "second stop signal: abandoning current files now", logging.WARNING)
                 self.stop_deadline = self.clock()
+                self.abandon_reason = "second stop signal"
             else:
-                self.state = "stopping"
+                self.state.phase = "stopping"
                 self.notifier.stopping()
                 # Our warm stop may outlast systemd's TimeoutStopSec: ask for the time it needs.
                 self.notifier.extend_timeout(self.s.stop_timeout + 5)
                 self.stop_deadline = self.clock() + self.s.stop_timeout
-                busy = [display(n) for n in self.pool.files()] if self.pool else []
-                event("stopping", "stopping: finishing current files", signal=signal.Signals(sig).name,
-                      in_progress=busy, timeout=self.s.stop_timeout)
+                busy = [display(s.job.name) for s in self.pool.busy() if s.job]
+                event("stopping", "stopping: finishing current files" if busy else "stopping",
+                      signal=signal.Signals(sig).name, in_progress=busy, timeout=self.s.stop_timeout)
 
     def _reload(self) -> None:
-        if self._reload_settings is None or self.state == "stopping":
+        if self._reload_settings is None or self.state.phase == "stopping":
             return
         self.notifier.reloading()
-        self.state = "reloading"
+        self.state.phase = "reloading"
         try:
             new = self._reload_settings()
         except ConfigError as e:
             event("reload_failed", "new configuration rejected; keeping the old one", logging.ERROR, error=str(e))
         else:
-            self.s = _replace_routing(self.s, new)
+            self.s = dataclasses.replace(self.s, routing_doc=new.routing_doc, config=new.config)
             self._make_output_folders()
             assert self.pool is not None
-            self.pool.reconfigure(self.s)
+            self.pool.reconfigure(self.s)  # idle workers restart at the end of this turn, busy ones when done
             event("reloaded", "routing reloaded", config=str(self.s.config) if self.s.config else None)
-        self.state = "running"
+        self.state.phase = "running"
         self.notifier.ready()
 
     # --- health, watchdog, status --------------------------------------------------------------------------
     def health(self) -> str | None:
-        """None when healthy, else why: the main loop must turn and every busy worker must make progress."""
+        """None when healthy, else why: the main loop must turn (stuck workers are the loop's own business)."""
         now = self.clock()
         limit = 2 * max(HEARTBEAT, self.notifier.watchdog_interval or 0) + 1.0
         if now - self.heartbeat > limit:
             return f"main loop silent for {now - self.heartbeat:.1f}s"
-        stuck = self.pool.stalled(now, self._stall_limit()) if self.pool else []
-        if stuck:
-            return "no progress from worker(s) " + ", ".join(str(s) for s in stuck)
         return None
-
-    def _stall_limit(self) -> float:
-        # Workers report every 0.25 s while reading; one silent for a whole watchdog period is stuck too.
-        wd = self.notifier.watchdog_interval
-        return min(self.s.stall_time, 2 * wd) if wd else self.s.stall_time
 
     def _watchdog(self, now: float) -> None:
         interval = self.notifier.watchdog_interval
@@ -475,75 +524,74 @@ class Daemon:
             return
         problem = self.health()
         if problem:
-            if not self._withheld:  # once per episode: log why, and have stuck workers dump their stacks
+            if not self._withheld:
                 event("watchdog_withheld", "not pinging the watchdog", logging.ERROR, reason=problem)
-                if self.pool is not None:
-                    self.pool.dump_stacks(self.pool.stalled(now, self._stall_limit()))
             self._withheld = True
-            self.next_watchdog = now + interval
-            return
-        self._withheld = False
-        self.notifier.watchdog()
+        else:
+            self._withheld = False
+            self.notifier.watchdog()
         self.next_watchdog = now + interval
 
     def _publish_view(self) -> None:
-        """A fresh read-only snapshot for the HTTP thread (it never touches the live structures)."""
         assert self.pool is not None
-        now, wall = self.clock(), self.wall()
-        while self.done_times and now - self.done_times[0][0] > 60:
-            self.done_bytes -= self.done_times.popleft()[1]
-        in_flight = self.pool.started_times()
-        oldest_seen = self.arrivals.oldest_seen()
-        self._view = {
-            "workers": self.pool.view(),
-            "recent": list(self.recent),
-            "oldest": {"unprocessed": max(0.0, now - oldest_seen) if oldest_seen is not None else 0.0,
-                       "underprocess": max(0.0, wall - min(in_flight)) if in_flight else 0.0},
-            "throughput": {"files_per_second": round(len(self.done_times) / 60, 3),
-                           "bytes_per_second": round(self.done_bytes / 60, 1)},
-            "counts": {"unprocessed": len(self.arrivals), "underprocess": len(self.pool.files()) + len(self.retry),
-                       **self.kept},
-            "totals": dict(self.totals),
-            "state": self.state,
-            "paused": self.paused,
-        }
-        busy = [w for w in self._view["workers"] if w["file"] is not None]
-        current = ", ".join(f"{w['file']} {_pct(w)}" for w in busy[:2]) or "idle"
-        self.notifier.status(f"{self.state}; waiting {len(self.arrivals)}; {current}; "
-                             f"done {self.totals['processed']}, failed {self.totals['failed']}"
-                             + (f"; PAUSED: {self.paused}" if self.paused else ""))
+        now = self.clock()
+        busy = self.pool.busy()
+        self.state.publish(self.pool.view(now), len(self.arrivals), self.arrivals.oldest_seen(),
+                           len(busy) + len(self.queue) + len(self.unacked),
+                           [s.job.started_wall for s in busy if s.job], self.health())
+        self.notifier.status(self.state.status_line())
+        self.next_view = now + PROGRESS_REFRESH
 
     def snapshot(self) -> dict[str, Any]:
-        return self._view
+        return self.state.snapshot()
 
     def status(self) -> dict[str, Any]:
-        return {"version": __version__, "started_at": self.started_at, "now": self.wall(),
+        return {"version": __version__, "started_at": self.state.started_at, "now": self.wall(),
                 "watch_dir": str(self.spool.root.resolve()), **self.snapshot(),
                 "failures": self.spool.failures(self.s.recent)}
 
     # --- shutdown ------------------------------------------------------------------------------------------
     def shutdown(self) -> None:
-        if self._unacked:
-            self._ack_commits()
-        for name in self.retry:
-            self.spool.unclaim(name)  # waiting for a retry (disk full...), not crashed: no attempt counted
+        """Stops whatever startup got to; safe after a partial start. Files not finished go back to the queue."""
         if self.pool is not None:
-            for name, pid in self.pool.abandon():
+            for slot in self.pool.busy():  # an outcome already sent is taken, not redone after the restart
+                for s, msg in self.pool.receive(slot.conn.fileno()):
+                    with self._boundary("worker message at stop", s.job):
+                        self._on_worker(s, msg)
+        if self.unacked:
+            self._ack_commits()
+        for job in self.queue:
+            self._unclaim(job)  # waiting for a retry (disk full...), not crashed: no attempt counted
+        if self.pool is not None:
+            for job, pid in self.pool.abandon():
                 # Abandoned by a stop, not by a crash: back to the queue, no attempt counted.
-                self.spool.unclaim(name)
+                self._unclaim(job)
                 if pid is not None:
                     remove_temps(self.spool.processed, self.outputs, pid)
-                event("abandoned", "stop timeout: file returned to the queue", logging.WARNING, file=display(name))
+                event("abandoned", f"{self.abandon_reason}: file returned to the queue", logging.WARNING,
+                      file=display(job.name))
         if self.web is not None:
             self.web.stop()
         if self.watch is not None:
             self.watch.close()
-        event("stopped", "ingestd stopped", processed=self.totals["processed"], failed=self.totals["failed"])
+        self._restore_signals()
+        if self.state.phase != "starting":
+            event("stopped", "ingestd stopped", processed=self.state.totals["processed"],
+                  failed=self.state.totals["failed"])
 
+    def _unclaim(self, job: Job) -> None:
+        try:
+            self.spool.unclaim(job.name)
+        except OSError as e:  # it stays in underprocess/; recovery takes it at the next start
+            event("io_error", "could not return a file to the queue", logging.ERROR, file=display(job.name),
+                  reason=oserror(e))
 
-def _replace_routing(old: Settings, new: Settings) -> Settings:
-    return dataclasses.replace(old, routing_doc=new.routing_doc, config=new.config)
-
-
-def _pct(w: dict[str, Any]) -> str:
-    return f"{100 * w['bytes'] // w['size']}%" if w["size"] else ""
+    def _restore_signals(self) -> None:
+        for sig, handler in self._old_handlers.items():
+            signal.signal(sig, handler)
+        self._old_handlers = {}
+        if self._wake_w >= 0:
+            signal.set_wakeup_fd(-1)
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            self._wake_r = self._wake_w = -1

@@ -35,7 +35,8 @@ class Settings:
     min_free_bytes: int = 16 << 20  # stop claiming below this much free space in the watch dir
     stop_timeout: float = 20.0  # warm stop: how long to let the current files finish
     wait_lock: bool = False  # another daemon holds the watch dir: wait for it to go (a standby) instead of exiting 75
-    stall_time: float = 30.0  # a busy worker silent this long is stuck (healthz 503, no watchdog ping)
+    stall_time: float = 30.0  # a busy worker with no progress this long is stuck: killed, replaced, an attempt counted
+    time_limit: float = 0.0  # seconds one file may take before its worker is killed (0: no limit)
     log_format: str = "json"
     routing_doc: dict[str, Any] = field(default_factory=lambda: {"mode": "uppercase"})  # picklable, for workers
 
@@ -127,6 +128,7 @@ PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "stop_timeout": _float,
     "wait_lock": _bool,
     "stall_time": _float,
+    "time_limit": _float,
     "log_format": _choice("json", "text"),
 }
 

@@ -1,4 +1,4 @@
-"""A worker process: takes claimed file names from the parent, processes each, reports progress and results.
+"""A worker process: takes claimed file names from the parent, processes each, reports progress and the outcome.
 
 Workers never move files between folders; the parent alone does (see spool.py). A worker only
 reads its input in underprocess/ and publishes outputs (temp file, fsync, rename) via sinks.py.
@@ -11,18 +11,48 @@ import errno
 import faulthandler
 import os
 import signal
+import threading
 import time
 from multiprocessing.connection import Connection
 from typing import Any
 
 from ingestd import pipeline, routing
+from ingestd.messages import Assign, Done, Heartbeat, Outcome, Phase, Ready, Rejected, Retry
 from ingestd.names import oserror
 from ingestd.sinks import Sinks
 
 # EFBIG: this file's output exceeds the file-size limit (RLIMIT_FSIZE or the filesystem's maximum); retrying it
 # would pause the whole queue forever, so it fails with the reason (tests/torture/test_errors.py, efbig).
 INPUT_ERRORS = {errno.EISDIR, errno.ENOTDIR, errno.ENAMETOOLONG, errno.EINVAL, errno.EFBIG}
-PROGRESS_EVERY = 0.25  # seconds between progress reports (the parent's liveness signal)
+PROGRESS_EVERY = 0.25  # seconds between heartbeats while a file is held (the parent's liveness signal)
+
+
+class _Link:
+    """The pipe to the parent, shared by the main thread and the heartbeat thread."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn, self.lock = conn, threading.Lock()
+        self.stats: pipeline.Stats | None = None  # the file in hand, read by the heartbeat thread
+        self.phase = Phase.READ
+        self.wake = threading.Event()
+
+    def send(self, msg: object) -> None:
+        with self.lock:
+            self.conn.send(msg)
+
+    def heartbeats(self) -> None:
+        """Every PROGRESS_EVERY seconds while a file is held: by time, not by line count, so a slow processor
+        or a long fsync still shows life; a frozen process sends nothing, and the parent notices."""
+        while True:
+            self.wake.wait()
+            time.sleep(PROGRESS_EVERY)
+            stats = self.stats
+            if stats is None:
+                continue
+            try:
+                self.send(Heartbeat(stats.bytes_in, stats.lines_in, self.phase))
+            except OSError:
+                return
 
 
 def main(conn: Connection, routing_doc: dict[str, Any], max_line_bytes: int, underprocess: str, processed: str) -> None:
@@ -35,52 +65,48 @@ def main(conn: Connection, routing_doc: dict[str, Any], max_line_bytes: int, und
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # the parent asks when this worker seems stuck
     table = routing.build(routing_doc)
     folders = sorted({out.path for out in table.outputs})
-    conn.send(("ready", {"pid": os.getpid()}))
+    link = _Link(conn)
+    threading.Thread(target=link.heartbeats, name="heartbeat", daemon=True).start()
+    link.send(Ready(os.getpid()))
     while True:
         try:
-            name = conn.recv()
+            msg = conn.recv()
         except (EOFError, OSError):
             return
-        if name is None:
-            return
-        conn.send(process(conn, name, table, folders, max_line_bytes, underprocess, processed))
+        if not isinstance(msg, Assign):
+            return  # Stop
+        link.send(process(link, msg.name, table, folders, max_line_bytes, underprocess, processed))
 
 
-def process(conn: Connection, name: str, table: routing.Routing, folders: list[str], max_line_bytes: int,
-            underprocess: str, processed: str) -> tuple[str, dict[str, Any]]:
-    """Returns ("done", stats) | ("rejected", reason) | ("error", reason): an error keeps the input for a retry."""
+def process(link: _Link, name: str, table: routing.Routing, folders: list[str], max_line_bytes: int,
+            underprocess: str, processed: str) -> Outcome:
+    """Done | Rejected (the input's fault) | Retry (the machine's fault: the input is kept for a retry)."""
     started = time.monotonic()
-    last = [started]
-
-    def progress(done: int) -> None:
-        now = time.monotonic()
-        if now - last[0] >= PROGRESS_EVERY:
-            last[0] = now
-            conn.send(("progress", {"bytes": done}))
-
     stats = pipeline.Stats()
+    link.stats, link.phase = stats, Phase.READ
+    link.wake.set()
     sinks = Sinks(processed, name, folders)
     try:
         with pipeline.open_input(os.path.join(underprocess, name)) as f:
-            pipeline.run(f, name, table, max_line_bytes, sinks.write, stats, progress)
+            pipeline.run(f, name, table, max_line_bytes, sinks.write, stats)
+        link.phase = Phase.COMMIT
         sinks.commit()
     except pipeline.Rejected as e:
         sinks.abort()
-        return "rejected", {"reason": e.reason, "line": e.line, "bytes_in": stats.bytes_in, "lines_in": stats.lines_in}
+        return Rejected(e.reason, e.line, stats.bytes_in, stats.lines_in)
     except OSError as e:
         sinks.abort()
         reason = oserror(e)
         if e.errno in INPUT_ERRORS:
             # The name itself cannot be published (e.g. it is an output folder's name): retrying cannot help.
-            return "rejected", {"reason": f"cannot publish: {reason}", "line": None, "bytes_in": stats.bytes_in,
-                                "lines_in": stats.lines_in}
+            return Rejected(f"cannot publish: {reason}", None, stats.bytes_in, stats.lines_in)
         # Full disk, read-only folder, EIO: not the input's fault. After a failed fsync the temp is
         # untrustworthy (Linux forgets the error), so it is dropped and the whole file redone later.
-        return "error", {"reason": reason, "errno": e.errno}
-    return "done", {
-        "bytes_in": stats.bytes_in, "lines_in": stats.lines_in, "bytes_out": sinks.bytes_out,
-        "lines_out": sinks.lines_out, "duration": time.monotonic() - started,
-    }
+        return Retry(reason, e.errno)
+    finally:
+        link.wake.clear()
+        link.stats = None
+    return Done(stats.bytes_in, stats.lines_in, sinks.bytes_out, dict(sinks.lines_out), time.monotonic() - started)
 
 
 def _die_with_parent() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Callable
 
 
@@ -25,6 +26,16 @@ def abort_on(marker: str = "ABORT") -> Callable[[str], str | None]:
         if marker in text:
             os.abort()
         return text
+
+    return process
+
+
+def slow(seconds: float = 0.002) -> Callable[[str], str | None]:
+    """Upper-cases, taking `seconds` per line: a slow but steady processor (progress is by time, not lines)."""
+
+    def process(text: str) -> str:
+        time.sleep(seconds)
+        return text.upper()
 
     return process
 

@@ -1,0 +1,69 @@
+"""Typed messages between the parent and its workers, pickled over a multiprocessing pipe.
+
+Parent -> worker: Assign(name) or Stop(). Worker -> parent: Ready once, then for each file any number of
+Heartbeat and exactly one of Done, Rejected or Retry (an environmental error: the input is kept).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+
+class Phase(StrEnum):
+    READ = "read"  # reading the input and writing temp outputs
+    COMMIT = "commit"  # fsyncing and publishing outputs: slow disks are progress too
+
+
+@dataclass(frozen=True, slots=True)
+class Assign:
+    name: str  # the claimed file, in underprocess/
+
+
+@dataclass(frozen=True, slots=True)
+class Stop:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Ready:
+    pid: int
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    """Sent every PROGRESS_EVERY seconds by the worker's heartbeat thread while it holds a file, whatever
+    the processors cost per line; a frozen worker (SIGSTOP, a GIL held in C code) sends none."""
+    bytes: int  # input bytes read so far
+    lines: int  # input lines read so far
+    phase: Phase
+
+
+@dataclass(frozen=True, slots=True)
+class Done:
+    bytes_in: int
+    lines_in: int
+    bytes_out: int
+    lines_out: dict[str, int] = field(default_factory=dict)  # output folder -> lines written
+    duration: float = 0.0  # seconds, in the worker
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """The input's (or a processor's) fault: the file goes to failed/ with this reason."""
+    reason: str
+    line: int | None = None
+    bytes_in: int = 0
+    lines_in: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Retry:
+    """The machine's fault (full disk, EIO, a vanished output folder): the input stays claimed for a retry."""
+    reason: str
+    errno: int | None = None
+    recreate: bool = False  # an output folder vanished: recreate the folders, then retry at once
+
+
+Outcome = Done | Rejected | Retry
+ToParent = Ready | Heartbeat | Done | Rejected | Retry

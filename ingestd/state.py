@@ -1,0 +1,153 @@
+"""The daemon's counters, recent completions, pause and published status view, apart from the loop
+(as uvicorn keeps ServerState apart from Server). Metrics are fed here; the HTTP thread only reads `snapshot()`."""
+
+from __future__ import annotations
+
+import collections
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from ingestd.job import Job
+from ingestd.log import event
+from ingestd.messages import Done
+from ingestd.metrics import Metrics
+from ingestd.names import display
+
+MAX_BACKOFF = 30.0  # seconds: the longest claiming pauses after repeated environmental errors
+THROUGHPUT_WINDOW = 60.0  # seconds
+
+
+class PauseKind(StrEnum):
+    LOW_DISK = "low disk"  # lifted by the free-space check itself
+    IO_ERROR = "I/O error"  # lifted after a backoff, or by the next success
+
+
+@dataclass(frozen=True, slots=True)
+class Pause:
+    kind: PauseKind
+    text: str  # for people: the log, STATUS=, /api/status "paused"
+    until: float  # monotonic
+
+
+class State:
+    def __init__(self, recent: int, clock: Callable[[], float], wall: Callable[[], float]) -> None:
+        self.clock, self.wall = clock, wall
+        self.metrics = Metrics(self.snapshot)
+        self.phase = "starting"  # starting | running | reloading | stopping
+        self.started_at = wall()
+        self.totals = dict.fromkeys(("processed", "failed", "recovered", "bytes_in", "bytes_out"), 0)
+        self.recent: collections.deque[dict[str, Any]] = collections.deque(maxlen=recent)
+        self.seq = 0  # orders completions: a sequence, not the wall clock, which can step back
+        self.done_times: collections.deque[tuple[float, int]] = collections.deque()  # (monotonic, bytes)
+        # A running sum: summing the window each turn was quadratic under a burst (tests/torture/test_arrivals.py).
+        self.done_bytes = 0
+        # Folder counts for scrapes from our own bookkeeping (listing 100,000 entries per scrape took ~100 ms);
+        # processed/ and failed/ are re-counted from disk at every rescan, as others may change them.
+        self.kept = {"processed": 0, "failed": 0}
+        self.pause: Pause | None = None
+        self.backoff = 1.0
+        self._view: dict[str, Any] = {"workers": [], "recent": [], "oldest": {}, "counts": {}}
+
+    # --- results ------------------------------------------------------------------------------
+    def processed(self, job: Job, done: Done, elapsed: float) -> None:
+        m = self.metrics
+        m.files.labels("processed").inc()
+        m.bytes_in.inc(done.bytes_in)
+        m.bytes_out.inc(done.bytes_out)
+        m.lines_in.inc(done.lines_in)
+        for out, n in done.lines_out.items():
+            m.lines_out.inc(n)
+            m.records.labels(out).inc(n)
+        m.duration.observe(elapsed)
+        m.last_success.set(self.wall())
+        self.totals["processed"] += 1
+        self.totals["bytes_in"] += done.bytes_in
+        self.totals["bytes_out"] += done.bytes_out
+        self.done_times.append((self.clock(), done.bytes_in))
+        self.done_bytes += done.bytes_in
+        if job.fresh:  # a new result, not a replacement of an earlier same-named one
+            self.kept["processed"] += 1
+        self._remember(job.name, "processed", elapsed, None, job.recovered)
+        if self.pause is not None and self.pause.kind is PauseKind.IO_ERROR:
+            self.unpause()  # the machine works again
+        self.backoff = 1.0
+
+    def failed(self, name: str, reason: str, elapsed: float, recovered: bool = False) -> None:
+        self.metrics.files.labels("failed").inc()
+        self.kept["failed"] += 1
+        self.totals["failed"] += 1
+        self._remember(name, "failed", elapsed, reason, recovered)
+
+    def recovered(self) -> None:
+        self.metrics.files.labels("recovered").inc()
+        self.totals["recovered"] += 1
+
+    def _remember(self, name: str, result: str, duration: float, reason: str | None, recovered: bool) -> None:
+        self.seq += 1
+        self.recent.appendleft({"seq": self.seq, "file": display(name), "result": result,
+                                "duration": round(duration, 6), "finished_at": self.wall(), "reason": reason,
+                                "recovered": recovered})
+
+    # --- pausing ---------------------------------------------------------------------------------
+    def pause_for(self, kind: PauseKind, text: str, until: float) -> None:
+        if self.pause is None or self.pause.text != text:
+            event("paused", "claiming paused", logging.WARNING, reason=text)
+        self.pause = Pause(kind, text, until)
+        self.metrics.paused.set(1)
+
+    def back_off(self, reason: str) -> float:
+        """An environmental error: pause claiming for a while that doubles (to MAX_BACKOFF); returns it."""
+        wait = self.backoff
+        self.metrics.errors.inc()
+        self.pause_for(PauseKind.IO_ERROR, f"I/O error: {reason}", self.clock() + wait)
+        self.backoff = min(MAX_BACKOFF, self.backoff * 2)
+        return wait
+
+    def unpause(self) -> None:
+        if self.pause is not None:
+            event("resumed", "claiming resumed", previous=self.pause.text)
+        self.pause = None
+        self.metrics.paused.set(0)
+
+    def paused(self, now: float) -> bool:
+        return self.pause is not None and now < self.pause.until
+
+    # --- the view ----------------------------------------------------------------------------------
+    def publish(self, workers: list[dict[str, Any]], waiting: int, oldest_seen: float | None, in_flight: int,
+                started: list[float], health: str | None) -> None:
+        """A fresh read-only snapshot for the HTTP thread (it never touches the live structures)."""
+        now, wall = self.clock(), self.wall()
+        while self.done_times and now - self.done_times[0][0] > THROUGHPUT_WINDOW:
+            self.done_bytes -= self.done_times.popleft()[1]
+        self._view = {
+            "workers": workers,
+            "recent": list(self.recent),
+            "oldest": {"unprocessed": max(0.0, now - oldest_seen) if oldest_seen is not None else 0.0,
+                       "underprocess": max(0.0, wall - min(started)) if started else 0.0},
+            "throughput": {"files_per_second": round(len(self.done_times) / THROUGHPUT_WINDOW, 3),
+                           "bytes_per_second": round(self.done_bytes / THROUGHPUT_WINDOW, 1)},
+            "counts": {"unprocessed": waiting, "underprocess": in_flight, **self.kept},
+            "totals": dict(self.totals),
+            "state": self.phase,
+            "paused": self.pause.text if self.pause else None,
+            "health": {"ok": health is None, "problem": health},
+        }
+
+    def snapshot(self) -> dict[str, Any]:
+        return self._view
+
+    def status_line(self) -> str:
+        """One short line for systemd's STATUS=."""
+        v = self._view
+        busy = [w for w in v["workers"] if w["file"] is not None]
+        current = ", ".join(f"{w['file']} {_pct(w)}".rstrip() for w in busy[:2]) or "idle"
+        return (f"{self.phase}; waiting {v['counts'].get('unprocessed', 0)}; {current}; "
+                f"done {self.totals['processed']}, failed {self.totals['failed']}"
+                + (f"; PAUSED: {self.pause.text}" if self.pause else ""))
+
+
+def _pct(w: dict[str, Any]) -> str:
+    return f"{100 * w['bytes'] // w['size']}%" if w["size"] else ""

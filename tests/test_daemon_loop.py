@@ -1,0 +1,247 @@
+"""The daemon in process: its main loop turned by the test, with an injected clock, real workers, real inotify.
+
+Signal handlers are called directly (as uvicorn's tests do); time that matters to a decision (stalls,
+backoff) is moved by the test, so nothing here sleeps to make a point.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ingestd import settings as settings_mod
+from ingestd.daemon import MAX_INTERNAL_ERRORS, Daemon
+from support import HANG_ROUTING, folder
+
+SLOW_ROUTING = '[[filters]]\nmatch = "*"\nprocessor = "slow"\nseconds = 0.002\n'
+
+
+class Clock:
+    """A monotonic clock the test moves; it also follows real time, so poll() timeouts stay sane."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.monotonic() + self.offset
+
+    def advance(self, seconds: float) -> None:
+        self.offset += seconds
+
+
+class Loop:
+    def __init__(self, d: Daemon, clock: Clock) -> None:
+        self.d, self.clock = d, clock
+        self.w = Path(d.spool.root)
+
+    def until(self, predicate: Callable[[], Any], timeout: float = 15.0, what: str = "") -> Any:
+        deadline = time.monotonic() + timeout
+        while True:
+            assert self.d.main_loop_once(), "the loop ended"
+            if value := predicate():
+                return value
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
+
+    def drop(self, name: str, data: bytes) -> None:
+        (self.w / "unprocessed" / name).write_bytes(data)
+
+    def result(self, name: str) -> bytes | None:
+        p = self.w / "processed" / name
+        return p.read_bytes() if p.exists() else None
+
+
+@pytest.fixture
+def events(caplog: pytest.LogCaptureFixture) -> Callable[[str], list[logging.LogRecord]]:
+    caplog.set_level(logging.INFO, logger="ingestd")
+    return lambda name: [r for r in caplog.records if getattr(r, "event", None) == name]
+
+
+@pytest.fixture
+def loop(tmp_path: Path) -> Iterator[Callable[..., Loop]]:
+    made: list[Daemon] = []
+
+    def make(config: str | None = None, reload: Callable[[], settings_mod.Settings] | None = None,
+             **flags: Any) -> Loop:
+        if config is not None:
+            (tmp_path / "routing.toml").write_text(config)
+            flags["config"] = str(tmp_path / "routing.toml")
+        s = settings_mod.load({"watch_dir": str(tmp_path / "w"), "listen": "127.0.0.1:0", "workers": 1,
+                               "settle_time": 0.05, **flags}, environ={}, cwd=tmp_path)
+        clock = Clock()
+        d = Daemon(s, reload=reload, clock=clock)
+        made.append(d)
+        d.startup()
+        return Loop(d, clock)
+
+    yield make
+    for d in made:
+        d.shutdown()
+    assert not multiprocessing.active_children(), "a worker outlived its daemon"
+
+
+def test_sighup_while_a_worker_is_busy_reloads_after_its_file(loop, tmp_path: Path, events) -> None:
+    reverse = tmp_path / "reverse.toml"
+    reverse.write_text('[[filters]]\nmatch = "*"\nprocessor = "reverse"\n')
+    new = settings_mod.load({"watch_dir": str(tmp_path / "w"), "config": str(reverse)}, environ={}, cwd=tmp_path)
+    lp = loop(config=SLOW_ROUTING, reload=lambda: new)
+    lp.drop("busy.txt", b"abc\n" * 300)  # ~0.6 s of slow work
+    lp.until(lambda: lp.d.pool.busy(), what="a busy worker")
+    lp.d._on_signal(signal.SIGHUP, None)
+    lp.until(lambda: lp.result("busy.txt"), what="busy.txt done")
+    assert lp.result("busy.txt") == b"ABC\n" * 300, "the file in hand finishes with the routing it started with"
+    assert events("reloaded")
+    lp.drop("after.txt", b"abc\n")
+    lp.until(lambda: lp.result("after.txt"), what="after.txt done")
+    assert lp.result("after.txt") == b"cba\n", "the new routing applies to the next file"
+    assert not events("internal_error") and not events("worker_died")
+
+
+def test_a_worker_that_dies_before_the_hand_off_costs_the_file_nothing(loop, events) -> None:
+    lp = loop()
+    d = lp.d
+    lp.until(lambda: d.pool.idle(), what="an idle worker")
+    slot = d.pool.idle()[0]
+    slot.process.kill()  # dies between the poll and the hand-off: the parent has not read its sentinel yet
+    while slot.process.is_alive():
+        time.sleep(0.01)
+    lp.drop("x.txt", b"x\n")
+    time.sleep(0.2)
+    lp.clock.advance(5)  # past any grace or quiet time
+    d._on_watch(lp.clock())
+    d.arrivals.tick(lp.clock(), d._stat)
+    d._dispatch(lp.clock())  # the send hits a dead pipe
+    assert not d.pool.busy(), "nothing was handed to the dead worker"
+    lp.until(lambda: lp.result("x.txt"), what="x.txt done by the replacement worker")
+    assert lp.result("x.txt") == b"X\n"
+    assert d.spool.attempts("x.txt") == 0 and not folder(lp.w, "failed")
+    assert not events("internal_error")
+
+
+def test_a_stuck_worker_is_killed_replaced_and_counted_by_the_parent(loop, events) -> None:
+    lp = loop(config=HANG_ROUTING, max_attempts=1, stall_time=30)
+    d = lp.d
+    lp.drop("stuck.txt", b"fine\nHANG\n")
+    lp.until(lambda: d.pool.busy(), what="a busy worker")
+    lp.until(lambda: d.pool.busy()[0].job.bytes == 10, what="both lines read")  # heartbeats carry progress
+    t0 = time.monotonic()
+    lp.until(lambda: time.monotonic() - t0 > 0.6)  # heartbeats keep coming, with no progress in them
+    lp.clock.advance(31)
+    lp.until(lambda: events("worker_stuck"), what="worker_stuck")
+    assert d.health() is None, "a stuck worker is the loop's business, not the watchdog's"
+    assert any(w["stuck"] for w in d.snapshot()["workers"]), "shown on the page and in /api/status"
+    lp.clock.advance(1)
+    lp.until(lambda: folder(lp.w, "failed") == ["stuck.txt"], what="stuck.txt set aside")
+    failure = d.spool.failures(5)[0]
+    assert "stuck 1 times" in failure["reason"] and "no progress" in failure["reason"]
+    lp.drop("next.txt", b"next\n")
+    lp.until(lambda: lp.result("next.txt"), what="a new worker takes the next file")
+
+
+def test_time_limit_kills_a_worker_that_is_busy_too_long(loop, events) -> None:
+    lp = loop(config=SLOW_ROUTING, max_attempts=1, time_limit=5)
+    d = lp.d
+    lp.drop("long.txt", b"x\n" * 5000)  # ~10 s of slow but steady work
+    lp.until(lambda: d.pool.busy(), what="a busy worker")
+    lp.clock.advance(6)
+    lp.until(lambda: folder(lp.w, "failed") == ["long.txt"], what="long.txt set aside")
+    assert "time limit" in d.spool.failures(5)[0]["reason"]
+
+
+def test_an_unexpected_exception_costs_one_file_a_retry_never_the_daemon(loop, events, monkeypatch) -> None:
+    lp = loop()
+    d = lp.d
+    real_commit = d.spool.commit
+    calls = []
+
+    def commit_once_broken(name: str) -> None:
+        calls.append(name)
+        if len(calls) == 1:
+            raise RuntimeError("a bug in the commit path")
+        real_commit(name)
+
+    monkeypatch.setattr(d.spool, "commit", commit_once_broken)
+    lp.drop("a.txt", b"a\n")
+    lp.until(lambda: events("internal_error"), what="internal_error")
+    err = events("internal_error")[0]
+    assert "RuntimeError: a bug in the commit path" in err.error and "Traceback" in err.traceback
+    assert err.file == "a.txt"
+    lp.clock.advance(10)  # past the file's backoff
+    lp.until(lambda: lp.result("a.txt"), what="a.txt retried and done")
+    lp.until(lambda: not folder(lp.w, "underprocess"), what="a.txt committed")
+    assert lp.result("a.txt") == b"A\n" and len(events("processed")) == 1
+
+
+def test_a_file_that_always_breaks_the_daemon_is_set_aside(loop, events, monkeypatch) -> None:
+    lp = loop()
+    d = lp.d
+    real_commit = d.spool.commit
+
+    def commit(name: str) -> None:
+        if name == "bad.txt":
+            raise KeyError("always")
+        real_commit(name)
+
+    monkeypatch.setattr(d.spool, "commit", commit)
+    lp.drop("bad.txt", b"bad\n")
+    for _ in range(MAX_INTERNAL_ERRORS):
+        lp.until(lambda n=len(events("internal_error")): len(events("internal_error")) > n, what="an internal error")
+        lp.clock.advance(60)
+    lp.until(lambda: folder(lp.w, "failed") == ["bad.txt"], what="bad.txt set aside")
+    assert "internal error" in d.spool.failures(5)[0]["reason"]
+    lp.drop("good.txt", b"good\n")
+    lp.until(lambda: lp.result("good.txt"), what="the queue goes on")
+
+
+def test_a_stop_takes_an_outcome_already_sent_instead_of_redoing_the_file(loop, events) -> None:
+    lp = loop()
+    d = lp.d
+    lp.drop("sent.txt", b"sent\n")
+    slot = lp.until(lambda: d.pool.busy() and d.pool.busy()[0], what="sent.txt handed out")
+    assert slot.conn.poll(10), "the worker reports"
+    d.shutdown()  # the outcome sits unread in the pipe
+    assert folder(lp.w, "unprocessed") == [] and folder(lp.w, "underprocess") == []
+    assert lp.result("sent.txt") == b"SENT\n" and len(events("processed")) == 1
+    assert not events("abandoned")
+
+
+def test_the_main_loop_sleeps_when_all_workers_are_busy(loop) -> None:
+    """Files waiting, every worker busy: the parent must block in poll(), not spin (issue 8, kind 5)."""
+    lp = loop(config=HANG_ROUTING)
+    d = lp.d
+    lp.drop("stuck.txt", b"HANG\n")
+    lp.until(lambda: d.pool.busy(), what="the only worker busy")
+    for i in range(20):
+        lp.drop(f"wait-{i}.txt", b"w\n")
+    cpu0, t0, turns = time.process_time(), time.monotonic(), 0
+    while time.monotonic() - t0 < 1.5:
+        d.main_loop_once()
+        turns += 1
+    cpu = time.process_time() - cpu0
+    assert cpu < 0.3, f"{cpu:.2f}s of CPU in 1.5s with all workers busy ({turns} turns)"
+    assert len(d.arrivals) == 20
+
+
+def test_a_port_in_use_fails_the_start_and_leaves_nothing_running(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        st = settings_mod.load({"watch_dir": str(tmp_path / "w"), "listen": f"127.0.0.1:{port}", "workers": 2},
+                               environ={}, cwd=tmp_path)
+        d = Daemon(st)
+        with pytest.raises(settings_mod.ConfigError, match="cannot listen"):
+            d.run()
+    assert not multiprocessing.active_children()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL or callable(signal.getsignal(signal.SIGTERM))
+    assert os.path.isdir(tmp_path / "w" / "unprocessed")
