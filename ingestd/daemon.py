@@ -423,6 +423,7 @@ class Daemon:
         job = self.pool.release(slot)
         code = slot.process.exitcode
         why = slot.kill_reason
+        self.metrics.workers_lost.labels(slot.kill_kind).inc()
         if why:
             event("worker_killed", "killed a stuck worker", logging.ERROR, worker=slot.id, reason=why,
                   file=display(job.name) if job else None)
@@ -451,10 +452,10 @@ class Daemon:
         """The parent notices stuck workers itself: no progress for stall_time, or over time_limit; it logs,
         shows, kills and replaces them (the death counts an attempt). The watchdog guards the main loop."""
         assert self.pool is not None
-        for slot, reason in self.pool.stalled(now, self.s.stall_time, self.s.time_limit):
+        for slot, kind, reason in self.pool.stalled(now, self.s.stall_time, self.s.time_limit):
             event("worker_stuck", "a worker is stuck: dumping its stack, then killing it", logging.ERROR,
                   worker=slot.id, reason=reason, file=display(slot.job.name) if slot.job else None)
-            self.pool.condemn(slot, reason, now)
+            self.pool.condemn(slot, kind, reason, now)
         self.pool.execute(now)
 
     def _make_output_folders(self, outputs: list[str] | None = None) -> None:

@@ -42,6 +42,11 @@ class Metrics:
             self.rescans.labels(reason)
         self.errors = Counter("ingestd_io_errors", "Environmental errors (disk full, EIO, EROFS): the file is kept and retried",
                               registry=r)
+        self.workers_lost = Counter("ingestd_workers_lost", "Worker processes lost: died by themselves, or killed by the "
+                                    "daemon as stuck (no progress for stall_time) or over time_limit", ["reason"],
+                                    registry=r)
+        for reason in ("died", "stalled", "time_limit"):
+            self.workers_lost.labels(reason)
         self.restarts_recovered = Counter("ingestd_restarts_recovered",
                                           "Start-ups that found files left in underprocess/ by a crash", registry=r)
         self.duration = Histogram("ingestd_processing_duration_seconds", "Time to process one file (claim to commit)",

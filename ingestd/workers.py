@@ -37,7 +37,8 @@ class Slot:
     ready: bool = False  # imported and listening (a spawned interpreter takes a moment)
     dead: bool = False  # its process is gone (reported once as died)
     retire: bool = False  # restart once idle (a reload changed the routing)
-    kill_reason: str | None = None  # why the parent is killing it (stuck, over its time limit)
+    kill_reason: str | None = None  # why the parent is killing it (stuck, over its time limit), for people
+    kill_kind: str = "died"  # the same as a metric label: stalled | time_limit
     kill_at: float | None = None  # monotonic: when the SIGKILL goes (after the stack dump)
 
     @property
@@ -164,7 +165,7 @@ class Pool:
         return changed
 
     # --- supervision ----------------------------------------------------------------------------------
-    def stalled(self, now: float, limit: float, time_limit: float) -> list[tuple[Slot, str]]:
+    def stalled(self, now: float, limit: float, time_limit: float) -> list[tuple[Slot, str, str]]:
         """Busy workers with no progress for `limit` seconds, or on one file longer than `time_limit` (0: none)."""
         out = []
         for s in self.slots:
@@ -172,14 +173,14 @@ class Pool:
             if job is None or s.dead or s.kill_reason is not None:
                 continue
             if now - job.last_progress > limit:
-                out.append((s, f"no progress for {now - job.last_progress:.1f}s (stall_time {limit:g}s)"))
+                out.append((s, "stalled", f"no progress for {now - job.last_progress:.1f}s (stall_time {limit:g}s)"))
             elif time_limit and now - job.started > time_limit:
-                out.append((s, f"over the time limit of {time_limit:g}s per file"))
+                out.append((s, "time_limit", f"over the time limit of {time_limit:g}s per file"))
         return out
 
-    def condemn(self, slot: Slot, reason: str, now: float) -> None:
+    def condemn(self, slot: Slot, kind: str, reason: str, now: float) -> None:
         """Ask a stuck worker for its stack (faulthandler on SIGUSR1, into our stderr), kill it KILL_GRACE later."""
-        slot.kill_reason, slot.kill_at = reason, now + KILL_GRACE
+        slot.kill_kind, slot.kill_reason, slot.kill_at = kind, reason, now + KILL_GRACE
         if slot.pid is not None and slot.process.is_alive():
             os.kill(slot.pid, signal.SIGUSR1)  # a SIGSTOPped worker dumps nothing; it is killed all the same
 
