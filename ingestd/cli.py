@@ -28,7 +28,8 @@ def parser() -> argparse.ArgumentParser:
     common(run)
     run.add_argument("--workers", help="worker processes (default: the number of cores)")
     run.add_argument("--listen", help="HOST:PORT for /metrics, /healthz, /api/status and / (default 127.0.0.1:9800)")
-    run.add_argument("--log-format", choices=("json", "text"), help="log lines as JSON (default) or text")
+    run.add_argument("--log-format", choices=("auto", "json", "text"),
+                     help="log lines as JSON or text (default auto: text on a terminal, JSON otherwise)")
     run.add_argument("--wait-lock", action="store_const", const=True,
                      help="if another ingestd runs on this watch dir, wait and take over when it stops")
 

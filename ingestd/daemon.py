@@ -16,13 +16,14 @@ import os
 import select
 import signal
 import stat
+import sys
 import time
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from ingestd import __version__
+from ingestd import __version__, history, log
 from ingestd.arrivals import DONE_SUFFIX, Arrivals
 from ingestd.job import Job
 from ingestd.log import event
@@ -40,6 +41,7 @@ from ingestd.workers import Pool, Slot
 
 HEARTBEAT = 5.0  # the idle main loop still turns this often, so /healthz can tell "idle" from "stuck"
 PROGRESS_REFRESH = 1.0  # seconds between STATUS=/page refreshes while workers are busy
+HISTORY_EVERY = 1.0  # seconds: the recent history is saved at most this often (one small fsynced file)
 MAX_INTERNAL_ERRORS = 3  # unexpected exceptions one file may cause before it is set aside in failed/
 
 
@@ -64,6 +66,7 @@ class Daemon:
         self.next_rescan = clock() + settings.rescan_interval
         self.next_watchdog = 0.0
         self.next_view = 0.0
+        self.next_history = 0.0
         self._withheld = False
         self.web: Web | None = None
         self.watch: Watch | None = None
@@ -81,6 +84,7 @@ class Daemon:
         self.spool.lock(wait=self.s.wait_lock)  # --wait-lock: a standby blocks here until the owner is gone
         self._install_signals()
         self._make_output_folders()
+        self.state.restore(history.load(str(self.spool.root)))
         self._recover()
         # The watch goes up before the scan, so nothing arriving in between is missed.
         self.watch = Watch(self.spool.unprocessed)
@@ -101,6 +105,9 @@ class Daemon:
         event("started", "ingestd started", version=__version__, watch_dir=str(self.spool.root.resolve()),
               listen=self.web.address, workers=self.s.workers, recovered=len(self.queue),
               waiting=len(self.arrivals))
+        if log.text_wanted("auto"):  # a person at a terminal (make run): one line saying where to look
+            print(f"ingestd is watching {self.spool.root.resolve()}/unprocessed/ - status page "
+                  f"http://{self.web.address}/ - press Ctrl-C to stop", file=sys.stderr, flush=True)
 
     def _recover(self) -> None:
         requeued, quarantined = self.spool.recover(self.s.max_attempts, self.wall())
@@ -537,11 +544,22 @@ class Daemon:
         assert self.pool is not None
         now = self.clock()
         busy = self.pool.busy()
+        if self.state.history_dirty and now >= self.next_history:
+            self._save_history()
+            self.next_history = now + HISTORY_EVERY
         self.state.publish(self.pool.view(now), len(self.arrivals), self.arrivals.oldest_seen(),
                            len(busy) + len(self.queue) + len(self.unacked),
                            [s.job.started_wall for s in busy if s.job], self.health())
         self.notifier.status(self.state.status_line())
         self.next_view = now + PROGRESS_REFRESH
+
+    def _save_history(self) -> None:
+        """The page's recent history survives a restart (best effort: losing it loses no data)."""
+        self.state.history_dirty = False
+        try:
+            history.save(str(self.spool.root), list(self.state.recent))
+        except OSError as e:
+            event("io_error", "could not save the recent history", logging.WARNING, reason=oserror(e))
 
     def snapshot(self) -> dict[str, Any]:
         return self.state.snapshot()
@@ -561,6 +579,8 @@ class Daemon:
                         self._on_worker(s, msg)
         if self.unacked:
             self._ack_commits()
+        if self.state.history_dirty:
+            self._save_history()
         for job in self.queue:
             self._unclaim(job)  # waiting for a retry (disk full...), not crashed: no attempt counted
         if self.pool is not None:
@@ -576,6 +596,7 @@ class Daemon:
         if self.watch is not None:
             self.watch.close()
         self._restore_signals()
+        self.spool.unlock()
         if self.state.phase != "starting":
             event("stopped", "ingestd stopped", processed=self.state.totals["processed"],
                   failed=self.state.totals["failed"])

@@ -25,10 +25,23 @@ class _JournalPriority(logging.Formatter):
 
 
 class _Text(logging.Formatter):
+    """For people at a terminal: `time LEVEL message key=value ...` in logfmt's manner: values with spaces or
+    quotes are quoted, lists are comma-joined, absent (None) fields are left out."""
+
     def format(self, record: logging.LogRecord) -> str:
         base = super().format(record)
-        extra = {k: v for k, v in record.__dict__.items() if k not in _STANDARD and not k.startswith("_")}
-        return base + ("  " + " ".join(f"{k}={v}" for k, v in extra.items()) if extra else "")
+        fields = [f"{k}={_logfmt(v)}" for k, v in record.__dict__.items()
+                  if k not in _STANDARD and not k.startswith("_") and k != "event" and v is not None]
+        return base + ("  " + " ".join(fields) if fields else "")
+
+
+def _logfmt(value: object) -> str:
+    if isinstance(value, (list, tuple)):
+        value = ",".join(str(v) for v in value)
+    text = str(value)
+    if text and not any(c in text for c in ' "=\\') and text.isprintable():
+        return text
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
 
 
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime", "taskName"}
@@ -44,10 +57,20 @@ def _stderr_is_journal() -> bool:
     return dev.isdigit() and ino.isdigit() and (st.st_dev, st.st_ino) == (int(dev), int(ino))
 
 
-def setup(fmt: str = "json", level: int = logging.INFO) -> None:
+def text_wanted(fmt: str) -> bool:
+    """log_format auto: text when stderr is a terminal (a person runs it), JSON otherwise (journal, pipe)."""
+    if fmt == "auto":
+        try:
+            return os.isatty(sys.stderr.fileno())
+        except (OSError, ValueError, AttributeError):
+            return False
+    return fmt == "text"
+
+
+def setup(fmt: str = "auto", level: int = logging.INFO) -> None:
     handler = logging.StreamHandler(sys.stderr)
     formatter: logging.Formatter
-    if fmt == "text":
+    if text_wanted(fmt):
         formatter = _Text("%(asctime)s %(levelname)s %(message)s")
     else:
         formatter = JsonFormatter(

@@ -89,6 +89,12 @@ class Spool:
             pass
         self._lock_fd = fd
 
+    def unlock(self) -> None:
+        """Release the daemon lock (at the end of shutdown; the kernel does it anyway when the process dies)."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
     def holder(self) -> str | None:
         """Who holds the daemon lock ("pid N on HOST"), or None when no daemon runs here."""
         path = os.path.join(self.state, "lock")

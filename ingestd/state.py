@@ -50,6 +50,12 @@ class State:
         self.pause: Pause | None = None
         self.backoff = 1.0
         self._view: dict[str, Any] = {"workers": [], "recent": [], "oldest": {}, "counts": {}}
+        self.history_dirty = False  # recent changed since it was last saved
+
+    def restore(self, saved: list[dict[str, Any]]) -> None:
+        """Recent completions from before a restart, newest first; the sequence goes on from theirs."""
+        self.recent.extend(saved[: self.recent.maxlen])
+        self.seq = max((r["seq"] for r in saved), default=0)
 
     # --- results ------------------------------------------------------------------------------
     def processed(self, job: Job, done: Done, elapsed: float) -> None:
@@ -87,6 +93,7 @@ class State:
 
     def _remember(self, name: str, result: str, duration: float, reason: str | None, recovered: bool) -> None:
         self.seq += 1
+        self.history_dirty = True
         self.recent.appendleft({"seq": self.seq, "file": display(name), "result": result,
                                 "duration": round(duration, 6), "finished_at": self.wall(), "reason": reason,
                                 "recovered": recovered})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -164,3 +165,37 @@ def test_progress_bar_only_on_a_terminal_for_large_inputs(tmp_path: Path) -> Non
     assert b"big.txt" in seen and b"B/s" in seen  # tqdm's bar: name, bytes and rate
     piped = ingestd("process", "--input", str(big), "--output", str(tmp_path / "o2"))
     assert piped.returncode == 0 and piped.stderr == b""  # not a terminal: silent
+
+
+def test_run_at_a_terminal_logs_text_and_says_where_to_look(tmp_path: Path) -> None:
+    """log_format auto: text lines with logfmt values when stderr is a terminal (a real pty), plus one human line."""
+    import pty
+    import select
+    import signal as sig
+    import sys as _sys
+
+    master, slave = pty.openpty()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INGESTD_")}
+    proc = subprocess.Popen([_sys.executable, "-m", "ingestd", "run", "--watch-dir", str(tmp_path / "w"),
+                             "--listen", "127.0.0.1:0", "--workers", "1"], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=slave, env=env, cwd=tmp_path)
+    os.close(slave)
+    out = b""
+    try:
+        deadline = time.monotonic() + 20
+        while b"Ctrl-C" not in out and time.monotonic() < deadline:
+            if select.select([master], [], [], 0.5)[0]:
+                out += os.read(master, 4096)
+        (tmp_path / "w" / "unprocessed" / "a b.txt").write_bytes(b"x\n")
+        while b"processed" not in out.split(b"Ctrl-C", 1)[-1] and time.monotonic() < deadline:
+            if select.select([master], [], [], 0.5)[0]:
+                out += os.read(master, 4096)
+    finally:
+        proc.send_signal(sig.SIGTERM)
+        proc.wait(20)
+        os.close(master)
+    text = out.decode()
+    assert "status page http://127.0.0.1:" in text and "press Ctrl-C to stop" in text, text
+    assert f"watching {tmp_path.resolve()}/w/unprocessed/" in text
+    assert 'file="a b.txt"' in text, text
+    assert "None" not in text and "{" not in text and "[" not in text, text

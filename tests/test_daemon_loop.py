@@ -245,3 +245,17 @@ def test_a_port_in_use_fails_the_start_and_leaves_nothing_running(tmp_path: Path
     assert not multiprocessing.active_children()
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL or callable(signal.getsignal(signal.SIGTERM))
     assert os.path.isdir(tmp_path / "w" / "unprocessed")
+
+
+def test_recent_completions_survive_a_restart_and_recovered_files_are_marked(tmp_path: Path, loop) -> None:
+    lp = loop()
+    lp.drop("one.txt", b"1\n")
+    lp.until(lambda: lp.d.snapshot()["recent"], what="one.txt in recent")
+    lp.d.shutdown()
+    (lp.w / "underprocess" / "crashed.txt").write_bytes(b"c\n")  # left in progress by a crash
+    lp2 = loop()
+    lp2.until(lambda: len(lp2.d.snapshot()["recent"]) == 2, what="the history and the recovered file")
+    recent = lp2.d.snapshot()["recent"]
+    assert [r["file"] for r in recent] == ["crashed.txt", "one.txt"]
+    assert recent[0]["recovered"] is True and recent[1]["recovered"] is False
+    assert recent[0]["seq"] > recent[1]["seq"], "the sequence goes on across restarts"

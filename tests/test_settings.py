@@ -37,7 +37,7 @@ def test_defaults(cwd: Path) -> None:
     s = load({}, environ={}, cwd=cwd)
     assert s == Settings(routing_doc={"mode": "uppercase"})
     assert (s.watch_dir, s.mode, s.listen, s.config, s.max_attempts) == (Path("watch_dir"), "uppercase", "127.0.0.1:9800", None, 3)
-    assert s.workers >= 1 and s.max_line_bytes == 1 << 20 and s.log_format == "json"
+    assert s.workers >= 1 and s.max_line_bytes == 1 << 20 and s.log_format == "auto"
     assert s.routing.route(DEFAULT_TAG, b"a\n") == ("", b"A\n")
 
 
