@@ -317,3 +317,18 @@ def test_idle_daemon_uses_almost_no_cpu_and_stays_healthy(start) -> None:
 def _cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.parametrize("where", ["in use", "not on this host"])
+def test_a_listen_address_that_cannot_be_bound_exits_78_at_once(tmp_path: Path, where: str) -> None:
+    """The message, then exit 78 (no restart loop) within seconds: no worker is left holding the process."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        listen = f"127.0.0.1:{taken.getsockname()[1]}" if where == "in use" else "192.0.2.1:9800"  # TEST-NET-1
+        t0 = time.monotonic()
+        out = subprocess.run([*INGESTD, "run", "--watch-dir", str(tmp_path / "w"), "--listen", listen],
+                             capture_output=True, text=True, timeout=30)
+    assert out.returncode == 78, out.stderr
+    assert time.monotonic() - t0 < 10
+    assert f"listen: cannot listen on {listen}" in out.stderr
