@@ -18,6 +18,9 @@ from ingestd.names import display
 
 MAX_BACKOFF = 30.0  # seconds: the longest claiming pauses after repeated environmental errors
 THROUGHPUT_WINDOW = 60.0  # seconds
+READ_WINDOW = 10.0  # seconds: the read rate shown includes files still in progress
+SERIES_EVERY = 5.0  # seconds between samples of the page's chart
+SERIES_KEEP = 120  # samples: 10 minutes
 
 
 class PauseKind(StrEnum):
@@ -51,6 +54,9 @@ class State:
         self.backoff = 1.0
         self._view: dict[str, Any] = {"workers": [], "recent": [], "oldest": {}, "counts": {}}
         self.history_dirty = False  # recent changed since it was last saved
+        self.read_samples: collections.deque[tuple[float, int]] = collections.deque()  # (monotonic, bytes read)
+        self.series: collections.deque[dict[str, float]] = collections.deque(maxlen=SERIES_KEEP)
+        self.next_sample = 0.0
 
     def restore(self, saved: list[dict[str, Any]]) -> None:
         """Recent completions from before a restart, newest first; the sequence goes on from theirs."""
@@ -125,17 +131,39 @@ class State:
     # --- the view ----------------------------------------------------------------------------------
     def publish(self, workers: list[dict[str, Any]], waiting: int, oldest_seen: float | None, in_flight: int,
                 started: list[float], health: str | None) -> None:
-        """A fresh read-only snapshot for the HTTP thread (it never touches the live structures)."""
+        """A fresh read-only snapshot for the HTTP thread (it never touches the live structures).
+
+        workers: Pool.view() rows; each gets its read rate (bytes/s) and an ETA (s) here."""
         now, wall = self.clock(), self.wall()
         while self.done_times and now - self.done_times[0][0] > THROUGHPUT_WINDOW:
             self.done_bytes -= self.done_times.popleft()[1]
+        for w in workers:
+            elapsed = max(1e-3, wall - w["since"]) if w["since"] is not None else 0.0
+            rate = w["bytes"] / elapsed if elapsed else 0.0
+            w["rate_bytes_per_second"] = round(rate, 1)
+            w["eta_seconds"] = round((w["size"] - w["bytes"]) / rate, 1) if rate > 0 and w["size"] >= w["bytes"] else None
+        # Bytes read, finished files and files in progress alike: two busy workers on big files show their pace.
+        read = self.totals["bytes_in"] + sum(w["bytes"] for w in workers)
+        self.read_samples.append((now, read))
+        while len(self.read_samples) > 2 and now - self.read_samples[0][0] > READ_WINDOW:
+            self.read_samples.popleft()
+        t0, r0 = self.read_samples[0]
+        read_rate = max(0.0, (read - r0) / (now - t0)) if now > t0 else 0.0
+        files_rate = len(self.done_times) / THROUGHPUT_WINDOW
+        if now >= self.next_sample:
+            self.next_sample = now + SERIES_EVERY
+            self.series.append({"t": round(wall, 3), "read_bytes_per_second": round(read_rate, 1),
+                                "files_per_second": round(files_rate, 3), "waiting": waiting,
+                                "in_progress": in_flight})
         self._view = {
             "workers": workers,
             "recent": list(self.recent),
             "oldest": {"unprocessed": max(0.0, now - oldest_seen) if oldest_seen is not None else 0.0,
                        "underprocess": max(0.0, wall - min(started)) if started else 0.0},
-            "throughput": {"files_per_second": round(len(self.done_times) / THROUGHPUT_WINDOW, 3),
-                           "bytes_per_second": round(self.done_bytes / THROUGHPUT_WINDOW, 1)},
+            "throughput": {"files_per_second": round(files_rate, 3),
+                           "bytes_per_second": round(self.done_bytes / THROUGHPUT_WINDOW, 1),
+                           "read_bytes_per_second": round(read_rate, 1)},
+            "series": list(self.series),
             "counts": {"unprocessed": waiting, "underprocess": in_flight, **self.kept},
             "totals": dict(self.totals),
             "state": self.phase,
