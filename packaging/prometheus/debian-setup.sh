@@ -49,8 +49,9 @@ trap 'rm -f "$work"' EXIT
 if ! grep -q "^ *- *job_name: *['\"]\{0,1\}ingestd['\"]\{0,1\} *$" "$work"; then
     last=$(awk '/^[A-Za-z_]+:/ { key = $1 } END { print key }' "$work")
     test "$last" = "scrape_configs:" || fail "scrape_configs: is not the last section of $config"
-    # The job's items take the indentation of the jobs already there (two spaces in Debian's file).
-    ind=$(grep -m1 -o '^ *- *job_name' "$work" | sed 's/- *job_name$//') || ind="  "
+    # The job's items take the indentation of the jobs already there (two spaces in Debian's file;
+    # none when there is no job yet, which YAML allows under a key).
+    ind=$(grep -m1 -o '^ *- *job_name' "$work" | sed 's/- *job_name$//')
     test -z "$(tail -c1 "$work")" || echo >> "$work"
     sed "s/^  /$ind/" "$here/ingestd-scrape.yml" >> "$work"
 fi

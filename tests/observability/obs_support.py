@@ -52,7 +52,7 @@ def need_binary(name: str) -> str:
     path = shutil.which(name)
     if path:
         return path
-    reason = (f"`{name}` is not installed: Debian's `{PACKAGES[name]}` package brings it "
+    reason = (f"`{name}` is not installed: Debian's `{PACKAGES.get(name, name)}` package brings it "
               "(`sh tests/system-deps.sh` installs it as root)")
     if os.environ.get("CI", "").lower() == "true":
         pytest.fail(reason + "; CI=true, so this is a failure")
