@@ -1,9 +1,11 @@
 #!/bin/sh
-# Install the real components some tests drive (Prometheus + promtool, headless Chromium), when missing.
+# Install the real components some tests drive (Prometheus + promtool, Alertmanager + amtool, headless
+# Chromium), when missing.
 # Needs root (CI runs as root); elsewhere the tests that need them skip with a reason.
 set -eu
 need=""
 command -v promtool >/dev/null 2>&1 || need="$need prometheus"
+command -v prometheus-alertmanager >/dev/null 2>&1 || need="$need prometheus-alertmanager"
 command -v chromium >/dev/null 2>&1 || need="$need chromium"
 [ -z "$need" ] && exit 0
 if [ "$(id -u)" != 0 ]; then

@@ -1,7 +1,8 @@
-"""Fixtures of the observability suites: promtool, and real prometheus servers on free loopback ports.
+"""Fixtures of the observability suites: promtool, amtool, and real prometheus servers on free loopback ports.
 
-Without the `prometheus`/`promtool` binaries (Debian's `prometheus` package, installed by
-tests/system-deps.sh) the tests that need them skip with the reason, or fail under CI=true.
+Without the `prometheus`/`promtool` binaries (Debian's `prometheus` package) or the
+`prometheus-alertmanager`/`amtool` ones (Debian's `prometheus-alertmanager`), both installed by
+tests/system-deps.sh, the tests that need them skip with the reason, or fail under CI=true.
 """
 
 from __future__ import annotations
@@ -17,6 +18,11 @@ from obs_support import Prometheus, need_binary
 @pytest.fixture(scope="session")
 def promtool() -> str:
     return need_binary("promtool")
+
+
+@pytest.fixture(scope="session")
+def amtool() -> str:
+    return need_binary("amtool")
 
 
 @pytest.fixture(scope="module")

@@ -1,22 +1,25 @@
 """Helpers for the observability suites: paths of the shipped files, a real prometheus server in a
-subprocess (1 s scrapes and rule evaluation, the alert rules loaded) with a small API client, and
-the shipped rules made fast for end-to-end tests."""
+subprocess (1 s scrapes and rule evaluation, the alert rules loaded) with a small API client, a real
+alertmanager and a webhook receiver, and the shipped rules made fast for end-to-end tests."""
 
 from __future__ import annotations
 
 import functools
+import http.server
 import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import pytest
 import yaml
@@ -29,9 +32,19 @@ REPO = Path(__file__).resolve().parents[2]
 ALERTS = REPO / "packaging" / "prometheus" / "ingestd-alerts.yml"
 ALERTS_TEST = REPO / "packaging" / "prometheus" / "ingestd-alerts.test.yml"
 EXAMPLE_CONFIG = REPO / "packaging" / "prometheus" / "prometheus.yml"
+SCRAPE_SNIPPET = REPO / "packaging" / "prometheus" / "ingestd-scrape.yml"
+DEBIAN_SETUP = REPO / "packaging" / "prometheus" / "debian-setup.sh"
+ALERTMANAGER_CONFIG = REPO / "packaging" / "prometheus" / "alertmanager.yml"
+# Debian's stock /etc/prometheus/prometheus.yml (package prometheus 2.42.0+ds-5+deb12u1), verbatim.
+DEBIAN_PROMETHEUS_YML = Path(__file__).resolve().parent / "debian-prometheus.yml"
 RUNBOOK = REPO / "docs" / "runbook.md"
 DASHBOARD = REPO / "grafana" / "dashboards" / "ingestd.json"
 GRAFANA = REPO / "grafana"
+
+
+# The Debian package that brings each binary the tests run.
+PACKAGES = {"prometheus": "prometheus", "promtool": "prometheus",
+            "prometheus-alertmanager": "prometheus-alertmanager", "amtool": "prometheus-alertmanager"}
 
 
 def need_binary(name: str) -> str:
@@ -39,7 +52,7 @@ def need_binary(name: str) -> str:
     path = shutil.which(name)
     if path:
         return path
-    reason = (f"`{name}` is not installed: Debian's `prometheus` package brings prometheus and promtool "
+    reason = (f"`{name}` is not installed: Debian's `{PACKAGES.get(name, name)}` package brings it "
               "(`sh tests/system-deps.sh` installs it as root)")
     if os.environ.get("CI", "").lower() == "true":
         pytest.fail(reason + "; CI=true, so this is a failure")
@@ -81,16 +94,22 @@ def fast_rules(for_: str = "3s", thresholds: dict[str, tuple[str, str]] | None =
 class Prometheus:
     """A real prometheus server in a subprocess, with a tiny client for its HTTP API."""
 
-    def __init__(self, workdir: Path, targets: list[str], rules_text: str) -> None:
+    def __init__(self, workdir: Path, targets: list[str], rules_text: str,
+                 external_labels: dict[str, str] | None = None, alertmanagers: list[str] | None = None) -> None:
+        """alertmanagers: host:port of Alertmanagers to send alerts to (re-sent every second while firing)."""
         self.binary = need_binary("prometheus")
         workdir.mkdir(parents=True, exist_ok=True)
         self.workdir = workdir
         (workdir / "rules.yml").write_text(rules_text)
-        config = {
+        config: dict[str, Any] = {
             "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
             "rule_files": [str(workdir / "rules.yml")],
             "scrape_configs": [{"job_name": "ingestd", "static_configs": [{"targets": targets}]}],
         }
+        if external_labels:
+            config["global"]["external_labels"] = external_labels
+        if alertmanagers:
+            config["alerting"] = {"alertmanagers": [{"static_configs": [{"targets": alertmanagers}]}]}
         (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
         self.proc: subprocess.Popen[bytes] | None = None
         self.url = ""
@@ -104,7 +123,7 @@ class Prometheus:
                 self.proc = subprocess.Popen(
                     [self.binary, f"--config.file={self.workdir / 'prometheus.yml'}",
                      f"--storage.tsdb.path={self.workdir / 'data'}", f"--web.listen-address=127.0.0.1:{port}",
-                     "--log.level=warn"],
+                     "--rules.alert.resend-delay=1s", "--log.level=warn"],
                     stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir)
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline and self.proc.poll() is None:
@@ -156,6 +175,119 @@ class Prometheus:
 
     def targets_up(self) -> dict[str, str]:
         return {t["labels"]["instance"]: t["health"] for t in self.api("targets")["activeTargets"]}
+
+
+class Alertmanager:
+    """A real alertmanager (Debian's prometheus-alertmanager) in a subprocess, on a free loopback port,
+    clustering off; its configuration is the given YAML text."""
+
+    def __init__(self, workdir: Path, config_text: str) -> None:
+        self.binary = need_binary("prometheus-alertmanager")
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.workdir = workdir
+        (workdir / "alertmanager.yml").write_text(config_text)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.address = ""
+        self.log = workdir / "alertmanager.log"
+
+    def start(self, timeout: float = 30.0) -> Alertmanager:
+        for _attempt in range(3):  # a free port can be taken between our probe and alertmanager's bind
+            self.address = f"127.0.0.1:{free_port()}"
+            with open(self.log, "ab") as log:
+                self.proc = subprocess.Popen(
+                    [self.binary, f"--config.file={self.workdir / 'alertmanager.yml'}",
+                     f"--storage.path={self.workdir / 'data'}", f"--web.listen-address={self.address}",
+                     "--cluster.listen-address=", "--log.level=warn"],  # empty: no gossip port 9094
+                    stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir)
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline and self.proc.poll() is None:
+                try:
+                    with urllib.request.urlopen(f"http://{self.address}/-/ready", timeout=1) as r:
+                        if r.status == 200:
+                            return self
+                except (urllib.error.URLError, ConnectionError, TimeoutError):
+                    pass
+                time.sleep(0.1)
+            self.stop()
+        raise AssertionError(f"alertmanager did not become ready; its log:\n{self.log.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+
+class WebhookReceiver:
+    """An HTTP listener on a free loopback port that records every JSON body POSTed to it (as
+    Alertmanager's webhook_configs send them), in a thread; use as a context manager."""
+
+    def __init__(self) -> None:
+        self.bodies: list[dict[str, Any]] = []
+        received = self.bodies
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                received.append({"path": self.path, **json.loads(body)})
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> Self:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join()
+
+    def alerts(self) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+        """(notification, alert) for every alert of every notification received so far."""
+        return [(n, a) for n in list(self.bodies) for a in n["alerts"]]
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
+def reap(pids: list[int], timeout: float = 10.0) -> None:
+    """Workers orphaned by a kill -9 of their parent exit on their pipe's EOF; make sure none is left."""
+    deadline = time.monotonic() + timeout
+    for pid in pids:
+        while time.monotonic() < deadline and os.path.exists(f"/proc/{pid}") and _state(pid) != "Z":
+            time.sleep(0.05)
+        if os.path.exists(f"/proc/{pid}") and _state(pid) != "Z":
+            os.kill(pid, signal.SIGKILL)
+
+
+def _state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "Z"
 
 
 def github_anchor(heading: str) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import urllib.parse
 from pathlib import Path
 
 import promql_parser
@@ -12,6 +13,11 @@ import yaml
 
 from obs_support import (ALERTS, ALERTS_TEST, EXAMPLE_CONFIG, PROMETHEUS_SERIES, RUNBOOK, alert_rules,
                          exported_series, github_anchor)
+
+
+# Every runbook link: absolute under the Prometheus external label runbook_base when it is set,
+# relative to the repository when it is not.
+RUNBOOK_URL = "{{{{ with $externalLabels.runbook_base }}}}{{{{ . }}}}/{{{{ end }}}}docs/runbook.md#{anchor}"
 
 
 def selectors(expr: str) -> list[str]:
@@ -55,6 +61,33 @@ def test_promtool_unit_tests_really_check_annotations(promtool: str, tmp_path: P
     assert r.returncode != 0 and "IngestdFilesFailing" in r.stdout + r.stderr
 
 
+def test_every_alert_links_to_its_runbook_section_under_runbook_base(promtool: str, tmp_path: Path) -> None:
+    """The shipped unit tests rerun with the external label runbook_base set on every test group:
+    each firing alert's rendered runbook_url is then the absolute <base>/docs/runbook.md#<alert>."""
+    base = "http://wiki.internal:8080/ops/ingestd"  # a port and a path survive the template too
+    (tmp_path / ALERTS.name).write_text(ALERTS.read_text())
+    doc = yaml.safe_load(ALERTS_TEST.read_text())
+    firing = 0
+    for group in doc["tests"]:
+        group["external_labels"] = {"runbook_base": base}
+        for check in group.get("alert_rule_test", []):
+            for exp in check.get("exp_alerts") or []:
+                anchor = check["alertname"].lower()
+                exp["exp_annotations"]["runbook_url"] = f"{base}/docs/runbook.md#{anchor}"
+                firing += 1
+    assert firing >= len(alert_rules())
+    (tmp_path / "absolute.test.yml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    r = subprocess.run([promtool, "test", "rules", "absolute.test.yml"], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_runbook_base_in_the_shipped_config_is_an_absolute_url_without_trailing_slash() -> None:
+    base = yaml.safe_load(EXAMPLE_CONFIG.read_text())["global"]["external_labels"]["runbook_base"]
+    parts = urllib.parse.urlsplit(base)
+    assert parts.scheme == "https" and parts.netloc and not base.endswith("/"), base
+    assert "runbook_base" in RUNBOOK.read_text(), "docs/runbook.md documents the setting"
+
+
 def test_every_alert_is_unit_tested_firing_and_silent() -> None:
     doc = yaml.safe_load(ALERTS_TEST.read_text())
     assert doc["rule_files"] == [ALERTS.name]
@@ -94,7 +127,7 @@ def test_alert_conventions(rule: dict) -> None:
     ann = rule["annotations"]
     assert ann["summary"] and "{{" not in ann["summary"], "summary is static (groups well in notifications)"
     assert "{{" in ann["description"] and "$labels.instance" in ann["description"]
-    assert ann["runbook_url"] == f"docs/runbook.md#{rule['alert'].lower()}"
+    assert ann["runbook_url"] == RUNBOOK_URL.format(anchor=rule["alert"].lower())
     promql_parser.parse(rule["expr"])  # a second, independent PromQL parser agrees
 
 

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -17,43 +15,13 @@ from typing import Any
 
 import pytest
 
-from obs_support import BUILTINS, DASHBOARD, Prometheus, fast_rules, need_binary, panels, substitute
+from obs_support import (BUILTINS, DASHBOARD, Prometheus, children, fast_rules, need_binary, panels, reap,
+                         substitute)
 from support import HANG_ROUTING, DaemonProcess, folder, wait_for
 
 FOR = "3s"            # every alert's for: in the test copy of the rules
 STUCK_AFTER = "3"     # IngestdFileStuck's 900 s threshold in the test copy
 NORMAL_FILES = 6
-
-def children(pid: int) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid:
-                found.append(int(entry))
-    return found
-
-
-def reap(pids: list[int], timeout: float = 10.0) -> None:
-    """Workers orphaned by a kill -9 of their parent exit on their pipe's EOF; make sure none is left."""
-    deadline = time.monotonic() + timeout
-    for pid in pids:
-        while time.monotonic() < deadline and os.path.exists(f"/proc/{pid}") and _state(pid) != "Z":
-            time.sleep(0.05)
-        if os.path.exists(f"/proc/{pid}") and _state(pid) != "Z":
-            os.kill(pid, signal.SIGKILL)
-
-
-def _state(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return "Z"
 
 
 @pytest.fixture(scope="module")
