@@ -22,7 +22,7 @@ $(VENV)/.test-deps: $(BIN)/ingestd pyproject.toml tests/plugins/pyproject.toml
 run: $(BIN)/ingestd
 	$(BIN)/ingestd run --watch-dir $(WATCH_DIR)
 
-# System packages the real-component tests use (Prometheus, Chromium); installed when missing.
+# System packages the real-component tests use (Prometheus, Alertmanager, Chromium); installed when missing.
 test: $(VENV)/.test-deps
 	sh tests/system-deps.sh
 	$(BIN)/python -m pytest
