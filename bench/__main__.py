@@ -1,7 +1,7 @@
 """ingestd benchmarks: figures for the real daemon, each beside a baseline measured in the same run.
 
     .venv/bin/python -m bench                  # the full run (`make bench`), under 15 minutes
-    .venv/bin/python -m bench --quick          # about two minutes, fewer files and repeats
+    .venv/bin/python -m bench --quick          # about a minute, fewer files and repeats
     .venv/bin/python -m bench --only drain,engine --dir /var/tmp
 
 Not a test: nothing here passes or fails, except sanity checks that the work was really done (every
