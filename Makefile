@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 WATCH_DIR ?= watch_dir
 
-.PHONY: run test bench torture-long clean
+.PHONY: run test bench bench-quick torture-long clean
 
 # `make install` / `make uninstall`: ingestd as a systemd service (see packaging/install.mk).
 include packaging/install.mk
@@ -27,8 +27,16 @@ test: $(VENV)/.test-deps
 	sh tests/system-deps.sh
 	$(BIN)/python -m pytest
 
-bench: $(BIN)/ingestd
-	$(BIN)/python bench/run.py
+# The benchmarks (bench/, docs/benchmarks.md): the `bench` extra adds the peer scripts' library (watchdog).
+$(VENV)/.bench-deps: $(BIN)/ingestd pyproject.toml
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[bench]'
+	touch $@
+
+bench: $(VENV)/.bench-deps
+	$(BIN)/python -m bench
+
+bench-quick: $(VENV)/.bench-deps
+	$(BIN)/python -m bench --quick
 
 torture-long: $(VENV)/.test-deps
 	INGESTD_TORTURE_SCALE=10 $(BIN)/python -m pytest tests/torture

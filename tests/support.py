@@ -44,20 +44,39 @@ class DaemonProcess:
     """`ingestd run` in a subprocess; its stderr JSON events are collected in .events."""
 
     def __init__(self, watch_dir: Path, *args: str, env: dict[str, str] | None = None, cwd: Path | None = None,
-                 preexec_fn: Callable[[], None] | None = None, command: list[str] | None = None) -> None:
+                 preexec_fn: Callable[[], None] | None = None, command: list[str] | None = None,
+                 exact_env: bool = False, log_file: Path | None = None, new_session: bool = False) -> None:
         self.watch_dir = Path(watch_dir)
         self.args = ["run", "--watch-dir", str(watch_dir), "--listen", "127.0.0.1:0", *args]
-        full_env = {**os.environ, "INGESTD_SETTLE_TIME": "0.3", **(env or {})}
+        if exact_env:  # the benchmarks: exactly the environment given, no test defaults
+            full_env = dict(env or {})
+        else:
+            full_env = {**os.environ, "INGESTD_SETTLE_TIME": "0.3", **(env or {})}
         full_env.pop("NOTIFY_SOCKET", None)
         self.events: list[dict[str, Any]] = []
         self.lines: list[str] = []
+        # log_file (the benchmarks): stderr goes to this file and no thread reads it while the daemon runs
+        # hot; refresh() parses what it gained since the last call into .lines and .events.
+        self.log_file = Path(log_file) if log_file is not None else None
+        self._log_pos = 0
+        self._log_partial = b""
+        stderr: Any = subprocess.PIPE
+        if self.log_file is not None:
+            stderr = open(self.log_file, "wb")  # noqa: SIM115 (closed below: the child holds its own copy)
         # preexec_fn (torture tests): limits or another user for the daemon only, e.g. RLIMIT_FSIZE, setuid.
         # command: another interpreter (e.g. one a non-root user may execute), default this one.
-        self.proc = subprocess.Popen([*(command or INGESTD), *self.args], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                     preexec_fn=preexec_fn,
-                                     env=full_env, cwd=cwd, text=True, errors="replace")
+        # new_session: a process group of its own, so that os.killpg reaches the daemon and its workers.
+        try:
+            self.proc = subprocess.Popen([*(command or INGESTD), *self.args], stderr=stderr,
+                                         stdout=subprocess.DEVNULL,
+                                         preexec_fn=preexec_fn, start_new_session=new_session,
+                                         env=full_env, cwd=cwd, text=True, errors="replace")
+        finally:
+            if self.log_file is not None:
+                stderr.close()
         self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
+        if self.log_file is None:
+            self._reader.start()
         self.url = ""
 
     def _read(self) -> None:
@@ -69,8 +88,32 @@ class DaemonProcess:
             except ValueError:
                 pass
 
+    def refresh(self) -> None:
+        """With log_file: parse the complete lines the log gained since the last call (no-op without)."""
+        if self.log_file is None:
+            return
+        with open(self.log_file, "rb") as f:
+            f.seek(self._log_pos)
+            data = f.read()
+        self._log_pos += len(data)
+        data = self._log_partial + data
+        cut = data.rfind(b"\n") + 1
+        self._log_partial = data[cut:]
+        for raw in data[:cut].splitlines(keepends=True):
+            line = raw.decode(errors="replace")
+            self.lines.append(line)
+            try:
+                self.events.append(json.loads(line))
+            except ValueError:
+                pass
+
     def started(self, timeout: float = 15.0) -> DaemonProcess:
-        ev = wait_for(lambda: self.event("started") or self.proc.poll() is not None, timeout, what="started event")
+        def ready() -> Any:
+            self.refresh()
+            return self.event("started") or self.proc.poll() is not None
+
+        ev = wait_for(ready, timeout, what="started event")
+        self.refresh()
         if ev is True:
             raise AssertionError(f"daemon exited {self.proc.returncode}: {''.join(self.lines)}")
         self.url = "http://" + ev["listen"]
@@ -122,6 +165,9 @@ class DaemonProcess:
         self._close()
 
     def _close(self) -> None:
+        if self.log_file is not None:
+            self.refresh()
+            return
         self._reader.join(timeout=5)
         if self.proc.stderr is not None:
             self.proc.stderr.close()

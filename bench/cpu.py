@@ -1,0 +1,76 @@
+"""5. The daemon's parent process (the main loop: claims, hand-offs, commits, logging, metrics) on CPU,
+in % of one core: under saturation (both workers busy: 1 KiB files dropped at once on tmpfs, where
+nothing waits for the disk) and idle (the same daemon afterwards, nothing arriving). Measured from
+per-thread schedstat (ns) of the parent's threads only; its workers' share is given beside it."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+
+from bench.harness import (
+    KIB,
+    Table,
+    check_alive,
+    cpu_ns,
+    events,
+    f_pct,
+    fresh,
+    make_files,
+    note,
+    on_tmpfs,
+    start_daemon,
+    stop_daemon,
+    text_block,
+    tmpfs_dir,
+    tree_pids,
+    visible,
+    wait_until,
+)
+
+
+def run(work: Path, t: Table, quick: bool) -> None:
+    n, idle_s = (3000, 5.0) if quick else (10000, 15.0)
+    shm = tmpfs_dir(work)
+    where = "tmpfs" if on_tmpfs(shm) else "disk"
+    root = fresh(shm, "cpu")
+    stage = fresh(root, "stage")
+    wd = root / "watch"
+    payload = text_block(random.Random(17), KIB, (3, 8))
+    names = make_files(stage, n, payload)
+    note(f"cpu: daemon --workers 2, {n} x 1 KiB dropped at once ({where}), then idle for {idle_s:.0f} s")
+    d = start_daemon(wd, 2)
+    try:
+        parent = d.proc.pid
+        workers = [p for p in tree_pids(parent) if p != parent]
+        time.sleep(0.5)
+        t0, p0, w0 = time.monotonic_ns(), cpu_ns([parent]), cpu_ns(workers)
+        for name in names:
+            os.rename(stage / name, wd / "unprocessed" / name)
+
+        def done() -> bool:
+            check_alive(d)
+            return len(events(d, "processed")) + len(events(d, "failed")) >= n
+
+        wait_until(done, 300, f"{n} files processed", interval=0.05)
+        t1, p1, w1 = time.monotonic_ns(), cpu_ns([parent]), cpu_ns(workers)
+        time.sleep(1.0)  # past the last commits and the status view's refresh
+        i0, ip0 = time.monotonic_ns(), cpu_ns([parent])
+        time.sleep(idle_s)
+        i1, ip1 = time.monotonic_ns(), cpu_ns([parent])
+    finally:
+        stop_daemon(d)
+    if events(d, "failed") or len(visible(wd / "processed")) != n:
+        raise RuntimeError("cpu: not every file was processed")
+    shutil.rmtree(root)
+    busy = 100 * (p1 - p0) / (t1 - t0)
+    wbusy = 100 * (w1 - w0) / (t1 - t0) / max(1, len(workers))
+    idle = 100 * (ip1 - ip0) / (i1 - i0)
+    t.add("5.1", f"parent CPU, both workers saturated ({n:,} x 1 KiB, {where}, {(t1 - t0) / 1e9:.1f} s)",
+          f_pct(busy), "each worker, same window", f_pct(wbusy), percent=busy, worker_percent=wbusy)
+    t.add("5.2", f"parent CPU idle, {idle_s:.0f} s after the drain", f_pct(idle), percent=idle)
+    t.target("parent CPU under saturation < 15% of a core", f_pct(busy), busy < 15)
+    t.target("parent CPU idle < 0.1% of a core", f_pct(idle), idle < 0.1)
