@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import time
@@ -12,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from support import DaemonProcess, wait_for
 
@@ -38,6 +42,41 @@ def record(key: str, value: Any) -> None:
     data = json.loads(FIGURES.read_text()) if FIGURES.exists() else {}
     data[key] = value
     FIGURES.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+
+
+def readable_copy(dest: Path) -> str:
+    """Copy ingestd and its run-time dependencies (not the test extras) under dest, world-readable, for a daemon
+    run as another user: the clone itself may lie in a folder only root can read (/root, a `mktemp -d`).
+    Returns the PYTHONPATH to give that daemon. Sources: the installed distributions' RECORD files
+    (importlib.metadata), so nothing is fetched or built."""
+    import ingestd
+
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(Path(ingestd.__file__).parent, dest / "ingestd", ignore=shutil.ignore_patterns("__pycache__"))
+    todo, seen = ["ingestd"], set()
+    while todo:
+        dist = importlib.metadata.distribution(todo.pop())
+        name = canonicalize_name(dist.metadata["Name"])
+        if name in seen:
+            continue
+        seen.add(name)
+        for text in dist.requires or []:
+            req = Requirement(text)
+            if req.marker is None or req.marker.evaluate({"extra": ""}):  # this platform's, no test extras
+                todo.append(req.name)
+        if name == "ingestd":
+            continue  # an editable install: its code is the package copied above
+        for f in dist.files or []:
+            src = Path(str(f.locate()))
+            if f.parts[0] == ".." or "__pycache__" in f.parts or not src.is_file():
+                continue  # console scripts outside site-packages, bytecode
+            (dest / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / f)
+    for d, _, files in os.walk(dest):
+        os.chmod(d, 0o755)
+        for f in files:
+            os.chmod(os.path.join(d, f), 0o644)
+    return str(dest)
 
 
 def make_watch(root: Path) -> Path:
