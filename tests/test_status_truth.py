@@ -28,7 +28,7 @@ NOW = 1_700_000_000.0  # 2023-11-14 22:13:20 UTC
 def cli(*args: str, env: dict[str, str] | None = None, **kw: Any) -> subprocess.CompletedProcess[str]:
     full = {k: v for k, v in os.environ.items() if not k.startswith("INGESTD_") and k != "MODE"}
     return subprocess.run([*INGESTD, *args], capture_output=True, text=True, env={**full, **(env or {})}, timeout=60,
-                          **kw)
+                          check=False, **kw)
 
 
 def watch(root: Path) -> Spool:
@@ -277,7 +277,7 @@ def as_user(env: dict[str, str], *args: str, gid: int = NOBODY) -> subprocess.Co
 
     return subprocess.run([env["PYTHON"], "-m", "ingestd", *args], capture_output=True, text=True, timeout=60,
                           env={"PATH": "/usr/bin:/bin", "HOME": env["HOME"], "PYTHONPATH": env["PYTHONPATH"]},
-                          cwd=env["HOME"], preexec_fn=drop)
+                          cwd=env["HOME"], preexec_fn=drop, check=False)
 
 
 def test_status_as_a_user_without_rights_names_the_folder(shipped: tuple[Spool, dict[str, str]]) -> None:
@@ -439,7 +439,7 @@ def test_status_into_a_closed_pipe_exits_quietly(tmp_path: Path) -> None:
         os.close(r)  # the reader (`| head`) is gone before the first write
         try:
             p = subprocess.run([*INGESTD, "status", *args, "--watch-dir", str(spool.root)], stdout=w,
-                               stderr=subprocess.PIPE, text=True, timeout=60)
+                               stderr=subprocess.PIPE, text=True, timeout=60, check=False)
         finally:
             os.close(w)
         assert (p.returncode, p.stderr) == (0, ""), p.stderr
