@@ -2,22 +2,23 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, BinaryIO
 
 from tqdm import tqdm
 
 from ingestd import pipeline
 from ingestd.engine import Step
-from ingestd.names import display
+from ingestd.names import display, ignored, oserror
 from ingestd.settings import ConfigError, Settings
 from ingestd.sinks import Sinks
-from ingestd.spool import FOLDERS, Spool
+from ingestd.spool import FOLDERS, FolderError, NotAWatchDir, Spool
 
-EX_DATAERR, EX_NOINPUT, EX_CANTCREAT = 65, 66, 73
+EX_DATAERR, EX_NOINPUT, EX_CANTCREAT, EX_IOERR, EX_NOPERM = 65, 66, 73, 74, 77  # sysexits.h
 PROGRESS_MIN_BYTES = 8 << 20  # below this a progress bar is just noise
 
 
@@ -95,52 +96,127 @@ def process(settings: Settings, input_path: str, output_path: str, explain: bool
 
 
 def status(settings: Settings, as_json: bool) -> int:
-    spool = _existing(settings)
-    report: dict[str, Any] = {
-        "watch_dir": str(spool.root.resolve()),
-        "daemon": spool.holder(),
-        "counts": spool.counts(),
-        "in_progress": [display(n) for n in sorted(Spool.entries(spool.underprocess))],
-        "recent": spool.completions(settings.recent),
-        "failures": spool.failures(settings.recent),
-    }
+    """`ingestd status`: what the folders hold, read without a daemon (or beside one). Exit 0; 77 (EX_NOPERM) or
+    74 (EX_IOERR) when a folder cannot be read, naming it; ConfigError (78) when the folder is no watch dir.
+    Times are printed in UTC with their offset, as the log writes them."""
+    try:
+        spool = _existing(settings)
+        report = _report(settings, spool)
+    except FolderError as e:
+        return _refused(e)
     if as_json:
-        print(json.dumps(report, indent=1))
-        return 0
-    print(f"watch dir   {report['watch_dir']}")
-    print(f"daemon      {'running (' + report['daemon'] + ')' if report['daemon'] else 'not running'}")
-    print("folders     " + "  ".join(f"{f} {report['counts'][f]}" for f in FOLDERS))
-    print("in progress " + (", ".join(report["in_progress"]) or "none"))
-    print("recent completions:" if report["recent"] else "recent completions: none")
-    for c in report["recent"]:
-        print(f"  {_when(c['finished_at_unix'])}  {c['name']}")
-    print("recent failures:" if report["failures"] else "recent failures: none")
-    for f in report["failures"]:
-        line = f" (line {f['line']})" if f.get("line") else ""
-        print(f"  {_when(f.get('failed_at_unix', 0))}  {f['name']}: {f['reason']}{line}, attempts {f.get('attempts', '?')}")
+        lines = [json.dumps(report, indent=1)]
+    else:
+        lines = _text(report)
+    try:
+        for line in lines:
+            print(line)
+        sys.stdout.flush()  # inside the try: a reader that has gone (`| head`) must not cost a traceback at exit
+    except BrokenPipeError:
+        # The reader took what it wanted; point stdout at /dev/null so the interpreter's final flush is quiet.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 
+def _report(settings: Settings, spool: Spool) -> dict[str, Any]:
+    """The fields `status --json` shares with /api/status have its shape (docs/api.md): watch_dir, counts,
+    recent (the daemon's entries: file, result, duration, finished_at, reason, seq), failures (sidecar records)."""
+    try:
+        counts = spool.counts()
+        # Names the daemon never claims (dot-files, *.tmp, *.part...) are not waiting; the daemon counts the same.
+        counts["unprocessed"] = sum(1 for n in Spool.entries(spool.unprocessed) if not ignored(n))
+        return {
+            "watch_dir": str(spool.root.resolve()),
+            "daemon": spool.holder(),
+            "counts": counts,
+            "in_progress": [display(n) for n in sorted(Spool.entries(spool.underprocess))],
+            "recent": spool.completions(settings.recent),
+            "failures": spool.failures(settings.recent),
+        }
+    except PermissionError as e:  # a folder or the state dir readable at the probe and no longer now
+        raise FolderError(e.filename or str(spool.root), e) from None
+
+
+def _text(report: dict[str, Any]) -> list[str]:
+    out = [f"watch dir   {report['watch_dir']}",
+           f"daemon      {'running (' + report['daemon'] + ')' if report['daemon'] else 'not running'}",
+           "folders     " + "  ".join(f"{f} {report['counts'][f]}" for f in FOLDERS),
+           "in progress " + (", ".join(report["in_progress"]) or "none"),
+           "recent completions (UTC):" if report["recent"] else "recent completions: none"]
+    out += [f"  {when(c['finished_at'])}  {c['file']}" for c in report["recent"]]
+    out.append("recent failures (UTC):" if report["failures"] else "recent failures: none")
+    for f in report["failures"]:
+        line = f" (line {f['line']})" if f.get("line") else ""
+        out.append(f"  {when(f.get('failed_at_unix'))}  {f['name']}: {f['reason']}{line}, "
+                   f"attempts {f.get('attempts') or '?'}")
+    return out
+
+
 def requeue(settings: Settings, names: list[str]) -> int:
-    spool = _existing(settings)
-    missing = [n for n in names if not os.path.lexists(os.path.join(spool.failed, n))]
+    """`ingestd requeue [NAME...]`: move failed files back to unprocessed/. A NAME may be given as `status` prints
+    it (escaped). Exit 0 when every file was moved; 1 when one was not in failed/ or a file of that name waits in
+    unprocessed/; 77 (EX_NOPERM) or 74 (EX_IOERR) when a folder cannot be read or written, naming it."""
+    try:
+        spool = _existing(settings, writable=("unprocessed", "failed"))
+        in_failed = set(Spool.entries(spool.failed))
+    except FolderError as e:
+        return _refused(e)
+    shown = {display(n): n for n in in_failed}
+    wanted: list[str] = []
+    missing: list[str] = []
+    for n in names:
+        real = n if n in in_failed else shown.get(n)  # as typed, or as status printed it (escapes)
+        if real is None:
+            missing.append(n)
+        else:
+            wanted.append(real)
     for n in missing:
         print(f"ingestd: not in failed/: {display(n)}", file=sys.stderr)
-    moved, refused = spool.requeue([n for n in names if n not in missing] if names else None)
+    moved, refused = spool.requeue(wanted if names else None)
     for n in moved:
         print(f"requeued {display(n)}")
+    trouble = 0
     for n in refused:
-        print(f"ingestd: not requeued (a file of that name is waiting in unprocessed/): {display(n)}", file=sys.stderr)
-    return 1 if missing or refused else 0
+        if os.path.lexists(os.path.join(spool.unprocessed, n)):
+            why = "a file of that name is waiting in unprocessed/"
+        elif not os.path.lexists(os.path.join(spool.failed, n)):
+            why = "it left failed/ meanwhile (requeued or removed by someone else)"
+        else:
+            why = _why_not_moved(spool, n)
+            trouble = trouble or (EX_NOPERM if "EACCES" in why or "EPERM" in why else EX_IOERR)
+        print(f"ingestd: not requeued ({why}): {display(n)}", file=sys.stderr)
+    return trouble or (1 if missing or refused else 0)
 
 
-def _existing(settings: Settings) -> Spool:
+def _why_not_moved(spool: Spool, name: str) -> str:
+    """Why a rename out of failed/ failed, asked of the kernel again (Spool.requeue keeps no errno)."""
+    for folder in (spool.failed, spool.unprocessed):
+        if not os.access(folder, os.W_OK | os.X_OK):
+            return f"cannot write to {folder}: {oserror(PermissionError(errno.EACCES, os.strerror(errno.EACCES)))}"
+    try:
+        os.lstat(os.path.join(spool.failed, name))
+    except OSError as e:
+        return f"cannot use {os.path.join(spool.failed, name)}: {oserror(e)}"
+    return "the move was refused; see the permissions of failed/ and unprocessed/"
+
+
+def _existing(settings: Settings, writable: tuple[str, ...] = ()) -> Spool:
     spool = Spool(settings.watch_dir)
-    if not all(os.path.isdir(getattr(spool, f)) for f in FOLDERS):
-        raise ConfigError(f"watch_dir: {settings.watch_dir} is not an ingestd watch dir (no {'/'.join(FOLDERS)})")
+    try:
+        spool.probe(writable)
+    except NotAWatchDir as e:
+        raise ConfigError(str(e)) from None
     return spool
 
 
-def _when(ts: float) -> str:
-    return datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S") if ts else "?"
+def _refused(e: FolderError) -> int:
+    print(f"ingestd: {e}", file=sys.stderr)
+    return EX_NOPERM if e.errno in (errno.EACCES, errno.EPERM) else EX_IOERR
 
+
+def when(ts: float | None) -> str:
+    """A time for people: UTC with its offset, to the second, as the log shows it ("2026-11-30 16:14:05+00:00");
+    "?" when unknown."""
+    if not isinstance(ts, (int, float)) or isinstance(ts, bool):
+        return "?"
+    return datetime.fromtimestamp(ts, UTC).isoformat(sep=" ", timespec="seconds")

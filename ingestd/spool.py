@@ -19,11 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from ingestd import durable
-from ingestd.names import STATE_DIR, TEMP_PREFIX, display, key
+from ingestd.names import STATE_DIR, TEMP_PREFIX, display, key, oserror
 
 FOLDERS = ("unprocessed", "underprocess", "processed", "failed")
 REASON_PREFIX = TEMP_PREFIX + "reason-"
 TEMP_OUTPUT_PREFIX = TEMP_PREFIX + "tmp-"
+SEQ_FILE = "failure-seq"  # in .ingestd/: {"reserved_to": N}, every failure seq handed out so far is <= N
+SEQ_BLOCK = 1024  # failure seqs reserved per durable write of SEQ_FILE
+NO_SIDECAR = "unknown (no sidecar)"
 
 
 class SpoolError(Exception):
@@ -32,6 +35,19 @@ class SpoolError(Exception):
 
 class AlreadyRunning(SpoolError):
     pass
+
+
+class NotAWatchDir(SpoolError):
+    """A folder of the watch dir is missing or is not a directory."""
+
+
+class FolderError(SpoolError):
+    """A folder of the watch dir (or one on the way to it) cannot be used: `.path` says which, `.errno` why
+    (e.g. errno.EACCES). The message names both: "cannot read /srv/w/failed: Permission denied (EACCES)"."""
+
+    def __init__(self, path: str, err: OSError, doing: str = "read") -> None:
+        self.path, self.errno = path, err.errno
+        super().__init__(f"cannot {doing} {path}: {oserror(err)}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +66,10 @@ class Spool:
         self.failed = str(self.root / "failed")
         self.state = str(self.root / STATE_DIR)
         self._lock_fd: int | None = None
+        self._seq = self._seq_limit = 0  # failure seqs: the last handed out, the end of the reserved block
+        # failures(): sidecar name -> ((inode, mtime_ns, ctime_ns, size), record); replaced whole, never mutated,
+        # so HTTP threads can share it without a lock.
+        self._sidecars: dict[str, tuple[tuple[int, int, int, int], dict[str, Any]]] = {}
 
     # --- start-up -------------------------------------------------------------------------
     def ensure(self) -> None:
@@ -213,6 +233,7 @@ class Spool:
             "failed_at": datetime.fromtimestamp(now, timezone.utc).isoformat(timespec="seconds"),
             "failed_at_unix": now,
             "size": size,
+            "seq": self._next_seq(),  # the order of failures; failed_at is shown, never trusted for order
         }
         # The reason is durable before the file moves, so a failed file always has its sidecar.
         durable.publish_bytes(self.failed, REASON_PREFIX + key(name) + ".json",
@@ -221,6 +242,30 @@ class Spool:
         durable.fsync_dir(self.failed)  # the file is in failed/ for good before it leaves its source
         durable.fsync_dir(os.path.dirname(src))
         self.clear_attempts(name)
+
+    def _next_seq(self) -> int:
+        """The next failure sequence number (an int >= 1): increasing across restarts, crashes and clock steps.
+
+        Numbers are reserved in blocks of SEQ_BLOCK by one durable write of .ingestd/failure-seq, so a failure
+        costs no extra fsync but once per block; a crash skips the rest of its block (gaps, never a repeat).
+        Without that file (a watch dir from before seqs, or state removed by hand) the block starts above the
+        largest seq in failed/'s sidecars, read once. Raises OSError when the reservation cannot be written."""
+        if self._seq >= self._seq_limit:
+            start = max(self._seq, self._reserved_seq())
+            # Durable before any number of the block is used: after a crash, numbers go on above the block.
+            durable.publish_bytes(self.state, SEQ_FILE, json.dumps({"reserved_to": start + SEQ_BLOCK}).encode(),
+                                  TEMP_OUTPUT_PREFIX + SEQ_FILE)
+            self._seq, self._seq_limit = start, start + SEQ_BLOCK
+        self._seq += 1
+        return self._seq
+
+    def _reserved_seq(self) -> int:
+        try:
+            with open(os.path.join(self.state, SEQ_FILE), "rb") as f:
+                return int(json.load(f)["reserved_to"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # missing or unreadable: the sidecars themselves say how far seqs went
+        return max((r["seq"] or 0 for r in self._read_sidecars(set(self._listing(self.failed)[0])).values()), default=0)
 
     def _set_aside(self, name: str, now: float) -> None:
         suffix = f".superseded-{int(now)}".encode()
@@ -280,45 +325,152 @@ class Spool:
         with os.scandir(folder) as it:
             return [e.name for e in it if not e.name.startswith(".")]
 
+    def probe(self, writable: tuple[str, ...] = ()) -> None:
+        """Check that the four folders can be listed, and the folders named in `writable` (of FOLDERS) changed,
+        by whoever runs this (access(2) for writing). Raises NotAWatchDir if a folder is missing or not a
+        directory, FolderError naming the folder that denies it (the watch dir itself, or a parent, when it is
+        that one) and the errno otherwise."""
+        for f in FOLDERS:
+            path = getattr(self, f)
+            try:
+                with os.scandir(path):
+                    pass
+            except (FileNotFoundError, NotADirectoryError):
+                raise NotAWatchDir(f"watch_dir: {self.root} is not an ingestd watch dir "
+                                   f"(no folder {path}; it needs {'/'.join(FOLDERS)})") from None
+            except OSError as e:
+                raise FolderError(_blocking(path), e) from None
+            needs = os.R_OK | os.X_OK | (os.W_OK if f in writable else 0)
+            if not os.access(path, needs):
+                raise FolderError(path, PermissionError(errno.EACCES, os.strerror(errno.EACCES)),
+                                  "write to" if f in writable and os.access(path, os.R_OK | os.X_OK) else "read")
+
     def counts(self) -> dict[str, int]:
         """Entries per folder; processed/ counts files only (its subfolders are routing outputs)."""
         return {f: _count(getattr(self, f), f == "processed") for f in FOLDERS}
 
     def failures(self, limit: int) -> list[dict[str, Any]]:
-        """The most recent failures with their reasons, newest first. Only the newest `limit` sidecars
-        are read (by mtime: when the failure was recorded), so status stays fast with many failed files."""
-        sidecars, names = [], []
-        with os.scandir(self.failed) as it:
-            for e in it:
-                if e.name.startswith(REASON_PREFIX):
-                    sidecars.append((e.stat(follow_symlinks=False).st_mtime, e.name))
-                elif not e.name.startswith("."):
-                    names.append(e.name)
-        sidecar_of = {REASON_PREFIX + key(n) + ".json": n for n in names}
-        records = []
-        for _, sidecar in heapq.nlargest(limit, (sc for sc in sidecars if sc[1] in sidecar_of)):
-            try:
-                with open(os.path.join(self.failed, sidecar), "rb") as f:
-                    records.append(json.load(f))
-            except (OSError, ValueError):
-                continue  # requeued or superseded while we looked
-        have = {sc for _, sc in sidecars}
-        records.sort(key=lambda r: r.get("failed_at_unix", 0), reverse=True)
-        records += [{"name": display(n), "reason": "unknown (no sidecar)", "failed_at_unix": 0}
-                    for sc, n in sidecar_of.items() if sc not in have][: max(0, limit - len(records))]
+        """The newest `limit` failures, newest first: the sidecar records written by fail() (name, reason, line,
+        attempts, failed_at: ISO 8601 in UTC, failed_at_unix: seconds, size: bytes, seq).
+
+        Ordered by `seq`, the order the daemon recorded them, never by a clock: failures recorded while the wall
+        clock was fast cannot hide later ones. Sidecars from before seqs existed (no `seq`) rank below the rest,
+        by failed_at_unix. Files in failed/ without a sidecar (put there by hand) follow with reason
+        "unknown (no sidecar)" and null fields. An entry that vanishes while we look (requeued, superseded) is
+        skipped; a sidecar we may not read shows why. Raises OSError only when failed/ itself cannot be listed.
+        Each sidecar is read once per Spool and kept while its (inode, mtime, ctime, size) stay: the daemon's
+        /api/status lists and stats failed/ but reads only new sidecars; a one-shot `status` reads each once."""
+        sidecars, names = self._listing(self.failed)
+        present = {REASON_PREFIX + key(n) + ".json": n for n in names}
+        read = self._read_sidecars({sc: sidecars[sc] for sc in present if sc in sidecars})
+        # The name is the file's as it is now in failed/ (a superseded file's sidecar still names the original).
+        records = heapq.nlargest(limit, ({**rec, "name": display(present[sc])} for sc, rec in read.items()), key=_order)
+        orphans = sorted(display(n) for sc, n in present.items()
+                         if sc not in sidecars and os.path.lexists(os.path.join(self.failed, n)))  # still there?
+        records += [{"name": n, "reason": NO_SIDECAR, "line": None, "attempts": None, "failed_at": None,
+                     "failed_at_unix": None, "size": None, "seq": None} for n in orphans[: max(0, limit - len(records))]]
         return records[:limit]
 
+    def _listing(self, folder: str) -> tuple[dict[str, tuple[int, int, int, int]], list[str]]:
+        """Sidecars of a folder with their stamps (inode, mtime_ns, ctime_ns, size), and its user entries."""
+        sidecars, names = {}, []
+        with os.scandir(folder) as it:
+            for e in it:
+                if e.name.startswith(REASON_PREFIX):
+                    try:
+                        st = e.stat(follow_symlinks=False)
+                    except FileNotFoundError:
+                        continue  # requeued or superseded between the listing and the stat
+                    sidecars[e.name] = (st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size)
+                elif not e.name.startswith("."):
+                    names.append(e.name)
+        return sidecars, names
+
+    def _read_sidecars(self, wanted: dict[str, tuple[int, int, int, int]] | set[str]) -> dict[str, dict[str, Any]]:
+        """Sidecar name -> a copy of its record with every field of fail()'s (missing ones None). Given stamps,
+        records are cached; given a set, read afresh. Vanished or unparsable sidecars are left out."""
+        old = self._sidecars if isinstance(wanted, dict) else {}
+        new: dict[str, tuple[tuple[int, int, int, int], dict[str, Any]]] = {}
+        out = {}
+        for sc in wanted:
+            stamp = wanted[sc] if isinstance(wanted, dict) else (0, 0, 0, 0)
+            hit = old.get(sc)
+            if hit is not None and hit[0] == stamp:
+                rec = hit[1]
+            else:
+                try:
+                    with open(os.path.join(self.failed, sc), "rb") as f:
+                        rec = json.load(f)
+                except FileNotFoundError:
+                    continue  # requeued or superseded while we looked
+                except PermissionError as e:
+                    rec = {"reason": f"sidecar unreadable: {oserror(e)}"}
+                except (OSError, ValueError):
+                    continue  # torn or foreign: not a record of ours
+                if not isinstance(rec, dict):
+                    continue
+            new[sc] = (stamp, rec)
+            out[sc] = {"name": None, "reason": None, "line": None, "attempts": None, "failed_at": None,
+                       "failed_at_unix": None, "size": None, **rec, "seq": _seq_of(rec)}
+        if isinstance(wanted, dict):
+            self._sidecars = new  # one assignment: readers see the old cache or the new one
+        return out
+
     def completions(self, limit: int) -> list[dict[str, Any]]:
-        """The newest results in processed/ (by publish time), for `status` when no daemon runs."""
+        """The newest `limit` results in processed/, newest first, in the shape of the daemon's `recent` entries:
+        {file, result: "processed", duration: None, finished_at: seconds since the epoch, reason: None, seq: None}.
+
+        For `status` without a daemon. Files carry no sequence, so the order is their modification time, the
+        kernel's wall clock at publish: after a clock step back, results published before the step can show as
+        newer (the daemon's /api/status `recent` is ordered by its own sequence instead). Results that vanish
+        while we look (taken by a consumer) are skipped."""
         entries = []
         with os.scandir(self.processed) as it:
             for e in it:
-                if not e.name.startswith(".") and e.is_file(follow_symlinks=False):
-                    entries.append((e.stat(follow_symlinks=False).st_mtime, e.name))
-        entries.sort(reverse=True)
-        return [{"name": display(n), "finished_at_unix": t} for t, n in entries[:limit]]
+                if e.name.startswith("."):
+                    continue
+                try:
+                    if not e.is_file(follow_symlinks=False):
+                        continue  # routing output folders, symlinks
+                    st = e.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue  # moved out by a consumer between the listing and the stat
+                entries.append((st.st_mtime_ns, e.name, st.st_mtime))
+        return [{"file": display(n), "result": "processed", "duration": None, "finished_at": t, "reason": None,
+                 "seq": None} for _, n, t in heapq.nlargest(limit, entries)]
+
+
+def _seq_of(record: dict[str, Any]) -> int | None:
+    seq = record.get("seq")
+    return seq if isinstance(seq, int) and not isinstance(seq, bool) else None
+
+
+def _order(record: dict[str, Any]) -> tuple[int, float]:
+    """Newest first by seq; records without one (older versions) below all others, by their time."""
+    seq = record["seq"]
+    if seq is not None:
+        return (1, seq)
+    t = record.get("failed_at_unix")
+    return (0, t if isinstance(t, (int, float)) else 0)
+
+
+def _blocking(path: str) -> str:
+    """The first folder on the way to `path` that whoever runs this may not search, else `path` itself."""
+    p = os.path.abspath(path)
+    parents = []
+    while True:
+        parent = os.path.dirname(p)
+        if parent == p:
+            break
+        parents.append(parent)
+        p = parent
+    for d in reversed(parents):
+        if not os.access(d, os.X_OK):
+            return d
+    return path
 
 
 def _count(folder: str, skip_dirs: bool) -> int:
+    """Entries of a folder; an entry that vanishes while we look is not counted (is_dir() ignores ENOENT)."""
     with os.scandir(folder) as it:
         return sum(1 for e in it if not e.name.startswith(".") and not (skip_dirs and e.is_dir(follow_symlinks=False)))

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import socket
+import sys
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -12,8 +14,20 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from ingestd.log import event
 
-class _Server6(ThreadingHTTPServer):
+
+class _Server(ThreadingHTTPServer):
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """socketserver prints a traceback to stderr here; the log must stay JSON lines (one event instead)."""
+        exc = sys.exception()
+        if isinstance(exc, (ConnectionError, TimeoutError)):
+            return  # the client went away mid-answer: nothing for anyone to act on
+        event("http_error", "an HTTP request failed outside its handler", logging.ERROR,
+              client=str(client_address[0]) if client_address else "", error=repr(exc))
+
+
+class _Server6(_Server):
     address_family = socket.AF_INET6
 
 
@@ -27,8 +41,22 @@ class Web:
         class Handler(BaseHTTPRequestHandler):
             server_version = "ingestd"
 
+            sent = False  # headers gone out: too late for a 500
+
             def do_GET(self) -> None:  # noqa: N802 (the stdlib's name)
                 path = self.path.split("?", 1)[0]
+                try:
+                    self._get(path)
+                except (ConnectionError, TimeoutError):
+                    raise  # the client went away: _Server.handle_error drops it quietly
+                except Exception as e:  # noqa: BLE001 (any failure of one answer, see below)
+                    # One bad answer (a folder changed under a read, a bug) must not cost the daemon's log a
+                    # traceback or the client its answer: a 500 in JSON, and one JSON event line.
+                    event("http_error", "an HTTP request failed", logging.ERROR, path=path, error=repr(e))
+                    if not self.sent:
+                        self._send(500, "application/json", json.dumps({"error": type(e).__name__}).encode())
+
+            def _get(self, path: str) -> None:
                 if path == "/metrics":
                     self._send(200, CONTENT_TYPE_LATEST, generate_latest(registry))
                 elif path == "/healthz":
@@ -43,6 +71,7 @@ class Web:
                     self._send(404, "text/plain; charset=utf-8", b"not found\n")
 
             def _send(self, code: int, ctype: str, body: bytes) -> None:
+                self.sent = True
                 self.send_response(code)
                 self.send_header("Content-Type", ctype)
                 self.send_header("Content-Length", str(len(body)))
@@ -57,7 +86,7 @@ class Web:
             def log_message(self, format: str, *args: Any) -> None:
                 pass  # scrapes every second would drown the event log
 
-        server_class = _Server6 if ":" in host else ThreadingHTTPServer
+        server_class = _Server6 if ":" in host else _Server
         self.server = server_class((host, port), Handler)
         self.server.daemon_threads = True
         bound, port = str(self.server.server_address[0]), self.server.server_address[1]

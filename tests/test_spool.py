@@ -208,7 +208,7 @@ def test_fail_moves_file_with_a_readable_sidecar(spool: Spool) -> None:
     assert set(st) == {"failed/a", f"failed/{SIDECAR}"} and st["failed/a"] == b"line1\nline2\n"
     record = json.loads(st[f"failed/{SIDECAR}"])
     assert record == {"name": "a", "reason": "line longer than max_line_bytes (10 bytes)", "line": 2, "attempts": 1,
-                      "failed_at": "2023-11-14T22:13:20+00:00", "failed_at_unix": NOW, "size": 12}
+                      "failed_at": "2023-11-14T22:13:20+00:00", "failed_at_unix": NOW, "size": 12, "seq": 1}
 
 
 def test_fail_from_the_queue_itself(spool: Spool) -> None:
@@ -287,7 +287,11 @@ def test_completions_newest_first(spool: Spool) -> None:
         os.utime(Path(spool.processed) / name, (NOW + i, NOW + i))
     (Path(spool.processed) / "errors").mkdir()
     got = spool.completions(2)
-    assert got == [{"name": "three", "finished_at_unix": NOW + 2}, {"name": "two", "finished_at_unix": NOW + 1}]
+    # The shape of the daemon's `recent` entries (one shape for `status --json` and /api/status).
+    assert got == [{"file": "three", "result": "processed", "duration": None, "finished_at": NOW + 2, "reason": None,
+                    "seq": None},
+                   {"file": "two", "result": "processed", "duration": None, "finished_at": NOW + 1, "reason": None,
+                    "seq": None}]
 
 
 # --- ensure ----------------------------------------------------------------------------------------------------------

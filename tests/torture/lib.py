@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+import importlib.metadata
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import time
@@ -12,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from support import DaemonProcess, wait_for
 
@@ -38,6 +43,41 @@ def record(key: str, value: Any) -> None:
     data = json.loads(FIGURES.read_text()) if FIGURES.exists() else {}
     data[key] = value
     FIGURES.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+
+
+def readable_copy(dest: Path) -> str:
+    """Copy ingestd and its run-time dependencies (not the test extras) under dest, world-readable, for a daemon
+    run as another user: the clone itself may lie in a folder only root can read (/root, a `mktemp -d`).
+    Returns the PYTHONPATH to give that daemon. Sources: the installed distributions' RECORD files
+    (importlib.metadata), so nothing is fetched or built."""
+    import ingestd
+
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(Path(ingestd.__file__).parent, dest / "ingestd", ignore=shutil.ignore_patterns("__pycache__"))
+    todo, seen = ["ingestd"], set()
+    while todo:
+        dist = importlib.metadata.distribution(todo.pop())
+        name = canonicalize_name(dist.metadata["Name"])
+        if name in seen:
+            continue
+        seen.add(name)
+        for text in dist.requires or []:
+            req = Requirement(text)
+            if req.marker is None or req.marker.evaluate({"extra": ""}):  # this platform's, no test extras
+                todo.append(req.name)
+        if name == "ingestd":
+            continue  # an editable install: its code is the package copied above
+        for f in dist.files or []:
+            src = Path(str(f.locate()))
+            if f.parts[0] == ".." or "__pycache__" in f.parts or not src.is_file():
+                continue  # console scripts outside site-packages, bytecode
+            (dest / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / f)
+    for d, _, files in os.walk(dest):
+        os.chmod(d, 0o755)
+        for fname in files:
+            os.chmod(os.path.join(d, fname), 0o644)
+    return str(dest)
 
 
 def make_watch(root: Path) -> Path:
@@ -94,7 +134,7 @@ def audit_processed(w: Path, expected: dict[str, bytes]) -> None:
         assert got == expected[name], f"partial or wrong result {name!r}: {len(got)} bytes, want {len(expected[name])}"
 
 
-def audit_final(w: Path, expected: dict[str, bytes], failed: set[str] = frozenset()) -> None:
+def audit_final(w: Path, expected: dict[str, bytes], failed: set[str] | frozenset[str] = frozenset()) -> None:
     """At the end: each input exactly once in processed/ (byte-identical) or failed/ (with a reason), queue empty."""
     assert ls(w, "unprocessed") == [] and ls(w, "underprocess") == [], "inputs left in the queue"
     assert [n for n in hidden(w, "processed") if n.startswith(".ingestd-tmp-")] == [], "temp files left"
@@ -111,7 +151,13 @@ def audit_final(w: Path, expected: dict[str, bytes], failed: set[str] = frozense
 def start_daemon(w: Path, *args: str, env: dict[str, str] | None = None, cwd: Path | None = None,
                  wait: bool = True) -> DaemonProcess:
     d = DaemonProcess(w, *args, env=env, cwd=cwd or w.parent)
-    return d.started(timeout=30) if wait else d
+    if not wait:
+        return d
+    try:
+        return d.started(timeout=30)
+    except BaseException:
+        kill_tree(d)  # a daemon that did not start is not left running, nor its stderr pipe open
+        raise
 
 
 def wait_drained(w: Path, total: int, timeout: float = 60.0) -> None:
@@ -123,12 +169,14 @@ def wait_drained(w: Path, total: int, timeout: float = 60.0) -> None:
 def kill_tree(d: DaemonProcess) -> None:
     """kill -9 the daemon; its workers follow at once (PR_SET_PDEATHSIG). Waits until they are gone too."""
     kids = children(d.proc.pid)
-    if d.proc.poll() is None:
-        d.proc.send_signal(signal.SIGKILL)
-    d.proc.wait()
-    d._close()
+    try:
+        if d.proc.poll() is None:
+            d.proc.send_signal(signal.SIGKILL)
+        d.proc.wait()
+    finally:
+        d._close()  # the stderr pipe is closed whatever happened, or it is left to the GC (ResourceWarning)
     for pid in kids:
-        wait_for(lambda pid=pid: not _alive(pid), timeout=10, what=f"worker {pid} gone")
+        wait_for(functools.partial(_gone, pid), timeout=10, what=f"worker {pid} gone")
 
 
 def children(pid: int) -> list[int]:
@@ -136,6 +184,10 @@ def children(pid: int) -> list[int]:
         return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
     except OSError:
         return []
+
+
+def _gone(pid: int) -> bool:
+    return not _alive(pid)
 
 
 def _alive(pid: int) -> bool:

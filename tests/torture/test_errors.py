@@ -11,7 +11,6 @@ import random
 import resource
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -19,11 +18,10 @@ from pathlib import Path
 
 import pytest
 
-import ingestd
 from support import DaemonProcess, wait_for
 
-from .lib import audit_final, ls, make_watch, metrics_ok, need_root, read_journal, record, shim_env, start_daemon, \
-    text_blob, unavailable, wait_drained
+from .lib import audit_final, ls, make_watch, metrics_ok, need_root, read_journal, readable_copy, record, shim_env, \
+    start_daemon, text_blob, unavailable, wait_drained
 
 
 @pytest.fixture
@@ -189,12 +187,12 @@ def test_eacces_as_a_non_root_user(tmp_path: Path) -> None:
             os.setgid(65534)
             os.setuid(65534)
 
-        # This venv's interpreter lives under /root (mode 700): nobody runs the system Python 3.11 on the same code.
+        # This venv's interpreter and the clone may live where nobody cannot read (/root, a `mktemp -d` folder):
+        # nobody runs the system Python 3.11 on a world-readable copy of the same code and its dependencies.
         python = shutil.which("python3.11", path="/usr/bin:/usr/local/bin")
         if python is None:
             unavailable("a python3.11 the user nobody may execute")
-        site = next(Path(sys.prefix, "lib").glob("python3*/site-packages"))
-        env = {"HOME": str(base), "PYTHONPATH": f"{Path(ingestd.__file__).parent.parent}:{site}"}
+        env = {"HOME": str(base), "PYTHONPATH": readable_copy(base / "lib")}
         d = DaemonProcess(w, "--workers", "1", env=env, cwd=base, preexec_fn=nobody,
                           command=[python, "-m", "ingestd"]).started(30)
         try:
