@@ -11,7 +11,7 @@ from typing import Any, BinaryIO
 
 from tqdm import tqdm
 
-from ingestd import pipeline
+from ingestd import history, pipeline
 from ingestd.engine import Step
 from ingestd.names import display, ignored, oserror
 from ingestd.settings import ConfigError, Settings
@@ -130,7 +130,8 @@ def _report(settings: Settings, spool: Spool) -> dict[str, Any]:
             "daemon": spool.holder(),
             "counts": counts,
             "in_progress": [display(n) for n in sorted(Spool.entries(spool.underprocess))],
-            "recent": spool.completions(settings.recent),
+            # The daemon's own history (ordered by its sequence) when it kept one, else what processed/ holds.
+            "recent": history.load(str(spool.root))[: settings.recent] or spool.completions(settings.recent),
             "failures": spool.failures(settings.recent),
         }
     except PermissionError as e:  # a folder or the state dir readable at the probe and no longer now

@@ -228,6 +228,8 @@ class Daemon:
                 deadlines.append(min(j.not_before for j in self.queue))
         if self.notifier.watchdog_interval:
             deadlines.append(self.next_watchdog)
+        if self.state.history_dirty:
+            deadlines.append(self.next_history)
         if self.stop_deadline is not None:
             deadlines.append(self.stop_deadline)
         if (k := self.pool.next_kill()) is not None:

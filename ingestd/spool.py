@@ -418,7 +418,8 @@ class Spool:
 
     def completions(self, limit: int) -> list[dict[str, Any]]:
         """The newest `limit` results in processed/, newest first, in the shape of the daemon's `recent` entries:
-        {file, result: "processed", duration: None, finished_at: seconds since the epoch, reason: None, seq: None}.
+        {file, result: "processed", duration: None, finished_at: seconds since the epoch, reason: None, seq: None,
+        recovered: False}.
 
         For `status` without a daemon. Files carry no sequence, so the order is their modification time, the
         kernel's wall clock at publish: after a clock step back, results published before the step can show as
@@ -437,7 +438,7 @@ class Spool:
                     continue  # moved out by a consumer between the listing and the stat
                 entries.append((st.st_mtime_ns, e.name, st.st_mtime))
         return [{"file": display(n), "result": "processed", "duration": None, "finished_at": t, "reason": None,
-                 "seq": None} for _, n, t in heapq.nlargest(limit, entries)]
+                 "seq": None, "recovered": False} for _, n, t in heapq.nlargest(limit, entries)]
 
 
 def _seq_of(record: dict[str, Any]) -> int | None:

@@ -289,9 +289,9 @@ def test_completions_newest_first(spool: Spool) -> None:
     got = spool.completions(2)
     # The shape of the daemon's `recent` entries (one shape for `status --json` and /api/status).
     assert got == [{"file": "three", "result": "processed", "duration": None, "finished_at": NOW + 2, "reason": None,
-                    "seq": None},
+                    "seq": None, "recovered": False},
                    {"file": "two", "result": "processed", "duration": None, "finished_at": NOW + 1, "reason": None,
-                    "seq": None}]
+                    "seq": None, "recovered": False}]
 
 
 # --- ensure ----------------------------------------------------------------------------------------------------------

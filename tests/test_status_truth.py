@@ -411,15 +411,17 @@ def test_status_json_has_the_shape_of_api_status(tmp_path: Path) -> None:
         wait_for(lambda: folder(w, "failed") == ["bad.bin"] and folder(w, "processed") == ["ok.txt"])
         wait_for(lambda: len(d.status()["recent"]) == 2)
         api = d.status()
-        doc = json.loads(cli("status", "--json", "--watch-dir", str(w)).stdout)
+        # The daemon saves its history at most once a second: the CLI sees it within about that.
+        doc = wait_for(lambda: len((j := json.loads(cli("status", "--json", "--watch-dir", str(w)).stdout))["recent"])
+                       == 2 and j, timeout=5)
     finally:
         d.stop()
     assert doc["watch_dir"] == api["watch_dir"] and doc["counts"] == api["counts"]
     assert [set(f) for f in doc["failures"]] == [set(f) for f in api["failures"]]
     assert doc["failures"][0]["name"] == api["failures"][0]["name"] == "bad.bin"
-    # The daemon's entries gain `seq` when it stamps them (daemon.py); the fields it has are the CLI's.
-    assert set(api["recent"][0]) - {"seq"} <= set(doc["recent"][0]) == {"file", "result", "duration", "finished_at",
-                                                                         "reason", "seq"}
+    shape = {"file", "result", "duration", "finished_at", "reason", "seq", "recovered"}
+    assert [set(r) for r in api["recent"]] == [set(r) for r in doc["recent"]] == [shape, shape]
+    assert [r["seq"] for r in doc["recent"]] == [r["seq"] for r in api["recent"]], "the daemon's own order"
 
 
 def test_status_does_not_count_names_the_daemon_ignores(tmp_path: Path) -> None:
