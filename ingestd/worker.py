@@ -7,7 +7,6 @@ reads its input in underprocess/ and publishes outputs (temp file, fsync, rename
 from __future__ import annotations
 
 import ctypes
-import errno
 import faulthandler
 import os
 import signal
@@ -15,13 +14,10 @@ import time
 from multiprocessing.connection import Connection
 from typing import Any
 
-from ingestd import pipeline, routing
-from ingestd.names import oserror
+from ingestd import errors, pipeline, routing
+from ingestd.errors import Phase, Verdict
 from ingestd.sinks import Sinks
 
-# EFBIG: this file's output exceeds the file-size limit (RLIMIT_FSIZE or the filesystem's maximum); retrying it
-# would pause the whole queue forever, so it fails with the reason (tests/torture/test_errors.py, efbig).
-INPUT_ERRORS = {errno.EISDIR, errno.ENOTDIR, errno.ENAMETOOLONG, errno.EINVAL, errno.EFBIG}
 PROGRESS_EVERY = 0.25  # seconds between progress reports (the parent's liveness signal)
 
 
@@ -67,16 +63,20 @@ def process(conn: Connection, name: str, table: routing.Routing, folders: list[s
     except pipeline.Rejected as e:
         sinks.abort()
         return "rejected", {"reason": e.reason, "line": e.line, "bytes_in": stats.bytes_in, "lines_in": stats.lines_in}
-    except OSError as e:
+    except Exception as e:  # noqa: BLE001 - one table (errors.classify) decides; a worker never dies on one file
         sinks.abort()
-        reason = oserror(e)
-        if e.errno in INPUT_ERRORS:
-            # The name itself cannot be published (e.g. it is an output folder's name): retrying cannot help.
-            return "rejected", {"reason": f"cannot publish: {reason}", "line": None, "bytes_in": stats.bytes_in,
+        phase = errors.phase_of(e, Phase.READ_INPUT if isinstance(e, OSError) else Phase.PROCESS)
+        reason = errors.reason(e)
+        if errors.classify(e, phase) is Verdict.REJECT:
+            # The input's fault (its name cannot be published, it is too large for RLIMIT_FSIZE, a bug met on
+            # this input): retrying cannot help, and would pause the whole queue.
+            prefix = "cannot publish: " if phase in (Phase.WRITE_OUTPUT, Phase.PUBLISH) else ""
+            return "rejected", {"reason": prefix + reason, "line": None, "bytes_in": stats.bytes_in,
                                 "lines_in": stats.lines_in}
-        # Full disk, read-only folder, EIO: not the input's fault. After a failed fsync the temp is
-        # untrustworthy (Linux forgets the error), so it is dropped and the whole file redone later.
-        return "error", {"reason": reason, "errno": e.errno}
+        # RETRY (full disk, read-only folder, EIO, EMFILE...) or RECREATE (an output folder vanished: the retry's
+        # Sinks recreates it): not the input's fault. After a failed fsync the temp is untrustworthy (Linux
+        # forgets the error), so it is dropped and the whole file redone later.
+        return "error", {"reason": reason, "errno": getattr(e, "errno", None)}
     return "done", {
         "bytes_in": stats.bytes_in, "lines_in": stats.lines_in, "bytes_out": sinks.bytes_out,
         "lines_out": sinks.lines_out, "duration": time.monotonic() - started,
