@@ -84,7 +84,7 @@ def _filter(where: str, t: dict[str, Any]) -> Filter:
         raise RoutingError(f"{where}.pattern: invalid regular expression: {e or type(e).__name__}") from None
     except TypeError as e:
         raise RoutingError(f"{where}: bad options for processor {name!r}: {e}") from None
-    except Exception as e:  # a plug-in's factory may raise anything: a config error (exit 78), never a crash
+    except Exception as e:  # noqa: BLE001 - a plug-in factory may raise anything: a config error (exit 78), never a crash
         raise RoutingError(f"{where}: processor {name!r} cannot be built: {type(e).__name__}: {e}") from None
     return Filter(match, name, processor=proc, per_char=name in processors.PER_CHAR)
 

@@ -171,7 +171,8 @@ def load(
     """Merge every source; raise ConfigError on the first bad value."""
     environ = os.environ if environ is None else environ
     dotenv_path = (cwd or Path.cwd()) / ".env"
-    dotenv, dotenv_src = {}, {}
+    dotenv: dict[str, str] = {}
+    dotenv_src: dict[str, str] = {}
     if dotenv_path.is_file():
         raw = dotenv_values(dotenv_path)
         _unknown_in_dotenv(raw, dotenv_path)
