@@ -15,10 +15,11 @@ FLUSH_BYTES = 1 << 20
 
 
 class _Out:
-    __slots__ = ("fd", "temp", "buf", "size", "lines")
+    __slots__ = ("buf", "fd", "lines", "size", "tail", "temp")
 
     def __init__(self, fd: int, temp: str) -> None:
         self.fd, self.temp, self.size, self.lines = fd, temp, 0, 0
+        self.tail = b"\n"  # the last byte written so far ("\n": no unterminated line pending)
         self.buf: list[bytes] = []
 
 
@@ -54,18 +55,22 @@ class Sinks:
         return out
 
     def write(self, folder: str, data: bytes) -> None:
-        """Append data (one line, or a block of whole lines on the fast path) to an output; lines are counted
-        by their endings, so a block of 100,000 lines counts 100,000 (a last line without one counts too)."""
+        """Append data (one line, or a block of whole lines on the fast path) to an output."""
         out = self.outs.get(folder) or self._open(folder)
         out.buf.append(data)
         out.size += len(data)
-        out.lines += data.count(b"\n") + (not data.endswith(b"\n") and bool(data))
         if out.size >= FLUSH_BYTES:
             self._flush(out)
 
     def _flush(self, out: _Out) -> None:
+        data = b"".join(out.buf)
         with in_phase(Phase.WRITE_OUTPUT):
-            durable.write_all(out.fd, b"".join(out.buf))
+            durable.write_all(out.fd, data)
+        # Lines are counted by their endings as they are written, whatever the shape of the writes: a block of
+        # 100,000 lines from the fast path counts 100,000, not 1 (ingestd_output_lines_total).
+        out.lines += data.count(b"\n")
+        if data:
+            out.tail = data[-1:]
         self.bytes_out += out.size
         out.buf.clear()
         out.size = 0
@@ -100,7 +105,7 @@ class Sinks:
                 self._roll_back(done, kept)
                 raise
             for folder, out in self.outs.items():
-                self.lines_out[folder] = out.lines
+                self.lines_out[folder] = out.lines + (out.tail != b"\n")  # a last line without an ending counts
             for folder in self.folders:
                 if folder not in self.outs:
                     target = os.path.join(self._dir(folder), self.name)
