@@ -202,7 +202,7 @@ def _why_not_moved(spool: Spool, name: str) -> str:
 
 
 def _existing(settings: Settings, writable: tuple[str, ...] = ()) -> Spool:
-    spool = Spool(settings.watch_dir)
+    spool = Spool(settings.watch_dir, done_marker=settings.done_marker)
     try:
         spool.probe(writable)
     except NotAWatchDir as e:

@@ -33,7 +33,7 @@ from ingestd.notify import Notifier
 from ingestd.pipeline import kind
 from ingestd.settings import ConfigError, Settings
 from ingestd.sinks import remove_temps
-from ingestd.spool import Failure, Spool
+from ingestd.spool import Failure, Spool, SpoolError
 from ingestd.state import PauseKind, State
 from ingestd.watch import Watch
 from ingestd.web import Web
@@ -51,7 +51,7 @@ class Daemon:
         self.s = settings
         self._reload_settings = reload
         self.clock, self.wall = clock, wall
-        self.spool = Spool(settings.watch_dir)
+        self.spool = Spool(settings.watch_dir, done_marker=settings.done_marker)
         self.arrivals = Arrivals(settings.settle_time, settings.done_marker)
         self.notifier = Notifier()
         self.state = State(settings.recent, clock, wall)
@@ -260,19 +260,34 @@ class Daemon:
             elif c.kind == "lost_watch":
                 event("watch_lost", "unprocessed/ went away: recreating it", logging.ERROR)
                 self.spool.ensure()
-                self.watch.close()
-                self._polled.discard(self.watch.fileno())
-                self.watch = Watch(self.spool.unprocessed)
-                self._sync_poller()
+                self._rewatch()
                 self._rescan("overflow")
             else:
                 self.arrivals.change(c, now)
 
+    def _rewatch(self) -> None:
+        assert self.watch is not None
+        old = self.watch
+        self.watch = Watch(self.spool.unprocessed)  # the new one first: a failure keeps the old
+        self._polled.discard(old.fileno())
+        self.poller.unregister(old.fileno())
+        old.close()
+        self._sync_poller()
+
     def _rescan(self, reason: str) -> None:
         self.next_rescan = self.clock() + self.s.rescan_interval  # first: a failing rescan must not repeat each turn
         self.metrics.rescans.labels(reason).inc()
-        self.spool.ensure()  # a folder removed by hand (rm -rf failed/) comes back instead of failing every step
-        self._make_output_folders(self.outputs)
+        try:
+            made = self.spool.ensure()  # a folder removed by hand (rm -rf failed/) comes back
+            self._make_output_folders(self.outputs)
+        except (SpoolError, OSError) as e:
+            self._back_off(None, str(e), "a queue folder cannot be made; claiming waits")
+            return
+        if made:
+            event("folders_recreated", "queue folders were missing and are made again", logging.WARNING,
+                  folders=made)
+        if self.spool.unprocessed in made:  # a new folder under the old name: the old watch sees nothing
+            self._rewatch()
         counts = self.spool.counts()
         self.state.kept = {"processed": counts["processed"], "failed": counts["failed"]}
         self.arrivals.scanned(Spool.entries(self.spool.unprocessed), self.clock())
@@ -365,10 +380,11 @@ class Daemon:
         self.state.pause_for(PauseKind.LOW_DISK, reason, now + 1.0)
         return False
 
-    def _back_off(self, name: str, reason: str, message: str) -> None:
+    def _back_off(self, name: str | None, reason: str, message: str) -> None:
         """The machine's fault: pause claiming for a while that doubles with each error; a success resets it."""
         wait = self.state.back_off(reason)
-        event("io_error", message, logging.ERROR, file=display(name), reason=reason, retry_in=wait)
+        event("io_error", message, logging.ERROR, file=display(name) if name is not None else None, reason=reason,
+              retry_in=wait)
 
     # --- results --------------------------------------------------------------------------------------
     def _on_worker(self, slot: Slot, msg: ToParent | None) -> None:
@@ -386,6 +402,13 @@ class Daemon:
                 self.unacked.append((job, msg, elapsed))  # announced once durable
             elif isinstance(msg, Rejected):
                 self._fail(job, Failure(msg.reason, msg.line, job.attempts + 1), elapsed, worker=slot.id)
+            elif isinstance(msg, Retry) and msg.recreate and job.retries < 3:
+                job.retries += 1  # an output folder vanished: made again, retried at once, without a pause
+                self._make_output_folders(self.outputs)
+                event("folders_recreated", "an output folder was missing and is made again", logging.WARNING,
+                      file=display(job.name), reason=msg.reason)
+                job.not_before = 0.0
+                self.queue.appendleft(job)
             elif isinstance(msg, Retry):
                 self._io_error(job, msg.reason)
         except OSError as e:
@@ -452,7 +475,10 @@ class Daemon:
         if job.attempts >= self.s.max_attempts:
             what = (f"its worker was stuck {job.attempts} times processing it ({why})" if why else
                     f"its worker died {job.attempts} times processing it (last exit code {code})")
-            self._fail(job, Failure(f"poison: {what}", attempts=job.attempts), 0.0)
+            try:
+                self._fail(job, Failure(f"poison: {what}", attempts=job.attempts), 0.0)
+            except OSError as e:  # a full disk cannot take it into failed/ now: kept, retried after a pause
+                self._io_error(job, oserror(e))
         else:
             job.not_before = 0.0
             self.queue.appendleft(job)
@@ -461,10 +487,10 @@ class Daemon:
         """The parent notices stuck workers itself: no progress for stall_time, or over time_limit; it logs,
         shows, kills and replaces them (the death counts an attempt). The watchdog guards the main loop."""
         assert self.pool is not None
-        for slot, kind, reason in self.pool.stalled(now, self.s.stall_time, self.s.time_limit):
+        for slot, what, reason in self.pool.stalled(now, self.s.stall_time, self.s.time_limit):
             event("worker_stuck", "a worker is stuck: dumping its stack, then killing it", logging.ERROR,
                   worker=slot.id, reason=reason, file=display(slot.job.name) if slot.job else None)
-            self.pool.condemn(slot, kind, reason, now)
+            self.pool.condemn(slot, what, reason, now)
         self.pool.execute(now)
 
     def _make_output_folders(self, outputs: list[str] | None = None) -> None:
@@ -512,7 +538,10 @@ class Daemon:
             event("reload_failed", "new configuration rejected; keeping the old one", logging.ERROR, error=str(e))
         else:
             self.s = dataclasses.replace(self.s, routing_doc=new.routing_doc, config=new.config)
-            self._make_output_folders()
+            try:
+                self._make_output_folders()
+            except OSError as e:  # the workers recreate a missing folder when they publish; say it, go on
+                event("io_error", "could not create the new output folders", logging.ERROR, reason=oserror(e))
             assert self.pool is not None
             self.pool.reconfigure(self.s)  # idle workers restart at the end of this turn, busy ones when done
             event("reloaded", "routing reloaded", config=str(self.s.config) if self.s.config else None)

@@ -58,6 +58,11 @@ def rename_noreplace(src: str, dst: str) -> None:
     os.unlink(src)
 
 
+def link(src: str, dst: str) -> None:
+    """A second name for a file (never over an existing one, EEXIST); sinks keep an old result this way."""
+    os.link(src, dst, follow_symlinks=False)
+
+
 def unlink(path: str) -> None:
     os.unlink(path)
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 
-class Phase(StrEnum):
+class Stage(StrEnum):
     READ = "read"  # reading the input and writing temp outputs
     COMMIT = "commit"  # fsyncing and publishing outputs: slow disks are progress too
 
@@ -36,7 +36,7 @@ class Heartbeat:
     the processors cost per line; a frozen worker (SIGSTOP, a GIL held in C code) sends none."""
     bytes: int  # input bytes read so far
     lines: int  # input lines read so far
-    phase: Phase
+    stage: Stage
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import BinaryIO
 
+from ingestd import errors
 from ingestd.engine import Routing, Step
+from ingestd.errors import Phase, Verdict
 
 BLOCK = 64 * 1024  # the first block decides "binary" (a NUL byte), as grep and git do
 
@@ -28,14 +32,25 @@ class Stats:
 
 
 def open_input(path: str) -> BinaryIO:
-    """Never follow a symlink (ELOOP), never block on a FIFO (O_NONBLOCK), only read regular files."""
+    """Never follow a symlink (ELOOP), never block on a FIFO (O_NONBLOCK), only read regular files.
+
+    Raises Rejected when the input itself is at fault (symlink, not a regular file, unreadable: errors.classify
+    says REJECT), and the OSError itself when the machine is (EMFILE, ENFILE, ENOMEM, EIO...: RETRY), so a
+    good input is never sent to failed/ for a full file table (open(2)).
+    """
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as e:
-        if e.errno == 40:  # ELOOP: the entry is a symlink
+        if errors.classify(e, Phase.OPEN_INPUT) is not Verdict.REJECT:
+            raise
+        if e.errno == errno.ELOOP:  # the entry is a symlink
             raise Rejected("not a regular file: symlink (never followed)") from None
         raise Rejected(f"cannot open: {e.strerror}") from None
-    st = os.fstat(fd)
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        os.close(fd)
+        raise  # fstat(2) fails only for the machine's reasons (EIO, ENOMEM): retry
     if not stat.S_ISREG(st.st_mode):
         os.close(fd)
         raise Rejected(f"not a regular file: {kind(st.st_mode)}")
@@ -63,14 +78,12 @@ def lines(f: BinaryIO, max_line_bytes: int, stats: Stats, progress: Progress) ->
     while line := readline(limit):
         n += 1
         stats.bytes_in += len(line)
+        stats.lines_in = n  # every line: a processor that raises on this line is reported with its number
         if len(line) > max_line_bytes and len(line) - line.endswith(b"\n") - line.endswith(b"\r\n") > max_line_bytes:
-            stats.lines_in = n
             raise Rejected(f"line longer than max_line_bytes ({max_line_bytes} bytes)", line=n)
         if not n % TICK:
-            stats.lines_in = n
             progress(stats.bytes_in)
         yield line
-    stats.lines_in = n
 
 
 READ = 256 * 1024  # block reads for the fast path; a block only needs a line-length check above max_line_bytes
@@ -118,7 +131,12 @@ def run(
     progress: Progress = lambda _: None,
     explain: Callable[[Step], None] | None = None,
 ) -> None:
-    """Route every line of f to write(output_folder, bytes). Raises Rejected for binary or over-long input."""
+    """Route every line of f to write(output_folder, bytes).
+
+    Raises Rejected for binary or over-long input, and for a processor (built-in or plug-in) that raises on
+    this input: the reason is "processor error: TYPE: MESSAGE (at FILE:LINE)", the line the input's line number
+    (None on the block fast path). OSError passes through for the caller to classify (errors.classify).
+    """
     rule = routing.rule_for(name)
     head = f.peek(BLOCK)[:BLOCK] if hasattr(f, "peek") else b""
     if b"\0" in head:
@@ -134,8 +152,24 @@ def run(
     plan = None if explain else routing.block_plan(rule.tag)
     if plan is not None:  # fast path: per-character processors on whole blocks of lines
         out, fn = plan
-        for block in blocks(f, max_line_bytes, stats, progress):
-            write(out, fn(block.decode("utf-8", "surrogateescape")).encode("utf-8", "surrogateescape"))  # type: ignore[union-attr]
+        with _processor_errors(stats, per_line=False):
+            for block in blocks(f, max_line_bytes, stats, progress):
+                write(out, fn(block.decode("utf-8", "surrogateescape")).encode("utf-8", "surrogateescape"))  # type: ignore[union-attr]
         return
-    for out, data in routing.run(rule.tag, lines(f, max_line_bytes, stats, progress), explain):
-        write(out, data)
+    with _processor_errors(stats, per_line=True):
+        for out, data in routing.run(rule.tag, lines(f, max_line_bytes, stats, progress), explain):
+            write(out, data)
+
+
+@contextmanager
+def _processor_errors(stats: Stats, per_line: bool) -> Iterator[None]:
+    """A processor that raises is this input's (or the plug-in's) fault, not a reason to crash a worker:
+    Rejected with the exception and the line, kept in the sidecar (errors.classify, Phase.PROCESS)."""
+    try:
+        yield
+    except (Rejected, OSError):
+        raise
+    except Exception as e:
+        if errors.classify(e, Phase.PROCESS) is not Verdict.REJECT:
+            raise  # MemoryError: the machine's fault, the file is retried
+        raise Rejected(f"processor error: {errors.reason(e)}", line=stats.lines_in if per_line else None) from e

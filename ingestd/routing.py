@@ -13,6 +13,11 @@ class RoutingError(ValueError):
     """A routing table is wrong; the message names the table entry and what is allowed."""
 
 
+# What re.compile raises for a pattern it cannot take: re.error (syntax), OverflowError ("a{4294967296}": the
+# repetition number is too large), RecursionError (nesting too deep), MemoryError (a pattern too large to build).
+REGEX_ERRORS = (re.error, OverflowError, RecursionError, MemoryError)
+
+
 def from_mode(mode: str) -> Routing:
     """MODE=uppercase alone: one filter, that processor, on every record, to processed/."""
     return Routing(filters=(_filter("mode", {"match": "*", "processor": mode}),))
@@ -75,10 +80,12 @@ def _filter(where: str, t: dict[str, Any]) -> Filter:
         proc = processors.make(name, options)
     except KeyError:
         raise RoutingError(f"{where}.processor: unknown processor {name!r} (known: {', '.join(processors.names())})") from None
-    except re.error as e:
-        raise RoutingError(f"{where}.pattern: invalid regular expression: {e}") from None
+    except REGEX_ERRORS as e:
+        raise RoutingError(f"{where}.pattern: invalid regular expression: {e or type(e).__name__}") from None
     except TypeError as e:
         raise RoutingError(f"{where}: bad options for processor {name!r}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - a plug-in factory may raise anything: a config error (exit 78), never a crash
+        raise RoutingError(f"{where}: processor {name!r} cannot be built: {type(e).__name__}: {e}") from None
     return Filter(match, name, processor=proc, per_char=name in processors.PER_CHAR)
 
 
@@ -89,8 +96,8 @@ def _regex(where: str, pattern: object) -> re.Pattern[str] | None:
         raise RoutingError(f"{where}.pattern: must be a string")
     try:
         return re.compile(pattern)
-    except re.error as e:
-        raise RoutingError(f"{where}.pattern: invalid regular expression: {e}") from None
+    except REGEX_ERRORS as e:
+        raise RoutingError(f"{where}.pattern: invalid regular expression: {e or type(e).__name__}") from None
 
 
 def _output(where: str, t: dict[str, Any]) -> Output:

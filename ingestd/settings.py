@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
 from collections.abc import Callable, Mapping
@@ -63,14 +64,25 @@ def _int(minimum: int) -> Callable[[str, Any], int]:
     return parse
 
 
-def _float(name: str, value: Any) -> float:
-    try:
-        f = float(value)
-    except (TypeError, ValueError):
-        f = -1.0
-    if isinstance(value, bool) or not f >= 0:
-        raise ConfigError(f"{name}: must be a number of seconds >= 0, not {value!r}")
-    return f
+MAX_SECONDS = 365 * 86400.0  # a year: beyond it a timeout or interval is a typo, and timers overflow (inf)
+
+
+def _seconds(minimum: float, strict: bool = False) -> Callable[[str, Any], float]:
+    """A finite number of seconds, >= minimum (> minimum when strict), at most MAX_SECONDS. `inf` and `nan`
+    are refused: stop_timeout = inf crashed on SIGTERM (int(inf)), rescan_interval = 0 spun a core."""
+    bound = f"> {minimum:g}" if strict else f">= {minimum:g}"
+
+    def parse(name: str, value: Any) -> float:
+        try:
+            f = float(value)
+        except (TypeError, ValueError, OverflowError):
+            f = math.nan
+        ok = (f > minimum if strict else f >= minimum) and f <= MAX_SECONDS  # False for nan
+        if isinstance(value, bool) or not ok:
+            raise ConfigError(f"{name}: must be a number of seconds {bound} and <= {MAX_SECONDS:g}, not {value!r}")
+        return f
+
+    return parse
 
 
 def _bool(name: str, value: Any) -> bool:
@@ -119,26 +131,40 @@ PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "listen": _listen,
     "config": lambda n, v: _path(n, v) if v else None,
     "max_attempts": _int(1),
-    "settle_time": _float,
-    "rescan_interval": _float,
+    "settle_time": _seconds(0),
+    "rescan_interval": _seconds(1),  # the safety-net scan; below a second it only burns CPU when idle
     "max_line_bytes": _int(1),
     "recent": _int(1),
     "done_marker": _bool,
     "min_free_bytes": _int(0),
-    "stop_timeout": _float,
+    "stop_timeout": _seconds(0),
     "wait_lock": _bool,
-    "stall_time": _float,
-    "time_limit": _float,
+    "stall_time": _seconds(0, strict=True),  # 0 would call every busy worker stuck
+    "time_limit": _seconds(0),  # 0: no limit
     "log_format": _choice("auto", "json", "text"),
 }
 
 
-def _from_env(env: Mapping[str, str | None]) -> dict[str, str]:
-    """INGESTD_<SETTING> for every setting; plain MODE too, as a .env for the seed project says it."""
-    found = {k: env[f"INGESTD_{k.upper()}"] for k in PARSERS if env.get(f"INGESTD_{k.upper()}")}
+def _from_env(env: Mapping[str, str | None], where: str = "") -> tuple[dict[str, str], dict[str, str]]:
+    """INGESTD_<SETTING> for every setting; plain MODE too, as a .env for the seed project says it.
+    Returns (setting -> value, setting -> the variable it came from, for error messages)."""
+    found, source = {}, {}
+    for k in PARSERS:
+        var = f"INGESTD_{k.upper()}"
+        if env.get(var):
+            found[k], source[k] = env[var], var + where
     if "mode" not in found and env.get("MODE"):
-        found["mode"] = env["MODE"]
-    return found  # type: ignore[return-value]
+        found["mode"], source["mode"] = env["MODE"], "MODE" + where  # type: ignore[assignment]
+    return found, source  # type: ignore[return-value]
+
+
+def _unknown_in_dotenv(values: Mapping[str, str | None], path: Path) -> None:
+    """A typo in .env (INGESTD_WORKRS=3) exits 78 like a typo in the TOML config, instead of being ignored.
+    Only .env: the process environment carries INGESTD_* variables of other tools (test shims, CI)."""
+    known = {f"INGESTD_{k.upper()}" for k in PARSERS}
+    unknown = sorted(k for k in values if k.upper().startswith("INGESTD_") and k not in known)
+    if unknown:
+        raise ConfigError(f"{unknown[0]} in {path}: unknown setting (allowed: {', '.join(sorted(known))})")
 
 
 def load(
@@ -147,10 +173,16 @@ def load(
     """Merge every source; raise ConfigError on the first bad value."""
     environ = os.environ if environ is None else environ
     dotenv_path = (cwd or Path.cwd()) / ".env"
-    dotenv = _from_env(dotenv_values(dotenv_path)) if dotenv_path.is_file() else {}
-    env = _from_env(environ)
+    dotenv: dict[str, str] = {}
+    dotenv_src: dict[str, str] = {}
+    if dotenv_path.is_file():
+        raw = dotenv_values(dotenv_path)
+        _unknown_in_dotenv(raw, dotenv_path)
+        dotenv, dotenv_src = _from_env(raw, f" in {dotenv_path}")
+    env, env_src = _from_env(environ)
     flags = {k: v for k, v in flags.items() if v is not None}
-    layers = [flags, env, dotenv]
+    layers: list[Mapping[str, Any]] = [flags, env, dotenv]
+    sources: list[Mapping[str, str]] = [{k: "--" + k.replace("_", "-") for k in flags}, env_src, dotenv_src]
 
     config = next((layer["config"] for layer in layers if layer.get("config")), None)
     doc = _read_toml(Path(config)) if config else {}
@@ -159,12 +191,16 @@ def load(
         allowed = ", ".join([*sorted(PARSERS), "[[tags]]", "[[filters]]", "[[outputs]]"])
         raise ConfigError(f"{config}: unknown setting {unknown[0]!r} (allowed: {allowed})")
     layers.append({k: v for k, v in doc.items() if k in PARSERS})
+    sources.append({k: str(config) for k in doc if k in PARSERS})
 
     values: dict[str, Any] = {}
     for name, parse in PARSERS.items():
-        for layer in layers:
+        for layer, source in zip(layers, sources, strict=True):
             if name in layer:
-                values[name] = parse(name, layer[name])
+                try:
+                    values[name] = parse(name, layer[name])
+                except ConfigError as e:  # name where the value came from: INGESTD_WORKERS=abc, --workers, a file
+                    raise ConfigError(f"{e} (from {source.get(name, name)})") from None
                 break
     values["config"] = Path(config) if config else None
     values["routing_doc"] = _routing_doc(doc, values, explicit_mode=any("mode" in layer for layer in layers))

@@ -10,6 +10,7 @@ import errno
 import fcntl
 import heapq
 import json
+import logging
 import os
 import socket
 import stat
@@ -18,7 +19,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from ingestd import durable
+from ingestd import durable, errors
+from ingestd.arrivals import DONE_SUFFIX
+from ingestd.errors import Phase
+from ingestd.log import event
 from ingestd.names import STATE_DIR, TEMP_PREFIX, display, key, oserror
 
 FOLDERS = ("unprocessed", "underprocess", "processed", "failed")
@@ -58,8 +62,12 @@ class Failure:
 
 
 class Spool:
-    def __init__(self, root: Path) -> None:
+    """done_marker: the daemon claims NAME only once NAME.done exists, so a file given back to the queue
+    (requeue, unclaim) gets its marker back, or it would never be claimed again."""
+
+    def __init__(self, root: Path, done_marker: bool = False) -> None:
         self.root = Path(root)
+        self.done_marker = done_marker
         self.unprocessed = str(self.root / "unprocessed")
         self.underprocess = str(self.root / "underprocess")
         self.processed = str(self.root / "processed")
@@ -70,14 +78,24 @@ class Spool:
         # failures(): sidecar name -> ((inode, mtime_ns, ctime_ns, size), record); replaced whole, never mutated,
         # so HTTP threads can share it without a lock.
         self._sidecars: dict[str, tuple[tuple[int, int, int, int], dict[str, Any]]] = {}
+        # Attempts that could not be written (full disk): name -> (inode, count), so a worker dying again and
+        # again on a full disk still ends in quarantine instead of a crash of the daemon (see bump_attempts).
+        self._unrecorded: dict[str, tuple[int, int]] = {}
 
     # --- start-up -------------------------------------------------------------------------
-    def ensure(self) -> None:
-        """Create missing folders; refuse folders on different filesystems (renames would fail with EXDEV)."""
+    def ensure(self) -> list[str]:
+        """Create missing folders; refuse folders on different filesystems (renames would fail with EXDEV).
+
+        Returns the folders it had to (re)create. Safe to call again while running (e.g. at each rescan, after
+        someone ran `rm -rf failed/`); raises SpoolError when a folder cannot be made or used.
+        """
         devs: dict[int, str] = {}
+        made = []
         for path in (self.unprocessed, self.underprocess, self.processed, self.failed, self.state):
             try:
-                os.makedirs(path, exist_ok=True)
+                if not os.path.isdir(path):
+                    os.makedirs(path, exist_ok=True)
+                    made.append(path)
                 st = os.stat(path)
             except OSError as e:
                 raise SpoolError(f"watch_dir: cannot use {path}: {e.strerror}") from None
@@ -89,20 +107,27 @@ class Spool:
                 "watch_dir: folders are on different filesystems (" + ", ".join(devs.values())
                 + "); a claim must be one atomic rename, so all must share one filesystem"
             )
+        return made
 
     def lock(self, wait: bool = False) -> None:
-        """One daemon per watch dir: an flock held for the process's life, released by the kernel on death."""
-        path = os.path.join(self.state, "lock")
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        """One daemon per watch dir: an flock(2) on the watch dir itself, held for the process's life and released
+        by the kernel on death. The directory, not a file in it: a lock file can be deleted and recreated under a
+        running daemon, and a second daemon would then lock the new file and start beside it.
+        .ingestd/lock only carries the holder's label ("pid N on HOST") for `status` and the refusal message."""
+        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
-            holder = os.pread(fd, 512, 0).decode("utf-8", "replace").strip() or "unknown"
             os.close(fd)
+            holder = self._label() or "unknown"
             raise AlreadyRunning(f"watch_dir: another ingestd is running on {self.root} ({holder})") from None
         try:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+            label = os.open(os.path.join(self.state, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+            try:
+                os.ftruncate(label, 0)
+                os.pwrite(label, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+            finally:
+                os.close(label)
         except OSError:
             # Only a label for `status`; the flock is the lock. A full disk (ENOSPC) must not stop a start,
             # or a restart on a full disk could never pause and resume by itself (tests/torture/test_errors.py).
@@ -115,17 +140,23 @@ class Spool:
             os.close(self._lock_fd)
             self._lock_fd = None
 
+    def _label(self) -> str | None:
+        try:
+            with open(os.path.join(self.state, "lock"), "rb") as f:
+                return f.read(512).decode("utf-8", "replace").strip() or None
+        except OSError:
+            return None
+
     def holder(self) -> str | None:
         """Who holds the daemon lock ("pid N on HOST"), or None when no daemon runs here."""
-        path = os.path.join(self.state, "lock")
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except FileNotFoundError:
             return None
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
-            return os.pread(fd, 512, 0).decode("utf-8", "replace").strip() or "unknown"
+            return self._label() or "unknown"
         finally:
             os.close(fd)
         return None
@@ -149,7 +180,14 @@ class Spool:
             attempts = self.bump_attempts(name)
             if attempts >= max_attempts:
                 reason = f"poison: in progress during {attempts} crashes or restarts in a row"
-                self.fail(name, Failure(reason, attempts=attempts), now)
+                try:
+                    self.fail(name, Failure(reason, attempts=attempts), now)
+                except OSError as e:
+                    # A full disk must not make every restart exit 1: the file stays in underprocess/, is not
+                    # processed now, and the next start quarantines it (its count is only ever higher).
+                    event("io_error", "could not quarantine a poison file; it stays in underprocess/",
+                          logging.ERROR, file=display(name), reason=errors.reason(e))
+                    continue
                 quarantined.append(name)
             else:
                 requeued.append(name)
@@ -190,12 +228,27 @@ class Spool:
         return True
 
     def unclaim(self, name: str) -> bool:
-        """Give an abandoned (not crashed) file back to the queue; never over a newer file of that name."""
+        """Give an abandoned (not crashed) file back to the queue; never over a newer file of that name.
+        With done_marker, NAME.done comes back with it (it was removed at the claim)."""
         try:
             durable.rename_noreplace(os.path.join(self.underprocess, name), os.path.join(self.unprocessed, name))
         except OSError:
             return False  # a newer file of that name waits: recovery takes this one at the next start
+        self._restore_marker(name)
         return True
+
+    def _restore_marker(self, name: str) -> None:
+        """Put NAME.done back beside a file returned to unprocessed/ (done_marker on): the file is whole, and
+        without its marker it would wait for ever. Best effort: a failure is logged, the file is kept."""
+        if not self.done_marker:
+            return
+        marker = name + DONE_SUFFIX
+        try:
+            # After the file: the marker must never vouch for a file that is not there yet.
+            durable.publish_bytes(self.unprocessed, marker, b"", TEMP_OUTPUT_PREFIX + "done-" + key(name))
+        except OSError as e:
+            event("io_error", "could not restore a done marker; the file waits for it", logging.ERROR,
+                  file=display(name), reason=errors.reason(e))
 
     def remove_marker(self, marker: str) -> None:
         """A done-marker has served once its file is claimed. Not fsynced: if a crash brings it back, it can only
@@ -223,6 +276,9 @@ class Spool:
             size = os.lstat(src).st_size
         except FileNotFoundError:
             return  # gone (deleted by its owner): nothing to quarantine
+        if not os.path.isdir(self.failed):
+            # `rm -rf failed/` under a running daemon: ENOENT on failed/ is RECREATE (errors.classify, Phase.FAIL).
+            os.makedirs(self.failed, exist_ok=True)
         if os.path.lexists(os.path.join(self.failed, name)):
             self._set_aside(name, now)
         record = {
@@ -268,10 +324,19 @@ class Spool:
         return max((r["seq"] or 0 for r in self._read_sidecars(set(self._listing(self.failed)[0])).values()), default=0)
 
     def _set_aside(self, name: str, now: float) -> None:
-        suffix = f".superseded-{int(now)}".encode()
-        raw = os.fsencode(name)[: 255 - len(suffix)]  # stay within NAME_MAX
-        aside = os.fsdecode(raw + suffix)
-        durable.rename_noreplace(os.path.join(self.failed, name), os.path.join(self.failed, aside))
+        """Rename the older failed file to a name that is free: NAME.superseded-<unix time>, then -2, -3...
+        within the same second (the same rejected name may arrive many times a second). Never EEXIST."""
+        n = 1
+        while True:
+            suffix = f".superseded-{int(now)}{f'-{n}' if n > 1 else ''}".encode()
+            raw = os.fsencode(name)[: 255 - len(suffix)]  # stay within NAME_MAX
+            aside = os.fsdecode(raw + suffix)
+            try:
+                durable.rename_noreplace(os.path.join(self.failed, name), os.path.join(self.failed, aside))
+            except FileExistsError:
+                n += 1  # taken (an earlier one this second, or a user's file): the next number
+                continue
+            break
         sidecar = os.path.join(self.failed, REASON_PREFIX + key(name) + ".json")
         if os.path.exists(sidecar):
             durable.rename(sidecar, os.path.join(self.failed, REASON_PREFIX + key(aside) + ".json"))
@@ -291,6 +356,8 @@ class Spool:
         if moved:
             durable.fsync_dir(self.unprocessed)  # requeued files durable in the queue before the sidecars go
             durable.fsync_dir(self.failed)
+        for name in moved:
+            self._restore_marker(name)  # done_marker: without NAME.done a requeued file is never claimed
         return moved, refused
 
     # --- attempt counts (survive restarts) ---------------------------------------------------
@@ -298,24 +365,58 @@ class Spool:
         return os.path.join(self.state, "attempts-" + key(name))
 
     def attempts(self, name: str) -> int:
-        """Crashes this very file (same inode) was in progress for; 0 if none."""
+        """Crashes this very file (same inode) was in progress for; 0 if none. Counts that could not be written
+        (full disk) are remembered by this process and count too."""
+        try:
+            ino = os.lstat(os.path.join(self.underprocess, name)).st_ino
+        except OSError:
+            return 0
+        kept = self._unrecorded.get(name)
+        in_memory = kept[1] if kept is not None and kept[0] == ino else 0
         try:
             with open(self._attempts_path(name), "rb") as f:
                 data = json.load(f)
-            ino = os.lstat(os.path.join(self.underprocess, name)).st_ino
         except (OSError, ValueError):
-            return 0
-        return int(data.get("attempts", 0)) if data.get("ino") == ino else 0
+            return in_memory
+        on_disk = int(data.get("attempts", 0)) if data.get("ino") == ino else 0
+        return max(on_disk, in_memory)
 
     def bump_attempts(self, name: str) -> int:
+        """Count one more crash (or start-up recovery) for a file in underprocess/; returns the new count.
+
+        Never raises for the disk: when the count cannot be made durable (ENOSPC, EIO, EROFS, a vanished
+        .ingestd/), it is kept in this process's memory and logged (io_error), so the daemon neither exits nor
+        forgets the worker deaths of this run; only a restart on that same full disk can forget it, which
+        at worst redoes a poison file once more per restart. A file gone meanwhile counts 1 (nothing to keep).
+        """
         n = self.attempts(name) + 1
-        ino = os.lstat(os.path.join(self.underprocess, name)).st_ino
-        # Durable before the redo starts: a crash during the redo must still count.
-        durable.publish_bytes(self.state, "attempts-" + key(name), json.dumps({"ino": ino, "attempts": n}).encode(),
-                              TEMP_OUTPUT_PREFIX + key(name))
+        try:
+            ino = os.lstat(os.path.join(self.underprocess, name)).st_ino
+        except FileNotFoundError:
+            return n
+        try:
+            # Durable before the redo starts: a crash during the redo must still count.
+            durable.publish_bytes(self.state, "attempts-" + key(name), json.dumps({"ino": ino, "attempts": n}).encode(),
+                                  TEMP_OUTPUT_PREFIX + key(name))
+        except OSError as e:
+            if errors.classify(e, Phase.RECORD_ATTEMPT) is errors.Verdict.RECREATE:
+                try:
+                    os.makedirs(self.state, exist_ok=True)  # .ingestd/ removed under us: make it, write again
+                    durable.publish_bytes(self.state, "attempts-" + key(name),
+                                          json.dumps({"ino": ino, "attempts": n}).encode(), TEMP_OUTPUT_PREFIX + key(name))
+                    self._unrecorded.pop(name, None)
+                    return n
+                except OSError as again:
+                    e = again
+            self._unrecorded[name] = (ino, n)
+            event("io_error", "could not record an attempt on disk; counted in memory", logging.ERROR,
+                  file=display(name), attempts=n, reason=errors.reason(e))
+            return n
+        self._unrecorded.pop(name, None)
         return n
 
     def clear_attempts(self, name: str) -> None:
+        self._unrecorded.pop(name, None)
         durable.unlink_quiet(self._attempts_path(name))
 
     # --- looking -----------------------------------------------------------------------------
@@ -472,6 +573,10 @@ def _blocking(path: str) -> str:
 
 
 def _count(folder: str, skip_dirs: bool) -> int:
-    """Entries of a folder; an entry that vanishes while we look is not counted (is_dir() ignores ENOENT)."""
-    with os.scandir(folder) as it:
-        return sum(1 for e in it if not e.name.startswith(".") and not (skip_dirs and e.is_dir(follow_symlinks=False)))
+    """Entries of a folder; one that vanishes while we look is not counted (is_dir() ignores
+    ENOENT); a folder that is gone (rm -rf failed/) holds 0, until ensure() makes it again."""
+    try:
+        with os.scandir(folder) as it:
+            return sum(1 for e in it if not e.name.startswith(".") and not (skip_dirs and e.is_dir(follow_symlinks=False)))
+    except FileNotFoundError:
+        return 0

@@ -7,7 +7,6 @@ reads its input in underprocess/ and publishes outputs (temp file, fsync, rename
 from __future__ import annotations
 
 import ctypes
-import errno
 import faulthandler
 import os
 import signal
@@ -16,14 +15,11 @@ import time
 from multiprocessing.connection import Connection
 from typing import Any
 
-from ingestd import pipeline, routing
-from ingestd.messages import Assign, Done, Heartbeat, Outcome, Phase, Ready, Rejected, Retry
-from ingestd.names import oserror
+from ingestd import errors, pipeline, routing
+from ingestd.errors import Phase, Verdict
+from ingestd.messages import Assign, Done, Heartbeat, Outcome, Ready, Rejected, Retry, Stage
 from ingestd.sinks import Sinks
 
-# EFBIG: this file's output exceeds the file-size limit (RLIMIT_FSIZE or the filesystem's maximum); retrying it
-# would pause the whole queue forever, so it fails with the reason (tests/torture/test_errors.py, efbig).
-INPUT_ERRORS = {errno.EISDIR, errno.ENOTDIR, errno.ENAMETOOLONG, errno.EINVAL, errno.EFBIG}
 PROGRESS_EVERY = 0.25  # seconds between heartbeats while a file is held (the parent's liveness signal)
 
 
@@ -33,7 +29,7 @@ class _Link:
     def __init__(self, conn: Connection) -> None:
         self.conn, self.lock = conn, threading.Lock()
         self.stats: pipeline.Stats | None = None  # the file in hand, read by the heartbeat thread
-        self.phase = Phase.READ
+        self.stage = Stage.READ
         self.wake = threading.Event()
 
     def send(self, msg: object) -> None:
@@ -50,7 +46,7 @@ class _Link:
             if stats is None:
                 continue
             try:
-                self.send(Heartbeat(stats.bytes_in, stats.lines_in, self.phase))
+                self.send(Heartbeat(stats.bytes_in, stats.lines_in, self.stage))
             except OSError:
                 return
 
@@ -83,26 +79,31 @@ def process(link: _Link, name: str, table: routing.Routing, folders: list[str], 
     """Done | Rejected (the input's fault) | Retry (the machine's fault: the input is kept for a retry)."""
     started = time.monotonic()
     stats = pipeline.Stats()
-    link.stats, link.phase = stats, Phase.READ
+    link.stats, link.stage = stats, Stage.READ
     link.wake.set()
     sinks = Sinks(processed, name, folders)
     try:
         with pipeline.open_input(os.path.join(underprocess, name)) as f:
             pipeline.run(f, name, table, max_line_bytes, sinks.write, stats)
-        link.phase = Phase.COMMIT
+        link.stage = Stage.COMMIT
         sinks.commit()
     except pipeline.Rejected as e:
         sinks.abort()
         return Rejected(e.reason, e.line, stats.bytes_in, stats.lines_in)
-    except OSError as e:
+    except Exception as e:  # noqa: BLE001 - one table (errors.classify) decides; a worker never dies on one file
         sinks.abort()
-        reason = oserror(e)
-        if e.errno in INPUT_ERRORS:
-            # The name itself cannot be published (e.g. it is an output folder's name): retrying cannot help.
-            return Rejected(f"cannot publish: {reason}", None, stats.bytes_in, stats.lines_in)
-        # Full disk, read-only folder, EIO: not the input's fault. After a failed fsync the temp is
-        # untrustworthy (Linux forgets the error), so it is dropped and the whole file redone later.
-        return Retry(reason, e.errno)
+        phase = errors.phase_of(e, Phase.READ_INPUT if isinstance(e, OSError) else Phase.PROCESS)
+        reason = errors.reason(e)
+        verdict = errors.classify(e, phase)
+        if verdict is Verdict.REJECT:
+            # The input's fault (its name cannot be published, it is too large for RLIMIT_FSIZE, a bug met on
+            # this input): retrying cannot help, and would pause the whole queue.
+            prefix = "cannot publish: " if phase in (Phase.WRITE_OUTPUT, Phase.PUBLISH) else ""
+            return Rejected(prefix + reason, None, stats.bytes_in, stats.lines_in)
+        # RETRY (full disk, read-only folder, EIO, EMFILE...) or RECREATE (an output folder vanished: the retry's
+        # Sinks recreates it): not the input's fault. After a failed fsync the temp is untrustworthy (Linux
+        # forgets the error), so it is dropped and the whole file redone later.
+        return Retry(reason, getattr(e, "errno", None), recreate=verdict is Verdict.RECREATE)
     finally:
         link.wake.clear()
         link.stats = None

@@ -18,7 +18,7 @@ from typing import Any
 
 from ingestd import worker
 from ingestd.job import Job
-from ingestd.messages import Assign, Heartbeat, Phase, Ready, Stop, ToParent
+from ingestd.messages import Assign, Heartbeat, Ready, Stage, Stop, ToParent
 from ingestd.names import display
 from ingestd.settings import Settings
 from ingestd.spool import Spool
@@ -114,7 +114,7 @@ class Pool:
         if job is None:
             return
         # Progress is input read, or a commit under way (fsyncs on a slow disk move nothing we can count).
-        if hb.bytes != job.bytes or hb.lines != job.lines or hb.phase is Phase.COMMIT:
+        if hb.bytes != job.bytes or hb.lines != job.lines or hb.stage is Stage.COMMIT:
             job.last_progress = self.clock()
         job.bytes, job.lines = hb.bytes, hb.lines
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 import tracemalloc
@@ -13,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from ingestd import pipeline, routing
-from ingestd.engine import Routing
+from ingestd.engine import Filter, Routing
 from ingestd.pipeline import Rejected, Stats
 
 MiB = 1 << 20
@@ -282,3 +285,70 @@ def test_lines_reads_from_any_binary_stream() -> None:
     got = list(pipeline.lines(io.BytesIO(b"a\nbb\r\nccc"), 10, stats, lambda _: None))
     assert got == [b"a\n", b"bb\r\n", b"ccc"]
     assert (stats.bytes_in, stats.lines_in) == (9, 3)
+
+
+# --- what an error means (errors.classify) ----------------------------------------------------------------
+def _open_with_nofile_limit(path: Path, code: str) -> subprocess.CompletedProcess[str]:
+    """Run `code` in a fresh process whose open-file limit is 3: stdin, stdout and stderr hold descriptors
+    0-2, so the kernel refuses any new one with EMFILE (getrlimit(2), RLIMIT_NOFILE), as for the issue's worker."""
+    script = ("import resource, sys\nfrom ingestd import pipeline\n"
+              "resource.setrlimit(resource.RLIMIT_NOFILE, (3, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))\n" + code)
+    return subprocess.run([sys.executable, "-c", script, str(path)], stdin=subprocess.DEVNULL, capture_output=True,
+                          text=True, timeout=60, check=False)
+
+
+def test_open_with_no_descriptor_left_is_not_a_rejection(tmp_path: Path) -> None:
+    """EMFILE on a good input is the machine's fault: the OSError is raised (retry), never Rejected (failed/)."""
+    p = tmp_path / "good.txt"
+    p.write_bytes(b"fine\n")
+    r = _open_with_nofile_limit(p, (
+        "try:\n"
+        "    pipeline.open_input(sys.argv[1])\n"
+        "except pipeline.Rejected as e:\n"
+        "    print('rejected', e.reason)\n"
+        "except OSError as e:\n"
+        "    print('oserror', e.errno)\n"
+        "else:\n"
+        "    print('opened')\n"))
+    assert r.stdout.split() == ["oserror", str(errno.EMFILE)], r.stdout + r.stderr
+
+
+class Boom(Exception):
+    pass
+
+
+def _raising_routing(at: str) -> Routing:
+    def proc(text: str) -> str:
+        if at in text:
+            raise Boom(f"cannot handle {text!r}")
+        return text.upper()
+
+    return Routing(filters=(Filter("*", "boom", processor=proc),))
+
+
+def test_a_processor_that_raises_rejects_the_input_with_the_reason_and_its_line(tmp_path: Path) -> None:
+    p = tmp_path / "in.txt"
+    p.write_bytes(b"a\nb\nbad\nc\n")
+    with pytest.raises(Rejected) as e:
+        process(p, _raising_routing("bad"))
+    assert e.value.line == 3
+    assert e.value.reason.startswith("processor error: Boom: cannot handle 'bad' (at test_pipeline.py:")
+
+
+def test_a_processor_that_raises_on_a_late_line_reports_that_line(tmp_path: Path) -> None:
+    """Line numbers are exact beyond the progress tick (every 4096 lines), not only for the first lines."""
+    p = tmp_path / "in.txt"
+    p.write_bytes(b"x\n" * 10_000 + b"bad\n" + b"y\n" * 10)
+    with pytest.raises(Rejected) as e:
+        process(p, _raising_routing("bad"))
+    assert e.value.line == 10_001
+
+
+def test_a_memory_error_in_a_processor_is_not_a_rejection(tmp_path: Path) -> None:
+    def proc(text: str) -> str:
+        raise MemoryError
+
+    p = tmp_path / "in.txt"
+    p.write_bytes(b"a\n")
+    with pytest.raises(MemoryError):
+        process(p, Routing(filters=(Filter("*", "oom", processor=proc),)))

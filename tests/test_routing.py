@@ -171,3 +171,23 @@ def test_plugin_processors_load_without_running_their_hazards() -> None:
     r = routing.from_tables({"filters": [{"processor": "hang_on", "marker": "ZZZ"}, {"processor": "abort_on", "marker": "QQQ"}]})
     assert r.route(DEFAULT_TAG, b"plain\n") == ("", b"plain\n")
     assert [f.name for f in r.filters] == ["hang_on", "abort_on"]
+
+
+@pytest.mark.parametrize("pattern", ["a{4294967296}", "a{1,4294967296}", "x{99999999999}", "(?:" * 2000 + "a" + ")" * 2000],
+                         ids=["overflow", "overflow-range", "overflow-big", "deep"])
+@pytest.mark.parametrize("kind", ["grep", "drop", "redact", "retag"])
+def test_a_regex_that_cannot_compile_is_a_routing_error(pattern: str, kind: str) -> None:
+    """The issue's instance (a{4294967296}: OverflowError, exit 1 at start, death on SIGHUP) and its kind: any
+    pattern re.compile cannot take (too-large repeat counts, nesting too deep) in any filter that takes one."""
+    filt = {"retag": "x", "pattern": pattern} if kind == "retag" else {"processor": kind, "pattern": pattern}
+    msg = error({"filters": [filt]})
+    assert msg.startswith("filters[0].pattern: invalid regular expression:"), msg
+
+
+def test_a_plugin_factory_that_raises_anything_is_a_routing_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A plug-in factory raising ValueError (not TypeError) must be a config error too, not a crash."""
+    msg = error({"filters": [{"processor": "raise_on", "marker": "x", "nosuch": 1}]})
+    assert msg.startswith("filters[0]: bad options for processor 'raise_on'")
+    monkeypatch.setitem(routing.processors.BUILTIN, "broken", lambda: int("not a number"))
+    msg = error({"filters": [{"processor": "broken"}]})
+    assert msg.startswith("filters[0]: processor 'broken' cannot be built: ValueError:"), msg

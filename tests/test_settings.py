@@ -300,3 +300,69 @@ def test_routing_doc_is_plain_data_for_workers(cwd: Path, tmp_path: Path) -> Non
                                                   ("localhost:0", ("localhost", 0))])
 def test_host_port(listen: str, expected: tuple[str, int], cwd: Path) -> None:
     assert load({"listen": listen}, environ={}, cwd=cwd).host_port == expected
+
+
+# --- ranges: finite, positive where it matters (issue 8) ----------------------------------------------------------
+@pytest.mark.parametrize(("name", "value"), [
+    ("stop_timeout", "inf"), ("stop_timeout", "-inf"), ("stop_timeout", "1e400"), ("settle_time", "inf"),
+    ("stall_time", "inf"), ("stall_time", "0"), ("rescan_interval", "0"), ("rescan_interval", "0.01"),
+    ("rescan_interval", "inf"), ("rescan_interval", "nan"), ("stop_timeout", "1e12"),
+])
+def test_seconds_must_be_finite_and_in_range(name: str, value: str, cwd: Path) -> None:
+    """The issue's instances (stop_timeout = inf crashed on SIGTERM, rescan_interval = 0 burned a core) and the
+    kind: every duration, from every source, TOML floats included."""
+    msg = bad({}, cwd, environ={f"INGESTD_{name.upper()}": value})
+    assert msg.startswith(f"{name}: must be a number of seconds") and f"INGESTD_{name.upper()}" in msg, msg
+    assert bad({name: value}, cwd).startswith(f"{name}: ")
+
+
+@pytest.mark.parametrize("line", ["stop_timeout = inf", "rescan_interval = 0", "stall_time = nan", "settle_time = -inf",
+                                  "rescan_interval = 0.5"])
+def test_seconds_out_of_range_in_toml(line: str, cwd: Path, tmp_path: Path) -> None:
+    name = line.split(" ")[0]
+    msg = bad({"config": toml(tmp_path, line + "\n")}, cwd)
+    assert msg.startswith(f"{name}: ") and "ingestd.toml" in msg, msg
+
+
+def test_sane_seconds_accepted(cwd: Path) -> None:
+    s = load({}, environ={"INGESTD_RESCAN_INTERVAL": "1", "INGESTD_STOP_TIMEOUT": "0", "INGESTD_STALL_TIME": "0.5",
+                          "INGESTD_SETTLE_TIME": "0"}, cwd=cwd)
+    assert (s.rescan_interval, s.stop_timeout, s.stall_time, s.settle_time) == (1.0, 0.0, 0.5, 0.0)
+
+
+def test_a_regex_that_cannot_compile_is_a_config_error(cwd: Path, tmp_path: Path) -> None:
+    """a{4294967296} raised OverflowError: exit 1 at start (systemd restart-loops), death on SIGHUP."""
+    config = toml(tmp_path, '[[filters]]\nmatch = "*"\nprocessor = "grep"\npattern = "a{4294967296}"\n')
+    assert bad({"config": config}, cwd).startswith("config: filters[0].pattern: invalid regular expression")
+
+
+# --- .env typos and where a bad value came from (issue 9) ---------------------------------------------------------
+def test_unknown_ingestd_variable_in_dotenv_is_refused(cwd: Path) -> None:
+    (cwd / ".env").write_text("INGESTD_WORKRS=3\n")
+    msg = bad({}, cwd)
+    assert msg.startswith("INGESTD_WORKRS in ") and ".env: unknown setting" in msg and "INGESTD_WORKERS" in msg
+
+
+def test_other_variables_in_dotenv_are_left_alone(cwd: Path) -> None:
+    (cwd / ".env").write_text("MODE=lowercase\nPATH_EXTRA=x\nINGESTD_WORKERS=3\n")
+    s = load({}, environ={}, cwd=cwd)
+    assert (s.workers, s.routing_doc) == (3, {"mode": "lowercase"})
+
+
+@pytest.mark.parametrize(("where", "expected"), [
+    ("env", "(from INGESTD_WORKERS)"), ("dotenv", "(from INGESTD_WORKERS in "), ("flag", "(from --workers)"),
+    ("toml", "(from "),
+])
+def test_every_error_names_where_the_value_came_from(where: str, expected: str, cwd: Path, tmp_path: Path) -> None:
+    """INGESTD_WORKERS=abc said only `workers: must be ...`: now the variable, flag or file is named too."""
+    if where == "env":
+        msg = bad({}, cwd, environ={"INGESTD_WORKERS": "abc"})
+    elif where == "dotenv":
+        (cwd / ".env").write_text("INGESTD_WORKERS=abc\n")
+        msg = bad({}, cwd)
+    elif where == "flag":
+        msg = bad({"workers": "abc"}, cwd)
+    else:
+        msg = bad({"config": toml(tmp_path, 'workers = "abc"\n')}, cwd)
+        assert "ingestd.toml" in msg
+    assert msg.startswith("workers: must be an integer >= 1, not 'abc' ") and expected in msg, msg

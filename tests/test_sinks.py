@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -185,3 +186,116 @@ def test_full_disk_publishes_nothing(tmp_path: Path, tmpfs: Callable[..., Path])
     assert e.value.errno in (errno.ENOSPC, errno.EFBIG)
     s.abort()
     assert list(processed.iterdir()) == []
+
+
+# --- a vanished output folder is recreated (errors.classify: ENOENT on an output is RECREATE) -------------------
+def test_a_removed_output_folder_is_recreated(processed: Path) -> None:
+    """The issue's instance: `rmdir processed/errors` made every file routed there an endless I/O-error retry."""
+    (processed / "errors").rmdir()
+    s = Sinks(str(processed), "in", ["", "errors"])
+    s.write("", b"ok\n")
+    s.write("errors", b"E\n")
+    s.commit()
+    assert listing(processed) == {"in": b"ok\n", "errors/in": b"E\n"}
+
+
+def test_processed_itself_removed_with_nested_outputs(tmp_path: Path) -> None:
+    """The kind: rm -rf processed/ takes the default output and nested routing folders with it."""
+    processed = tmp_path / "processed"
+    s = Sinks(str(processed), "in", ["", "by/tag"])
+    s.write("by/tag", b"t\n")
+    s.commit()
+    assert listing(processed) == {"in": b"", "by/tag/in": b"t\n"}
+
+
+def test_remove_temps_with_an_output_folder_gone(processed: Path) -> None:
+    """A worker death while an output folder is missing must not raise out of the daemon."""
+    s = Sinks(str(processed), "in", ["", "errors"])
+    s.write("", b"x\n")
+    (processed / "errors").rmdir()
+    sinks_mod.remove_temps(str(processed), ["", "errors"], os.getpid())
+    assert [p.name for p in processed.iterdir() if p.is_file()] == []
+
+
+def test_an_error_from_writing_carries_its_phase(tmp_path: Path) -> None:
+    from ingestd.errors import Phase, PhaseError
+
+    (tmp_path / "processed").write_bytes(b"a file where the folder should be")
+    s = Sinks(str(tmp_path / "processed"), "in", [""])
+    with pytest.raises(PhaseError) as e:
+        s.write("", b"x\n")
+    assert e.value.errno == errno.ENOTDIR and e.value.phase is Phase.WRITE_OUTPUT
+
+
+# --- all outputs or none ------------------------------------------------------------------------------------------
+def test_a_commit_refused_by_a_directory_renames_nothing(processed: Path) -> None:
+    """The issue's instance: one output renamed, the next refused (EISDIR), and the input goes to failed/."""
+    (processed / "errors" / "in").mkdir()  # the name is taken by a folder in the second output only
+    s = Sinks(str(processed), "in", ["", "errors"])
+    s.write("", b"ok\n")
+    s.write("errors", b"E\n")
+    with pytest.raises(OSError) as e:
+        s.commit()
+    assert e.value.errno == errno.EISDIR
+    s.abort()
+    assert listing(processed) == {}
+    assert (processed / "errors" / "in").is_dir()
+
+
+def test_a_commit_refused_midway_puts_back_what_it_renamed(processed: Path) -> None:
+    """The kind: a refusal no check can foresee (here an immutable folder: EPERM on the second rename). The
+    first output, already renamed, is undone and the earlier same-named result restored byte for byte."""
+    (processed / "in").write_bytes(b"earlier result\n")
+    locked = processed / "errors"
+    s = Sinks(str(processed), "in", ["", "errors"])
+    s.write("", b"new\n")
+    s.write("errors", b"E\n")  # temps exist in both folders before the folder is locked
+    if subprocess.run(["chattr", "+i", str(locked)], capture_output=True, check=False).returncode != 0:
+        s.abort()
+        pytest.skip("chattr +i needs root and a filesystem with the immutable flag (ext4, xfs)")
+    try:
+        with pytest.raises(OSError) as e:
+            s.commit()
+        assert e.value.errno == errno.EPERM
+        s.abort()
+    finally:
+        subprocess.run(["chattr", "-i", str(locked)], check=True)
+    assert (processed / "in").read_bytes() == b"earlier result\n"
+    assert not (locked / "in").exists()
+    assert [p.name for p in processed.iterdir() if p.name.startswith(".")] == []  # no kept link left behind
+
+
+def test_the_kept_earlier_result_goes_after_a_successful_commit(processed: Path) -> None:
+    (processed / "in").write_bytes(b"old\n")
+    s = Sinks(str(processed), "in", [""])
+    s.write("", b"new\n")
+    s.commit()
+    assert sorted(p.name for p in processed.iterdir() if p.is_file()) == ["in"]
+
+
+# --- lines are counted, not writes ---------------------------------------------------------------------------------
+def test_lines_counted_in_blocks_of_the_fast_path(tmp_path: Path) -> None:
+    """The issue's instance: 100,000 lines through the block fast path counted as 2."""
+    from ingestd import pipeline, routing
+
+    src = tmp_path / "in.txt"
+    src.write_bytes(b"line of text\n" * 100_000)
+    processed = tmp_path / "processed"
+    processed.mkdir()
+    s = Sinks(str(processed), "in.txt", [""])
+    with pipeline.open_input(str(src)) as f:
+        pipeline.run(f, "in.txt", routing.from_mode("uppercase"), 1 << 20, s.write, pipeline.Stats())
+    s.commit()
+    assert s.lines_out == {"": 100_000}
+
+
+@pytest.mark.parametrize(("writes", "lines"), [
+    ([b"a\nb\nc"], 3), ([b"a\n", b"b"], 2), ([b"a\r\nb\r\n"], 2), ([b""], 0), ([b"\n\n"], 2), ([b"x" * 10], 1),
+])
+def test_line_count_of_any_write_shape(processed: Path, writes: list[bytes], lines: int) -> None:
+    """The kind: a block with a last line without ending, CRLF, empty lines, a single unterminated line."""
+    s = Sinks(str(processed), "in", [""])
+    for w in writes:
+        s.write("", w)
+    s.commit()
+    assert s.lines_out == {"": lines}

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -398,3 +400,153 @@ def test_requeue_fallback_never_overwrites(spool: Spool, monkeypatch: pytest.Mon
     monkeypatch.setattr(durable, "_libc", _NoRenameat2)
     assert spool.requeue() == ([], ["a"])
     assert state(spool.root)["unprocessed/a"] == b"waiting" and state(spool.root)["failed/a"] == b"a"
+
+
+# --- never die on one fault (issue 8, kind 2) ----------------------------------------------------------------------
+def test_the_same_name_failed_three_times_in_one_second(spool: Spool) -> None:
+    """The issue's instance: the third move to failed/ hit EEXIST (NAME.superseded-<seconds> was taken)."""
+    for i in range(3):
+        populate(spool.root, {"underprocess/a": f"v{i}".encode()})
+        spool.fail("a", Failure(f"bad {i}"), NOW + i / 10)
+    st = state(spool.root)
+    assert {k: v for k, v in st.items() if not k.startswith(f"failed/{REASON_PREFIX}")} == {
+        "failed/a": b"v2", f"failed/a.superseded-{int(NOW)}": b"v0", f"failed/a.superseded-{int(NOW)}-2": b"v1"}
+    reasons = {json.loads(v)["reason"] for k, v in st.items() if k.startswith(f"failed/{REASON_PREFIX}")}
+    assert reasons == {"bad 0", "bad 1", "bad 2"}  # every file keeps its own sidecar
+
+
+def test_a_name_failed_many_times_in_a_second_beside_a_users_look_alike(spool: Spool) -> None:
+    """The kind: any number of repeats in one second, a 255-byte name, and a user's file already holding a
+    candidate name; never EEXIST, nothing overwritten, every version kept."""
+    name = "n" * 255
+    suffix = f".superseded-{int(NOW)}-3"
+    users = name[: 255 - len(suffix)] + suffix
+    populate(spool.root, {f"failed/{users}": b"user's own"})
+    for i in range(6):
+        populate(spool.root, {f"underprocess/{name}": f"v{i}".encode()})
+        spool.fail(name, Failure("bad"), NOW)
+    kept = {k: v for k, v in state(spool.root).items() if not k.startswith(f"failed/{REASON_PREFIX}")}
+    assert kept[f"failed/{users}"] == b"user's own"
+    assert sorted(kept.values()) == sorted([b"user's own", *(f"v{i}".encode() for i in range(6))])
+    assert all(len(os.fsencode(k.split("/", 1)[1])) <= 255 for k in kept)
+
+
+def test_fail_after_rm_rf_failed(spool: Spool) -> None:
+    """`rm -rf failed/` under a running daemon: the next failure recreates it; counts() does not raise meanwhile."""
+    failed_files(spool, "old")
+    shutil.rmtree(spool.failed)
+    assert spool.counts()["failed"] == 0
+    populate(spool.root, {"underprocess/a": b"A"})
+    spool.fail("a", Failure("bad"), NOW)
+    assert set(state(spool.root)) == {"failed/a", f"failed/{SIDECAR}"}
+
+
+def test_counts_and_ensure_with_every_folder_gone(spool: Spool) -> None:
+    for f in ("processed", "failed", "underprocess", "unprocessed"):
+        shutil.rmtree(Path(spool.root) / f)
+    assert spool.counts() == dict.fromkeys(FOLDERS, 0)
+    made = spool.ensure()
+    assert sorted(Path(m).name for m in made) == sorted(["processed", "failed", "underprocess", "unprocessed"])
+    assert spool.ensure() == []  # nothing missing: nothing made
+
+
+def _fill(path: Path) -> None:
+    """Fill the filesystem holding `path` to the last block (a real ENOSPC for any write of data)."""
+    with open(path / "filler", "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+        except OSError as e:
+            assert e.errno == errno.ENOSPC
+        with contextlib.suppress(OSError):
+            while True:
+                f.write(b"\0" * 512)
+
+
+def test_bump_attempts_on_a_full_disk_counts_in_memory(tmp_path: Path, tmpfs: Callable[..., Path]) -> None:
+    """The issue's instance (a worker death on a full disk): the count cannot be written, yet it counts."""
+    root = tmpfs(tmp_path / "w", size="1m")
+    s = Spool(root)
+    s.ensure()
+    populate(root, {"underprocess/a": b"A"})
+    _fill(root)
+    assert [s.bump_attempts("a") for _ in range(3)] == [1, 2, 3]
+    assert s.attempts("a") == 3
+    assert not any(n.startswith("attempts-") for n in os.listdir(s.state))
+    (root / "filler").unlink()
+    assert s.bump_attempts("a") == 4  # space is back: written, and the disk count continues from memory
+    assert Spool(root).attempts("a") == 4
+
+
+def test_recover_on_a_full_disk_neither_raises_nor_loses(tmp_path: Path, tmpfs: Callable[..., Path]) -> None:
+    """The issue's instance (start-up recovery on a full disk exited 1, and every restart again), with a poison
+    file that cannot be quarantined (its sidecar cannot be written): it stays, to be quarantined later."""
+    root = tmpfs(tmp_path / "w", size="1m")
+    s = Spool(root)
+    s.ensure()
+    populate(root, {"underprocess/a": b"A", "underprocess/p": b"P"})
+    for _ in range(2):
+        s.bump_attempts("p")
+    _fill(root)
+    requeued, quarantined = Spool(root).recover(max_attempts=3, now=NOW)
+    assert (requeued, quarantined) == (["a"], [])
+    assert sorted(os.listdir(s.underprocess)) == ["a", "p"]
+    (root / "filler").unlink()
+    assert Spool(root).recover(max_attempts=3, now=NOW) == (["a"], ["p"])
+
+
+def test_bump_attempts_after_the_state_dir_was_removed(spool: Spool) -> None:
+    populate(spool.root, {"underprocess/a": b"A"})
+    shutil.rmtree(spool.state)
+    assert spool.bump_attempts("a") == 1
+    assert Spool(spool.root).attempts("a") == 1  # recreated and written
+
+
+# --- done_marker: a file given back to the queue gets its marker back ------------------------------------------------
+def test_requeue_restores_the_done_marker(tmp_path: Path) -> None:
+    s = Spool(tmp_path / "w", done_marker=True)
+    s.ensure()
+    failed_files(s, "a", "b")
+    assert sorted(s.requeue()[0]) == ["a", "b"]
+    assert state(s.root) == {"unprocessed/a": b"a", "unprocessed/a.done": b"", "unprocessed/b": b"b",
+                             "unprocessed/b.done": b""}
+
+
+def test_unclaim_restores_the_done_marker_but_a_refusal_adds_none(tmp_path: Path) -> None:
+    s = Spool(tmp_path / "w", done_marker=True)
+    s.ensure()
+    populate(s.root, {"underprocess/a": b"A", "underprocess/b": b"OLD", "unprocessed/b": b"NEW"})
+    assert s.unclaim("a") is True
+    assert s.unclaim("b") is False
+    assert state(s.root) == {"unprocessed/a": b"A", "unprocessed/a.done": b"", "underprocess/b": b"OLD",
+                             "unprocessed/b": b"NEW"}
+
+
+def test_without_done_marker_no_marker_is_made(spool: Spool) -> None:
+    failed_files(spool, "a")
+    spool.requeue()
+    assert state(spool.root) == {"unprocessed/a": b"a"}
+
+
+# --- a lock that cannot be swapped underneath ------------------------------------------------------------------------
+@pytest.mark.parametrize("swap", ["delete the lock file", "replace the lock file", "rm -rf .ingestd"])
+def test_a_second_lock_is_refused_after_the_lock_file_is_swapped(spool: Spool, swap: str) -> None:
+    spool.lock()
+    try:
+        lock = Path(spool.state) / "lock"
+        if swap == "delete the lock file":
+            lock.unlink()
+        elif swap == "replace the lock file":
+            (Path(spool.state) / "new").write_text("x")
+            os.rename(Path(spool.state) / "new", lock)
+        else:
+            shutil.rmtree(spool.state)
+            Path(spool.state).mkdir()
+        with pytest.raises(AlreadyRunning):
+            Spool(spool.root).lock()
+        assert Spool(spool.root).holder() is not None
+    finally:
+        release(spool)
+    other = Spool(spool.root)
+    other.lock()
+    release(other)

@@ -20,7 +20,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 PAGE = ROOT / "ingestd" / "static" / "index.html"

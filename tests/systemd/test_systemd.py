@@ -10,7 +10,6 @@ import subprocess
 import time
 from pathlib import Path
 
-import pytest
 from support import HANG_ROUTING
 from systemd_harness import Machine, Service, wait_for
 

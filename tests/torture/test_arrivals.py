@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from support import wait_for
 
 from .lib import SCALE, audit_final, ls, make_watch, metrics_ok, record, start_daemon, wait_drained
 

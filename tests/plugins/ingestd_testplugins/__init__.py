@@ -43,3 +43,15 @@ def slow(seconds: float = 0.002) -> Callable[[str], str | None]:
 def shout(suffix: str = "!") -> Callable[[str], str | None]:
     """A well-behaved third-party processor, to prove the entry-point group works."""
     return lambda text: text.upper() + suffix
+
+
+def raise_on(marker: str = "RAISE") -> Callable[[str], str | None]:
+    """Raises ValueError on a line containing the marker: a buggy plug-in, whose exception is the input's
+    (or the plug-in's) fault, to be recorded in the sidecar, never a worker crash."""
+
+    def process(text: str) -> str:
+        if marker in text:
+            raise ValueError(f"cannot handle {marker}")
+        return text
+
+    return process
