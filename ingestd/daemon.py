@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ingestd import __version__
-from ingestd.arrivals import DONE_SUFFIX, Arrivals
+from ingestd.arrivals import DONE_SUFFIX, Arrivals, Ready
 from ingestd.log import event
 from ingestd.metrics import Metrics
 from ingestd.names import display, oserror
@@ -27,7 +27,7 @@ from ingestd.notify import Notifier
 from ingestd.pipeline import kind
 from ingestd.settings import ConfigError, Settings
 from ingestd.sinks import remove_temps
-from ingestd.spool import Failure, Spool
+from ingestd.spool import Claim, Failure, Spool
 from ingestd.watch import Watch
 from ingestd.web import Web
 from ingestd.workers import Pool, Slot
@@ -43,7 +43,7 @@ class Daemon:
         self._reload_settings = reload
         self.clock, self.wall = clock, wall
         self.spool = Spool(settings.watch_dir)
-        self.arrivals = Arrivals(settings.settle_time, settings.done_marker)
+        self.arrivals = Arrivals(settings.settle_time, settings.done_marker, settings.quiet_time)
         self.notifier = Notifier()
         self.metrics = Metrics(self.snapshot)
         self.state = "starting"
@@ -157,6 +157,8 @@ class Daemon:
             self._handle_signals()
         if now >= self.next_rescan:
             self._rescan("periodic")
+        # Timers run every turn, workers free or not: a due timer left unrun made every poll() return at once.
+        self.arrivals.tick(now, self._stat)
         if self.state == "stopping":
             if not self.pool.busy() or (self.stop_deadline is not None and now >= self.stop_deadline):
                 return False
@@ -224,38 +226,53 @@ class Daemon:
             if self.retry:
                 self._start(slot, self.retry.popleft(), None, now)
                 continue
-            taken = self.arrivals.take(1, now, self._stat)
-            if not taken:
-                return
-            self._claim_and_start(slot, *taken[0], now)
+            while True:  # a name that turns out busy or gone does not use up the slot
+                taken = self.arrivals.take(1, now, self._stat)
+                if not taken:
+                    return
+                if self._claim_and_start(slot, taken[0], now):
+                    break
+                if self.paused and now < self.resume_at:
+                    return  # the claim failed with an I/O error: claiming is paused
 
-    def _claim_and_start(self, slot: Slot, name: str, complete: float, now: float) -> None:
+    def _claim_and_start(self, slot: Slot, r: Ready, now: float) -> bool:
+        """Claim r.name and hand it to slot; False if it was not claimed (the arrivals model knows why)."""
+        name = r.name
         src = os.path.join(self.spool.unprocessed, name)
         try:
             st = os.lstat(src)
         except FileNotFoundError:
-            return
+            return False
         try:
             if not stat.S_ISREG(st.st_mode):
                 self._fail(name, Failure(f"not a regular file: {kind(st.st_mode)}"), 0.0, source=self.spool.unprocessed)
-                return
-            claimed = self.spool.claim(name)
+                return False
+            claimed = self.spool.claim(name, settled=r.settled)
         except OSError as e:
             # EIO/ENOSPC on the claim rename or on quarantining a non-file must not kill the daemon: the entry
             # stays in unprocessed/, is looked at again, and claiming pauses (tests/torture/test_errors.py, eio).
             self.arrivals.scanned([name], now)
             self._back_off(name, oserror(e), "could not claim a file; it stays queued")
-            return
+            return False
+        if claimed is Claim.BUSY:  # a writer still holds it open: not complete, whatever the events said
+            self.arrivals.busy(r, now)
+            if not r.retry:  # once per file, not at each re-check
+                event("busy", "complete by its events, but a writer holds it open: waiting", file=display(name))
+            return False
+        if claimed is Claim.UNSURE:  # no lease possible on it here: the settle check decides instead
+            self.arrivals.unsure(r, now)
+            return False
         if not claimed:
             if os.path.lexists(os.path.join(self.spool.underprocess, name)):
                 # The same name is still in flight: take the new one after the old one commits.
                 self.arrivals.scanned([name], now)
-            return
+            return False
         if self.s.done_marker:
             self.spool.remove_marker(name + DONE_SUFFIX)
         self.metrics.wait.observe(max(0.0, self.wall() - st.st_ctime))  # ctime: when it arrived (create or rename)
-        self.metrics.pickup.observe(max(0.0, now - complete))
+        self.metrics.pickup.observe(max(0.0, now - r.complete_at))
         self._start(slot, name, st.st_size, now)
+        return True
 
     def _start(self, slot: Slot, name: str, size: int | None, now: float) -> None:
         assert self.pool is not None
