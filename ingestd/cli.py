@@ -8,7 +8,8 @@ from typing import Any
 
 from ingestd import __version__, log
 from ingestd.settings import ConfigError, Settings, load
-from ingestd.spool import SpoolError
+from ingestd.spool import AlreadyRunning, SpoolError
+from ingestd.watch import WatchLimit
 
 EX_CONFIG, EX_TEMPFAIL = 78, 75  # a bad command line exits 2 (argparse)
 
@@ -74,7 +75,9 @@ def main(argv: list[str] | None = None) -> int:
         return EX_CONFIG
     except SpoolError as e:
         print(f"ingestd: {e}", file=sys.stderr)
-        return EX_TEMPFAIL if type(e).__name__ == "AlreadyRunning" else EX_CONFIG
+        # 75: another daemon holds the watch dir, or an inotify limit is reached (instances free up as other
+        # programs exit, so systemd's restart may succeed); 78: the watch dir itself is unusable.
+        return EX_TEMPFAIL if isinstance(e, (AlreadyRunning, WatchLimit)) else EX_CONFIG
     except KeyboardInterrupt:
         return 130
 

@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from ingestd import __version__, history, log
-from ingestd.arrivals import DONE_SUFFIX, Arrivals
+from ingestd.arrivals import DONE_SUFFIX, Arrivals, Ready
 from ingestd.job import Job
 from ingestd.log import event
 from ingestd.messages import Done, Rejected, Retry, ToParent
@@ -33,7 +33,7 @@ from ingestd.notify import Notifier
 from ingestd.pipeline import kind
 from ingestd.settings import ConfigError, Settings
 from ingestd.sinks import remove_temps
-from ingestd.spool import Failure, Spool, SpoolError
+from ingestd.spool import Claim, Failure, Spool, SpoolError
 from ingestd.state import PauseKind, State
 from ingestd.watch import Watch
 from ingestd.web import Web
@@ -52,7 +52,7 @@ class Daemon:
         self._reload_settings = reload
         self.clock, self.wall = clock, wall
         self.spool = Spool(settings.watch_dir, done_marker=settings.done_marker)
-        self.arrivals = Arrivals(settings.settle_time, settings.done_marker)
+        self.arrivals = Arrivals(settings.settle_time, settings.done_marker, settings.quiet_time)
         self.notifier = Notifier()
         self.state = State(settings.recent, clock, wall)
         self.metrics = self.state.metrics
@@ -326,14 +326,18 @@ class Daemon:
                 if os.path.lexists(os.path.join(self.spool.underprocess, job.name)):
                     return job  # else it was committed or removed meanwhile: nothing left to do
 
-        while taken := self.arrivals.take(1, now, self._stat):
+        while taken := self.arrivals.take(1, now, self._stat):  # a busy or gone name does not use up the slot
             with self._boundary("claim"):
-                job = self._claim(*taken[0], now)
+                job = self._claim(taken[0], now)
                 if job is not None:
                     return job
+            if self.state.paused(now):
+                return None  # the claim failed with an I/O error: claiming is paused
         return None
 
-    def _claim(self, name: str, complete: float, now: float) -> Job | None:
+    def _claim(self, r: Ready, now: float) -> Job | None:
+        """Claim r.name: a Job, or None if it was not claimed (the arrivals model is told why)."""
+        name = r.name
         src = os.path.join(self.spool.unprocessed, name)
         try:
             st = os.lstat(src)
@@ -345,24 +349,32 @@ class Daemon:
                                 source=self.spool.unprocessed)
                 self._count_failed(name, f"not a regular file: {kind(st.st_mode)}", 0.0, None)
                 return None
-            claimed = self.spool.claim(name)
+            claimed = self.spool.claim(name, settled=r.settled)
         except OSError as e:
             # EIO/ENOSPC on the claim rename or on quarantining a non-file must not kill the daemon: the entry
             # stays in unprocessed/, is looked at again, and claiming pauses (tests/torture/test_errors.py, eio).
             self.arrivals.scanned([name], now)
             self._back_off(name, oserror(e), "could not claim a file; it stays queued")
             return None
+        if claimed is Claim.BUSY:  # a writer still holds it open: not complete, whatever the events said
+            self.arrivals.busy(r, now)
+            if not r.retry:  # once per file, not at each re-check
+                event("busy", "complete by its events, but a writer holds it open: waiting", file=display(name))
+            return None
+        if claimed is Claim.UNSURE:  # no lease possible on it here: the settle check decides instead
+            self.arrivals.unsure(r, now)
+            return None
         if not claimed:
             if os.path.lexists(os.path.join(self.spool.underprocess, name)):
                 # The same name is still in flight: take the new one after the old one commits.
                 self.arrivals.scanned([name], now)
             return None
-        job = Job(name, st.st_size, self.wall(), complete_at=complete)  # from here on it must not be lost
+        job = Job(name, st.st_size, self.wall(), complete_at=r.complete_at)  # from here on it must not be lost
         with self._boundary("after a claim"):
             if self.s.done_marker:
                 self.spool.remove_marker(name + DONE_SUFFIX)
             self.metrics.wait.observe(max(0.0, self.wall() - st.st_ctime))  # ctime: when it arrived
-            self.metrics.pickup.observe(max(0.0, now - complete))
+            self.metrics.pickup.observe(max(0.0, now - r.complete_at))
         return job
 
     def _space_ok(self, now: float) -> bool:

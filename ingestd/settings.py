@@ -29,6 +29,7 @@ class Settings:
     config: Path | None = None
     max_attempts: int = 3  # crashes a file may be in progress for before it is quarantined
     settle_time: float = 1.0  # seconds a file of unknown history must stay unchanged before a claim
+    quiet_time: float = 0.02  # seconds a name must have had no event (close, chmod, utime...) before a claim
     rescan_interval: float = 30.0  # safety-net full scan, seconds
     max_line_bytes: int = 1 << 20
     recent: int = 10  # completions kept for metrics and status
@@ -132,6 +133,7 @@ PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "config": lambda n, v: _path(n, v) if v else None,
     "max_attempts": _int(1),
     "settle_time": _seconds(0),
+    "quiet_time": _seconds(0),
     "rescan_interval": _seconds(1),  # the safety-net scan; below a second it only burns CPU when idle
     "max_line_bytes": _int(1),
     "recent": _int(1),

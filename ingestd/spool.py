@@ -6,6 +6,7 @@ A file that cannot be processed moves to failed/ beside a sidecar that says why.
 
 from __future__ import annotations
 
+import enum
 import errno
 import fcntl
 import heapq
@@ -19,7 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from ingestd import durable, errors
+from ingestd import durable, errors, lease
 from ingestd.arrivals import DONE_SUFFIX
 from ingestd.errors import Phase
 from ingestd.log import event
@@ -31,6 +32,18 @@ TEMP_OUTPUT_PREFIX = TEMP_PREFIX + "tmp-"
 SEQ_FILE = "failure-seq"  # in .ingestd/: {"reserved_to": N}, every failure seq handed out so far is <= N
 SEQ_BLOCK = 1024  # failure seqs reserved per durable write of SEQ_FILE
 NO_SIDECAR = "unknown (no sidecar)"
+
+
+class Claim(enum.Enum):
+    """What Spool.claim did. Truthy only for CLAIMED (so `if spool.claim(name):` reads as before)."""
+
+    CLAIMED = "claimed"
+    GONE = "gone"  # vanished, replaced meanwhile, or a file of that name is still in flight
+    BUSY = "busy"  # a writer holds it open: not complete
+    UNSURE = "unsure"  # no lease possible here: settle it, then claim with settled=True
+
+    def __bool__(self) -> bool:
+        return self is Claim.CLAIMED
 
 
 class SpoolError(Exception):
@@ -216,15 +229,54 @@ class Spool:
                 durable.unlink_quiet(os.path.join(self.unprocessed, name))
 
     # --- the life of a file ----------------------------------------------------------------
-    def claim(self, name: str) -> bool:
-        """Move a file into underprocess/. False if it vanished or a file of that name is in flight."""
+    def claim(self, name: str, settled: bool = False) -> Claim:
+        """Move a complete file into underprocess/, holding a read lease across the rename (ingestd/lease.py).
+
+        CLAIMED: moved. GONE: it vanished or was replaced meanwhile, or a file of that name is in flight.
+        BUSY: someone holds it open for writing (or tried to open it for writing during the claim): not moved.
+        UNSURE: the kernel cannot tell (no lease: not the owner and no CAP_LEASE, or no leases on this file
+        system) and `settled` is False: not moved; settle it first (its size and mtime unchanged for
+        settle_time), then claim again with settled=True, which moves it. Symlinks and other non-files are moved
+        as they are (the caller fails them). OSError (EIO...) is raised.
+        """
+        src, dst = os.path.join(self.unprocessed, name), os.path.join(self.underprocess, name)
         try:
-            # No fsync: a claim lost in a power cut leaves the file in unprocessed/, where it is redone.
-            durable.rename_noreplace(os.path.join(self.unprocessed, name), os.path.join(self.underprocess, name))
+            with lease.read_lease(src) as held:
+                v = held.verdict
+                if v is lease.Verdict.GONE:
+                    return Claim.GONE
+                if v is lease.Verdict.BUSY:
+                    return Claim.BUSY
+                if v is lease.Verdict.UNSUPPORTED and not settled:
+                    return Claim.UNSURE
+                # No fsync: a claim lost in a power cut leaves the file in unprocessed/, where it is redone.
+                durable.rename_noreplace(src, dst)
+                if v is lease.Verdict.FREE:
+                    return self._confirm(held, src, dst)
         except OSError as e:
             if e.errno in (errno.ENOENT, errno.EEXIST):
-                return False
+                return Claim.GONE
             raise
+        return Claim.CLAIMED
+
+    def _confirm(self, held: lease.Lease, src: str, dst: str) -> Claim:
+        """Still under the lease: the name moved must be the file leased, and no writer may have knocked."""
+        st = os.lstat(dst)
+        if (st.st_dev, st.st_ino) != (held.dev, held.ino):
+            # Replaced between our open and the rename: that file was never checked. Its arrival event brings
+            # it back; the name it had goes back now (never over a newer one).
+            return Claim.GONE if self._give_back(dst, src) else Claim.CLAIMED
+        if held.writer_waiting():
+            # A writer opened it during the claim and will write once we let go: give it back before it does.
+            return Claim.BUSY if self._give_back(dst, src) else Claim.CLAIMED
+        return Claim.CLAIMED
+
+    @staticmethod
+    def _give_back(dst: str, src: str) -> bool:
+        try:
+            durable.rename_noreplace(dst, src)  # No fsync: either way the file is in the queue after a power cut.
+        except OSError:
+            return False  # a newer file of that name arrived meanwhile: keep this one claimed
         return True
 
     def unclaim(self, name: str) -> bool:

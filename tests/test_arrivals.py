@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from ingestd.arrivals import LINK_GRACE, Arrivals
+from ingestd.arrivals import BUSY_RETRY, BUSY_RETRY_MAX, LINK_GRACE, Arrivals
 from ingestd.watch import Change
 
 SETTLE = 1.0
@@ -31,7 +31,12 @@ def d() -> FakeDir:
 
 def take(a: Arrivals, n: int, now: float, stat: FakeDir) -> list[str]:
     """The names take() hands out (each comes with the time it became complete; see the tests that check it)."""
-    return [name for name, _ in a.take(n, now, stat)]
+    return [r.name for r in a.take(n, now, stat)]
+
+
+def taken(a: Arrivals, n: int, now: float, stat: FakeDir) -> list[tuple[str, float]]:
+    """(name, complete_at) of what take() hands out."""
+    return [(r.name, r.complete_at) for r in a.take(n, now, stat)]
 
 
 def feed(a: Arrivals, now: float, *changes: tuple[str, str]) -> None:
@@ -46,7 +51,7 @@ def test_writer_create_open_close(d: FakeDir) -> None:
     assert take(a, 10, T + 0.001, d) == []
     assert take(a, 10, T + 60, d) == [], "an open writer keeps it, whatever the time"
     feed(a, T + 60, ("close", "f"))
-    assert a.take(10, T + 61, d) == [("f", T + 60)]  # complete since the close, not since the take
+    assert taken(a, 10, T + 61, d) == [("f", T + 60)]  # complete since the close, not since the take
     assert len(a) == 0 and take(a, 10, T + 62, d) == []
 
 
@@ -61,12 +66,17 @@ def test_slow_writer_pausing_between_writes_is_never_ready(d: FakeDir) -> None:
     assert take(a, 10, T + 301, d) == ["slow"]
 
 
-def test_readers_opening_a_file_count_too(d: FakeDir) -> None:
+def test_a_readers_close_hands_it_out_and_the_kernels_busy_brings_it_back(d: FakeDir) -> None:
+    """Writer + reader, reader closes first: that close may be the last one (merging), so the name goes to the
+    kernel's check; the lease says a writer holds it (busy) and it waits for the writer's close."""
     a = Arrivals(SETTLE)
-    feed(a, T, ("create", "f"), ("open", "f"), ("open", "f"), ("close", "f"))  # writer + reader; reader closes first
-    assert take(a, 10, T + 1, d) == []
-    feed(a, T + 2, ("close", "f"))
-    assert take(a, 10, T + 2, d) == ["f"]
+    feed(a, T, ("create", "f"), ("open", "f"), ("open", "f"), ("close", "f"))
+    [r] = a.take(10, T + 1, d)
+    a.busy(r, T + 1)
+    feed(a, T + 1, ("open", "f"), ("close", "f"))  # our own lease check: a read-only open and close
+    assert take(a, 10, T + 1 + BUSY_RETRY / 2, d) == [], "a reader's close (ours) is no news once busy"
+    feed(a, T + 1.2, ("close_write", "f"))
+    assert taken(a, 10, T + 1.2, d) == [("f", T + 1.2)]
 
 
 def test_reopen_to_append_unreadies(d: FakeDir) -> None:
@@ -75,7 +85,7 @@ def test_reopen_to_append_unreadies(d: FakeDir) -> None:
     feed(a, T + 0.5, ("open", "f"))  # the writer comes back to append before the claim
     assert take(a, 10, T + 5, d) == []
     feed(a, T + 6, ("close", "f"))
-    assert a.take(10, T + 7, d) == [("f", T + 6)]
+    assert taken(a, 10, T + 7, d) == [("f", T + 6)]
 
 
 def test_link_create_only_is_ready_after_the_grace(d: FakeDir) -> None:
@@ -99,7 +109,7 @@ def test_create_then_late_open_within_the_grace_waits_for_the_close(d: FakeDir) 
 def test_moved_in_is_ready_at_once(d: FakeDir) -> None:
     a = Arrivals(SETTLE)
     feed(a, T, ("moved_in", "renamed"))
-    assert a.take(10, T, d) == [("renamed", T)]
+    assert taken(a, 10, T, d) == [("renamed", T)]
 
 
 def test_moved_in_over_an_open_earlier_file_is_a_new_file(d: FakeDir) -> None:
@@ -171,15 +181,16 @@ def test_scanned_file_that_vanishes_is_forgotten(d: FakeDir) -> None:
     assert len(a) == 0
 
 
-def test_scan_does_not_reset_known_files(d: FakeDir) -> None:
+def test_scan_rechecks_known_files_whatever_their_counts(d: FakeDir) -> None:
     a = Arrivals(SETTLE)
     feed(a, T, ("create", "w"), ("open", "w"))
-    a.scanned(["w"], T + 1)
-    d.files["w"] = (1, 1)
-    assert take(a, 10, T + 10, d) == [], "still open: a scan must not turn it into a settle candidate"
-    feed(a, T + 10, ("moved_in", "m"))
-    a.scanned(["m"], T + 10)
-    assert take(a, 10, T + 10, d) == ["m"], "a ready file stays ready"
+    assert take(a, 10, T + 10, d) == [], "opened and never closed, as far as the watch saw"
+    a.scanned(["w"], T + 11)
+    [r] = a.take(10, T + 11, d)
+    assert (r.name, r.settled) == ("w", False), "the kernel's check, not the settle check (a known arrival)"
+    feed(a, T + 11, ("moved_in", "m"))
+    a.scanned(["m"], T + 11)
+    assert take(a, 10, T + 11, d) == ["m"], "a ready file stays ready"
 
 
 def test_overflow_falls_back_to_settle(d: FakeDir) -> None:
@@ -190,7 +201,7 @@ def test_overflow_falls_back_to_settle(d: FakeDir) -> None:
     d.files["r"] = (20, 1)
     assert take(a, 10, T + 1, d) == [], "r was ready, but no longer trusted"
     assert take(a, 10, T + 1 + SETTLE - 0.01, d) == []
-    assert sorted(a.take(10, T + 1 + SETTLE, d)) == [("r", T + 1 + SETTLE), ("w", T + 1 + SETTLE)]
+    assert sorted(taken(a, 10, T + 1 + SETTLE, d)) == [("r", T + 1 + SETTLE), ("w", T + 1 + SETTLE)]
 
 
 def test_overflow_then_more_writing_delays(d: FakeDir) -> None:
@@ -334,3 +345,192 @@ def test_a_name_that_returns_after_gone_is_a_new_arrival(d: FakeDir) -> None:
     assert take(a, 10, T + 1, d) == [], "the old create's timer must not make the new, open file ready"
     feed(a, T + 2, ("close", "f"))
     assert take(a, 10, T + 2, d) == ["f"]
+
+
+# --- merged events: counts are hints, the kernel decides (issue 8) ------------------------------------------------
+def test_merged_open_then_a_readers_close_is_checked_not_trusted(d: FakeDir) -> None:
+    """Producer opens and writes; an indexer opens while that IN_OPEN is unread (merged: one IN_OPEN for two
+    opens) and closes. The count says nobody holds it: the name only goes to the kernel's check, which says
+    busy; the producer's second write and close then bring it back, whole."""
+    a = Arrivals(SETTLE)
+    feed(a, T, ("create", "x"), ("open", "x"))  # the producer's and the indexer's IN_OPEN, merged into one
+    feed(a, T + 0.01, ("close", "x"))  # the indexer's IN_CLOSE_NOWRITE
+    [r] = a.take(10, T + 0.02, d)
+    a.busy(r, T + 0.02)
+    for t in (T + 0.1, T + 0.3, T + 0.49):
+        assert take(a, 10, t, d) == [], "busy: wait for the producer"
+    feed(a, T + 0.5, ("close_write", "x"))
+    assert taken(a, 10, T + 0.5, d) == [("x", T + 0.5)]
+
+
+def test_two_opens_whose_closes_merge_are_not_stuck(d: FakeDir) -> None:
+    """One process opens x twice, 0.3 s apart (two IN_OPEN, read apart), and exits: both descriptors close
+    together and the two IN_CLOSE_WRITE merge into one. The count stays at 1; the close still hands it out."""
+    a = Arrivals(SETTLE)
+    feed(a, T, ("create", "x"), ("open", "x"))
+    feed(a, T + 0.3, ("open", "x"))
+    feed(a, T + 0.4, ("close_write", "x"))
+    assert taken(a, 10, T + 0.4, d) == [("x", T + 0.4)]
+
+
+def test_merged_reader_closes_on_a_renamed_in_file(d: FakeDir) -> None:
+    """Two readers of a renamed-in file, opened apart, closed together: two IN_CLOSE_NOWRITE become one."""
+    a = Arrivals(SETTLE)
+    feed(a, T, ("moved_in", "r"), ("open", "r"))
+    feed(a, T + 0.1, ("open", "r"))
+    assert take(a, 10, T + 0.1, d) == []
+    feed(a, T + 0.2, ("close", "r"))
+    assert take(a, 10, T + 0.2, d) == ["r"]
+
+
+def test_an_in_open_lost_entirely_still_ends_in_the_kernels_check(d: FakeDir) -> None:
+    """Linked in while its writer keeps writing through its other name: IN_CREATE alone, no open or close here
+    ever. After the grace it goes to the kernel (busy), then the retry timer, doubling, brings it back."""
+    a = Arrivals(SETTLE)
+    feed(a, T, ("create", "l"))
+    now, retry = T + LINK_GRACE, 0.0
+    for _ in range(8):
+        [r] = a.take(10, now, d)
+        assert r.name == "l"
+        a.busy(r, now)
+        retry = min(BUSY_RETRY_MAX, 2 * retry) if retry else BUSY_RETRY
+        assert a.next_deadline() == now + retry
+        assert take(a, 10, now + retry * 0.99, d) == []
+        now += retry
+    assert retry == BUSY_RETRY_MAX, "the retry interval is capped"
+    assert take(a, 10, now, d) == ["l"], "then free: claimed at the next retry"
+
+
+def test_busy_then_a_rescan_checks_at_once(d: FakeDir) -> None:
+    a = Arrivals(SETTLE)
+    feed(a, T, ("moved_in", "f"))
+    [r] = a.take(10, T, d)
+    a.busy(r, T)
+    a.scanned(["f"], T + 0.1)
+    assert take(a, 10, T + 0.1, d) == ["f"]
+
+
+def test_busy_keeps_first_seen_and_gone_forgets_it(d: FakeDir) -> None:
+    a = Arrivals(SETTLE)
+    feed(a, T, ("moved_in", "f"))
+    [r] = a.take(10, T + 1, d)
+    a.busy(r, T + 1)
+    assert a.oldest_seen() == T and len(a) == 1
+    feed(a, T + 2, ("gone", "f"))
+    assert len(a) == 0 and take(a, 10, T + 100, d) == []
+
+
+def test_overflow_turns_a_busy_file_into_a_settle_candidate(d: FakeDir) -> None:
+    a = Arrivals(SETTLE)
+    feed(a, T, ("moved_in", "f"))
+    [r] = a.take(10, T, d)
+    a.busy(r, T)
+    a.change(Change("overflow"), T + 0.1)
+    d.files["f"] = (1, 1)
+    assert take(a, 10, T + 0.1, d) == []
+    [r] = a.take(10, T + 0.1 + SETTLE, d)
+    assert (r.name, r.settled) == ("f", True)
+
+
+# --- the quiet period (quiet_time) ---------------------------------------------------------------------------------
+Q = 0.03
+
+
+def test_quiet_period_after_the_close_waits_for_chmod_and_utime(d: FakeDir) -> None:
+    """shutil.copy2: close, then chmod and utime by path. Each IN_ATTRIB starts the quiet period again."""
+    a = Arrivals(SETTLE, quiet_time=Q)
+    feed(a, T, ("create", "c"), ("open", "c"))
+    feed(a, T + 0.001, ("close_write", "c"))
+    feed(a, T + 0.002, ("attrib", "c"))
+    feed(a, T + 0.003, ("attrib", "c"))
+    assert take(a, 10, T + 0.001 + Q, d) == []
+    assert taken(a, 10, T + 0.003 + Q, d) == [("c", T + 0.003)], "complete since its last event"
+
+
+def test_an_event_on_a_ready_name_unreadies_it(d: FakeDir) -> None:
+    a = Arrivals(SETTLE, quiet_time=Q)
+    feed(a, T, ("moved_in", "m"))
+    a.tick(T + Q, d)  # ready now, but not taken (no worker free)
+    feed(a, T + Q + 0.001, ("attrib", "m"))
+    assert take(a, 10, T + Q + 0.002, d) == []
+    assert take(a, 10, T + 2 * Q + 0.001, d) == ["m"]
+
+
+def test_quiet_period_applies_to_renamed_in_and_linked_files(d: FakeDir) -> None:
+    a = Arrivals(SETTLE, quiet_time=Q)
+    feed(a, T, ("moved_in", "r"), ("create", "l"))
+    assert take(a, 10, T + Q / 2, d) == []
+    assert sorted(take(a, 10, T + max(Q, LINK_GRACE), d)) == ["l", "r"]
+
+
+def test_quiet_period_delays_scanned_files_no_further_than_their_settle(d: FakeDir) -> None:
+    a = Arrivals(SETTLE, quiet_time=Q)
+    d.files["s"] = (1, 1)
+    a.scanned(["s"], T)
+    assert take(a, 10, T, d) == []  # first look: size and mtime noted
+    assert take(a, 10, T + SETTLE, d) == ["s"]
+
+
+def test_appending_producer_with_quiet_time_is_taken_after_its_last_append(d: FakeDir) -> None:
+    """`for i in 1 2 3; do echo line >> f; sleep 1; done` with quiet_time=1.5: one claim, after the last."""
+    a = Arrivals(SETTLE, quiet_time=1.5)
+    for i in range(3):
+        feed(a, T + i, ("open", "f") if i else ("create", "f"), *([("open", "f")] if not i else []),
+             ("close_write", "f"))
+        assert take(a, 10, T + i + 0.99, d) == []
+    assert take(a, 10, T + 2 + 1.5, d) == ["f"]
+
+
+# --- the kernel could not tell: settle, then claim ---------------------------------------------------------------
+def test_unsure_settles_then_hands_out_settled(d: FakeDir) -> None:
+    a = Arrivals(SETTLE, quiet_time=Q)
+    feed(a, T, ("moved_in", "u"))
+    [r] = a.take(10, T + Q, d)
+    assert not r.settled
+    a.unsure(r, T + Q)
+    d.files["u"] = (5, 1)
+    assert take(a, 10, T + Q, d) == []
+    d.files["u"] = (6, 2)  # still being written (we could not see by whom)
+    assert take(a, 10, T + Q + SETTLE, d) == []
+    [r] = a.take(10, T + Q + 2 * SETTLE, d)
+    assert (r.name, r.settled, r.seen) == ("u", True, T)
+
+
+# --- timers: run every turn, one per name (issue 8, kind 5) ----------------------------------------------------------
+def test_tick_leaves_no_deadline_in_the_past(d: FakeDir) -> None:
+    """No worker free, so nothing is taken: after tick() the next deadline is still in the future (or none),
+    else the main loop's poll() returns at once, forever (a whole core)."""
+    a = Arrivals(SETTLE, quiet_time=Q)
+    for i in range(100):
+        d.files[f"s{i}"] = (1, 1)
+    a.scanned([f"s{i}" for i in range(100)], T)
+    feed(a, T, ("create", "c"), ("open", "c"), ("close_write", "c"), ("create", "l"))
+    now = T
+    while now < T + 3 * SETTLE:
+        a.tick(now, d)
+        deadline = a.next_deadline()
+        assert deadline is None or deadline > now
+        now = deadline if deadline is not None else now + 0.5
+    assert len(a.ready) == 102 and a.next_deadline() is None
+
+
+@pytest.mark.parametrize("marker", [True, False])
+def test_rescans_never_pile_up_timers(d: FakeDir, marker: bool) -> None:
+    """1,000 waiting files over 50 rescans used to push 51,000 timers (done_marker); one per name now."""
+    a = Arrivals(SETTLE, done_marker=marker)
+    names = [f"f{i}" for i in range(1000)]
+    for n in names:
+        d.files[n] = (1, 1)
+    listing = names + ([n + ".done" for n in names[:500]] if marker else [])
+    for k in range(50):
+        a.scanned(listing, T + k)
+        assert len(a._timers) <= len(names)
+
+
+def test_one_timer_per_name_under_a_stream_of_events(d: FakeDir) -> None:
+    a = Arrivals(SETTLE, quiet_time=Q)
+    feed(a, T, ("create", "f"))
+    for i in range(1000):
+        feed(a, T + i * 0.001, ("attrib", "f"))
+    assert len(a._timers) <= 2
+    assert take(a, 10, T + 0.999 + Q, d) == ["f"]

@@ -157,11 +157,18 @@ def test_toml_native_types(cwd: Path, tmp_path: Path) -> None:
     assert (s.watch_dir, s.done_marker, s.settle_time, s.log_format) == (Path("/data/w"), True, 2.0, "text")
 
 
+def test_quiet_time_default_and_sources(cwd: Path, tmp_path: Path) -> None:
+    assert load({}, environ={}, cwd=cwd).quiet_time == 0.02  # pickup p99 stays well under 100 ms
+    assert load({}, environ={"INGESTD_QUIET_TIME": "1.5"}, cwd=cwd).quiet_time == 1.5
+    assert load({"config": toml(tmp_path, "quiet_time = 0\n")}, environ={}, cwd=cwd).quiet_time == 0.0
+
+
 # --- bad values: one line naming the setting -------------------------------------------------------------------
 BAD_VALUES = [
     ("workers", "0"), ("workers", "abc"), ("workers", "-2"), ("workers", "1.5"),
     ("listen", "9800"), ("listen", "host:"), ("listen", ":9800"), ("listen", "h:99999"), ("listen", "h:port"),
     ("max_attempts", "0"), ("settle_time", "-1"), ("settle_time", "soon"), ("settle_time", "nan"),
+    ("quiet_time", "-0.1"), ("quiet_time", "later"),
     ("rescan_interval", "x"), ("max_line_bytes", "0"), ("recent", "0"), ("done_marker", "maybe"),
     ("min_free_bytes", "-1"), ("stop_timeout", "-5"), ("stall_time", "-1"), ("log_format", "xml"), ("mode", "nope"),
 ]

@@ -18,7 +18,7 @@ import pytest
 
 from ingestd import durable
 from ingestd.names import key
-from ingestd.spool import FOLDERS, REASON_PREFIX, TEMP_OUTPUT_PREFIX, AlreadyRunning, Failure, Spool, SpoolError
+from ingestd.spool import FOLDERS, REASON_PREFIX, TEMP_OUTPUT_PREFIX, AlreadyRunning, Claim, Failure, Spool, SpoolError
 
 NOW = 1_700_000_000.0
 K = key("a")
@@ -171,18 +171,18 @@ def test_attempts_file_corrupt_counts_as_zero(spool: Spool) -> None:
 def test_claim_moves_the_file(spool: Spool) -> None:
     populate(spool.root, {"unprocessed/a": b"A"})
     ino = (Path(spool.unprocessed) / "a").stat().st_ino
-    assert spool.claim("a") is True
+    assert spool.claim("a") is Claim.CLAIMED
     assert state(spool.root) == {"underprocess/a": b"A"}
     assert (Path(spool.underprocess) / "a").stat().st_ino == ino
 
 
 def test_claim_of_a_vanished_file_is_false(spool: Spool) -> None:
-    assert spool.claim("gone") is False
+    assert spool.claim("gone") is Claim.GONE
 
 
 def test_claim_refuses_to_overwrite_an_in_flight_file(spool: Spool) -> None:
     populate(spool.root, {"unprocessed/a": b"NEW", "underprocess/a": b"IN FLIGHT"})
-    assert spool.claim("a") is False
+    assert spool.claim("a") is Claim.GONE
     assert state(spool.root) == {"unprocessed/a": b"NEW", "underprocess/a": b"IN FLIGHT"}
 
 
@@ -387,9 +387,9 @@ class _NoRenameat2:
 def test_claim_fallback_moves_and_never_overwrites(spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(durable, "_libc", _NoRenameat2)
     populate(spool.root, {"unprocessed/a": b"A", "unprocessed/b": b"NEW", "underprocess/b": b"IN FLIGHT"})
-    assert spool.claim("a") is True
-    assert spool.claim("b") is False
-    assert spool.claim("gone") is False
+    assert spool.claim("a") is Claim.CLAIMED
+    assert spool.claim("b") is Claim.GONE
+    assert spool.claim("gone") is Claim.GONE
     assert state(spool.root) == {"underprocess/a": b"A", "unprocessed/b": b"NEW", "underprocess/b": b"IN FLIGHT"}
     assert (Path(spool.underprocess) / "a").stat().st_nlink == 1
 

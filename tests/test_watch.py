@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import errno
 import gc
 import os
 import select
 import shutil
+import subprocess
+import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from ingestd.watch import Change, Watch
+import ingestd
+from ingestd.spool import SpoolError
+from ingestd.watch import Change, Watch, WatchLimit
 
 
 @pytest.fixture
@@ -46,7 +52,7 @@ def test_read_without_events_does_not_block(watch: Watch) -> None:
 def test_writer_gives_create_open_close(folder: Path, watch: Watch) -> None:
     with open(folder / "f", "wb") as f:
         f.write(b"x")
-    assert drain(watch) == [Change("create", "f"), Change("open", "f"), Change("close", "f")]
+    assert drain(watch) == [Change("create", "f"), Change("open", "f"), Change("close_write", "f")]
 
 
 def test_reopen_to_append_gives_open_and_close_again(folder: Path, watch: Watch) -> None:
@@ -54,7 +60,7 @@ def test_reopen_to_append_gives_open_and_close_again(folder: Path, watch: Watch)
     drain(watch)
     with open(folder / "f", "ab") as f:
         f.write(b"2")
-    assert drain(watch) == [Change("open", "f"), Change("close", "f")]
+    assert drain(watch) == [Change("open", "f"), Change("close_write", "f")]
 
 
 def test_reader_gives_open_and_close(folder: Path, watch: Watch) -> None:
@@ -96,7 +102,7 @@ def test_rename_out_gives_gone(folder: Path, watch: Watch, tmp_path: Path) -> No
 def test_rsync_style_dot_temp_then_rename(folder: Path, watch: Watch) -> None:
     (folder / ".f.XyZ").write_bytes(b"x")
     os.rename(folder / ".f.XyZ", folder / "f")
-    assert drain(watch) == [Change("create", ".f.XyZ"), Change("open", ".f.XyZ"), Change("close", ".f.XyZ"),
+    assert drain(watch) == [Change("create", ".f.XyZ"), Change("open", ".f.XyZ"), Change("close_write", ".f.XyZ"),
                             Change("gone", ".f.XyZ"), Change("moved_in", "f")]
 
 
@@ -153,3 +159,140 @@ def test_watch_on_a_file_or_missing_folder_fails_without_leaking(tmp_path: Path)
 def test_fileno_is_pollable_and_not_inherited(watch: Watch) -> None:
     fd = watch.fileno()
     assert fd >= 0 and not os.get_inheritable(fd)
+
+
+# --- events are hints: what the kernel merges (issue 8) --------------------------------------------------------------
+def test_two_unread_opens_merge_into_one(folder: Path, watch: Watch) -> None:
+    """inotify(7): an event identical to the last one still unread is dropped. Two opens give one IN_OPEN."""
+    (folder / "f").write_bytes(b"1")
+    drain(watch)
+    a = os.open(folder / "f", os.O_WRONLY)
+    b = os.open(folder / "f", os.O_RDONLY)
+    try:
+        assert drain(watch) == [Change("open", "f")]
+    finally:
+        os.close(b)
+        os.close(a)
+    assert drain(watch) == [Change("close", "f"), Change("close_write", "f")]
+
+
+def test_two_unread_reader_closes_merge_into_one(folder: Path, watch: Watch) -> None:
+    (folder / "f").write_bytes(b"1")
+    drain(watch)
+    a = os.open(folder / "f", os.O_RDONLY)
+    assert drain(watch) == [Change("open", "f")]
+    b = os.open(folder / "f", os.O_RDONLY)
+    assert drain(watch) == [Change("open", "f")]  # read in between: not merged
+    os.close(a)
+    os.close(b)
+    assert drain(watch) == [Change("close", "f")], "two closes, one event: a count would stay at 1"
+
+
+def test_chmod_and_utime_by_path_give_attrib(folder: Path, watch: Watch, tmp_path: Path) -> None:
+    """shutil.copy2: the data, the close, then chmod and utime by path, which the quiet period waits for."""
+    (tmp_path / "src").write_bytes(b"data\n")
+    shutil.copy2(tmp_path / "src", folder / "c")
+    changes = drain(watch)
+    assert changes[:3] == [Change("create", "c"), Change("open", "c"), Change("close_write", "c")]
+    assert set(changes[3:]) == {Change("attrib", "c")}
+
+
+# --- inotify limits: one clear error (issue 8, kind 2) -----------------------------------------------------------------
+NOBODY = 65534
+
+
+def _as_nobody_without_instances(tmp_path: Path) -> tuple[int, str]:
+    """In a child running as nobody, use up nobody's inotify instances (fs.inotify.max_user_instances is per
+    user: nothing of root's, or of the other tests', is touched), then try a Watch. Returns (status, message)."""
+    if os.geteuid() != 0:
+        pytest.skip("switching to the user nobody needs root")
+    folder = tmp_path / "wl"
+    folder.mkdir()
+    os.chmod(tmp_path, 0o755)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        code = 3
+        try:
+            os.close(r)
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            from inotify_simple import INotify
+
+            held = []
+            try:
+                while True:
+                    held.append(INotify())
+            except OSError:
+                pass
+            try:
+                Watch(str(folder))
+                os.write(w, b"no error")
+                code = 1
+            except WatchLimit as e:
+                os.write(w, str(e).encode()[:4000])
+                code = 0 if isinstance(e, SpoolError) else 2  # anything else: exit 3, a failure
+        finally:
+            os._exit(code)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        message = f.read().decode()
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status), message
+
+
+def test_no_inotify_instance_left_is_a_clear_watch_limit(tmp_path: Path) -> None:
+    code, message = _as_nobody_without_instances(tmp_path)
+    assert code == 0, message
+    assert "fs.inotify.max_user_instances" in message and "EMFILE" in message, message
+
+
+def test_no_inotify_watch_left_is_a_clear_watch_limit(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """max_user_watches is too big to use up in a test: only the add_watch syscall is made to fail, as the
+    kernel does (ENOSPC), and the instance must not leak."""
+    import inotify_simple
+
+    def enospc(self: object, path: str, mask: int) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(inotify_simple.INotify, "add_watch", enospc)
+    before = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(WatchLimit, match="fs.inotify.max_user_watches"):
+        Watch(str(folder))
+    gc.collect()
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_daemon_without_an_inotify_instance_says_so_in_one_line_and_exits_75(request: pytest.FixtureRequest) -> None:
+    """`ingestd run` as nobody, started holding every inotify instance nobody may have: one line naming the
+    sysctl, exit 75 (EX_TEMPFAIL: instances come back as other programs exit, so systemd's restart may work)."""
+    if os.geteuid() != 0:
+        pytest.skip("switching to the user nobody needs root")
+    python = shutil.which("python3.11", path="/usr/bin:/usr/local/bin")
+    if python is None:
+        pytest.skip("no python3.11 the user nobody may execute")
+    base = Path(tempfile.mkdtemp(prefix="ingestd-inotify-", dir="/tmp"))  # pytest's tmp_path is root's only
+    request.addfinalizer(lambda: shutil.rmtree(base, ignore_errors=True))
+    w = base / "w"
+    for sub in ("unprocessed", "underprocess", "processed", "failed", ".ingestd"):
+        (w / sub).mkdir(parents=True)
+    for p in (base, w, *w.iterdir()):
+        os.chown(p, NOBODY, NOBODY)
+    site = next(Path(sys.prefix, "lib").glob("python3*/site-packages"))
+    hog = ("import os, sys\nfrom inotify_simple import INotify\nheld = []\n"
+           "try:\n    while True: held.append(INotify(inheritable=True))\nexcept OSError: pass\n"
+           "os.execv(sys.executable, [sys.executable, '-m', 'ingestd', *sys.argv[1:]])\n")
+
+    def nobody() -> None:
+        os.setgroups([])
+        os.setgid(NOBODY)
+        os.setuid(NOBODY)
+
+    out = subprocess.run([python, "-c", hog, "run", "--watch-dir", str(w), "--listen", "127.0.0.1:0"],
+                         preexec_fn=nobody, capture_output=True, text=True, timeout=60, cwd=base, check=False,
+                         env={"PATH": "/usr/bin:/bin", "HOME": str(base),
+                              "PYTHONPATH": f"{Path(ingestd.__file__).parent.parent}:{site}"})
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 75, out.stderr
+    assert len(lines) == 1 and "fs.inotify.max_user_instances" in lines[0], out.stderr

@@ -193,8 +193,8 @@ def install(cfg_path: str) -> None:
     o_sync = S.sync_commits
     committed: list[str] = []  # commits made, acknowledged once sync_commits has made them durable
 
-    def claim(self, name):
-        ok = o_claim(self, name)
+    def claim(self, name, *args, **kwargs):
+        ok = o_claim(self, name, *args, **kwargs)  # a Claim, truthy only when claimed
         if ok:
             _point("claim")
         return ok
