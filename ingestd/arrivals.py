@@ -20,13 +20,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from ingestd.names import ignored
+from ingestd.names import DONE_SUFFIX, ignored
 from ingestd.watch import Change
 
 LINK_GRACE = 0.02  # seconds an IN_CREATE-only file waits for a possible IN_OPEN
 BUSY_RETRY = 0.5  # seconds before a file found busy is checked again without a writer's close; doubles...
 BUSY_RETRY_MAX = 30.0  # ...up to this (a writer through another name, e.g. a link, closes unseen here)
-DONE_SUFFIX = ".done"
 
 Stat = Callable[[str], "tuple[int, int] | None"]  # name -> (size, mtime_ns), None if gone
 

@@ -24,11 +24,11 @@ from contextlib import contextmanager
 from typing import Any
 
 from ingestd import __version__, history, log
-from ingestd.arrivals import DONE_SUFFIX, Arrivals, Ready
+from ingestd.arrivals import Arrivals, Ready
 from ingestd.job import Job
 from ingestd.log import event
 from ingestd.messages import Done, Rejected, Retry, ToParent
-from ingestd.names import display, oserror
+from ingestd.names import DONE_SUFFIX, display, oserror
 from ingestd.notify import Notifier
 from ingestd.pipeline import kind
 from ingestd.settings import ConfigError, Settings

@@ -8,6 +8,7 @@ import os
 
 TEMP_PREFIX = ".ingestd-"  # our own temp outputs and sidecars; never a user's file
 STATE_DIR = ".ingestd"  # per-watch-dir state (lock, attempt counts), hidden
+DONE_SUFFIX = ".done"  # done_marker: NAME.done vouches that NAME is complete
 
 
 def ignored(name: str) -> bool:

@@ -21,10 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from ingestd import durable, errors, lease
-from ingestd.arrivals import DONE_SUFFIX
 from ingestd.errors import Phase
 from ingestd.log import event
-from ingestd.names import STATE_DIR, TEMP_PREFIX, display, key, oserror
+from ingestd.names import DONE_SUFFIX, STATE_DIR, TEMP_PREFIX, display, key, oserror
 
 FOLDERS = ("unprocessed", "underprocess", "processed", "failed")
 REASON_PREFIX = TEMP_PREFIX + "reason-"
