@@ -27,7 +27,7 @@ from ingestd import __version__, history, log
 from ingestd.arrivals import Arrivals, Ready
 from ingestd.job import Job
 from ingestd.log import event
-from ingestd.messages import Done, Rejected, Retry, ToParent
+from ingestd.messages import Done, Outcome, Outcomes, Rejected, Retry, ToParent
 from ingestd.names import DONE_SUFFIX, display, oserror
 from ingestd.notify import Notifier
 from ingestd.pipeline import kind
@@ -42,7 +42,9 @@ from ingestd.workers import Pool, Slot
 HEARTBEAT = 5.0  # the idle main loop still turns this often, so /healthz can tell "idle" from "stuck"
 PROGRESS_REFRESH = 1.0  # seconds between STATUS=/page refreshes while workers are busy
 HISTORY_EVERY = 1.0  # seconds: the recent history is saved at most this often (one small fsynced file)
-MAX_INTERNAL_ERRORS = 3  # unexpected exceptions one file may cause before it is set aside in failed/
+MAX_INTERNAL_ERRORS = 3
+MAX_BATCH = 32  # files handed to one worker at once, committed as one group (one data sync for all)
+BATCH_BYTES = 4 << 20  # a batch stops growing past this many input bytes: big files travel alone  # unexpected exceptions one file may cause before it is set aside in failed/
 
 
 class Daemon:
@@ -163,7 +165,7 @@ class Daemon:
                 self._drain_signals()
             else:
                 for slot, msg in self.pool.receive(fd):
-                    with self._boundary("worker message", slot.job):
+                    with self._boundary("worker message"):  # each file's outcome has a boundary of its own
                         self._on_worker(slot, msg)
         with self._boundary("housekeeping"):
             self._housekeeping(now)
@@ -306,17 +308,26 @@ class Daemon:
         if not idle or self.state.paused(now) or not self._space_ok(now):
             return
         for slot in idle:
-            job = self._next_job(now)
-            if job is None:
+            # A batch each, so that many small files share one group commit; one file when few wait.
+            waiting = len(self.queue) + len(self.arrivals.ready)
+            target = max(1, min(MAX_BATCH, -(-waiting // len(idle))))
+            batch: list[Job] = []
+            while len(batch) < target and sum(j.size for j in batch) < BATCH_BYTES:
+                job = self._next_job(now)
+                if job is None:
+                    break
+                batch.append(job)
+            if not batch:
                 return
-            if not self.pool.assign(slot, job, now, self.wall()):
-                job.not_before = now
-                self.queue.appendleft(job)  # the worker died in between: its death is handled next turn
+            if not self.pool.assign(slot, batch, now, self.wall()):
+                for job in reversed(batch):  # the worker died in between: its death is handled next turn
+                    job.not_before = now
+                    self.queue.appendleft(job)
                 continue
-            if not os.path.lexists(os.path.join(self.spool.processed, job.name)):
-                job.fresh = True
-            event("claimed", "claimed", file=display(job.name), bytes=job.size, worker=slot.id,
-                  attempts=job.attempts or None, recovered=job.recovered or None)
+            for job in batch:
+                job.fresh = not os.path.lexists(os.path.join(self.spool.processed, job.name))
+                event("claimed", "claimed", file=display(job.name), bytes=job.size, worker=slot.id,
+                      attempts=job.attempts or None, recovered=job.recovered or None)
 
     def _next_job(self, now: float) -> Job | None:
         """A claimed job whose backoff is over, else a newly claimed file, else None."""
@@ -328,9 +339,9 @@ class Daemon:
 
         while taken := self.arrivals.take(1, now, self._stat):  # a busy or gone name does not use up the slot
             with self._boundary("claim"):
-                job = self._claim(taken[0], now)
-                if job is not None:
-                    return job
+                claimed = self._claim(taken[0], now)
+                if claimed is not None:
+                    return claimed
             if self.state.paused(now):
                 return None  # the claim failed with an I/O error: claiming is paused
         return None
@@ -404,23 +415,35 @@ class Daemon:
         if msg is None:
             self._on_worker_death(slot)
             return
-        job = self.pool.release(slot)
-        if job is None:
+        if not isinstance(msg, Outcomes):
             return
-        elapsed = self.clock() - job.started
+        jobs, _ = self.pool.release(slot)
+        pending = {job.name: job for job in jobs}
+        for name, outcome in msg.results:
+            if (job := pending.pop(name, None)) is not None:
+                with self._boundary("a file's outcome", job):  # each file in its own boundary
+                    self._on_outcome(job, outcome, slot.id)
+        for job in pending.values():  # no outcome came for it (cannot happen by the protocol): redo it
+            self._requeue(job)
+
+    def _requeue(self, job: Job) -> None:
+        job.not_before = 0.0
+        self.queue.appendleft(job)
+
+    def _on_outcome(self, job: Job, msg: Outcome, worker: int) -> None:
+        elapsed = msg.duration if isinstance(msg, Done) else self.clock() - job.started
         try:
             if isinstance(msg, Done):
                 self.spool.commit(job.name)
                 self.unacked.append((job, msg, elapsed))  # announced once durable
             elif isinstance(msg, Rejected):
-                self._fail(job, Failure(msg.reason, msg.line, job.attempts + 1), elapsed, worker=slot.id)
+                self._fail(job, Failure(msg.reason, msg.line, job.attempts + 1), elapsed, worker=worker)
             elif isinstance(msg, Retry) and msg.recreate and job.retries < 3:
                 job.retries += 1  # an output folder vanished: made again, retried at once, without a pause
                 self._make_output_folders(self.outputs)
                 event("folders_recreated", "an output folder was missing and is made again", logging.WARNING,
                       file=display(job.name), reason=msg.reason)
-                job.not_before = 0.0
-                self.queue.appendleft(job)
+                self._requeue(job)
             elif isinstance(msg, Retry):
                 self._io_error(job, msg.reason)
         except OSError as e:
@@ -463,8 +486,13 @@ class Daemon:
         self._back_off(job.name, reason, "could not finish a file; it is kept and retried")
 
     def _on_worker_death(self, slot: Slot) -> None:
+        """The file it was on is blamed (an attempt); the rest of its batch is redone without one."""
         assert self.pool is not None
-        job = self.pool.release(slot)
+        jobs, index = self.pool.release(slot)
+        job = jobs[index] if index < len(jobs) else None
+        for other in jobs:
+            if other is not job and os.path.lexists(os.path.join(self.spool.underprocess, other.name)):
+                self._requeue(other)
         code = slot.process.exitcode
         why = slot.kill_reason
         self.metrics.workers_lost.labels(slot.kill_kind).inc()
@@ -476,6 +504,7 @@ class Daemon:
                   file=display(job.name) if job else None)
         if slot.pid is not None:
             remove_temps(self.spool.processed, self.outputs, slot.pid)
+            self.spool.drop_inflight(slot.pid)  # its death is counted here; a later recovery must not count it again
         if job is None or not os.path.lexists(os.path.join(self.spool.underprocess, job.name)):
             return
         try:
@@ -492,8 +521,7 @@ class Daemon:
             except OSError as e:  # a full disk cannot take it into failed/ now: kept, retried after a pause
                 self._io_error(job, oserror(e))
         else:
-            job.not_before = 0.0
-            self.queue.appendleft(job)
+            self._requeue(job)
 
     def _supervise(self, now: float) -> None:
         """The parent notices stuck workers itself: no progress for stall_time, or over time_limit; it logs,
@@ -591,7 +619,7 @@ class Daemon:
             self._save_history()
             self.next_history = now + HISTORY_EVERY
         self.state.publish(self.pool.view(now), len(self.arrivals), self.arrivals.oldest_seen(),
-                           len(busy) + len(self.queue) + len(self.unacked),
+                           self.pool.in_flight() + len(self.queue) + len(self.unacked),
                            [s.job.started_wall for s in busy if s.job], self.health())
         self.notifier.status(self.state.status_line())
         self.next_view = now + PROGRESS_REFRESH
@@ -618,7 +646,7 @@ class Daemon:
         if self.pool is not None:
             for slot in self.pool.busy():  # an outcome already sent is taken, not redone after the restart
                 for s, msg in self.pool.receive(slot.conn.fileno()):
-                    with self._boundary("worker message at stop", s.job):
+                    with self._boundary("worker message at stop"):
                         self._on_worker(s, msg)
         if self.unacked:
             self._ack_commits()
@@ -632,6 +660,7 @@ class Daemon:
                 self._unclaim(job)
                 if pid is not None:
                     remove_temps(self.spool.processed, self.outputs, pid)
+                    self.spool.drop_inflight(pid)  # a stop, not a crash: no attempt for anyone
                 event("abandoned", f"{self.abandon_reason}: file returned to the queue", logging.WARNING,
                       file=display(job.name))
         if self.web is not None:

@@ -22,8 +22,7 @@ class Job:
     started_wall: float = 0.0
     bytes: int = 0  # input bytes read so far (heartbeats)
     lines: int = 0
-    last_progress: float = 0.0  # monotonic: last heartbeat that showed progress
 
     def begin(self, worker: int, now: float, wall: float) -> None:
-        self.worker, self.started, self.started_wall, self.last_progress = worker, now, wall, now
+        self.worker, self.started, self.started_wall = worker, now, wall
         self.bytes = self.lines = 0

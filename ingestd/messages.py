@@ -1,7 +1,7 @@
 """Typed messages between the parent and its workers, pickled over a multiprocessing pipe.
 
-Parent -> worker: Assign(name) or Stop(). Worker -> parent: Ready once, then for each file any number of
-Heartbeat and exactly one of Done, Rejected or Retry (an environmental error: the input is kept).
+Parent -> worker: Assign(names), a batch, or Stop(). Worker -> parent: Ready once, then for each batch any number
+of Heartbeat and one Outcomes: per file one of Done, Rejected or Retry (an environmental error: the input is kept).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ class Stage(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class Assign:
-    name: str  # the claimed file, in underprocess/
+    names: tuple[str, ...]  # claimed files, in underprocess/: processed in order, then committed as one group
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,9 +34,10 @@ class Ready:
 class Heartbeat:
     """Sent every PROGRESS_EVERY seconds by the worker's heartbeat thread while it holds a file, whatever
     the processors cost per line; a frozen worker (SIGSTOP, a GIL held in C code) sends none."""
-    bytes: int  # input bytes read so far
-    lines: int  # input lines read so far
+    bytes: int  # input bytes of the current file read so far
+    lines: int  # input lines of the current file read so far
     stage: Stage
+    index: int = 0  # the current file's place in the batch
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,4 +67,12 @@ class Retry:
 
 
 Outcome = Done | Rejected | Retry
-ToParent = Ready | Heartbeat | Done | Rejected | Retry
+
+
+@dataclass(frozen=True, slots=True)
+class Outcomes:
+    """A batch's results, in its order, once all are durable (the group commit is done)."""
+    results: list[tuple[str, Outcome]]
+
+
+ToParent = Ready | Heartbeat | Outcomes

@@ -76,21 +76,37 @@ class Sinks:
         out.size = 0
 
     def commit(self) -> None:
-        """Publish every output durably, all or none. The default output always gets a file, even an empty one;
-        a same-named result left in an output folder this input did not reach is removed.
+        """Publish every output durably, all or none: seal(sync=True), publish(), then fsync the folders."""
+        self.seal(sync=True)
+        with in_phase(Phase.PUBLISH):
+            for path in self.publish():
+                durable.fsync_dir(path)  # the renames are durable before the input may go
 
-        All or none: a target that is a directory refuses before anything is renamed (IsADirectoryError); any
-        other refusal midway puts back what was already renamed (earlier results restored from a kept link),
-        so an input that ends in failed/ never leaves a result in processed/.
-        """
+    def seal(self, sync: bool) -> None:
+        """Write out and close every temp output; the default output always gets one, even empty. With sync each is
+        fsynced; without, the caller makes a whole batch's temps durable at once (durable.syncfs, the group
+        commit) before any publish(): a name must never point at data a power cut could still lose."""
         if "" in self.folders and "" not in self.outs:
             self._open("")
         with in_phase(Phase.PUBLISH):
             for out in self.outs.values():
                 self._flush(out)
-                durable.fsync(out.fd)  # data durable before the name points at it
+                if sync:
+                    durable.fsync(out.fd)  # data durable before the name points at it
                 os.close(out.fd)
                 out.fd = -1
+
+    def publish(self) -> list[str]:
+        """Rename the sealed (durable) temps to their final names, all or none; returns the folders whose entries
+        changed: the caller fsyncs each (once per batch) before the input may go. A same-named result left in an
+        output folder this input did not reach is removed.
+
+        All or none: a target that is a directory refuses before anything is renamed (IsADirectoryError); any
+        other refusal midway puts back what was already renamed (earlier results restored from a kept link),
+        so an input that ends in failed/ never leaves a result in processed/.
+        """
+        changed = []
+        with in_phase(Phase.PUBLISH):
             for folder in self.outs:
                 target = os.path.join(self._dir(folder), self.name)
                 if _is_dir(target):  # e.g. an input named like an output folder: refuse before any rename
@@ -114,9 +130,11 @@ class Sinks:
                             durable.unlink(target)  # a stale result of an earlier same-named input
                     except FileNotFoundError:
                         continue
-                durable.fsync_dir(self._dir(folder))  # the renames are durable before the input may go
+                changed.append(self._dir(folder))
             for folder in kept:
+                # Same folder as its rename: both become durable together, at the caller's fsync of the folder.
                 durable.unlink_quiet(os.path.join(self._dir(folder), self.keep_name))
+        return changed
 
     def _keep_earlier(self) -> list[str]:
         """A second name for each earlier result about to be replaced, so a refused commit can put it back."""

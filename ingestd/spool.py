@@ -27,6 +27,7 @@ from ingestd.names import DONE_SUFFIX, STATE_DIR, TEMP_PREFIX, display, key, ose
 
 FOLDERS = ("unprocessed", "underprocess", "processed", "failed")
 REASON_PREFIX = TEMP_PREFIX + "reason-"
+INFLIGHT_PREFIX = "inflight-"  # .ingestd/inflight-<worker pid>: the key of the file that worker is on
 TEMP_OUTPUT_PREFIX = TEMP_PREFIX + "tmp-"
 SEQ_FILE = "failure-seq"  # in .ingestd/: {"reserved_to": N}, every failure seq handed out so far is <= N
 SEQ_BLOCK = 1024  # failure seqs reserved per durable write of SEQ_FILE
@@ -177,8 +178,12 @@ class Spool:
         """After a crash: drop stale temp outputs, return in-flight files to the queue, quarantine poison files.
 
         Files stay in underprocess/ and are processed first (no rename back, so nothing can be
-        overwritten); each recovery counts as an attempt. Returns (requeued, quarantined).
+        overwritten). A recovery counts an attempt for the files a worker was on when the daemon died (its
+        in-flight marker, see mark_inflight), not for the rest of a batch that only waited; with no marker at
+        all (a crash before any worker wrote one, files left by hand) every file counts, as the safe side.
+        Returns (requeued, quarantined).
         """
+        suspects = self._inflight_suspects()
         for folder, _, files in os.walk(self.processed):
             for f in files:
                 if f.startswith(TEMP_OUTPUT_PREFIX):
@@ -189,6 +194,9 @@ class Spool:
         self._drop_claim_ghosts()
         requeued, quarantined = [], []
         for name in sorted(self.entries(self.underprocess)):
+            if suspects is not None and key(name) not in suspects:
+                requeued.append(name)  # it waited in a batch: the crash was not its doing
+                continue
             attempts = self.bump_attempts(name)
             if attempts >= max_attempts:
                 reason = f"poison: in progress during {attempts} crashes or restarts in a row"
@@ -203,7 +211,40 @@ class Spool:
                 quarantined.append(name)
             else:
                 requeued.append(name)
+        for marker in self._inflight_markers():
+            durable.unlink_quiet(marker)  # their workers are gone; the attempts they vouched for are counted
         return requeued, quarantined
+
+    # --- in-flight markers: which file each worker is on (for recovery's attempt counts) --------------------
+    def inflight_path(self, pid: int) -> str:
+        return os.path.join(self.state, f"{INFLIGHT_PREFIX}{pid}")
+
+    def drop_inflight(self, pid: int) -> None:
+        """A worker's marker goes once the parent has dealt with its end (death counted, or a stop)."""
+        try:
+            durable.unlink_quiet(self.inflight_path(pid))
+        except OSError:
+            pass  # EIO/EROFS: the next recovery may count one attempt too many, never too few
+
+    def _inflight_markers(self) -> list[str]:
+        try:
+            return [os.path.join(self.state, n) for n in os.listdir(self.state) if n.startswith(INFLIGHT_PREFIX)]
+        except FileNotFoundError:
+            return []
+
+    def _inflight_suspects(self) -> set[str] | None:
+        """Keys of the files workers were on at the crash, or None when no worker left a marker at all."""
+        markers = self._inflight_markers()
+        if not markers:
+            return None
+        keys = set()
+        for path in markers:
+            try:
+                with open(path, "rb") as f:
+                    keys.add(f.read(64).decode("ascii", "replace").strip())
+            except OSError:
+                continue
+        return keys
 
     def _drop_claim_ghosts(self) -> None:
         """A claim is one rename, never fsynced in unprocessed/: after a power cut its old name can be back

@@ -15,43 +15,64 @@ import time
 from multiprocessing.connection import Connection
 from typing import Any
 
-from ingestd import errors, pipeline, routing
+from ingestd import durable, errors, pipeline, routing
 from ingestd.errors import Phase, Verdict
-from ingestd.messages import Assign, Done, Heartbeat, Outcome, Ready, Rejected, Retry, Stage
+from ingestd.messages import Assign, Done, Heartbeat, Outcome, Outcomes, Ready, Rejected, Retry, Stage
+from ingestd.names import key
 from ingestd.sinks import Sinks
+from ingestd.spool import INFLIGHT_PREFIX
 
-PROGRESS_EVERY = 0.25  # seconds between heartbeats while a file is held (the parent's liveness signal)
+_IDLE = b" " * 32  # the marker's content between files (keys are 32 hex characters)
+PROGRESS_EVERY = 0.25  # seconds between heartbeats while a batch is held (the parent's liveness signal)
 
 
 class _Link:
     """The pipe to the parent, shared by the main thread and the heartbeat thread."""
 
-    def __init__(self, conn: Connection) -> None:
-        self.conn, self.lock = conn, threading.Lock()
-        self.stats: pipeline.Stats | None = None  # the file in hand, read by the heartbeat thread
+    def __init__(self, conn: Connection, marker: int) -> None:
+        self.conn, self.lock, self.marker = conn, threading.Lock(), marker
+        self.stats = pipeline.Stats()  # the file in hand, read by the heartbeat thread
+        self.index = 0  # its place in the batch
         self.stage = Stage.READ
-        self.wake = threading.Event()
+        self.wake = threading.Event()  # set while a batch is in hand
+
+    def begin(self, index: int, name: str) -> None:
+        self.stats, self.index, self.stage = pipeline.Stats(), index, Stage.READ
+        self._mark(key(name).encode())
+
+    def end(self) -> None:
+        self.wake.clear()
+        self._mark(_IDLE)
+
+    def _mark(self, data: bytes) -> None:
+        if self.marker >= 0:
+            try:
+                durable.overwrite(self.marker, data)
+            except OSError:
+                pass  # only a hint for recovery
 
     def send(self, msg: object) -> None:
         with self.lock:
             self.conn.send(msg)
 
     def heartbeats(self) -> None:
-        """Every PROGRESS_EVERY seconds while a file is held: by time, not by line count, so a slow processor
+        """Every PROGRESS_EVERY seconds while a batch is held: by time, not by line count, so a slow processor
         or a long fsync still shows life; a frozen process sends nothing, and the parent notices."""
         while True:
             self.wake.wait()
             time.sleep(PROGRESS_EVERY)
-            stats = self.stats
-            if stats is None:
+            if not self.wake.is_set():
                 continue
+            stats = self.stats
             try:
-                self.send(Heartbeat(stats.bytes_in, stats.lines_in, self.stage))
+                self.send(Heartbeat(stats.bytes_in, stats.lines_in, self.stage, self.index))
             except OSError:
                 return
 
 
-def main(conn: Connection, routing_doc: dict[str, Any], max_line_bytes: int, underprocess: str, processed: str) -> None:
+def main(conn: Connection, current: ctypes.c_int, routing_doc: dict[str, Any], max_line_bytes: int, underprocess: str,
+         processed: str, state: str) -> None:
+    """The worker's life. current: a shared int, the index in the batch of the file being processed."""
     # The parent owns signals: Ctrl-C, `timeout`, or systemd's control-group kill reach every process,
     # but only the parent decides (warm stop); a worker must not die with its file half done.
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
@@ -61,53 +82,114 @@ def main(conn: Connection, routing_doc: dict[str, Any], max_line_bytes: int, und
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # the parent asks when this worker seems stuck
     table = routing.build(routing_doc)
     folders = sorted({out.path for out in table.outputs})
-    link = _Link(conn)
+    link = _Link(conn, _open_marker(state))
     threading.Thread(target=link.heartbeats, name="heartbeat", daemon=True).start()
     link.send(Ready(os.getpid()))
-    while True:
-        try:
-            msg = conn.recv()
-        except (EOFError, OSError):
-            return
-        if not isinstance(msg, Assign):
-            return  # Stop
-        link.send(process(link, msg.name, table, folders, max_line_bytes, underprocess, processed))
-
-
-def process(link: _Link, name: str, table: routing.Routing, folders: list[str], max_line_bytes: int,
-            underprocess: str, processed: str) -> Outcome:
-    """Done | Rejected (the input's fault) | Retry (the machine's fault: the input is kept for a retry)."""
-    started = time.monotonic()
-    stats = pipeline.Stats()
-    link.stats, link.stage = stats, Stage.READ
-    link.wake.set()
-    sinks = Sinks(processed, name, folders)
     try:
-        with pipeline.open_input(os.path.join(underprocess, name)) as f:
-            pipeline.run(f, name, table, max_line_bytes, sinks.write, stats)
-        link.stage = Stage.COMMIT
-        sinks.commit()
-    except pipeline.Rejected as e:
-        sinks.abort()
-        return Rejected(e.reason, e.line, stats.bytes_in, stats.lines_in)
-    except Exception as e:  # noqa: BLE001 - one table (errors.classify) decides; a worker never dies on one file
-        sinks.abort()
-        phase = errors.phase_of(e, Phase.READ_INPUT if isinstance(e, OSError) else Phase.PROCESS)
-        reason = errors.reason(e)
-        verdict = errors.classify(e, phase)
-        if verdict is Verdict.REJECT:
-            # The input's fault (its name cannot be published, it is too large for RLIMIT_FSIZE, a bug met on
-            # this input): retrying cannot help, and would pause the whole queue.
-            prefix = "cannot publish: " if phase in (Phase.WRITE_OUTPUT, Phase.PUBLISH) else ""
-            return Rejected(prefix + reason, None, stats.bytes_in, stats.lines_in)
-        # RETRY (full disk, read-only folder, EIO, EMFILE...) or RECREATE (an output folder vanished: the retry's
-        # Sinks recreates it): not the input's fault. After a failed fsync the temp is untrustworthy (Linux
-        # forgets the error), so it is dropped and the whole file redone later.
-        return Retry(reason, getattr(e, "errno", None), recreate=verdict is Verdict.RECREATE)
+        while True:
+            try:
+                msg = conn.recv()
+            except (EOFError, OSError):
+                return
+            if not isinstance(msg, Assign):
+                return  # Stop
+            link.send(Outcomes(run_batch(link, current, msg.names, table, folders, max_line_bytes, underprocess,
+                                         processed)))
     finally:
-        link.wake.clear()
-        link.stats = None
-    return Done(stats.bytes_in, stats.lines_in, sinks.bytes_out, dict(sinks.lines_out), time.monotonic() - started)
+        if link.marker >= 0:
+            durable.unlink_quiet(os.path.join(state, f"{INFLIGHT_PREFIX}{os.getpid()}"))  # a clean stop: no blame
+
+
+def _open_marker(state: str) -> int:
+    """This worker's in-flight marker (.ingestd/inflight-<pid>): recovery after a daemon crash counts an attempt
+    only for the file named there, not for the rest of the batch. Best effort: -1 if it cannot be made."""
+    try:
+        fd = os.open(os.path.join(state, f"{INFLIGHT_PREFIX}{os.getpid()}"),
+                     os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+        durable.overwrite(fd, _IDLE)
+        return fd
+    except OSError:
+        return -1
+
+
+def run_batch(link: _Link, current: ctypes.c_int, names: tuple[str, ...], table: routing.Routing, folders: list[str],
+              max_line_bytes: int, underprocess: str, processed: str) -> list[tuple[str, Outcome]]:
+    """Each file of a batch through the engine into sealed temps, then one group commit for all of them:
+    one data sync (syncfs) for the batch, the renames, one fsync per output folder. Returns (name, outcome)
+    in the batch's order. A batch of one file syncs its own temps (fsync), as a big file travels alone."""
+    link.wake.set()
+    try:
+        outcomes: dict[str, Outcome] = {}
+        sealed: list[tuple[str, Sinks, pipeline.Stats, float]] = []
+        group = len(names) > 1
+        for index, name in enumerate(names):
+            link.begin(index, name)
+            current.value = index  # shared memory: the parent reads it even after this process is killed
+            sinks = Sinks(processed, name, folders)
+            stats, started = link.stats, time.monotonic()
+            try:
+                with pipeline.open_input(os.path.join(underprocess, name)) as f:
+                    pipeline.run(f, name, table, max_line_bytes, sinks.write, stats)
+                link.stage = Stage.COMMIT
+                if not group:
+                    sinks.commit()  # alone: its own fsyncs, then its renames and their folders' fsyncs
+                    outcomes[name] = Done(stats.bytes_in, stats.lines_in, sinks.bytes_out, dict(sinks.lines_out),
+                                          time.monotonic() - started)
+                    continue
+                sinks.seal(sync=False)
+            except Exception as e:  # noqa: BLE001 - one table (errors.classify) decides; a worker never dies on a file
+                sinks.abort()
+                outcomes[name] = _failure(e, stats)
+                continue
+            sealed.append((name, sinks, stats, started))
+        link.stage = Stage.COMMIT
+        if sealed:
+            try:
+                with errors.in_phase(Phase.PUBLISH):
+                    durable.syncfs(processed)  # every sealed temp of the batch durable before any name points at it
+            except Exception as e:  # noqa: BLE001 - after a failed sync no temp can be trusted: all are redone
+                for name, sinks, stats, _ in sealed:
+                    sinks.abort()
+                    outcomes[name] = _failure(e, stats)
+                sealed = []
+        changed: dict[str, list[str]] = {}  # output folder -> names published there, for the fsync below
+        for name, sinks, stats, started in sealed:
+            try:
+                for folder in sinks.publish():
+                    changed.setdefault(folder, []).append(name)
+            except Exception as e:  # noqa: BLE001 - publish is all or none per file
+                sinks.abort()
+                outcomes[name] = _failure(e, stats)
+                continue
+            outcomes[name] = Done(stats.bytes_in, stats.lines_in, sinks.bytes_out, dict(sinks.lines_out),
+                                  time.monotonic() - started)
+        for folder, published in changed.items():
+            try:
+                durable.fsync_dir(folder)  # the renames durable before any input may go: once per folder per batch
+            except OSError as e:
+                for name in published:  # published, but not durably: the input stays, the redo republishes
+                    outcomes[name] = Retry(errors.reason(e), e.errno)
+        return [(name, outcomes[name]) for name in names]
+    finally:
+        link.end()
+
+
+def _failure(e: BaseException, stats: pipeline.Stats) -> Outcome:
+    """Rejected (the input's fault) or Retry (the machine's fault: the input is kept), by errors.classify."""
+    if isinstance(e, pipeline.Rejected):
+        return Rejected(e.reason, e.line, stats.bytes_in, stats.lines_in)
+    phase = errors.phase_of(e, Phase.READ_INPUT if isinstance(e, OSError) else Phase.PROCESS)
+    reason = errors.reason(e)
+    verdict = errors.classify(e, phase)
+    if verdict is Verdict.REJECT:
+        # The input's fault (its name cannot be published, it is too large for RLIMIT_FSIZE, a bug met on
+        # this input): retrying cannot help, and would pause the whole queue.
+        prefix = "cannot publish: " if phase in (Phase.WRITE_OUTPUT, Phase.PUBLISH) else ""
+        return Rejected(prefix + reason, None, stats.bytes_in, stats.lines_in)
+    # RETRY (full disk, read-only folder, EIO, EMFILE...) or RECREATE (an output folder vanished: the retry's
+    # Sinks recreates it): not the input's fault. After a failed fsync the temp is untrustworthy (Linux
+    # forgets the error), so it is dropped and the whole file redone later.
+    return Retry(reason, getattr(e, "errno", None), recreate=verdict is Verdict.RECREATE)
 
 
 def _die_with_parent() -> None:

@@ -1,4 +1,4 @@
-"""The worker pool: N spawned processes, each on one Job at a time, talking to the parent over a pipe.
+"""The worker pool: N spawned processes, each on one batch of Jobs at a time, talking to the parent over a pipe.
 
 The pool is only changed (a worker replaced, retired or stopped) by `maintain()`, which the daemon calls
 between event rounds: never while the pipes are being read.
@@ -11,7 +11,7 @@ import os
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import Any
@@ -33,7 +33,10 @@ class Slot:
     id: int
     process: BaseProcess
     conn: Connection
-    job: Job | None = None
+    current: Any  # multiprocessing Value("i"): the index of the file it is on, written by the worker
+    batch: list[Job] = field(default_factory=list)  # what it holds, in order; empty when idle
+    index: int = 0  # the batch's file it is on (from its heartbeats)
+    last_progress: float = 0.0  # monotonic: the last heartbeat that showed progress
     ready: bool = False  # imported and listening (a spawned interpreter takes a moment)
     dead: bool = False  # its process is gone (reported once as died)
     retire: bool = False  # restart once idle (a reload changed the routing)
@@ -44,6 +47,11 @@ class Slot:
     @property
     def pid(self) -> int | None:
         return self.process.pid
+
+    @property
+    def job(self) -> Job | None:
+        """The file it is on now (None when idle)."""
+        return self.batch[min(max(0, self.current.value), len(self.batch) - 1)] if self.batch else None
 
 
 class Pool:
@@ -66,12 +74,15 @@ class Pool:
 
     def _spawn(self, wid: int) -> Slot:
         parent, child = _ctx.Pipe()
+        # Which file of its batch the worker is on, in shared memory: still readable after a kill -9, so a death
+        # blames the right file even between heartbeats.
+        current = _ctx.Value("i", 0, lock=False)
         p = _ctx.Process(target=worker.main, name=f"ingestd-worker-{wid}", daemon=True,
-                         args=(child, self.s.routing_doc, self.s.max_line_bytes, self.spool.underprocess,
-                               self.spool.processed))
+                         args=(child, current, self.s.routing_doc, self.s.max_line_bytes, self.spool.underprocess,
+                               self.spool.processed, self.spool.state))
         p.start()
         child.close()
-        return Slot(wid, p, parent)
+        return Slot(wid, p, parent, current)
 
     def _index(self) -> None:
         self._by_fd = {}
@@ -110,34 +121,46 @@ class Pool:
         return out
 
     def _beat(self, slot: Slot, hb: Heartbeat) -> None:
-        job = slot.job
-        if job is None:
-            return
+        if not slot.batch or hb.index >= len(slot.batch):
+            return  # a late beat from a batch already reported
+        now = self.clock()
+        if hb.index != slot.index:  # on to the next file of its batch: that file's clock starts
+            slot.index = hb.index
+            slot.batch[hb.index].started = now
+            slot.last_progress = now
+        job = slot.batch[hb.index]
         # Progress is input read, or a commit under way (fsyncs on a slow disk move nothing we can count).
         if hb.bytes != job.bytes or hb.lines != job.lines or hb.stage is Stage.COMMIT:
-            job.last_progress = self.clock()
+            slot.last_progress = now
         job.bytes, job.lines = hb.bytes, hb.lines
 
     # --- handing out and taking back ----------------------------------------------------------------
     def idle(self) -> list[Slot]:
-        return [s for s in self.slots if s.job is None and s.ready and not s.dead and not s.retire]
+        return [s for s in self.slots if not s.batch and s.ready and not s.dead and not s.retire]
 
     def busy(self) -> list[Slot]:
-        return [s for s in self.slots if s.job is not None]
+        return [s for s in self.slots if s.batch]
 
-    def assign(self, slot: Slot, job: Job, now: float, wall: float) -> bool:
-        """Hand a job to an idle worker. False if the worker died meanwhile (the job is not taken)."""
+    def in_flight(self) -> int:
+        return sum(len(s.batch) for s in self.slots)
+
+    def assign(self, slot: Slot, jobs: list[Job], now: float, wall: float) -> bool:
+        """Hand a batch to an idle worker. False if the worker died meanwhile (nothing is taken)."""
+        slot.current.value = 0
         try:
-            slot.conn.send(Assign(job.name))
+            slot.conn.send(Assign(tuple(j.name for j in jobs)))
         except OSError:  # BrokenPipeError: it died between the poll and this hand-off
             return False
-        job.begin(slot.id, now, wall)
-        slot.job = job
+        for job in jobs:
+            job.begin(slot.id, now, wall)
+        slot.batch, slot.index, slot.last_progress = list(jobs), 0, now
         return True
 
-    def release(self, slot: Slot) -> Job | None:
-        job, slot.job = slot.job, None
-        return job
+    def release(self, slot: Slot) -> tuple[list[Job], int]:
+        """Take back its batch: (jobs, index of the file it was on, as the worker itself last wrote it)."""
+        jobs, index = slot.batch, slot.current.value
+        slot.batch, slot.index = [], 0
+        return jobs, index
 
     def reconfigure(self, settings: Settings) -> None:
         """New routing: every worker restarts once idle (maintain() does it)."""
@@ -149,7 +172,7 @@ class Pool:
         """Replace dead workers and restart idle retiring ones (only while running). True if the fds changed."""
         changed = False
         for i, slot in enumerate(self.slots):
-            if slot.job is not None or not (slot.dead or slot.retire):
+            if slot.batch or not (slot.dead or slot.retire):
                 continue
             if slot.retire and not slot.dead:
                 self._stop(slot)
@@ -160,7 +183,7 @@ class Pool:
             changed = True
         if changed:
             if not running:
-                self.slots = [s for s in self.slots if not (s.dead or s.retire) or s.job is not None]
+                self.slots = [s for s in self.slots if not (s.dead or s.retire) or s.batch]
             self._index()
         return changed
 
@@ -172,8 +195,8 @@ class Pool:
             job = s.job
             if job is None or s.dead or s.kill_reason is not None:
                 continue
-            if now - job.last_progress > limit:
-                out.append((s, "stalled", f"no progress for {now - job.last_progress:.1f}s (stall_time {limit:g}s)"))
+            if now - s.last_progress > limit:
+                out.append((s, "stalled", f"no progress for {now - s.last_progress:.1f}s (stall_time {limit:g}s)"))
             elif time_limit and now - job.started > time_limit:
                 out.append((s, "time_limit", f"over the time limit of {time_limit:g}s per file"))
         return out
@@ -203,18 +226,18 @@ class Pool:
         return [{"worker": s.id, "file": display(s.job.name) if s.job else None,
                  "since": s.job.started_wall if s.job else None, "bytes": s.job.bytes if s.job else 0,
                  "size": s.job.size if s.job else 0,
-                 "silent_for": round(now - s.job.last_progress, 1) if s.job else None,
-                 "stuck": s.kill_reason} for s in self.slots]
+                 "silent_for": round(now - s.last_progress, 1) if s.job else None,
+                 "batch": len(s.batch), "stuck": s.kill_reason} for s in self.slots]
 
     # --- ending -------------------------------------------------------------------------------------
     def abandon(self) -> list[tuple[Job, int | None]]:
-        """Kill every busy worker now; returns (job, worker pid) for each. Idle workers stop cleanly."""
+        """Kill every busy worker now; returns (job, worker pid) for each job it held. Idle workers stop cleanly."""
         left = []
         for slot in self.slots:
-            if slot.job is not None:
-                left.append((slot.job, slot.pid))
+            if slot.batch:
+                left += [(job, slot.pid) for job in slot.batch]
                 slot.process.kill()
-                slot.job = None
+                slot.batch = []
         self.close()
         return left
 

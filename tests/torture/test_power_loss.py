@@ -30,10 +30,11 @@ from .powerloss import Epoch, materialize, violations
 CONFIG = '[[filters]]\nmatch = "*"\nprocessor = "abort_on"\n[[filters]]\nmatch = "*"\nprocessor = "uppercase"\n'
 ENV = {"INGESTD_MAX_ATTEMPTS": "2", "INGESTD_SETTLE_TIME": "0.1"}
 SRC = Path(ingestd.__file__).parent
+SYNCS = ("fsync", "fsync_dir", "syncfs")
 
 
 def fsync_sites() -> list[str]:
-    """file.py:function:line of every call of durable.fsync / durable.fsync_dir (the seam's callers)."""
+    """file.py:function:line of every call of durable.fsync / fsync_dir / syncfs (the seam's callers)."""
     sites = []
     for path in sorted(SRC.glob("*.py")):
         tree = ast.parse(path.read_text())
@@ -44,8 +45,8 @@ def fsync_sites() -> list[str]:
                 if not isinstance(node, ast.Call):
                     continue
                 f = node.func
-                if (isinstance(f, ast.Name) and f.id in ("fsync", "fsync_dir") and path.name == "durable.py") or (
-                        isinstance(f, ast.Attribute) and f.attr in ("fsync", "fsync_dir")
+                if (isinstance(f, ast.Name) and f.id in SYNCS and path.name == "durable.py") or (
+                        isinstance(f, ast.Attribute) and f.attr in SYNCS
                         and isinstance(f.value, ast.Name) and f.value.id == "durable"):
                     sites.append(f"{path.name}:{fn.name}:{node.lineno}")
     return sites
@@ -136,12 +137,24 @@ def scenario(tmp: Path, disable: list[str], restarts: int = 0) -> tuple[list[str
     (w2 / "unprocessed" / "bin1.dat").write_bytes(data["bin1.dat"])
     ep4 = Epoch.begin(w2)
     j4 = tmp / "j4"
+    data5, expected5 = {**data, "late.txt": b"late, alone\n"}, {**expected, "late.txt": b"LATE, ALONE\n"}
     d = start_daemon(w2, "--config", str(cfg), "--workers", "2", env=env(j4), cwd=tmp)
     try:
         wait_drained(w2, len(data) + 1, timeout=60)
     finally:
         d.stop()
     figures["cut points checked"] += len(check(ep4, j4, data, expected, "epoch 4", found))
+
+    # Epoch 5: a file arriving alone is committed alone (its own fsyncs), not in a group: that path is cut too.
+    (w2 / "unprocessed" / "late.txt").write_bytes(data5["late.txt"])
+    ep5 = Epoch.begin(w2)
+    j5 = tmp / "j5"
+    d = start_daemon(w2, "--config", str(cfg), "--workers", "2", env=env(j5), cwd=tmp)
+    try:
+        wait_drained(w2, len(data5) + 1, timeout=60)
+    finally:
+        d.stop()
+    figures["cut points checked"] += len(check(ep5, j5, data5, expected5, "epoch 5", found))
 
     # Restart the daemon on disks cut at random points of epoch 2: each must finish with nothing lost.
     rng = random.Random(11)

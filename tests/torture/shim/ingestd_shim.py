@@ -88,8 +88,9 @@ def install(cfg_path: str) -> None:
 
     disabled = set(CFG.get("disable", []))
     shadow = CFG.get("shadow")
-    orig = {n: getattr(durable, n) for n in ("fsync", "fsync_dir", "write_all", "create_exclusive", "rename",
-                                            "rename_noreplace", "unlink", "unlink_quiet")}
+    orig = {n: getattr(durable, n) for n in ("fsync", "fsync_dir", "syncfs", "write_all", "create_exclusive",
+                                            "rename", "rename_noreplace", "unlink", "unlink_quiet")}
+    created: dict[str, int] = {}  # files this process created since its last syncfs: path -> inode
 
     def skipped() -> bool:
         """This fsync's call site is switched off for the run: journal that, and do nothing."""
@@ -99,19 +100,34 @@ def install(cfg_path: str) -> None:
         _journal(op="skipped", site=site)
         return True
 
+    def synced(ino: int, path: str) -> None:
+        """Journal that ino's bytes (read from path) are durable now, with a copy of them."""
+        rec: dict = {"op": "fsync", "ino": ino}
+        if shadow:  # keep the bytes now durable, to rebuild the disk as a power cut would leave it
+            copy = os.path.join(shadow, f"{ino}-{os.getpid()}-{_counter('shadow')}")
+            with open(path, "rb") as src, open(copy, "wb") as dst:
+                dst.write(src.read())
+            rec["copy"] = copy
+        _journal(**rec)
+
     def fsync(fd: int) -> None:
         if skipped():
             return
         _maybe_fail("fsync")
         orig["fsync"](fd)
-        st = os.fstat(fd)
-        rec = {"op": "fsync", "ino": st.st_ino}
-        if shadow:  # keep the bytes now durable, to rebuild the disk as a power cut would leave it
-            copy = os.path.join(shadow, f"{st.st_ino}-{os.getpid()}-{_counter('shadow')}")
-            with open(f"/proc/self/fd/{fd}", "rb") as src, open(copy, "wb") as dst:
-                dst.write(src.read())
-            rec["copy"] = copy
-        _journal(**rec)
+        synced(os.fstat(fd).st_ino, f"/proc/self/fd/{fd}")
+
+    def syncfs(path: str) -> None:
+        """Modelled conservatively: the data of the files this process created (still under their names) becomes
+        durable, nothing else; no directory entry (the real syncfs does more: the model never counts on it)."""
+        if skipped():
+            return
+        _maybe_fail("fsync")
+        orig["syncfs"](path)
+        for p, ino in list(created.items()):
+            if _ino(p) == ino:
+                synced(ino, p)
+        created.clear()
 
     def fsync_dir(path: str) -> None:
         if skipped():
@@ -128,7 +144,9 @@ def install(cfg_path: str) -> None:
     def create_exclusive(path: str, mode: int = 0o644) -> int:
         _maybe_fail("create")
         fd = orig["create_exclusive"](path, mode)
-        _journal(op="create", path=os.path.abspath(path), ino=os.fstat(fd).st_ino)
+        ino = os.fstat(fd).st_ino
+        created[os.path.abspath(path)] = ino
+        _journal(op="create", path=os.path.abspath(path), ino=ino)
         return fd
 
     def rename(src: str, dst: str) -> None:
@@ -153,7 +171,7 @@ def install(cfg_path: str) -> None:
         except FileNotFoundError:
             pass
 
-    for n, fn in (("fsync", fsync), ("fsync_dir", fsync_dir), ("write_all", write_all),
+    for n, fn in (("fsync", fsync), ("fsync_dir", fsync_dir), ("syncfs", syncfs), ("write_all", write_all),
                   ("create_exclusive", create_exclusive), ("rename", rename), ("rename_noreplace", rename_noreplace),
                   ("unlink", unlink), ("unlink_quiet", unlink_quiet)):
         setattr(durable, n, fn)
