@@ -22,7 +22,6 @@ from bench.harness import (
     f_ms,
     fresh,
     http_get,
-    iso_ts,
     note,
     pct,
     ratio,
@@ -74,8 +73,8 @@ def run(work: Path, t: Table, quick: bool) -> None:
     try:
         time.sleep(0.5)
         closed = write_paced(root / "watch" / "unprocessed", seconds, 11)
-        wait_until(lambda: len(events(d, "claimed")) >= len(closed), 30, "all claimed", interval=0.05)
-        claimed = {e["file"]: iso_ts(e["timestamp"]) for e in events(d, "claimed")}
+        wait_until(lambda: len(events(d, "processed")) >= len(closed), 30, "all processed", interval=0.05)
+        claimed = {e["file"]: e["claimed_at"] for e in events(d, "processed")}  # one log line per file
         lat = [claimed[n] - c for n, c in closed.items()]
         _, metrics = http_get(address(d), "/metrics")
         hcount, hq = histogram_quantiles(metrics.decode(), "ingestd_pickup_latency_seconds", (0.5, 0.99))

@@ -326,7 +326,9 @@ class Daemon:
                 continue
             for job in batch:
                 job.fresh = not os.path.lexists(os.path.join(self.spool.processed, job.name))
-                event("claimed", "claimed", file=display(job.name), bytes=job.size, worker=slot.id,
+                # DEBUG: one log line per file (processed or failed, which carry claimed_at); 28% of the parent's
+                # time under load was spent formatting log lines (py-spy, docs/benchmarks.md).
+                event("claimed", "claimed", logging.DEBUG, file=display(job.name), bytes=job.size, worker=slot.id,
                       attempts=job.attempts or None, recovered=job.recovered or None)
 
     def _next_job(self, now: float) -> Job | None:
@@ -466,7 +468,7 @@ class Daemon:
         self.state.processed(job, done, elapsed)
         event("processed", "processed", file=display(job.name), bytes=done.bytes_in, lines=done.lines_in,
               bytes_out=done.bytes_out, duration=round(elapsed, 6), worker=job.worker,
-              recovered=job.recovered or None)
+              claimed_at=round(job.claimed_at, 6), recovered=job.recovered or None)
 
     def _fail(self, job: Job, failure: Failure, elapsed: float, worker: int | None = None) -> None:
         self.spool.fail(job.name, failure, self.wall())

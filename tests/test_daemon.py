@@ -158,7 +158,7 @@ def test_sigterm_finishes_the_current_file_then_exits_zero(start, tmp_path: Path
     big = tmp_path / "big.txt"
     big.write_bytes(b"some line of text\n" * 3_000_000)  # ~54 MB: takes a while to process
     os.rename(big, w / "unprocessed" / "big.txt")
-    wait_for(lambda: d.event("claimed", file="big.txt"), what="claim")
+    wait_for(lambda: folder(w, "underprocess") == ["big.txt"], what="claim")
     d.signal(signal.SIGTERM)
     assert d.wait() == 0
     assert d.event("stopping") and d.event("stopped")
@@ -172,7 +172,7 @@ def test_second_sigterm_abandons_the_file_back_to_the_queue(start, tmp_path: Pat
     d = start("--config", str(cfg), "--workers", "1")
     w = d.watch_dir
     (w / "unprocessed" / "stuck.txt").write_bytes(b"HANG\n")
-    wait_for(lambda: d.event("claimed", file="stuck.txt"), what="claim")
+    wait_for(lambda: folder(w, "underprocess") == ["stuck.txt"], what="claim")
     d.signal(signal.SIGTERM)
     wait_for(lambda: d.event("stopping"))
     d.signal(signal.SIGTERM)

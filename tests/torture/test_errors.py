@@ -444,7 +444,7 @@ def test_a_full_disk_while_recording_an_attempt(tmp_path: Path, mounts: list[Pat
             except OSError as e:
                 assert e.errno == 28
         os.rename(fs / "stage" / "hang.txt", w / "unprocessed" / "hang.txt")
-        wait_for(lambda: d.event("claimed"), timeout=20, what="hang.txt claimed")
+        wait_for(lambda: ls(w, "underprocess") == ["hang.txt"], timeout=20, what="hang.txt claimed")
         (worker,) = wait_for(lambda: [p for p in children(d.proc.pid)
                                       if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()], what="the worker")
         os.kill(worker, signal.SIGKILL)  # a worker death while the disk is full
