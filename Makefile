@@ -2,7 +2,8 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-WATCH_DIR ?= watch_dir
+# Empty: the settings decide (INGESTD_WATCH_DIR, .env, the config file), by default ./watch_dir.
+WATCH_DIR ?=
 
 .PHONY: run test bench bench-quick torture-long clean
 
@@ -20,7 +21,7 @@ $(VENV)/.test-deps: $(BIN)/ingestd pyproject.toml tests/plugins/pyproject.toml
 	touch $@
 
 run: $(BIN)/ingestd
-	$(BIN)/ingestd run --watch-dir $(WATCH_DIR)
+	$(BIN)/ingestd run $(if $(WATCH_DIR),--watch-dir $(WATCH_DIR))
 
 # System packages the real-component tests use (Prometheus, Alertmanager, Chromium); installed when missing.
 test: $(VENV)/.test-deps

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import errno
 import faulthandler
 import logging
 import os
@@ -33,7 +34,7 @@ from ingestd.notify import Notifier
 from ingestd.pipeline import kind
 from ingestd.settings import ConfigError, Settings
 from ingestd.sinks import remove_temps
-from ingestd.spool import Claim, Failure, Spool, SpoolError
+from ingestd.spool import AlreadyRunning, Claim, Failure, Spool, SpoolError
 from ingestd.state import PauseKind, State
 from ingestd.watch import Watch
 from ingestd.web import Web
@@ -77,6 +78,7 @@ class Daemon:
         self._polled: set[int] = set()
         self._wake_r = self._wake_w = -1
         self._old_handlers: dict[int, Any] = {}
+        self._on_tty = log.text_wanted("auto")  # stderr is a terminal: a SIGHUP may be its hang-up
 
     # --- startup -------------------------------------------------------------------------------
     def startup(self) -> None:
@@ -187,8 +189,10 @@ class Daemon:
         if self.signals:
             self._handle_signals()
         self._supervise(now)
-        if self.pool.maintain(running=self.state.phase != "stopping"):
-            self._sync_poller()
+        try:
+            self.pool.maintain(running=self.state.phase != "stopping")
+        finally:
+            self._sync_poller()  # whatever maintain got to: a closed fd must never stay in the poller
         self.arrivals.tick(now, self._stat)  # due settle/grace timers run now, not only when a worker is free
         if now >= self.next_rescan:
             self._rescan("periodic")
@@ -199,6 +203,8 @@ class Daemon:
         (if any) is retried with backoff, or set aside after MAX_INTERNAL_ERRORS; the loop goes on."""
         try:
             yield
+        except AlreadyRunning:
+            raise  # another daemon owns the watch dir now: this one must stop, not retry
         except Exception as e:  # noqa: BLE001 (that is the point)
             self.metrics.errors.inc()
             event("internal_error", f"unexpected error in {what}", logging.ERROR,
@@ -224,10 +230,12 @@ class Daemon:
         if (d := self.arrivals.next_deadline()) is not None:
             deadlines.append(d)
         if self.pool.idle() and self.state.phase == "running":
-            if self.state.pause is not None:
+            if self.state.pause is not None and self.state.pause.until > now:
                 deadlines.append(self.state.pause.until)
             elif self.queue:
-                deadlines.append(min(j.not_before for j in self.queue))
+                deadlines.append(max(now, min(j.not_before for j in self.queue)))
+        if (r := self.pool.next_respawn()) is not None:
+            deadlines.append(max(now + 0.05, r))
         if self.notifier.watchdog_interval:
             deadlines.append(self.next_watchdog)
         if self.state.history_dirty:
@@ -285,6 +293,7 @@ class Daemon:
         except (SpoolError, OSError) as e:
             self._back_off(None, str(e), "a queue folder cannot be made; claiming waits")
             return
+        self.spool.check_lock()  # a watch dir made again is locked again; AlreadyRunning ends this daemon
         if made:
             event("folders_recreated", "queue folders were missing and are made again", logging.WARNING,
                   folders=made)
@@ -305,6 +314,9 @@ class Daemon:
     def _dispatch(self, now: float) -> None:
         assert self.pool is not None
         idle = self.pool.idle()
+        pause = self.state.pause
+        if pause is not None and pause.kind is PauseKind.IO_ERROR and now >= pause.until:
+            self.state.unpause()  # the backoff is over: try again (a new error pauses longer)
         if not idle or self.state.paused(now) or not self._space_ok(now):
             return
         for slot in idle:
@@ -364,6 +376,14 @@ class Daemon:
                 return None
             claimed = self.spool.claim(name, settled=r.settled)
         except OSError as e:
+            if e.errno == errno.EPERM:
+                # This entry's own doing (an immutable or append-only file: chattr +i/+a): it waits and is
+                # looked at again with a backoff of its own; the rest of the queue flows on.
+                if not r.retry:
+                    event("io_error", "cannot claim this file; it stays queued and is retried", logging.ERROR,
+                          file=display(name), reason=oserror(e))
+                self.arrivals.busy(r, now)
+                return None
             # EIO/ENOSPC on the claim rename or on quarantining a non-file must not kill the daemon: the entry
             # stays in unprocessed/, is looked at again, and claiming pauses (tests/torture/test_errors.py, eio).
             self.arrivals.scanned([name], now)
@@ -419,6 +439,10 @@ class Daemon:
             return
         if not isinstance(msg, Outcomes):
             return
+        if slot.kill_reason is not None and slot.kill_at is not None:  # it finished within its grace: no kill
+            event("worker_reprieved", "a worker thought stuck finished its batch: not killed", logging.WARNING,
+                  worker=slot.id, reason=slot.kill_reason)
+            slot.kill_reason, slot.kill_at, slot.kill_kind = None, None, "died"
         jobs, _ = self.pool.release(slot)
         pending = {job.name: job for job in jobs}
         for name, outcome in msg.results:
@@ -553,6 +577,8 @@ class Daemon:
         assert self.pool is not None
         sigs, self.signals = self.signals, []
         for sig in sigs:
+            if sig == signal.SIGHUP and self._terminal_hung_up():
+                sig = signal.SIGTERM  # the terminal of `make run` closed: a hang-up, not a reload request
             if sig == signal.SIGHUP:
                 self._reload()
             elif self.state.phase == "stopping":
@@ -568,6 +594,19 @@ class Daemon:
                 busy = [display(s.job.name) for s in self.pool.busy() if s.job]
                 event("stopping", "stopping: finishing current files" if busy else "stopping",
                       signal=signal.Signals(sig).name, in_progress=busy, timeout=self.s.stop_timeout)
+
+    def _terminal_hung_up(self) -> bool:
+        """SIGHUP means "reload" (systemctl reload), except when the terminal we run in went away (tty(4): after a
+        hang-up, ioctls on the old descriptor fail with EIO); then it means what it always meant: stop."""
+        if not self._on_tty:
+            return False
+        try:
+            os.tcgetpgrp(sys.stderr.fileno())
+        except OSError as e:
+            return e.errno == errno.EIO
+        except ValueError:
+            return False
+        return False
 
     def _reload(self) -> None:
         if self._reload_settings is None or self.state.phase == "stopping":
@@ -592,11 +631,14 @@ class Daemon:
 
     # --- health, watchdog, status --------------------------------------------------------------------------
     def health(self) -> str | None:
-        """None when healthy, else why: the main loop must turn (stuck workers are the loop's own business)."""
+        """None when healthy, else why: the main loop must turn (stuck workers are the loop's own business), and
+        at least one worker must be alive (if none can be started, a restart by systemd is the way out)."""
         now = self.clock()
         limit = 2 * max(HEARTBEAT, self.notifier.watchdog_interval or 0) + 1.0
         if now - self.heartbeat > limit:
             return f"main loop silent for {now - self.heartbeat:.1f}s"
+        if self.pool is not None and self.pool.slots and not self.pool.alive() and self.pool.spawn_error:
+            return f"no worker is running; starting one fails: {self.pool.spawn_error}"
         return None
 
     def _watchdog(self, now: float) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import stat
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _RENAME_NOREPLACE = 1
@@ -37,6 +38,23 @@ def syncfs(path: str) -> None:
         if _libc.syncfs(fd) != 0:
             err = ctypes.get_errno()
             raise OSError(err, os.strerror(err), path)
+    finally:
+        os.close(fd)
+
+
+def read_small(path: str, limit: int = 1 << 20) -> bytes:
+    """Read back one of our own small state files (sidecar, counter, history) without trusting what stands at the
+    path: never follows a symlink (ELOOP), never blocks on a FIFO (O_NONBLOCK), refuses anything but a regular
+    file (EINVAL), reads at most `limit` bytes. Raises OSError."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", path)
+        chunks, left = [], limit
+        while left > 0 and (chunk := os.read(fd, min(left, 1 << 16))):
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks)
     finally:
         os.close(fd)
 

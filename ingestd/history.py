@@ -23,8 +23,7 @@ def path(root: str) -> str:
 def load(root: str) -> list[dict[str, Any]]:
     """The saved completions, newest first ([] if none or unreadable)."""
     try:
-        with open(path(root), "rb") as f:
-            records = json.load(f)
+        records = json.loads(durable.read_small(path(root)))
     except (OSError, ValueError):
         return []
     if not isinstance(records, list):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from datetime import datetime, timezone
 
 from pythonjsonlogger.json import JsonFormatter
 
@@ -27,6 +28,10 @@ class _JournalPriority(logging.Formatter):
 class _Text(logging.Formatter):
     """For people at a terminal: `time LEVEL message key=value ...` in logfmt's manner: values with spaces or
     quotes are quoted, lists are comma-joined, absent (None) fields are left out."""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802 (stdlib name)
+        """UTC with its offset, as the JSON log and `status` write times, whatever TZ says."""
+        return datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds")
 
     def format(self, record: logging.LogRecord) -> str:
         base = super().format(record)

@@ -88,6 +88,11 @@ def lines(f: BinaryIO, max_line_bytes: int, stats: Stats, progress: Progress) ->
 
 READ = 256 * 1024  # block reads for the fast path; a block only needs a line-length check above max_line_bytes
 
+# On a pure-ASCII block (bytes.isascii, one C loop) these str methods give the same bytes as their bytes twins,
+# which change only a-z / A-Z (Python docs, bytes.upper: "ASCII characters ... converted"), skipping the decode
+# and the encode. Any other byte sends the block through str, whose case rules cover all of Unicode.
+ASCII_TWINS: dict[object, Callable[[bytes], bytes]] = {str.upper: bytes.upper, str.lower: bytes.lower}
+
 
 def blocks(f: BinaryIO, max_line_bytes: int, stats: Stats, progress: Progress) -> Iterator[bytes]:
     """Whole lines in blocks (each ends at a newline, but the last), with the same line-length limit."""
@@ -152,8 +157,12 @@ def run(
     plan = None if explain else routing.block_plan(rule.tag)
     if plan is not None:  # fast path: per-character processors on whole blocks of lines
         out, fn = plan
+        twin = ASCII_TWINS.get(fn)
         with _processor_errors(stats, per_line=False):
             for block in blocks(f, max_line_bytes, stats, progress):
+                if twin is not None and block.isascii():
+                    write(out, twin(block))  # no decode, no encode: the same bytes for ASCII
+                    continue
                 write(out, fn(block.decode("utf-8", "surrogateescape")).encode("utf-8", "surrogateescape"))  # type: ignore[union-attr]
         return
     with _processor_errors(stats, per_line=True):

@@ -107,9 +107,12 @@ class Sinks:
         """
         changed = []
         with in_phase(Phase.PUBLISH):
+            reserved = {f.split("/", 1)[0] for f in self.folders if f}
             for folder in self.outs:
                 target = os.path.join(self._dir(folder), self.name)
-                if _is_dir(target):  # e.g. an input named like an output folder: refuse before any rename
+                # An input named like an output folder is refused before any rename: a directory stands there, or
+                # (that folder removed by hand) the result would take the folder's place and block its outputs.
+                if _is_dir(target) or (not folder and self.name in reserved):
                     raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), target)
             kept = self._keep_earlier()
             done: list[str] = []
@@ -128,7 +131,7 @@ class Sinks:
                     try:
                         if not _is_dir(target):  # a folder of that name is not a result of ours
                             durable.unlink(target)  # a stale result of an earlier same-named input
-                    except FileNotFoundError:
+                    except (FileNotFoundError, NotADirectoryError):  # nothing there (or no folder to hold it)
                         continue
                 changed.append(self._dir(folder))
             for folder in kept:
@@ -147,7 +150,7 @@ class Sinks:
                 except FileExistsError:
                     durable.unlink(keep)  # left by an earlier attempt of this worker
                     durable.link(target, keep)
-            except FileNotFoundError:
+            except (FileNotFoundError, NotADirectoryError):
                 continue  # no earlier result here
             kept.append(folder)
         return kept
@@ -184,7 +187,7 @@ class Sinks:
 def _is_dir(path: str) -> bool:
     try:
         return stat.S_ISDIR(os.lstat(path).st_mode)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # ENOTDIR: a file stands where a folder of the path should be
         return False
 
 

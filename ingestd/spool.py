@@ -147,6 +147,25 @@ class Spool:
             pass
         self._lock_fd = fd
 
+    def check_lock(self) -> None:
+        """After the watch dir was removed and made again (rm -rf; ensure() remakes it), the flock is on a directory
+        that is gone and the new one is unlocked: lock the new one, or give way. Raises AlreadyRunning when another
+        daemon holds it (it started on the new directory in between)."""
+        if self._lock_fd is None:
+            return
+        try:
+            st = os.stat(self.root)
+        except FileNotFoundError:
+            return  # gone right now: ensure() makes it, the next check locks it
+        held = os.fstat(self._lock_fd)
+        if (st.st_dev, st.st_ino) == (held.st_dev, held.st_ino):
+            return
+        old, self._lock_fd = self._lock_fd, None
+        try:
+            self.lock(wait=False)
+        finally:
+            os.close(old)
+
     def unlock(self) -> None:
         """Release the daemon lock (at the end of shutdown; the kernel does it anyway when the process dies)."""
         if self._lock_fd is not None:
@@ -155,8 +174,7 @@ class Spool:
 
     def _label(self) -> str | None:
         try:
-            with open(os.path.join(self.state, "lock"), "rb") as f:
-                return f.read(512).decode("utf-8", "replace").strip() or None
+            return durable.read_small(os.path.join(self.state, "lock"), 512).decode("utf-8", "replace").strip() or None
         except OSError:
             return None
 
@@ -240,8 +258,7 @@ class Spool:
         keys = set()
         for path in markers:
             try:
-                with open(path, "rb") as f:
-                    keys.add(f.read(64).decode("ascii", "replace").strip())
+                keys.add(durable.read_small(path, 64).decode("ascii", "replace").strip())
             except OSError:
                 continue
         return keys
@@ -409,8 +426,7 @@ class Spool:
 
     def _reserved_seq(self) -> int:
         try:
-            with open(os.path.join(self.state, SEQ_FILE), "rb") as f:
-                return int(json.load(f)["reserved_to"])
+            return int(json.loads(durable.read_small(os.path.join(self.state, SEQ_FILE)))["reserved_to"])
         except (OSError, ValueError, KeyError, TypeError):
             pass  # missing or unreadable: the sidecars themselves say how far seqs went
         return max((r["seq"] or 0 for r in self._read_sidecars(set(self._listing(self.failed)[0])).values()), default=0)
@@ -466,8 +482,7 @@ class Spool:
         kept = self._unrecorded.get(name)
         in_memory = kept[1] if kept is not None and kept[0] == ino else 0
         try:
-            with open(self._attempts_path(name), "rb") as f:
-                data = json.load(f)
+            data = json.loads(durable.read_small(self._attempts_path(name)))
         except (OSError, ValueError):
             return in_memory
         on_disk = int(data.get("attempts", 0)) if data.get("ino") == ino else 0
@@ -592,8 +607,7 @@ class Spool:
                 rec = hit[1]
             else:
                 try:
-                    with open(os.path.join(self.failed, sc), "rb") as f:
-                        rec = json.load(f)
+                    rec = json.loads(durable.read_small(os.path.join(self.failed, sc)))
                 except FileNotFoundError:
                     continue  # requeued or superseded while we looked
                 except PermissionError as e:

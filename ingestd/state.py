@@ -106,7 +106,8 @@ class State:
 
     # --- pausing ---------------------------------------------------------------------------------
     def pause_for(self, kind: PauseKind, text: str, until: float) -> None:
-        if self.pause is None or self.pause.text != text:
+        # Once per episode and kind: a low-disk reason names the free bytes, which change at every check.
+        if self.pause is None or self.pause.kind is not kind or (kind is PauseKind.IO_ERROR and self.pause.text != text):
             event("paused", "claiming paused", logging.WARNING, reason=text)
         self.pause = Pause(kind, text, until)
         self.metrics.paused.set(1)

@@ -26,6 +26,7 @@ from ingestd.spool import Spool
 # spawn, not fork: the parent runs an HTTP thread, and forking a threaded process is unsafe.
 _ctx = multiprocessing.get_context("spawn")
 KILL_GRACE = 0.5  # seconds between asking a stuck worker for its stack (SIGUSR1) and killing it
+RESPAWN_AFTER = 1.0  # seconds before a failed worker spawn is tried again
 
 
 @dataclass(slots=True, eq=False)
@@ -40,6 +41,8 @@ class Slot:
     ready: bool = False  # imported and listening (a spawned interpreter takes a moment)
     dead: bool = False  # its process is gone (reported once as died)
     retire: bool = False  # restart once idle (a reload changed the routing)
+    closed: bool = False  # its pipe and process handle are released (after death or stop)
+    respawn_at: float = 0.0  # monotonic: a failed respawn (EMFILE...) is tried again from then
     kill_reason: str | None = None  # why the parent is killing it (stuck, over its time limit), for people
     kill_kind: str = "died"  # the same as a metric label: stalled | time_limit
     kill_at: float | None = None  # monotonic: when the SIGKILL goes (after the stack dump)
@@ -59,6 +62,7 @@ class Pool:
         self.s, self.spool, self.clock = settings, spool, clock
         self.slots: list[Slot] = []
         self._by_fd: dict[int, Slot] = {}
+        self.spawn_error: str | None = None  # the last failed respawn, until one succeeds
 
     def start(self, timeout: float = 60.0) -> None:
         """Spawn every worker and wait until each says it is ready, so READY=1 means work starts at once.
@@ -136,7 +140,12 @@ class Pool:
 
     # --- handing out and taking back ----------------------------------------------------------------
     def idle(self) -> list[Slot]:
-        return [s for s in self.slots if not s.batch and s.ready and not s.dead and not s.retire]
+        """Workers ready for a batch: alive, not retiring, not condemned (a kill may be on its way)."""
+        return [s for s in self.slots if not s.batch and s.ready and not s.dead and not s.retire
+                and s.kill_reason is None]
+
+    def alive(self) -> int:
+        return sum(1 for s in self.slots if not s.dead)
 
     def busy(self) -> list[Slot]:
         return [s for s in self.slots if s.batch]
@@ -169,17 +178,32 @@ class Pool:
             slot.retire = True
 
     def maintain(self, running: bool) -> bool:
-        """Replace dead workers and restart idle retiring ones (only while running). True if the fds changed."""
+        """Replace dead workers and restart idle retiring ones (only while running). True if the fds changed.
+
+        The new worker is spawned before the old one is let go: a spawn that fails (EMFILE, ENOMEM) leaves the
+        slot as it was, to be tried again RESPAWN_AFTER later, and never a half-released one."""
         changed = False
+        now = self.clock()
         for i, slot in enumerate(self.slots):
             if slot.batch or not (slot.dead or slot.retire):
                 continue
+            new = None
+            if running:
+                if now < slot.respawn_at:
+                    continue
+                try:
+                    new = self._spawn(slot.id)
+                except Exception as e:  # noqa: BLE001 - the machine's fault (fds, memory): try again later
+                    slot.respawn_at = now + RESPAWN_AFTER
+                    self.spawn_error = f"{type(e).__name__}: {e}"
+                    continue
+                self.spawn_error = None
             if slot.retire and not slot.dead:
                 self._stop(slot)
             else:
                 _close(slot)
-            if running:
-                self.slots[i] = self._spawn(slot.id)
+            if new is not None:
+                self.slots[i] = new
             changed = True
         if changed:
             if not running:
@@ -217,6 +241,10 @@ class Pool:
                 done.append(s)
         return done
 
+    def next_respawn(self) -> float | None:
+        times = [s.respawn_at for s in self.slots if s.dead and not s.batch]
+        return min(times) if times else None
+
     def next_kill(self) -> float | None:
         times = [s.kill_at for s in self.slots if s.kill_at is not None]
         return min(times) if times else None
@@ -251,6 +279,10 @@ class Pool:
 
     @staticmethod
     def _stop(slot: Slot) -> None:
+        if slot.closed:
+            return
+        if not slot.ready:
+            slot.process.kill()  # still importing: it holds no file and would read Stop only when ready
         try:
             slot.conn.send(Stop())
         except OSError:
@@ -263,6 +295,10 @@ class Pool:
 
 
 def _close(slot: Slot) -> None:
+    """Release the pipe and the process handle, once (a second call does nothing)."""
+    if slot.closed:
+        return
+    slot.closed = True
     slot.conn.close()
     if slot.process.exitcode is not None:
         slot.process.close()  # releases its sentinel fd

@@ -199,3 +199,40 @@ def test_run_at_a_terminal_logs_text_and_says_where_to_look(tmp_path: Path) -> N
     assert f"watching {tmp_path.resolve()}/w/unprocessed/" in text
     assert 'file="a b.txt"' in text, text
     assert "None" not in text and "{" not in text and "[" not in text, text
+
+
+def test_closing_the_terminal_stops_the_daemon_but_a_sighup_otherwise_reloads(tmp_path: Path) -> None:
+    """make run in a terminal that closes: the hang-up's SIGHUP stops it (it used to reload and live on, orphaned,
+    holding the watch dir). Under systemd or with no terminal, SIGHUP stays a reload (tests/test_daemon.py)."""
+    import fcntl
+    import pty
+    import termios
+
+    master, slave = pty.openpty()
+
+    def controlling_tty() -> None:  # in the child, after setsid: the pty on stderr becomes its terminal
+        fcntl.ioctl(2, termios.TIOCSCTTY, 0)
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INGESTD_")}
+    proc = subprocess.Popen([*INGESTD, "run", "--watch-dir", str(tmp_path / "w"), "--listen", "127.0.0.1:0",
+                             "--workers", "1"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=slave,
+                            env=env, cwd=tmp_path, start_new_session=True, preexec_fn=controlling_tty)
+    os.close(slave)
+    out = b""
+    deadline = time.monotonic() + 20
+    import select
+
+    while b"Ctrl-C" not in out and time.monotonic() < deadline:
+        if select.select([master], [], [], 0.5)[0]:
+            out += os.read(master, 4096)
+    assert b"Ctrl-C" in out, out
+    os.close(master)  # the terminal goes away: the kernel hangs it up and sends SIGHUP
+    try:
+        assert proc.wait(20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    second = subprocess.run([*INGESTD, "status", "--watch-dir", str(tmp_path / "w")], capture_output=True, text=True,
+                            timeout=30)
+    assert "not running" in second.stdout, second.stdout

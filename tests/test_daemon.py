@@ -331,3 +331,41 @@ def test_a_listen_address_that_cannot_be_bound_exits_78_at_once(tmp_path: Path, 
     assert out.returncode == 78, out.stderr
     assert time.monotonic() - t0 < 10
     assert f"listen: cannot listen on {listen}" in out.stderr
+
+
+def test_a_watch_dir_removed_and_made_again_is_locked_again(start, tmp_path: Path) -> None:
+    """rm -rf of the whole watch dir: the daemon makes it again and locks the new directory at once, so a second
+    daemon started on it afterwards is refused (it used to start beside the first, both taking files)."""
+    import shutil
+
+    d = start("--workers", "1")
+    w = d.watch_dir
+    before = w.stat().st_ino
+    for _ in range(10):  # the daemon may make folders again while rmtree runs: retry until the old one is gone
+        shutil.rmtree(w, ignore_errors=True)
+        if not w.exists() or w.stat().st_ino != before:
+            break
+    wait_for(lambda: (w / "unprocessed").is_dir() and d.event("watch_lost"), what="the watch dir made again")
+    out = wait_for(lambda: (r := subprocess.run([*INGESTD, "run", "--watch-dir", str(w), "--listen", "127.0.0.1:0"],
+                                                 capture_output=True, text=True, timeout=30)).returncode == 75 and r,
+                   timeout=10, what="the second daemon refused")
+    assert "another ingestd is running" in out.stderr
+    (w / "unprocessed" / "after.txt").write_bytes(b"after\n")
+    wait_for(lambda: processed(w, "after.txt") == b"AFTER\n", what="the first daemon goes on")
+
+
+def test_an_input_named_like_a_removed_output_folder_is_refused_and_the_folder_comes_back(start,
+                                                                                          tmp_path: Path) -> None:
+    cfg = tmp_path / "route.toml"
+    cfg.write_text('[[filters]]\nmatch = "*"\nretag = "errors"\npattern = "ERROR"\n'
+                   '[[outputs]]\nmatch = "errors"\npath = "errors"\n[[outputs]]\nmatch = "*"\npath = ""\n')
+    d = start("--config", str(cfg), "--workers", "1")
+    w = d.watch_dir
+    (w / "processed" / "errors").rmdir()
+    (w / "unprocessed" / "errors").write_bytes(b"hello\n")
+    wait_for(lambda: folder(w, "failed") == ["errors"], what="the input named like the folder refused")
+    assert not (w / "processed" / "errors").exists(), "all or none: nothing published for a failed input"
+    assert "cannot publish" in d.status()["failures"][0]["reason"]
+    (w / "unprocessed" / "app.log").write_bytes(b"ok\nERROR bad\n")
+    wait_for(lambda: (w / "processed" / "errors" / "app.log").is_file(), what="routed output, folder made again")
+    assert (w / "processed" / "errors" / "app.log").read_bytes() == b"ERROR bad\n"

@@ -259,3 +259,102 @@ def test_recent_completions_survive_a_restart_and_recovered_files_are_marked(tmp
     assert [r["file"] for r in recent] == ["crashed.txt", "one.txt"]
     assert recent[0]["recovered"] is True and recent[1]["recovered"] is False
     assert recent[0]["seq"] > recent[1]["seq"], "the sequence goes on across restarts"
+
+
+# --- found by the break-it review of issue 8's changes -------------------------------------------------------------
+def test_a_worker_that_cannot_be_respawned_is_retried_without_wedging_the_loop(loop, events) -> None:
+    """EMFILE while replacing a dead worker (a real RLIMIT_NOFILE, not a mock): no internal_error flood, no spin,
+    /healthz names the cause while no worker runs, and the worker comes back once fds are free."""
+    import resource
+
+    lp = loop()
+    d = lp.d
+    lp.until(lambda: d.pool.idle(), what="an idle worker")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    slot = d.pool.slots[0]
+    resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")), hard))
+    try:
+        slot.process.kill()
+        cpu0, t0 = time.process_time(), time.monotonic()
+        while time.monotonic() - t0 < 1.5:
+            d.main_loop_once()
+        cpu = time.process_time() - cpu0
+        health = d.health()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert cpu < 0.5, f"{cpu:.2f}s of CPU in 1.5 s while the respawn failed"
+    assert not events("internal_error")
+    assert health is not None and "no worker is running" in health and "Too many open files" in health
+    lp.drop("after.txt", b"after\n")
+    lp.until(lambda: lp.result("after.txt"), what="a new worker processes after.txt")
+    assert d.health() is None
+
+
+def test_a_condemned_worker_that_finishes_in_its_grace_is_reprieved_and_the_next_file_is_not_blamed(loop,
+                                                                                                     events) -> None:
+    lp = loop(config=SLOW_ROUTING, time_limit=5, max_attempts=1)
+    d = lp.d
+    lp.drop("a.txt", b"x\n" * 100)  # ~0.2 s of slow work
+    lp.until(lambda: d.pool.busy(), what="a.txt handed out")
+    lp.clock.advance(6)  # over the time limit: condemned, the kill 0.5 s later (after the stack dump)
+    lp.until(lambda: lp.result("a.txt"), what="a.txt done within its grace")
+    lp.drop("b.txt", b"y\n" * 100)
+    lp.until(lambda: lp.result("b.txt"), what="b.txt done")
+    lp.until(lambda: not folder(lp.w, "underprocess"), what="both committed")
+    assert events("worker_reprieved") and not events("worker_killed")
+    assert not folder(lp.w, "failed")
+
+
+def test_an_expired_io_error_pause_neither_spins_nor_stays_shown(loop) -> None:
+    lp = loop()
+    d = lp.d
+    d.state.back_off("Input/output error (EIO)")  # as after a failed claim: paused for 1 s
+    lp.clock.advance(2)
+    cpu0, t0 = time.process_time(), time.monotonic()
+    while time.monotonic() - t0 < 1.0:
+        d.main_loop_once()
+    assert time.process_time() - cpu0 < 0.3
+    assert d.state.pause is None and d.snapshot()["paused"] is None
+
+
+def test_a_fifo_where_the_history_should_be_does_not_hang_the_start(tmp_path: Path, loop) -> None:
+    state = tmp_path / "w" / ".ingestd"
+    state.mkdir(parents=True)
+    os.mkfifo(state / "recent.json")
+    lp = loop()  # startup() returns: the FIFO is not opened for reading (O_NONBLOCK, regular files only)
+    lp.drop("a.txt", b"a\n")
+    lp.until(lambda: lp.result("a.txt"), what="a.txt processed")
+
+
+def test_an_immutable_file_waits_alone_and_does_not_pause_the_queue(loop, events) -> None:
+    import subprocess as sp
+
+    lp = loop()
+    evil = lp.w / "unprocessed" / "evil.txt"
+    evil.write_bytes(b"evil\n")
+    if sp.run(["chattr", "+i", str(evil)], capture_output=True).returncode != 0:
+        evil.unlink()
+        pytest.skip("chattr +i is not supported on this file system (or not root)")
+    try:
+        lp.until(lambda: [e for e in events("io_error") if e.file == "evil.txt"], what="the EPERM logged once")
+        lp.drop("good.txt", b"good\n")
+        t0 = time.monotonic()
+        lp.until(lambda: lp.result("good.txt"), what="good.txt processed")
+        assert time.monotonic() - t0 < 2, "the queue did not wait for the immutable file"
+        assert not events("paused"), "claiming was never paused for one file"
+    finally:
+        sp.run(["chattr", "-i", str(evil)], check=False)
+    lp.clock.advance(60)  # past its own backoff: claimed now that it can be moved
+    lp.until(lambda: lp.result("evil.txt"), what="evil.txt processed once movable")
+
+
+def test_a_sighup_storm_does_not_stop_the_queue(loop, tmp_path: Path) -> None:
+    new = settings_mod.load({"watch_dir": str(tmp_path / "w")}, environ={}, cwd=tmp_path)
+    lp = loop(reload=lambda: new, workers=2)
+    for i in range(20):
+        lp.drop(f"f{i}.txt", b"f\n")
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 2.0:
+        lp.d._on_signal(signal.SIGHUP, None)
+        lp.d.main_loop_once()
+    lp.until(lambda: len(folder(lp.w, "processed")) == 20, timeout=20, what="all 20 processed")

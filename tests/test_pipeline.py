@@ -352,3 +352,54 @@ def test_a_memory_error_in_a_processor_is_not_a_rejection(tmp_path: Path) -> Non
     p.write_bytes(b"a\n")
     with pytest.raises(MemoryError):
         process(p, Routing(filters=(Filter("*", "oom", processor=proc),)))
+
+
+# --- the block fast path equals the per-line path, on adversarial text (issue 10) --------------------------------
+from hypothesis import given, settings as hsettings, strategies as hst  # noqa: E402
+
+# Characters whose case mapping changes their length or depends on context, CR/LF, NUL-free controls, multi-byte
+# UTF-8 of every width, and raw bytes that are not UTF-8 at all (they must pass through untouched).
+_TRICKY = ["ß", "ŉ", "ǰ", "ﬁ", "ΐ", "İ", "ı", "Σ", "ς", "ǅ", "ῼ", "a", "Z", "é", "ж", "中", "😀", "\r\n", "\n", "\r",
+           " ", "\t", "x" * 50]
+
+
+def _blob() -> hst.SearchStrategy[bytes]:
+    piece = hst.one_of(hst.sampled_from(_TRICKY).map(lambda s: s.encode()),
+                       hst.binary(min_size=1, max_size=3).filter(lambda b: b"\0" not in b))
+    return hst.lists(piece, max_size=400).map(b"".join)
+
+
+def _per_line(data: bytes, fn) -> bytes:  # the reference: each line on its own, as the slow path does
+    out = []
+    for line in io.BytesIO(data).readlines():
+        body, end = (line[:-2], line[-2:]) if line.endswith(b"\r\n") else \
+            ((line[:-1], line[-1:]) if line.endswith(b"\n") else (line, b""))
+        out.append(fn(body.decode("utf-8", "surrogateescape")).encode("utf-8", "surrogateescape") + end)
+    return b"".join(out)
+
+
+@hsettings(max_examples=300, deadline=None)
+@given(data=_blob(), read=hst.integers(min_value=1, max_value=64), mode=hst.sampled_from(["uppercase", "lowercase"]))
+def test_block_fast_path_equals_the_per_line_path(data: bytes, read: int, mode: str) -> None:
+    """Blocks decoded and case-mapped whole (or as ASCII bytes) give exactly the per-line result, whatever the
+    text and wherever a read cuts it (tiny reads put block boundaries inside multi-byte characters)."""
+    table = routing.from_mode(mode)
+    fn = {"uppercase": str.upper, "lowercase": str.lower}[mode]
+    assert table.block_plan(table.rule_for("x").tag) is not None, "the fast path is the one under test"
+    old = pipeline.READ
+    pipeline.READ = read
+    try:
+        got: list[bytes] = []
+        pipeline.run(io.BufferedReader(io.BytesIO(data)), "x", table, 1 << 20, lambda out, b: got.append(b), Stats())
+    finally:
+        pipeline.READ = old
+    assert b"".join(got) == _per_line(data, fn)
+
+
+def test_ascii_blocks_skip_the_decode_and_still_match_str_upper() -> None:
+    text = ("".join(chr(c) for c in range(1, 128) if c != 10) + "\n") * 100
+    table = routing.from_mode("uppercase")
+    got: list[bytes] = []
+    pipeline.run(io.BufferedReader(io.BytesIO(text.encode())), "x", table, 1 << 20, lambda o, b: got.append(b), Stats())
+    assert b"".join(got) == text.upper().encode()
+    assert pipeline.ASCII_TWINS[str.upper] is bytes.upper
