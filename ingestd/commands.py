@@ -144,7 +144,9 @@ def _text(report: dict[str, Any]) -> list[str]:
            "folders     " + "  ".join(f"{f} {report['counts'][f]}" for f in FOLDERS),
            "in progress " + (", ".join(report["in_progress"]) or "none"),
            "recent completions (UTC):" if report["recent"] else "recent completions: none"]
-    out += [f"  {when(c['finished_at'])}  {c['file']}" for c in report["recent"]]
+    out += [f"  {when(c['finished_at'])}  {c['file']}" + (f"  FAILED: {c.get('reason')}" if c.get("result") == "failed"
+                                                        else "") + ("  (recovered)" if c.get("recovered") else "")
+            for c in report["recent"]]
     out.append("recent failures (UTC):" if report["failures"] else "recent failures: none")
     for f in report["failures"]:
         line = f" (line {f['line']})" if f.get("line") else ""
