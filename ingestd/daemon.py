@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from ingestd import __version__, history, log
+from ingestd import __version__, history, inflight, log
 from ingestd.arrivals import Arrivals, Ready
 from ingestd.job import Job
 from ingestd.log import event
@@ -90,6 +90,9 @@ class Daemon:
         self._make_output_folders()
         self.state.restore(history.load(str(self.spool.root)))
         self._recover()
+        if not inflight.prepare(self.spool.state, self.s.workers):  # after recovery has read the old records
+            event("io_error", "cannot write .ingestd/inflight: a crash will count an attempt for every claimed file",
+                  logging.WARNING)
         # The watch goes up before the scan, so nothing arriving in between is missed.
         self.watch = Watch(self.spool.unprocessed)
         self._rescan("startup")
@@ -530,7 +533,6 @@ class Daemon:
                   file=display(job.name) if job else None)
         if slot.pid is not None:
             remove_temps(self.spool.processed, self.outputs, slot.pid)
-            self.spool.drop_inflight(slot.pid)  # its death is counted here; a later recovery must not count it again
         if job is None or not os.path.lexists(os.path.join(self.spool.underprocess, job.name)):
             return
         try:
@@ -539,6 +541,7 @@ class Daemon:
             job.attempts += 1  # a full disk cannot record it: count in memory, keep going
             event("io_error", "could not record an attempt; counting it in memory", logging.ERROR,
                   file=display(job.name), reason=oserror(e))
+        inflight.set_record(self.spool.state, slot.id, inflight.IDLE)  # counted here: a recovery must not again
         if job.attempts >= self.s.max_attempts:
             what = (f"its worker was stuck {job.attempts} times processing it ({why})" if why else
                     f"its worker died {job.attempts} times processing it (last exit code {code})")
@@ -704,9 +707,9 @@ class Daemon:
                 self._unclaim(job)
                 if pid is not None:
                     remove_temps(self.spool.processed, self.outputs, pid)
-                    self.spool.drop_inflight(pid)  # a stop, not a crash: no attempt for anyone
                 event("abandoned", f"{self.abandon_reason}: file returned to the queue", logging.WARNING,
                       file=display(job.name))
+            inflight.prepare(self.spool.state, self.s.workers)  # a stop, not a crash: no attempt for anyone
         if self.web is not None:
             self.web.stop()
         if self.watch is not None:

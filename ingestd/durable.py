@@ -95,10 +95,10 @@ def link(src: str, dst: str) -> None:
     os.link(src, dst, follow_symlinks=False)
 
 
-def overwrite(fd: int, data: bytes) -> None:
-    """Replace a small marker's content in place (pwrite at 0 of fixed-length data), with no fsync: a hint that
-    survives kill -9 (the page cache does) but not a power cut, which is all its readers count on."""
-    os.pwrite(fd, data, 0)
+def overwrite(fd: int, data: bytes, offset: int = 0) -> None:
+    """Replace a fixed-length record of a marker file in place (pwrite), with no fsync: a hint that survives
+    kill -9 (the page cache does) but not a power cut, which is all its readers count on."""
+    os.pwrite(fd, data, offset)
 
 
 def unlink(path: str) -> None:

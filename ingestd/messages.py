@@ -28,6 +28,7 @@ class Stop:
 @dataclass(frozen=True, slots=True)
 class Ready:
     pid: int
+    marker_ok: bool = True  # it can keep its in-flight record (inflight.py); if not, recovery must count all
 
 
 @dataclass(frozen=True, slots=True)

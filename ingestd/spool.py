@@ -20,14 +20,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from ingestd import durable, errors, lease
+from ingestd import durable, errors, inflight, lease
 from ingestd.errors import Phase
 from ingestd.log import event
 from ingestd.names import DONE_SUFFIX, STATE_DIR, TEMP_PREFIX, display, key, oserror
 
 FOLDERS = ("unprocessed", "underprocess", "processed", "failed")
 REASON_PREFIX = TEMP_PREFIX + "reason-"
-INFLIGHT_PREFIX = "inflight-"  # .ingestd/inflight-<worker pid>: the key of the file that worker is on
 TEMP_OUTPUT_PREFIX = TEMP_PREFIX + "tmp-"
 SEQ_FILE = "failure-seq"  # in .ingestd/: {"reserved_to": N}, every failure seq handed out so far is <= N
 SEQ_BLOCK = 1024  # failure seqs reserved per durable write of SEQ_FILE
@@ -197,11 +196,11 @@ class Spool:
 
         Files stay in underprocess/ and are processed first (no rename back, so nothing can be
         overwritten). A recovery counts an attempt for the files a worker was on when the daemon died (its
-        in-flight marker, see mark_inflight), not for the rest of a batch that only waited; with no marker at
-        all (a crash before any worker wrote one, files left by hand) every file counts, as the safe side.
+        in-flight record, see inflight.py), not for the rest of a batch that only waited; when the records
+        cannot be trusted (none, or a worker without one; files left by hand) every file counts, the safe side.
         Returns (requeued, quarantined).
         """
-        suspects = self._inflight_suspects()
+        suspects = inflight.suspects(self.state)
         for folder, _, files in os.walk(self.processed):
             for f in files:
                 if f.startswith(TEMP_OUTPUT_PREFIX):
@@ -229,39 +228,8 @@ class Spool:
                 quarantined.append(name)
             else:
                 requeued.append(name)
-        for marker in self._inflight_markers():
-            durable.unlink_quiet(marker)  # their workers are gone; the attempts they vouched for are counted
         return requeued, quarantined
 
-    # --- in-flight markers: which file each worker is on (for recovery's attempt counts) --------------------
-    def inflight_path(self, pid: int) -> str:
-        return os.path.join(self.state, f"{INFLIGHT_PREFIX}{pid}")
-
-    def drop_inflight(self, pid: int) -> None:
-        """A worker's marker goes once the parent has dealt with its end (death counted, or a stop)."""
-        try:
-            durable.unlink_quiet(self.inflight_path(pid))
-        except OSError:
-            pass  # EIO/EROFS: the next recovery may count one attempt too many, never too few
-
-    def _inflight_markers(self) -> list[str]:
-        try:
-            return [os.path.join(self.state, n) for n in os.listdir(self.state) if n.startswith(INFLIGHT_PREFIX)]
-        except FileNotFoundError:
-            return []
-
-    def _inflight_suspects(self) -> set[str] | None:
-        """Keys of the files workers were on at the crash, or None when no worker left a marker at all."""
-        markers = self._inflight_markers()
-        if not markers:
-            return None
-        keys = set()
-        for path in markers:
-            try:
-                keys.add(durable.read_small(path, 64).decode("ascii", "replace").strip())
-            except OSError:
-                continue
-        return keys
 
     def _drop_claim_ghosts(self) -> None:
         """A claim is one rename, never fsynced in unprocessed/: after a power cut its old name can be back

@@ -15,21 +15,19 @@ import time
 from multiprocessing.connection import Connection
 from typing import Any
 
-from ingestd import durable, errors, pipeline, routing
+from ingestd import durable, errors, inflight, pipeline, routing
 from ingestd.errors import Phase, Verdict
 from ingestd.messages import Assign, Done, Heartbeat, Outcome, Outcomes, Ready, Rejected, Retry, Stage
 from ingestd.names import key
 from ingestd.sinks import Sinks
-from ingestd.spool import INFLIGHT_PREFIX
 
-_IDLE = b" " * 32  # the marker's content between files (keys are 32 hex characters)
 PROGRESS_EVERY = 0.25  # seconds between heartbeats while a batch is held (the parent's liveness signal)
 
 
 class _Link:
     """The pipe to the parent, shared by the main thread and the heartbeat thread."""
 
-    def __init__(self, conn: Connection, marker: int) -> None:
+    def __init__(self, conn: Connection, marker: inflight.Marker) -> None:
         self.conn, self.lock, self.marker = conn, threading.Lock(), marker
         self.stats = pipeline.Stats()  # the file in hand, read by the heartbeat thread
         self.index = 0  # its place in the batch
@@ -38,18 +36,11 @@ class _Link:
 
     def begin(self, index: int, name: str) -> None:
         self.stats, self.index, self.stage = pipeline.Stats(), index, Stage.READ
-        self._mark(key(name).encode())
+        self.marker.mark(key(name).encode())  # before the file's first byte is read
 
     def end(self) -> None:
         self.wake.clear()
-        self._mark(_IDLE)
-
-    def _mark(self, data: bytes) -> None:
-        if self.marker >= 0:
-            try:
-                durable.overwrite(self.marker, data)
-            except OSError:
-                pass  # only a hint for recovery
+        self.marker.mark(inflight.IDLE)
 
     def send(self, msg: object) -> None:
         with self.lock:
@@ -71,7 +62,7 @@ class _Link:
 
 
 def main(conn: Connection, current: ctypes.c_int, routing_doc: dict[str, Any], max_line_bytes: int, underprocess: str,
-         processed: str, state: str) -> None:
+         processed: str, state: str, slot: int) -> None:
     """The worker's life. current: a shared int, the index in the batch of the file being processed."""
     # The parent owns signals: Ctrl-C, `timeout`, or systemd's control-group kill reach every process,
     # but only the parent decides (warm stop); a worker must not die with its file half done.
@@ -82,34 +73,18 @@ def main(conn: Connection, current: ctypes.c_int, routing_doc: dict[str, Any], m
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # the parent asks when this worker seems stuck
     table = routing.build(routing_doc)
     folders = sorted({out.path for out in table.outputs})
-    link = _Link(conn, _open_marker(state))
+    link = _Link(conn, inflight.Marker(state, slot))
     threading.Thread(target=link.heartbeats, name="heartbeat", daemon=True).start()
-    link.send(Ready(os.getpid()))
-    try:
-        while True:
-            try:
-                msg = conn.recv()
-            except (EOFError, OSError):
-                return
-            if not isinstance(msg, Assign):
-                return  # Stop
-            link.send(Outcomes(run_batch(link, current, msg.names, table, folders, max_line_bytes, underprocess,
-                                         processed)))
-    finally:
-        if link.marker >= 0:
-            durable.unlink_quiet(os.path.join(state, f"{INFLIGHT_PREFIX}{os.getpid()}"))  # a clean stop: no blame
-
-
-def _open_marker(state: str) -> int:
-    """This worker's in-flight marker (.ingestd/inflight-<pid>): recovery after a daemon crash counts an attempt
-    only for the file named there, not for the rest of the batch. Best effort: -1 if it cannot be made."""
-    try:
-        fd = os.open(os.path.join(state, f"{INFLIGHT_PREFIX}{os.getpid()}"),
-                     os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
-        durable.overwrite(fd, _IDLE)
-        return fd
-    except OSError:
-        return -1
+    link.send(Ready(os.getpid(), link.marker.ok))
+    while True:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):
+            return
+        if not isinstance(msg, Assign):
+            return  # Stop
+        link.send(Outcomes(run_batch(link, current, msg.names, table, folders, max_line_bytes, underprocess,
+                                     processed)))
 
 
 def run_batch(link: _Link, current: ctypes.c_int, names: tuple[str, ...], table: routing.Routing, folders: list[str],

@@ -16,7 +16,7 @@ from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import Any
 
-from ingestd import worker
+from ingestd import inflight, worker
 from ingestd.job import Job
 from ingestd.messages import Assign, Heartbeat, Ready, Stage, Stop, ToParent
 from ingestd.names import display
@@ -83,7 +83,7 @@ class Pool:
         current = _ctx.Value("i", 0, lock=False)
         p = _ctx.Process(target=worker.main, name=f"ingestd-worker-{wid}", daemon=True,
                          args=(child, current, self.s.routing_doc, self.s.max_line_bytes, self.spool.underprocess,
-                               self.spool.processed, self.spool.state))
+                               self.spool.processed, self.spool.state, wid))
         p.start()
         child.close()
         return Slot(wid, p, parent, current)
@@ -111,6 +111,8 @@ class Pool:
                 msg = slot.conn.recv()
                 if isinstance(msg, Ready):
                     slot.ready = True
+                    if not msg.marker_ok:  # its record would lie after a crash: make recovery count every file
+                        inflight.set_record(self.spool.state, slot.id, inflight.UNKNOWN)
                 elif isinstance(msg, Heartbeat):
                     self._beat(slot, msg)
                 else:
