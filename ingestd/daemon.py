@@ -322,6 +322,8 @@ class Daemon:
             self.state.unpause()  # the backoff is over: try again (a new error pauses longer)
         if not idle or self.state.paused(now) or not self._space_ok(now):
             return
+        if not self.queue and not self.arrivals.ready:
+            self._steal(len(idle))
         for slot in idle:
             # A batch each, so that many small files share one group commit; one file when few wait.
             waiting = len(self.queue) + len(self.arrivals.ready)
@@ -345,6 +347,20 @@ class Daemon:
                 # time under load was spent formatting log lines (py-spy, docs/benchmarks.md).
                 event("claimed", "claimed", logging.DEBUG, file=display(job.name), bytes=job.size, worker=slot.id,
                       attempts=job.attempts or None, recovered=job.recovered or None)
+
+    def _steal(self, idle: int) -> None:
+        """Nothing waits and workers are idle: take back unstarted files from the fullest busy batches."""
+        assert self.pool is not None
+        for _ in range(idle):
+            busy = self.pool.busy()
+            if not busy:
+                return
+            victim = max(busy, key=lambda s: len(s.batch) - s.cursor[0])
+            taken = self.pool.steal(victim)
+            if not taken:
+                return
+            for job in reversed(taken):
+                self._requeue(job)
 
     def _next_job(self, now: float) -> Job | None:
         """A claimed job whose backoff is over, else a newly claimed file, else None."""

@@ -61,9 +61,10 @@ class _Link:
                 return
 
 
-def main(conn: Connection, current: ctypes.c_int, routing_doc: dict[str, Any], max_line_bytes: int, underprocess: str,
+def main(conn: Connection, cursor: Any, routing_doc: dict[str, Any], max_line_bytes: int, underprocess: str,
          processed: str, state: str, slot: int) -> None:
-    """The worker's life. current: a shared int, the index in the batch of the file being processed."""
+    """The worker's life. cursor: a locked shared int[2], [the index in its batch of the file it is on, the index
+    it must stop before] (the parent lowers the second to take back files not started: Pool.steal)."""
     # The parent owns signals: Ctrl-C, `timeout`, or systemd's control-group kill reach every process,
     # but only the parent decides (warm stop); a worker must not die with its file half done.
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
@@ -83,11 +84,11 @@ def main(conn: Connection, current: ctypes.c_int, routing_doc: dict[str, Any], m
             return
         if not isinstance(msg, Assign):
             return  # Stop
-        link.send(Outcomes(run_batch(link, current, msg.names, table, folders, max_line_bytes, underprocess,
+        link.send(Outcomes(run_batch(link, cursor, msg.names, table, folders, max_line_bytes, underprocess,
                                      processed)))
 
 
-def run_batch(link: _Link, current: ctypes.c_int, names: tuple[str, ...], table: routing.Routing, folders: list[str],
+def run_batch(link: _Link, cursor: Any, names: tuple[str, ...], table: routing.Routing, folders: list[str],
               max_line_bytes: int, underprocess: str, processed: str) -> list[tuple[str, Outcome]]:
     """Each file of a batch through the engine into sealed temps, then one group commit for all of them:
     one data sync (syncfs) for the batch, the renames, one fsync per output folder. Returns (name, outcome)
@@ -98,8 +99,11 @@ def run_batch(link: _Link, current: ctypes.c_int, names: tuple[str, ...], table:
         sealed: list[tuple[str, Sinks, pipeline.Stats, float]] = []
         group = len(names) > 1
         for index, name in enumerate(names):
+            with cursor.get_lock():  # the parent may have taken back the files not started yet (work stealing)
+                if index >= cursor[1]:
+                    break
+                cursor[0] = index  # shared memory: the parent reads it even after this process is killed
             link.begin(index, name)
-            current.value = index  # shared memory: the parent reads it even after this process is killed
             sinks = Sinks(processed, name, folders)
             stats, started = link.stats, time.monotonic()
             try:
@@ -144,7 +148,7 @@ def run_batch(link: _Link, current: ctypes.c_int, names: tuple[str, ...], table:
             except OSError as e:
                 for name in published:  # published, but not durably: the input stays, the redo republishes
                     outcomes[name] = Retry(errors.reason(e), e.errno)
-        return [(name, outcomes[name]) for name in names]
+        return [(name, outcomes[name]) for name in names if name in outcomes]
     finally:
         link.end()
 

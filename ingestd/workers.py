@@ -34,7 +34,7 @@ class Slot:
     id: int
     process: BaseProcess
     conn: Connection
-    current: Any  # multiprocessing Value("i"): the index of the file it is on, written by the worker
+    cursor: Any  # multiprocessing Array("i", 2) with a lock: [index of the file it is on, index to stop before]
     batch: list[Job] = field(default_factory=list)  # what it holds, in order; empty when idle
     index: int = 0  # the batch's file it is on (from its heartbeats)
     last_progress: float = 0.0  # monotonic: the last heartbeat that showed progress
@@ -54,7 +54,7 @@ class Slot:
     @property
     def job(self) -> Job | None:
         """The file it is on now (None when idle)."""
-        return self.batch[min(max(0, self.current.value), len(self.batch) - 1)] if self.batch else None
+        return self.batch[min(max(0, self.cursor[0]), len(self.batch) - 1)] if self.batch else None
 
 
 class Pool:
@@ -80,13 +80,13 @@ class Pool:
         parent, child = _ctx.Pipe()
         # Which file of its batch the worker is on, in shared memory: still readable after a kill -9, so a death
         # blames the right file even between heartbeats.
-        current = _ctx.Value("i", 0, lock=False)
+        cursor = _ctx.Array("i", 2)
         p = _ctx.Process(target=worker.main, name=f"ingestd-worker-{wid}", daemon=True,
-                         args=(child, current, self.s.routing_doc, self.s.max_line_bytes, self.spool.underprocess,
+                         args=(child, cursor, self.s.routing_doc, self.s.max_line_bytes, self.spool.underprocess,
                                self.spool.processed, self.spool.state, wid))
         p.start()
         child.close()
-        return Slot(wid, p, parent, current)
+        return Slot(wid, p, parent, cursor)
 
     def _index(self) -> None:
         self._by_fd = {}
@@ -157,7 +157,8 @@ class Pool:
 
     def assign(self, slot: Slot, jobs: list[Job], now: float, wall: float) -> bool:
         """Hand a batch to an idle worker. False if the worker died meanwhile (nothing is taken)."""
-        slot.current.value = 0
+        with slot.cursor.get_lock():
+            slot.cursor[0], slot.cursor[1] = 0, len(jobs)
         try:
             slot.conn.send(Assign(tuple(j.name for j in jobs)))
         except OSError:  # BrokenPipeError: it died between the poll and this hand-off
@@ -169,9 +170,23 @@ class Pool:
 
     def release(self, slot: Slot) -> tuple[list[Job], int]:
         """Take back its batch: (jobs, index of the file it was on, as the worker itself last wrote it)."""
-        jobs, index = slot.batch, slot.current.value
+        jobs, index = slot.batch, slot.cursor[0]
         slot.batch, slot.index = [], 0
         return jobs, index
+
+    def steal(self, slot: Slot) -> list[Job]:
+        """Take back the back half of the files a busy worker has not started (all if one is left), so an idle
+        worker can have them: a slow or stuck file holds up only itself, not the rest of its batch. The lock
+        makes the cut exact: the worker checks it before starting each file (worker.run_batch)."""
+        with slot.cursor.get_lock():
+            started = slot.cursor[0] + 1
+            rest = min(slot.cursor[1], len(slot.batch)) - started
+            if rest < 1:
+                return []
+            cut = started + rest // 2
+            slot.cursor[1] = cut
+        taken, slot.batch = slot.batch[cut:], slot.batch[:cut]
+        return taken
 
     def reconfigure(self, settings: Settings) -> None:
         """New routing: every worker restarts once idle (maintain() does it)."""

@@ -358,3 +358,16 @@ def test_a_sighup_storm_does_not_stop_the_queue(loop, tmp_path: Path) -> None:
         lp.d._on_signal(signal.SIGHUP, None)
         lp.d.main_loop_once()
     lp.until(lambda: len(folder(lp.w, "processed")) == 20, timeout=20, what="all 20 processed")
+
+
+def test_a_stuck_file_holds_up_only_itself_not_the_rest_of_its_batch(loop, events) -> None:
+    """Files handed out in batches: an idle worker takes back the files a stuck one has not started."""
+    lp = loop(config=HANG_ROUTING, workers=2, stall_time=60)
+    d = lp.d
+    lp.until(lambda: len(d.pool.idle()) == 2, what="two idle workers")
+    lp.drop("0-stuck.txt", b"HANG\n")
+    for i in range(1, 12):
+        lp.drop(f"{i}-ok.txt", b"ok\n")
+    lp.until(lambda: len(folder(lp.w, "processed")) == 11, timeout=15, what="every file but the stuck one")
+    assert folder(lp.w, "underprocess") == ["0-stuck.txt"]
+    assert not events("worker_stuck"), "no kill was needed to free them"

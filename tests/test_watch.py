@@ -8,14 +8,12 @@ import os
 import select
 import shutil
 import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-import ingestd
 from ingestd.spool import SpoolError
 from ingestd.watch import Change, Watch, WatchLimit
 
@@ -279,7 +277,9 @@ def test_daemon_without_an_inotify_instance_says_so_in_one_line_and_exits_75(req
         (w / sub).mkdir(parents=True)
     for p in (base, w, *w.iterdir()):
         os.chown(p, NOBODY, NOBODY)
-    site = next(Path(sys.prefix, "lib").glob("python3*/site-packages"))
+    from torture.lib import readable_copy  # the clone may lie where nobody cannot read (a mktemp -d folder)
+
+    pythonpath = readable_copy(base / "lib")
     hog = ("import os, sys\nfrom inotify_simple import INotify\nheld = []\n"
            "try:\n    while True: held.append(INotify(inheritable=True))\nexcept OSError: pass\n"
            "os.execv(sys.executable, [sys.executable, '-m', 'ingestd', *sys.argv[1:]])\n")
@@ -292,7 +292,7 @@ def test_daemon_without_an_inotify_instance_says_so_in_one_line_and_exits_75(req
     out = subprocess.run([python, "-c", hog, "run", "--watch-dir", str(w), "--listen", "127.0.0.1:0"],
                          preexec_fn=nobody, capture_output=True, text=True, timeout=60, cwd=base, check=False,
                          env={"PATH": "/usr/bin:/bin", "HOME": str(base),
-                              "PYTHONPATH": f"{Path(ingestd.__file__).parent.parent}:{site}"})
+                              "PYTHONPATH": pythonpath})
     lines = out.stderr.strip().splitlines()
     assert out.returncode == 75, out.stderr
     assert len(lines) == 1 and "fs.inotify.max_user_instances" in lines[0], out.stderr
