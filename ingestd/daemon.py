@@ -458,6 +458,13 @@ class Daemon:
             return
         if not isinstance(msg, Outcomes):
             return
+        if not msg.final:  # files committed ahead of a slow one: the worker keeps the rest of its batch
+            pending = {job.name: job for job in self.pool.settle(slot, [n for n, _ in msg.results])}
+            for name, outcome in msg.results:
+                if (job := pending.pop(name, None)) is not None:
+                    with self._boundary("a file's outcome", job):
+                        self._on_outcome(job, outcome, slot.id)
+            return
         if slot.kill_reason is not None and slot.kill_at is not None:  # it finished within its grace: no kill
             event("worker_reprieved", "a worker thought stuck finished its batch: not killed", logging.WARNING,
                   worker=slot.id, reason=slot.kill_reason)
@@ -468,7 +475,7 @@ class Daemon:
             if (job := pending.pop(name, None)) is not None:
                 with self._boundary("a file's outcome", job):  # each file in its own boundary
                     self._on_outcome(job, outcome, slot.id)
-        for job in pending.values():  # no outcome came for it (cannot happen by the protocol): redo it
+        for job in pending.values():  # not reached (taken back meanwhile, or the batch ended early): redo it
             self._requeue(job)
 
     def _requeue(self, job: Job) -> None:

@@ -72,8 +72,10 @@ Outcome = Done | Rejected | Retry
 
 @dataclass(frozen=True, slots=True)
 class Outcomes:
-    """A batch's results, in its order, once all are durable (the group commit is done)."""
+    """Results of files of a batch, once durable (their group commit is done); the final one ends the batch
+    (files not reported by then were taken back by the parent, or not reached)."""
     results: list[tuple[str, Outcome]]
+    final: bool = True
 
 
 ToParent = Ready | Heartbeat | Outcomes

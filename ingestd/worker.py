@@ -21,6 +21,7 @@ from ingestd.messages import Assign, Done, Heartbeat, Outcome, Outcomes, Ready, 
 from ingestd.names import key
 from ingestd.sinks import Sinks
 
+COMMIT_STALE = 0.5  # seconds one file may take before the files sealed ahead of it are committed without it
 PROGRESS_EVERY = 0.25  # seconds between heartbeats while a batch is held (the parent's liveness signal)
 
 
@@ -33,9 +34,11 @@ class _Link:
         self.index = 0  # its place in the batch
         self.stage = Stage.READ
         self.wake = threading.Event()  # set while a batch is in hand
+        self.group: _Group | None = None  # the batch in hand
+        self.since = 0.0  # monotonic: when the file in hand was started
 
     def begin(self, index: int, name: str) -> None:
-        self.stats, self.index, self.stage = pipeline.Stats(), index, Stage.READ
+        self.stats, self.index, self.stage, self.since = pipeline.Stats(), index, Stage.READ, time.monotonic()
         self.marker.mark(key(name).encode())  # before the file's first byte is read
 
     def end(self) -> None:
@@ -54,9 +57,11 @@ class _Link:
             time.sleep(PROGRESS_EVERY)
             if not self.wake.is_set():
                 continue
-            stats = self.stats
+            stats, group = self.stats, self.group
             try:
                 self.send(Heartbeat(stats.bytes_in, stats.lines_in, self.stage, self.index))
+                if group is not None and group.pending() and time.monotonic() - self.since > COMMIT_STALE:
+                    group.flush(final=False)  # files sealed before a slow one are not kept waiting for it
             except OSError:
                 return
 
@@ -84,20 +89,52 @@ def main(conn: Connection, cursor: Any, routing_doc: dict[str, Any], max_line_by
             return
         if not isinstance(msg, Assign):
             return  # Stop
-        link.send(Outcomes(run_batch(link, cursor, msg.names, table, folders, max_line_bytes, underprocess,
-                                     processed)))
+        run_batch(link, cursor, msg.names, table, folders, max_line_bytes, underprocess, processed)
+
+
+class _Group:
+    """A batch's decided outcomes and sealed files, committed as a group: by the main thread at the batch's end,
+    or sooner by the heartbeat thread once the file in hand has taken COMMIT_STALE seconds (a slow or stuck file
+    then holds up only itself). Commit and send happen under one lock, so the parent gets results in order."""
+
+    def __init__(self, link: _Link, processed: str) -> None:
+        self.link, self.processed, self.lock = link, processed, threading.Lock()
+        self.outcomes: dict[str, Outcome] = {}
+        self.sealed: list[tuple[str, Sinks, pipeline.Stats, float]] = []
+
+    def decide(self, name: str, outcome: Outcome) -> None:
+        with self.lock:
+            self.outcomes[name] = outcome
+
+    def seal(self, item: tuple[str, Sinks, pipeline.Stats, float]) -> None:
+        with self.lock:
+            self.sealed.append(item)
+
+    def pending(self) -> bool:
+        return bool(self.sealed)
+
+    def flush(self, final: bool) -> None:
+        """Commit what is sealed (one syncfs, the renames, one fsync per output folder), send every outcome
+        decided so far; the final flush is sent even when empty (it ends the batch)."""
+        with self.lock:
+            sealed, self.sealed = self.sealed, []
+            outcomes, self.outcomes = self.outcomes, {}
+            outcomes.update(_group_commit(sealed, self.processed))
+            if outcomes or final:
+                self.link.send(Outcomes(list(outcomes.items()), final))
 
 
 def run_batch(link: _Link, cursor: Any, names: tuple[str, ...], table: routing.Routing, folders: list[str],
-              max_line_bytes: int, underprocess: str, processed: str) -> list[tuple[str, Outcome]]:
-    """Each file of a batch through the engine into sealed temps, then one group commit for all of them:
-    one data sync (syncfs) for the batch, the renames, one fsync per output folder. Returns (name, outcome)
-    in the batch's order. A batch of one file syncs its own temps (fsync), as a big file travels alone."""
+              max_line_bytes: int, underprocess: str, processed: str) -> None:
+    """Each file of a batch through the engine into sealed temps, then one group commit for all of them (or for
+    those sealed so far, when one file is slow): one data sync (syncfs), the renames, one fsync per output
+    folder; the outcomes go to the parent in Outcomes messages, the last one final. A batch of one file syncs
+    its own temps (fsync), as a big file travels alone."""
+    group = _Group(link, processed)
+    alone = len(names) == 1
+    link.group = group
     link.wake.set()
     try:
-        outcomes: dict[str, Outcome] = {}
-        sealed: list[tuple[str, Sinks, pipeline.Stats, float]] = []
-        group = len(names) > 1
         for index, name in enumerate(names):
             with cursor.get_lock():  # the parent may have taken back the files not started yet (work stealing)
                 if index >= cursor[1]:
@@ -110,47 +147,54 @@ def run_batch(link: _Link, cursor: Any, names: tuple[str, ...], table: routing.R
                 with pipeline.open_input(os.path.join(underprocess, name)) as f:
                     pipeline.run(f, name, table, max_line_bytes, sinks.write, stats)
                 link.stage = Stage.COMMIT
-                if not group:
+                if alone:
                     sinks.commit()  # alone: its own fsyncs, then its renames and their folders' fsyncs
-                    outcomes[name] = Done(stats.bytes_in, stats.lines_in, sinks.bytes_out, dict(sinks.lines_out),
-                                          time.monotonic() - started)
+                    group.decide(name, Done(stats.bytes_in, stats.lines_in, sinks.bytes_out, dict(sinks.lines_out),
+                                            time.monotonic() - started))
                     continue
                 sinks.seal(sync=False)
             except Exception as e:  # noqa: BLE001 - one table (errors.classify) decides; a worker never dies on a file
                 sinks.abort()
-                outcomes[name] = _failure(e, stats)
+                group.decide(name, _failure(e, stats))
                 continue
-            sealed.append((name, sinks, stats, started))
+            group.seal((name, sinks, stats, started))
         link.stage = Stage.COMMIT
-        if sealed:
-            try:
-                with errors.in_phase(Phase.PUBLISH):
-                    durable.syncfs(processed)  # every sealed temp of the batch durable before any name points at it
-            except Exception as e:  # noqa: BLE001 - after a failed sync no temp can be trusted: all are redone
-                for name, sinks, stats, _ in sealed:
-                    sinks.abort()
-                    outcomes[name] = _failure(e, stats)
-                sealed = []
-        changed: dict[str, list[str]] = {}  # output folder -> names published there, for the fsync below
-        for name, sinks, stats, started in sealed:
-            try:
-                for folder in sinks.publish():
-                    changed.setdefault(folder, []).append(name)
-            except Exception as e:  # noqa: BLE001 - publish is all or none per file
-                sinks.abort()
-                outcomes[name] = _failure(e, stats)
-                continue
-            outcomes[name] = Done(stats.bytes_in, stats.lines_in, sinks.bytes_out, dict(sinks.lines_out),
-                                  time.monotonic() - started)
-        for folder, published in changed.items():
-            try:
-                durable.fsync_dir(folder)  # the renames durable before any input may go: once per folder per batch
-            except OSError as e:
-                for name in published:  # published, but not durably: the input stays, the redo republishes
-                    outcomes[name] = Retry(errors.reason(e), e.errno)
-        return [(name, outcomes[name]) for name in names if name in outcomes]
+        group.flush(final=True)
     finally:
+        link.group = None
         link.end()
+
+
+def _group_commit(sealed: list[tuple[str, Sinks, pipeline.Stats, float]], processed: str) -> dict[str, Outcome]:
+    outcomes: dict[str, Outcome] = {}
+    if not sealed:
+        return outcomes
+    try:
+        with errors.in_phase(Phase.PUBLISH):
+            durable.syncfs(processed)  # every sealed temp of the group durable before any name points at it
+    except Exception as e:  # noqa: BLE001 - after a failed sync no temp can be trusted: all are redone
+        for name, sinks, stats, _ in sealed:
+            sinks.abort()
+            outcomes[name] = _failure(e, stats)
+        return outcomes
+    changed: dict[str, list[str]] = {}  # output folder -> names published there, for the fsync below
+    for name, sinks, stats, started in sealed:
+        try:
+            for folder in sinks.publish():
+                changed.setdefault(folder, []).append(name)
+        except Exception as e:  # noqa: BLE001 - publish is all or none per file
+            sinks.abort()
+            outcomes[name] = _failure(e, stats)
+            continue
+        outcomes[name] = Done(stats.bytes_in, stats.lines_in, sinks.bytes_out, dict(sinks.lines_out),
+                              time.monotonic() - started)
+    for folder, published in changed.items():
+        try:
+            durable.fsync_dir(folder)  # the renames durable before any input may go: once per folder per group
+        except OSError as e:
+            for name in published:  # published, but not durably: the input stays, the redo republishes
+                outcomes[name] = Retry(errors.reason(e), e.errno)
+    return outcomes
 
 
 def _failure(e: BaseException, stats: pipeline.Stats) -> Outcome:

@@ -37,6 +37,7 @@ class Slot:
     cursor: Any  # multiprocessing Array("i", 2) with a lock: [index of the file it is on, index to stop before]
     batch: list[Job] = field(default_factory=list)  # what it holds, in order; empty when idle
     index: int = 0  # the batch's file it is on (from its heartbeats)
+    done: set[str] = field(default_factory=set)  # names of its batch already reported (committed ahead)
     last_progress: float = 0.0  # monotonic: the last heartbeat that showed progress
     ready: bool = False  # imported and listening (a spawned interpreter takes a moment)
     dead: bool = False  # its process is gone (reported once as died)
@@ -153,7 +154,7 @@ class Pool:
         return [s for s in self.slots if s.batch]
 
     def in_flight(self) -> int:
-        return sum(len(s.batch) for s in self.slots)
+        return sum(len(s.batch) - len(s.done) for s in self.slots)
 
     def assign(self, slot: Slot, jobs: list[Job], now: float, wall: float) -> bool:
         """Hand a batch to an idle worker. False if the worker died meanwhile (nothing is taken)."""
@@ -169,10 +170,19 @@ class Pool:
         return True
 
     def release(self, slot: Slot) -> tuple[list[Job], int]:
-        """Take back its batch: (jobs, index of the file it was on, as the worker itself last wrote it)."""
+        """Take back its batch: (jobs not yet reported, index of the file it was on, as the worker last wrote it;
+        None when the jobs reported ahead make that index meaningless for the rest)."""
         jobs, index = slot.batch, slot.cursor[0]
-        slot.batch, slot.index = [], 0
-        return jobs, index
+        current = jobs[index] if 0 <= index < len(jobs) else None
+        left = [j for j in jobs if j.name not in slot.done]
+        slot.batch, slot.index, slot.done = [], 0, set()
+        return left, (left.index(current) if current in left else len(left))
+
+    def settle(self, slot: Slot, names: list[str]) -> list[Job]:
+        """Jobs of its batch reported ahead of the rest (a partial Outcomes): marked done, returned."""
+        wanted = set(names) - slot.done
+        slot.done |= wanted
+        return [j for j in slot.batch if j.name in wanted]
 
     def steal(self, slot: Slot) -> list[Job]:
         """Take back the back half of the files a busy worker has not started (all if one is left), so an idle

@@ -371,3 +371,18 @@ def test_a_stuck_file_holds_up_only_itself_not_the_rest_of_its_batch(loop, event
     lp.until(lambda: len(folder(lp.w, "processed")) == 11, timeout=15, what="every file but the stuck one")
     assert folder(lp.w, "underprocess") == ["0-stuck.txt"]
     assert not events("worker_stuck"), "no kill was needed to free them"
+
+
+def test_files_finished_ahead_of_a_stuck_one_are_committed_without_it(loop, events) -> None:
+    """Within a batch, files already processed when a later one hangs are committed after COMMIT_STALE, not
+    held until the stuck file is killed (a partial Outcomes), and each is reported exactly once."""
+    lp = loop(config=HANG_ROUTING, workers=1, stall_time=60)
+    d = lp.d
+    lp.until(lambda: d.pool.idle(), what="an idle worker")
+    for i in range(5):
+        lp.drop(f"{i}-ok.txt", b"ok\n")
+    lp.drop("9-stuck.txt", b"HANG\n")  # last of the batch: the five are sealed before it hangs
+    lp.until(lambda: len(folder(lp.w, "processed")) == 5, timeout=15, what="the five committed ahead")
+    lp.until(lambda: len(events("processed")) == 5, what="and announced")
+    assert folder(lp.w, "underprocess") == ["9-stuck.txt"]
+    assert sorted(e.file for e in events("processed")) == [f"{i}-ok.txt" for i in range(5)]
