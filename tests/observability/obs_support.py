@@ -18,6 +18,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Self
 
@@ -91,7 +92,43 @@ def fast_rules(for_: str = "3s", thresholds: dict[str, tuple[str, str]] | None =
     return yaml.safe_dump(doc, sort_keys=False)
 
 
-class Prometheus:
+class _Server:
+    """A real server binary in a subprocess on a free loopback port, ready once its /-/ready answers 200."""
+
+    binary: str
+    log: Path
+    proc: subprocess.Popen[bytes] | None
+
+    def _launch(self, argv: Callable[[int], list[str]], base_url: Callable[[], str], timeout: float) -> None:
+        name = Path(self.binary).name
+        for _attempt in range(3):  # a free port can be taken between our probe and the server's bind
+            with open(self.log, "ab") as log:
+                self.proc = subprocess.Popen(argv(free_port()), stdout=log, stderr=subprocess.STDOUT,
+                                             cwd=self.log.parent)
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline and self.proc.poll() is None:
+                try:
+                    with urllib.request.urlopen(base_url() + "/-/ready", timeout=1) as r:
+                        if r.status == 200:
+                            return
+                except (urllib.error.URLError, ConnectionError, TimeoutError):
+                    pass
+                time.sleep(0.1)
+            self.stop()
+        raise AssertionError(f"{name} did not become ready; its log:\n{self.log.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+
+class Prometheus(_Server):
     """A real prometheus server in a subprocess, with a tiny client for its HTTP API."""
 
     def __init__(self, workdir: Path, targets: list[str], rules_text: str,
@@ -116,36 +153,14 @@ class Prometheus:
         self.log = workdir / "prometheus.log"
 
     def start(self, timeout: float = 30.0) -> Prometheus:
-        for _attempt in range(3):  # a free port can be taken between our probe and prometheus' bind
-            port = free_port()
+        def argv(port: int) -> list[str]:
             self.url = f"http://127.0.0.1:{port}"
-            with open(self.log, "ab") as log:
-                self.proc = subprocess.Popen(
-                    [self.binary, f"--config.file={self.workdir / 'prometheus.yml'}",
-                     f"--storage.tsdb.path={self.workdir / 'data'}", f"--web.listen-address=127.0.0.1:{port}",
-                     "--rules.alert.resend-delay=1s", "--log.level=warn"],
-                    stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir)
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline and self.proc.poll() is None:
-                try:
-                    with urllib.request.urlopen(self.url + "/-/ready", timeout=1) as r:
-                        if r.status == 200:
-                            return self
-                except (urllib.error.URLError, ConnectionError, TimeoutError):
-                    pass
-                time.sleep(0.1)
-            self.stop()
-        raise AssertionError(f"prometheus did not become ready; its log:\n{self.log.read_text()[-3000:]}")
+            return [self.binary, f"--config.file={self.workdir / 'prometheus.yml'}",
+                    f"--storage.tsdb.path={self.workdir / 'data'}", f"--web.listen-address=127.0.0.1:{port}",
+                    "--rules.alert.resend-delay=1s", "--log.level=warn"]
 
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
+        self._launch(argv, lambda: self.url, timeout)
+        return self
 
     def api(self, path: str, **params: Any) -> Any:
         url = f"{self.url}/api/v1/{path}"
@@ -177,7 +192,7 @@ class Prometheus:
         return {t["labels"]["instance"]: t["health"] for t in self.api("targets")["activeTargets"]}
 
 
-class Alertmanager:
+class Alertmanager(_Server):
     """A real alertmanager (Debian's prometheus-alertmanager) in a subprocess, on a free loopback port,
     clustering off; its configuration is the given YAML text."""
 
@@ -191,35 +206,14 @@ class Alertmanager:
         self.log = workdir / "alertmanager.log"
 
     def start(self, timeout: float = 30.0) -> Alertmanager:
-        for _attempt in range(3):  # a free port can be taken between our probe and alertmanager's bind
-            self.address = f"127.0.0.1:{free_port()}"
-            with open(self.log, "ab") as log:
-                self.proc = subprocess.Popen(
-                    [self.binary, f"--config.file={self.workdir / 'alertmanager.yml'}",
-                     f"--storage.path={self.workdir / 'data'}", f"--web.listen-address={self.address}",
-                     "--cluster.listen-address=", "--log.level=warn"],  # empty: no gossip port 9094
-                    stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir)
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline and self.proc.poll() is None:
-                try:
-                    with urllib.request.urlopen(f"http://{self.address}/-/ready", timeout=1) as r:
-                        if r.status == 200:
-                            return self
-                except (urllib.error.URLError, ConnectionError, TimeoutError):
-                    pass
-                time.sleep(0.1)
-            self.stop()
-        raise AssertionError(f"alertmanager did not become ready; its log:\n{self.log.read_text()[-3000:]}")
+        def argv(port: int) -> list[str]:
+            self.address = f"127.0.0.1:{port}"
+            return [self.binary, f"--config.file={self.workdir / 'alertmanager.yml'}",
+                    f"--storage.path={self.workdir / 'data'}", f"--web.listen-address={self.address}",
+                    "--cluster.listen-address=", "--log.level=warn"]  # empty: no gossip port 9094
 
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
+        self._launch(argv, lambda: f"http://{self.address}", timeout)
+        return self
 
 
 class WebhookReceiver:
