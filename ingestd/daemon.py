@@ -78,6 +78,7 @@ class Daemon:
         self._polled: set[int] = set()
         self._wake_r = self._wake_w = -1
         self._old_handlers: dict[int, Any] = {}
+        self._backed_off = False  # this worker message already paused claiming once
         self._on_tty = log.text_wanted("auto")  # stderr is a terminal: a SIGHUP may be its hang-up
 
     # --- startup -------------------------------------------------------------------------------
@@ -119,7 +120,7 @@ class Daemon:
     def _recover(self) -> None:
         requeued, quarantined = self.spool.recover(self.s.max_attempts, self.wall())
         for name in quarantined:
-            self.state.failed(name, "poison: in progress during too many crashes", 0.0, recovered=True)
+            self._count_failed(name, "poison: in progress during too many crashes", 0.0, None, recovered=True)
         if requeued or quarantined:
             self.metrics.restarts_recovered.inc()
         for name in requeued:
@@ -453,6 +454,7 @@ class Daemon:
     # --- results --------------------------------------------------------------------------------------
     def _on_worker(self, slot: Slot, msg: ToParent | None) -> None:
         assert self.pool is not None
+        self._backed_off = False
         if msg is None:
             self._on_worker_death(slot)
             return
@@ -532,9 +534,13 @@ class Daemon:
               duration=round(elapsed, 6), worker=worker)
 
     def _io_error(self, job: Job, reason: str) -> None:
-        """Not the input's fault (disk full, read-only, EIO): keep the file claimed, pause, retry it first."""
+        """Not the input's fault (disk full, read-only, EIO): keep the file claimed, pause, retry it first. The
+        pause doubles once per message from a worker, not once per file of its batch (one full disk, one step)."""
         job.not_before = 0.0
         self.queue.appendleft(job)
+        if self._backed_off:
+            return
+        self._backed_off = True
         self._back_off(job.name, reason, "could not finish a file; it is kept and retried")
 
     def _on_worker_death(self, slot: Slot) -> None:

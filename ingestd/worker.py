@@ -35,6 +35,7 @@ class _Link:
         self.stage = Stage.READ
         self.wake = threading.Event()  # set while a batch is in hand
         self.group: _Group | None = None  # the batch in hand
+        self.commit_due = threading.Event()  # a partial commit is due (see committer)
         self.since = 0.0  # monotonic: when the file in hand was started
 
     def begin(self, index: int, name: str) -> None:
@@ -60,8 +61,21 @@ class _Link:
             stats, group = self.stats, self.group
             try:
                 self.send(Heartbeat(stats.bytes_in, stats.lines_in, self.stage, self.index))
-                if group is not None and group.pending() and time.monotonic() - self.since > COMMIT_STALE:
-                    group.flush(final=False)  # files sealed before a slow one are not kept waiting for it
+            except OSError:
+                return
+            if group is not None and group.pending() and time.monotonic() - self.since > COMMIT_STALE:
+                self.commit_due.set()  # the committer thread: heartbeats go on while a slow syncfs runs
+
+    def committer(self) -> None:
+        """Partial group commits, off the main thread (busy with a slow file) and the heartbeat thread."""
+        while True:
+            self.commit_due.wait()
+            self.commit_due.clear()
+            group = self.group
+            if group is None:
+                continue
+            try:
+                group.flush(final=False)  # files sealed ahead of a slow one are not kept waiting for it
             except OSError:
                 return
 
@@ -81,6 +95,7 @@ def main(conn: Connection, cursor: Any, routing_doc: dict[str, Any], max_line_by
     folders = sorted({out.path for out in table.outputs})
     link = _Link(conn, inflight.Marker(state, slot))
     threading.Thread(target=link.heartbeats, name="heartbeat", daemon=True).start()
+    threading.Thread(target=link.committer, name="committer", daemon=True).start()
     link.send(Ready(os.getpid(), link.marker.ok))
     while True:
         try:
@@ -148,6 +163,7 @@ def run_batch(link: _Link, cursor: Any, names: tuple[str, ...], table: routing.R
                     pipeline.run(f, name, table, max_line_bytes, sinks.write, stats)
                 link.stage = Stage.COMMIT
                 if alone:
+                    _between_files(link, cursor, len(names))
                     sinks.commit()  # alone: its own fsyncs, then its renames and their folders' fsyncs
                     group.decide(name, Done(stats.bytes_in, stats.lines_in, sinks.bytes_out, dict(sinks.lines_out),
                                             time.monotonic() - started))
@@ -158,11 +174,20 @@ def run_batch(link: _Link, cursor: Any, names: tuple[str, ...], table: routing.R
                 group.decide(name, _failure(e, stats))
                 continue
             group.seal((name, sinks, stats, started))
-        link.stage = Stage.COMMIT
+        _between_files(link, cursor, len(names))
         group.flush(final=True)
     finally:
         link.group = None
         link.end()
+
+
+def _between_files(link: _Link, cursor: Any, past: int) -> None:
+    """The files are read; what remains is our own commit: a death now blames no file (the parent reads the
+    cursor past the batch, recovery finds the record idle), as none of them caused it."""
+    link.stage = Stage.COMMIT
+    with cursor.get_lock():
+        cursor[0] = past
+    link.marker.mark(inflight.IDLE)
 
 
 def _group_commit(sealed: list[tuple[str, Sinks, pipeline.Stats, float]], processed: str) -> dict[str, Outcome]:

@@ -290,7 +290,7 @@ class Pool:
         left = []
         for slot in self.slots:
             if slot.batch:
-                left += [(job, slot.pid) for job in slot.batch]
+                left += [(job, slot.pid) for job in slot.batch if job.name not in slot.done]
                 slot.process.kill()
                 slot.batch = []
         self.close()

@@ -386,3 +386,16 @@ def test_files_finished_ahead_of_a_stuck_one_are_committed_without_it(loop, even
     lp.until(lambda: len(events("processed")) == 5, what="and announced")
     assert folder(lp.w, "underprocess") == ["9-stuck.txt"]
     assert sorted(e.file for e in events("processed")) == [f"{i}-ok.txt" for i in range(5)]
+
+
+def test_a_stop_abandons_only_the_files_of_a_batch_not_yet_reported(loop, events) -> None:
+    lp = loop(config=HANG_ROUTING, workers=1, stall_time=60)
+    d = lp.d
+    lp.until(lambda: d.pool.idle(), what="an idle worker")
+    for i in range(4):
+        lp.drop(f"{i}-ok.txt", b"ok\n")
+    lp.drop("9-stuck.txt", b"HANG\n")
+    lp.until(lambda: len(events("processed")) == 4, timeout=15, what="four committed ahead of the stuck one")
+    d.shutdown()
+    assert [e.file for e in events("abandoned")] == ["9-stuck.txt"]
+    assert folder(lp.w, "unprocessed") == ["9-stuck.txt"] and folder(lp.w, "underprocess") == []

@@ -109,3 +109,26 @@ def test_kill9_loop_loses_doubles_and_tears_nothing(tmp_path: Path) -> None:
     assert stats["kills"] >= KILLS
     assert stats["mid-file"] > 0
     record("kill9", {**stats, "seconds": round(time.monotonic() - t0, 1)})
+
+
+def test_a_worker_killed_during_its_group_commit_blames_no_file(tmp_path: Path) -> None:
+    """The kill lands in the worker's fsync of processed/ after a batch's renames: the batch is redone, nothing
+    counted as an attempt (max_attempts=1 would set the blamed file aside), nothing doubled, all correct."""
+    from .lib import ls, make_watch, shim_env, start_daemon, wait_drained
+
+    w = make_watch(tmp_path / "w")
+    data = {f"f{i:02d}.txt": f"line {i}\n".encode() * 50 for i in range(20)}
+    for n, d in data.items():
+        (w / "unprocessed" / n).write_bytes(d)  # all there at start: they go out in batches
+    env = {"INGESTD_MAX_ATTEMPTS": "1", "INGESTD_SETTLE_TIME": "0.1",
+           **shim_env(tmp_path, kill={"at": "fsync_dir@worker.py", "n": 1, "only": "self"})}
+    d = start_daemon(w, "--workers", "1", env=env, cwd=tmp_path)
+    try:
+        wait_drained(w, len(data), timeout=60)
+        assert d.count("worker_died") == 1, "the kill happened"
+    finally:
+        d.stop()
+    assert ls(w, "failed") == [], "a death during the commit is no file's fault"
+    assert {n: (w / "processed" / n).read_bytes() for n in ls(w, "processed")} == {n: v.upper() for n, v in data.items()}
+    names = [e["file"] for e in d.events if e.get("event") == "processed"]
+    assert sorted(names) == sorted(data), "each announced exactly once"

@@ -48,11 +48,13 @@ def _main_pid() -> int:
 
 
 def _point(name: str) -> None:
-    """SIGKILL the whole daemon (its workers follow by PDEATHSIG) at the configured occurrence of a point."""
+    """SIGKILL the whole daemon (its workers follow by PDEATHSIG) at the configured occurrence of a point; with
+    "only": "self", just the process that reaches it (a worker dying there, its daemon going on)."""
     kill = CFG.get("kill")
     if kill and kill["at"] == name and _counter("kill-" + name) == kill["n"]:
         _journal(op="killed", at=name)
-        os.kill(_main_pid(), signal.SIGKILL)
+        if kill.get("only") != "self":
+            os.kill(_main_pid(), signal.SIGKILL)
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -133,6 +135,7 @@ def install(cfg_path: str) -> None:
         if skipped():
             return
         _maybe_fail("fsync")
+        _point("fsync_dir@" + _site(2).split(":")[0])  # e.g. fsync_dir@worker.py: the group commit's
         orig["fsync_dir"](path)
         _journal(op="fsync_dir", path=os.path.abspath(path))
 
