@@ -33,7 +33,7 @@ class Metrics:
         self.bytes_out = Counter("ingestd_output_bytes", "Bytes written to published outputs", registry=r)
         self.lines_in = Counter("ingestd_input_lines", "Lines read from input files", registry=r)
         self.lines_out = Counter("ingestd_output_lines", "Records written to outputs", registry=r)
-        self.records = Counter("ingestd_output_records", "Records per output folder ('' is processed/ itself)",
+        self.records = Counter("ingestd_output_records", "Records per output folder ('processed' is processed/ itself)",
                                ["output"], registry=r)
         self.overflows = Counter("ingestd_inotify_overflows", "inotify queue overflows (each triggers a rescan)",
                                  registry=r)

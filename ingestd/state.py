@@ -18,6 +18,7 @@ from ingestd.names import display
 
 MAX_BACKOFF = 30.0  # seconds: the longest claiming pauses after repeated environmental errors
 THROUGHPUT_WINDOW = 60.0  # seconds
+DEFAULT_OUTPUT = "processed"  # the output label of processed/ itself (routing outputs: their folder's path)
 READ_WINDOW = 10.0  # seconds: the read rate shown includes files still in progress
 SERIES_EVERY = 5.0  # seconds between samples of the page's chart
 SERIES_KEEP = 120  # samples: 10 minutes
@@ -72,7 +73,7 @@ class State:
         m.lines_in.inc(done.lines_in)
         for out, n in done.lines_out.items():
             m.lines_out.inc(n)
-            m.records.labels(out).inc(n)
+            m.records.labels(out or DEFAULT_OUTPUT).inc(n)  # "" would read as no label in PromQL
         m.duration.observe(elapsed)
         m.last_success.set(self.wall())
         self.totals["processed"] += 1

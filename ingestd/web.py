@@ -42,6 +42,11 @@ class Web:
             server_version = "ingestd"
 
             sent = False  # headers gone out: too late for a 500
+            head = False  # a HEAD request: the same status and headers as GET, no body (RFC 9110, 9.3.2)
+
+            def do_HEAD(self) -> None:  # noqa: N802 (the stdlib's name): load balancers and probes use HEAD
+                self.head = True
+                self.do_GET()
 
             def do_GET(self) -> None:  # noqa: N802 (the stdlib's name)
                 path = self.path.split("?", 1)[0]
@@ -81,7 +86,8 @@ class Web:
                                  "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
                                  "connect-src 'self'; img-src 'self' data:")
                 self.end_headers()
-                self.wfile.write(body)
+                if not self.head:
+                    self.wfile.write(body)
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass  # scrapes every second would drown the event log

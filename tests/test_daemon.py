@@ -369,3 +369,28 @@ def test_an_input_named_like_a_removed_output_folder_is_refused_and_the_folder_c
     (w / "unprocessed" / "app.log").write_bytes(b"ok\nERROR bad\n")
     wait_for(lambda: (w / "processed" / "errors" / "app.log").is_file(), what="routed output, folder made again")
     assert (w / "processed" / "errors" / "app.log").read_bytes() == b"ERROR bad\n"
+
+
+def test_head_answers_like_get_without_a_body_and_the_default_output_has_a_name(start) -> None:
+    """Load balancers and probes use HEAD (it answered 501); the default output's records were labelled
+    output="" (no label at all to PromQL)."""
+    import http.client
+
+    d = start("--workers", "1")
+    (d.watch_dir / "unprocessed" / "a.txt").write_bytes(b"one\ntwo\n")
+    wait_for(lambda: d.event("processed", file="a.txt"), what="a.txt processed")
+    host, port = d.url.removeprefix("http://").rsplit(":", 1)
+    for path in ("/healthz", "/metrics", "/api/status", "/"):
+        conn = http.client.HTTPConnection(host, int(port), timeout=5)
+        conn.request("GET", path)
+        get = conn.getresponse()
+        get_body, get_type = get.read(), get.getheader("Content-Type")
+        conn.request("HEAD", path)
+        head = conn.getresponse()
+        assert head.status == get.status == 200, (path, head.status)
+        assert head.getheader("Content-Type") == get_type
+        assert head.read() == b"" and int(head.getheader("Content-Length") or 0) > 0, path
+        conn.close()
+        if path == "/metrics":
+            assert 'ingestd_output_records_total{output="processed"} 2.0' in get_body.decode()
+            assert 'output=""' not in get_body.decode()

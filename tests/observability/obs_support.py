@@ -305,7 +305,7 @@ def exported_series() -> frozenset[str]:
         "recent": [{"file": "b.txt", "result": "processed", "duration": 0.1, "finished_at": 2.0}],
     }
     metrics = Metrics(lambda: snapshot)
-    metrics.records.labels("")  # per-output children exist once a record was written
+    metrics.records.labels("processed")  # per-output children exist once a record was written
     text = generate_latest(metrics.registry).decode()
     return frozenset(s.name for fam in text_string_to_metric_families(text) for s in fam.samples)
 
