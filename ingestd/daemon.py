@@ -623,7 +623,7 @@ class Daemon:
                 # Our warm stop may outlast systemd's TimeoutStopSec: ask for the time it needs.
                 self.notifier.extend_timeout(self.s.stop_timeout + 5)
                 self.stop_deadline = self.clock() + self.s.stop_timeout
-                busy = [display(s.job.name) for s in self.pool.busy() if s.job]
+                busy = [display(j.name) for s in self.pool.busy() for j in s.batch if j.name not in s.done]
                 event("stopping", "stopping: finishing current files" if busy else "stopping",
                       signal=signal.Signals(sig).name, in_progress=busy, timeout=self.s.stop_timeout)
 

@@ -210,13 +210,16 @@ def test_reload_keeps_the_old_routing_on_a_bad_config_and_applies_a_good_one(ser
 
 # --- 5. warm stop -------------------------------------------------------------------------------------------------
 def test_stop_during_large_files_loses_nothing(service: Service) -> None:
-    # reverse goes line by line (~15 MB/s here): uppercase's block path would finish even 300 MB within the stop.
-    service.reset({**BASE_ENV, "INGESTD_STOP_TIMEOUT": "6", "INGESTD_MODE": "reverse"})
+    # The test plug-in `slow` takes 1 ms a line whatever the machine: file sizes give fixed times (a fast engine
+    # once finished the "huge" file within the stop).
+    service.reset({**BASE_ENV, "INGESTD_STOP_TIMEOUT": "6", "INGESTD_CONFIG": Service.CONFIG},
+                  config='[[filters]]\nmatch = "*"\nprocessor = "slow"\nseconds = 0.001\n')
     service.m.systemctl("start", "ingestd")
     invocation = service.invocation()
     line = "a long stream of words to shout, one line at a time\n"
-    service.drop_sized(["huge.dat"], 300_000_000, line)  # far longer than stop_timeout: abandoned
-    service.drop_sized(["medium.dat"], 40_000_000, line)  # about 2 s: finishes within the warm stop
+    huge, medium = 100_000 * len(line), 2_000 * len(line)
+    service.drop_sized(["huge.dat"], huge, line)  # ~100 s, far longer than stop_timeout: abandoned
+    service.drop_sized(["medium.dat"], medium, line)  # ~2 s: finishes within the warm stop
     # `systemctl stop` the moment both are in progress, timed from inside.
     took = service.m.py("""
 import subprocess, time
@@ -232,9 +235,9 @@ RESULT = time.monotonic() - started
     assert service.show("ActiveState", "Result") == {"ActiveState": "inactive", "Result": "success"}
 
     state = service.folders()
-    n = 40_000_000 // len(line)
-    assert state["processed"] == {"medium.dat": [n * len(line), sha((line[-2::-1] + "\n") * n), None]}
-    m = 300_000_000 // len(line)
+    n = medium // len(line)
+    assert state["processed"] == {"medium.dat": [n * len(line), sha(line.upper() * n), None]}
+    m = huge // len(line)
     assert state["unprocessed"] == {"huge.dat": [m * len(line), sha(line * m), None]}  # whole, back in the queue
     assert state["underprocess"] == {}
 
