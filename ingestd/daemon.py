@@ -218,8 +218,9 @@ class Daemon:
                 self._retry_later(job, f"internal error: {type(e).__name__}: {e}")
 
     def _retry_later(self, job: Job, reason: str) -> None:
+        """An internal error on this job: again after a backoff, or set aside after MAX_INTERNAL_ERRORS."""
         job.retries += 1
-        if job.retries >= MAX_INTERNAL_ERRORS and reason.startswith("internal error"):
+        if job.retries >= MAX_INTERNAL_ERRORS:
             with self._boundary("setting a file aside"):
                 self._fail(job, Failure(f"{reason} ({job.retries} times)", attempts=job.retries), 0.0)
             return
@@ -461,24 +462,23 @@ class Daemon:
         if not isinstance(msg, Outcomes):
             return
         if not msg.final:  # files committed ahead of a slow one: the worker keeps the rest of its batch
-            pending = {job.name: job for job in self.pool.settle(slot, [n for n, _ in msg.results])}
-            for name, outcome in msg.results:
-                if (job := pending.pop(name, None)) is not None:
-                    with self._boundary("a file's outcome", job):
-                        self._on_outcome(job, outcome, slot.id)
+            self._take_outcomes(slot.id, msg, self.pool.settle(slot, [n for n, _ in msg.results]))
             return
         if slot.kill_reason is not None and slot.kill_at is not None:  # it finished within its grace: no kill
             event("worker_reprieved", "a worker thought stuck finished its batch: not killed", logging.WARNING,
                   worker=slot.id, reason=slot.kill_reason)
             slot.kill_reason, slot.kill_at, slot.kill_kind = None, None, "died"
-        jobs, _ = self.pool.release(slot)
+        for job in self._take_outcomes(slot.id, msg, self.pool.release(slot)[0]):
+            self._requeue(job)  # not reached (taken back meanwhile, or the batch ended early): redo it
+
+    def _take_outcomes(self, worker: int, msg: Outcomes, jobs: list[Job]) -> list[Job]:
+        """Each reported file in its own failure boundary; returns the jobs of `jobs` no outcome named."""
         pending = {job.name: job for job in jobs}
         for name, outcome in msg.results:
             if (job := pending.pop(name, None)) is not None:
-                with self._boundary("a file's outcome", job):  # each file in its own boundary
-                    self._on_outcome(job, outcome, slot.id)
-        for job in pending.values():  # not reached (taken back meanwhile, or the batch ended early): redo it
-            self._requeue(job)
+                with self._boundary("a file's outcome", job):
+                    self._on_outcome(job, outcome, worker)
+        return list(pending.values())
 
     def _requeue(self, job: Job) -> None:
         job.not_before = 0.0
