@@ -126,7 +126,10 @@ class _Group:
             self.sealed.append(item)
 
     def pending(self) -> bool:
-        return bool(self.sealed)
+        """Anything a partial flush would send: sealed files, or outcomes decided without a seal (a rejection,
+        a retry), which must not wait behind a stuck file either."""
+        with self.lock:
+            return bool(self.sealed or self.outcomes)
 
     def flush(self, final: bool) -> None:
         """Commit what is sealed (one syncfs, the renames, one fsync per output folder), send every outcome

@@ -388,6 +388,34 @@ def test_files_finished_ahead_of_a_stuck_one_are_committed_without_it(loop, even
     assert sorted(e.file for e in events("processed")) == [f"{i}-ok.txt" for i in range(5)]
 
 
+def test_a_rejection_decided_ahead_of_a_stuck_file_is_not_held_by_it(loop, events) -> None:
+    """The CI case: [blob.bin, stuck.txt] in one batch. The rejection has no sealed output, yet it too is sent
+    after COMMIT_STALE: failed/ must not wait for the stuck file to be killed."""
+    lp = loop(config=HANG_ROUTING, workers=1, stall_time=60)
+    d = lp.d
+    lp.until(lambda: d.pool.idle(), what="an idle worker")
+    lp.drop("0-blob.bin", b"\x00binary\x00")
+    lp.drop("9-stuck.txt", b"HANG\n")
+    lp.until(lambda: folder(lp.w, "failed") == ["0-blob.bin"], timeout=15, what="the rejection set aside")
+    assert folder(lp.w, "underprocess") == ["9-stuck.txt"]
+
+
+def test_every_kind_of_outcome_ahead_of_a_stuck_file_is_reported_without_it(loop, events) -> None:
+    """The kind: processed, rejected and retried files decided ahead of a hang in one batch all leave
+    underprocess/ while the stuck one still runs, each reported once."""
+    lp = loop(config=HANG_ROUTING, workers=1, stall_time=60)
+    d = lp.d
+    lp.until(lambda: d.pool.idle(), what="an idle worker")
+    lp.drop("0-ok.txt", b"ok\n")
+    lp.drop("1-blob.bin", b"\x00binary\x00")
+    lp.drop("2-ok.txt", b"ok\n")
+    lp.drop("9-stuck.txt", b"HANG\n")
+    lp.until(lambda: folder(lp.w, "underprocess") == ["9-stuck.txt"], timeout=15, what="all but the stuck one out")
+    assert folder(lp.w, "failed") == ["1-blob.bin"]
+    assert sorted(e.file for e in events("processed")) == ["0-ok.txt", "2-ok.txt"]
+    assert [e.file for e in events("failed")] == ["1-blob.bin"]
+
+
 def test_a_stop_abandons_only_the_files_of_a_batch_not_yet_reported(loop, events) -> None:
     lp = loop(config=HANG_ROUTING, workers=1, stall_time=60)
     d = lp.d
@@ -399,3 +427,22 @@ def test_a_stop_abandons_only_the_files_of_a_batch_not_yet_reported(loop, events
     d.shutdown()
     assert [e.file for e in events("abandoned")] == ["9-stuck.txt"]
     assert folder(lp.w, "unprocessed") == ["9-stuck.txt"] and folder(lp.w, "underprocess") == []
+
+
+def test_a_watch_lost_while_its_folder_cannot_be_made_is_restored_within_seconds(loop, events) -> None:
+    """The CI case: rm -rf still running when the daemon makes unprocessed/ again, so the first attempt fails.
+    The kind: any failure to restore the watch is retried each WATCH_RETRY, not left to the 30 s rescan (or
+    never: the failure once ended in the boundary with the dead watch kept)."""
+    lp = loop()
+    d, unprocessed = lp.d, lp.w / "unprocessed"
+    lp.until(lambda: d.pool.idle(), what="an idle worker")
+    unprocessed.rmdir()
+    unprocessed.write_bytes(b"")  # in the way: ensure() cannot make the folder
+    lp.until(lambda: events("watch_lost") and events("io_error"), what="the watch lost, and a first try failed")
+    assert d.watch_lost and not events("internal_error")
+    unprocessed.unlink()
+    lp.clock.advance(2.5)  # past WATCH_RETRY and the claim pause of the failed try; far from rescan_interval
+    lp.until(lambda: unprocessed.is_dir() and not d.watch_lost, timeout=5, what="the folder made and watched")
+    lp.drop("after.txt", b"after\n")
+    lp.until(lambda: lp.result("after.txt") == b"AFTER\n", timeout=5, what="a new file noticed by the new watch")
+    assert len(events("watch_lost")) == 1
