@@ -41,6 +41,7 @@ from ingestd.web import Web
 from ingestd.workers import Pool, Slot
 
 HEARTBEAT = 5.0  # the idle main loop still turns this often, so /healthz can tell "idle" from "stuck"
+WATCH_RETRY = 1.0  # seconds between attempts to make and watch unprocessed/ again after its watch was lost
 PROGRESS_REFRESH = 1.0  # seconds between STATUS=/page refreshes while workers are busy
 HISTORY_EVERY = 1.0  # seconds: the recent history is saved at most this often (one small fsynced file)
 MAX_INTERNAL_ERRORS = 3
@@ -73,6 +74,7 @@ class Daemon:
         self._withheld = False
         self.web: Web | None = None
         self.watch: Watch | None = None
+        self.watch_lost = False  # unprocessed/'s watch is dead and not yet replaced: rescans come every second
         self.pool: Pool | None = None
         self.poller = select.poll()
         self._polled: set[int] = set()
@@ -273,10 +275,11 @@ class Daemon:
                 self.arrivals.change(c, now)
                 self._rescan("overflow")
             elif c.kind == "lost_watch":
-                event("watch_lost", "unprocessed/ went away: recreating it", logging.ERROR)
-                self.spool.ensure()
-                self._rewatch()
-                self._rescan("overflow")
+                if not self.watch_lost:
+                    event("watch_lost", "unprocessed/ went away: recreating it", logging.ERROR)
+                self.watch_lost = True
+                self._rescan("overflow")  # makes the folder again and watches it; retried each second until it can
+                return  # the rest was read from the dead watch: the rescan has looked at the folder itself
             else:
                 self.arrivals.change(c, now)
 
@@ -290,20 +293,25 @@ class Daemon:
         self._sync_poller()
 
     def _rescan(self, reason: str) -> None:
-        self.next_rescan = self.clock() + self.s.rescan_interval  # first: a failing rescan must not repeat each turn
+        # First: a failing rescan must not repeat each turn. A lost watch is retried each second (the folder may
+        # be removed again while it is made: rm -rf still running), not after the 30 s safety net.
+        self.next_rescan = self.clock() + (WATCH_RETRY if self.watch_lost else self.s.rescan_interval)
         self.metrics.rescans.labels(reason).inc()
         try:
             made = self.spool.ensure()  # a folder removed by hand (rm -rf failed/) comes back
             self._make_output_folders(self.outputs)
+            self.spool.check_lock()  # a watch dir made again is locked again; AlreadyRunning ends this daemon
+            if self.watch_lost or self.spool.unprocessed in made:  # a new folder under the old name: the old
+                self._rewatch()                                   # watch sees nothing
+                self.watch_lost = False
+        except AlreadyRunning:
+            raise
         except (SpoolError, OSError) as e:
             self._back_off(None, str(e), "a queue folder cannot be made; claiming waits")
             return
-        self.spool.check_lock()  # a watch dir made again is locked again; AlreadyRunning ends this daemon
         if made:
             event("folders_recreated", "queue folders were missing and are made again", logging.WARNING,
                   folders=made)
-        if self.spool.unprocessed in made:  # a new folder under the old name: the old watch sees nothing
-            self._rewatch()
         counts = self.spool.counts()
         self.state.kept = {"processed": counts["processed"], "failed": counts["failed"]}
         self.arrivals.scanned(Spool.entries(self.spool.unprocessed), self.clock())
