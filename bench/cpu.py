@@ -29,6 +29,7 @@ from bench.harness import (
     tree_pids,
     visible,
     wait_until,
+    wakeups,
 )
 
 
@@ -58,9 +59,9 @@ def run(work: Path, t: Table, quick: bool) -> None:
         wait_until(done, 300, f"{n} files processed", interval=0.05)
         t1, p1, w1 = time.monotonic_ns(), cpu_ns([parent]), cpu_ns(workers)
         time.sleep(1.0)  # past the last commits and the status view's refresh
-        i0, ip0 = time.monotonic_ns(), cpu_ns([parent])
+        i0, ip0, k0 = time.monotonic_ns(), cpu_ns([parent]), wakeups([parent, *workers])
         time.sleep(idle_s)
-        i1, ip1 = time.monotonic_ns(), cpu_ns([parent])
+        i1, ip1, k1 = time.monotonic_ns(), cpu_ns([parent]), wakeups([parent, *workers])
     finally:
         stop_daemon(d)
     if events(d, "failed") or len(visible(wd / "processed")) != n:
@@ -69,8 +70,11 @@ def run(work: Path, t: Table, quick: bool) -> None:
     busy = 100 * (p1 - p0) / (t1 - t0)
     wbusy = 100 * (w1 - w0) / (t1 - t0) / max(1, len(workers))
     idle = 100 * (ip1 - ip0) / (i1 - i0)
+    wakes = (k1 - k0) / ((i1 - i0) / 1e9)
     t.add("5.1", f"parent CPU, both workers saturated ({n:,} x 1 KiB, {where}, {(t1 - t0) / 1e9:.1f} s)",
           f_pct(busy), "each worker, same window", f_pct(wbusy), percent=busy, worker_percent=wbusy)
     t.add("5.2", f"parent CPU idle, {idle_s:.0f} s after the drain", f_pct(idle), percent=idle)
+    t.add("5.3", "wake-ups per second idle, parent and workers, all threads", f"{wakes:.2f}/s", wakeups_per_s=wakes)
     t.target("parent CPU under saturation < 15% of a core", f_pct(busy), busy < 15)
     t.target("parent CPU idle < 0.1% of a core", f_pct(idle), idle < 0.1)
+    t.target("idle wake-ups <= 0.5/s (the main loop's 5 s turn; nothing else polls)", f"{wakes:.2f}/s", wakes <= 0.5)

@@ -234,6 +234,25 @@ def tree_pids(root: int) -> list[int]:
     return out
 
 
+def wakeups(pids: list[int]) -> int:
+    """Voluntary context switches, all threads of these processes: each is one sleep ended by a wake-up (a
+    timer or an event). Idle cost is wake-ups times the cost of one, which on a small VM is milliseconds of
+    cold caches, so this is the figure the code controls."""
+    total = 0
+    for pid in pids:
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/status") as f:
+                    total += sum(int(line.split()[1]) for line in f if line.startswith("voluntary_ctxt"))
+            except OSError:
+                continue
+    return total
+
+
 def cpu_ns(pids: list[int]) -> int:
     """Nanoseconds on CPU, all threads of these processes (schedstat: ns precision, unlike clock ticks)."""
     total = 0

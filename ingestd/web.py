@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import socket
@@ -97,12 +98,18 @@ class Web:
         self.server.daemon_threads = True
         bound, port = str(self.server.server_address[0]), self.server.server_address[1]
         self.address = f"[{bound}]:{port}" if ":" in bound else f"{bound}:{port}"
-        self._thread = threading.Thread(target=self.server.serve_forever, name="http", daemon=True)
+        # No periodic wake-up: each costs ~2 ms of CPU on a small VM, and stop() wakes the loop itself.
+        self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": None},
+                                        name="http", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
     def stop(self) -> None:
+        # shutdown(2) on the listening socket leaves it readable for good (accept fails), so the loop, blocked
+        # with no timeout, wakes and soon sees the shutdown request: no lost wake-up, whatever the order.
+        with contextlib.suppress(OSError):
+            self.server.socket.shutdown(socket.SHUT_RDWR)
         self.server.shutdown()
         self.server.server_close()
         self._thread.join(timeout=5)
