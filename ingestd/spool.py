@@ -232,26 +232,32 @@ class Spool:
 
 
     def _drop_claim_ghosts(self) -> None:
-        """A claim is one rename, never fsynced in unprocessed/: after a power cut its old name can be back
-        while the file (same inode) is also in underprocess/ or failed/. Processing that name again would
-        finish the file twice (a failure would even be kept twice), so the stale name goes.
+        """A move between queue folders is one rename, and a power cut can keep its new name while losing the
+        removal of its old one (each folder is made durable by its own fsync): the file (same inode) is then under
+        both names. Processing the old name again would finish the file twice (a failure would even be kept twice,
+        the first as .superseded-), so the stale name goes: a claim's old name in unprocessed/ (the claim is never
+        fsynced there), and a set-aside's old name in underprocess/ (fail() was cut between its two fsyncs).
         Found by tests/torture/test_power_loss.py (restart on a disk cut mid-run)."""
-        taken = {}
-        for folder in (self.underprocess, self.failed):
-            for name in self.entries(folder):
-                try:
-                    st = os.lstat(os.path.join(folder, name))
-                except FileNotFoundError:
-                    continue
-                taken[name] = (st.st_dev, st.st_ino)
-        for name in self.entries(self.unprocessed):
+        failed = self._inodes(self.failed)
+        self._drop_same(self.underprocess, failed)
+        self._drop_same(self.unprocessed, {**failed, **self._inodes(self.underprocess)})
+
+    def _inodes(self, folder: str) -> dict[str, tuple[int, int]]:
+        found = {}
+        for name in self.entries(folder):
             try:
-                st = os.lstat(os.path.join(self.unprocessed, name))
+                st = os.lstat(os.path.join(folder, name))
             except FileNotFoundError:
                 continue
-            if taken.get(name) == (st.st_dev, st.st_ino):
+            found[name] = (st.st_dev, st.st_ino)
+        return found
+
+    def _drop_same(self, folder: str, taken: dict[str, tuple[int, int]]) -> None:
+        """Unlink each entry of folder that is the very file (inode) of the same name in `taken`."""
+        for name, ino in self._inodes(folder).items():
+            if taken.get(name) == ino:
                 # No fsync: if this unlink is lost too, the next start drops the ghost again.
-                durable.unlink_quiet(os.path.join(self.unprocessed, name))
+                durable.unlink_quiet(os.path.join(folder, name))
 
     # --- the life of a file ----------------------------------------------------------------
     def claim(self, name: str, settled: bool = False) -> Claim:

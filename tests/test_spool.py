@@ -105,6 +105,29 @@ def test_recover_twice_counts_twice_but_changes_nothing_else(spool: Spool) -> No
     assert state(spool.root) == {"underprocess/a": b"A", "unprocessed/a": b"N"}
 
 
+@pytest.mark.parametrize("old, new", [("underprocess", "failed"), ("unprocessed", "underprocess"),
+                                      ("unprocessed", "failed")])
+def test_a_move_whose_old_name_came_back_after_a_power_cut_is_not_finished_twice(spool: Spool, old: str,
+                                                                                  new: str) -> None:
+    """The state a power cut leaves when a rename's new folder was fsynced and its old one was not: one inode,
+    two names. underprocess/ + failed/ is fail() cut between its two fsyncs (CI saw a redo then keep the same
+    poison file twice, once as .superseded-, in a fresh-clone run); the others are a claim's old name (never fsynced there)."""
+    populate(spool.root, {f"{new}/poison.txt": b"\x00bad\n"})
+    os.link(Path(spool.root) / new / "poison.txt", Path(spool.root) / old / "poison.txt")
+    requeued, _ = spool.recover(3, NOW)
+    assert state(spool.root) == {f"{new}/poison.txt": b"\x00bad\n"}
+    assert requeued == (["poison.txt"] if new == "underprocess" else [])
+
+
+def test_a_different_file_of_the_same_name_is_not_a_ghost(spool: Spool) -> None:
+    """Only the same inode is a ghost: a newcomer named like a failed file is processed (and the older
+    failure is kept aside when it fails too)."""
+    populate(spool.root, {"failed/a": b"old", "underprocess/a": b"new", "unprocessed/b": b"B", "failed/b": b"B"})
+    assert spool.recover(3, NOW) == (["a"], [])
+    assert state(spool.root) == {"failed/a": b"old", "underprocess/a": b"new", "unprocessed/b": b"B",
+                                 "failed/b": b"B"}
+
+
 # --- attempts and poison files --------------------------------------------------------------------------------
 def test_poison_file_quarantined_after_max_attempts(spool: Spool) -> None:
     populate(spool.root, {"underprocess/a": b"kills the worker\n"})
