@@ -54,8 +54,8 @@ def explained(d: DaemonProcess, words: tuple[str, ...]) -> None:
     m = wait_for(lambda: (s := metrics_ok(d.get("/metrics")[1])).get("ingestd_claiming_paused") == 1 and s,
                  timeout=10, what="paused gauge")
     assert m["ingestd_claiming_paused"] == 1
-    st = d.status()
-    assert st["paused"] and any(w in st["paused"] for w in words), st["paused"]
+    # Waited for, not read once: a pause is lifted when its backoff ends and set again by the next failure.
+    wait_for(lambda: (p := d.status()["paused"]) and any(w in p for w in words), timeout=10, what="/api/status paused")
     assert d.proc.poll() is None
 
 
