@@ -13,16 +13,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support import DaemonProcess, folder, wait_for
+from torture.lib import kill_tree, metrics_ok, shim_env
 
 from ingestd import sinks as sinks_mod
 from ingestd.messages import Superseded
 from ingestd.pipeline import Rejected
 from ingestd.sinks import CLAIM_ATTR, Sinks, claim_of
 from ingestd.spool import set_aside
-from support import DaemonProcess, folder, wait_for
-from torture.lib import kill_tree, metrics_ok, shim_env
 
-ASIDE = re.compile(r"^(?P<name>.*)\.superseded-(?P<t>\d+)(-(?P<n>\d+))?$", re.S)
+ASIDE = re.compile(r"^(?P<name>.*)\.superseded-(?P<t>\d+)(-(?P<n>\d+))?$", re.DOTALL)
 
 
 @pytest.fixture
@@ -39,8 +39,8 @@ def listing(root: Path) -> dict[str, bytes]:
 def publish(processed: Path, name: str, outputs: dict[str, bytes], policy: str, claim: bytes | None,
             folders: tuple[str, ...] = ("", "errors")) -> Sinks:
     s = Sinks(str(processed), name, list(folders), policy, claim)
-    for folder, data in outputs.items():
-        s.write(folder, data)
+    for out, data in outputs.items():
+        s.write(out, data)
     s.commit()
     return s
 
