@@ -380,3 +380,13 @@ def test_a_redo_after_kill9_between_publish_and_commit_converges(tmp_path: Path,
     assert sorted(asides(w / "processed").values()) == ([b"MONDAY\n"] if earlier else [])
     assert d.count("result_superseded") == 0  # the redo replaced its own result: nothing superseded
     assert _superseded(d) == {}
+
+
+# --- the setting ----------------------------------------------------------------------------------------------------
+def test_the_setting_defaults_to_keep_and_refuses_other_words(tmp_path: Path) -> None:
+    from ingestd.settings import ConfigError, load
+
+    assert load({}, environ={}, cwd=tmp_path).file_exist == "keep"
+    assert load({}, environ={"INGESTD_FILE_EXIST": "fail"}, cwd=tmp_path).file_exist == "fail"
+    with pytest.raises(ConfigError, match=r"^file_exist: must be one of keep, replace, fail, not 'Override' \(from INGESTD_FILE_EXIST\)$"):
+        load({}, environ={"INGESTD_FILE_EXIST": "Override"}, cwd=tmp_path)
