@@ -41,12 +41,8 @@ def process(settings: Settings, input_path: str, output_path: str, explain: bool
     sinks = None
     if output_path != "-":
         base = os.path.dirname(os.path.abspath(output_path))
-        try:
-            for folder in folders:
-                os.makedirs(os.path.join(base, folder), exist_ok=True)  # routed outputs beside the main one
-        except OSError as e:
-            print(f"ingestd: cannot write {output_path}: {e.strerror}", file=sys.stderr)
-            return EX_CANTCREAT
+        # Routed outputs go to folders beside the main one, made by Sinks at their first record only: no empty
+        # sibling folders for outputs no line reached.
         sinks = Sinks(base, os.path.basename(output_path), folders)
     default = "" if "" in folders else folders[0]
     out = sys.stdout.buffer
@@ -60,14 +56,26 @@ def process(settings: Settings, input_path: str, output_path: str, explain: bool
             out.write(data)
         else:
             dropped += 1
+            routed[folder] = routed.get(folder, 0) + 1
 
     n = 0
+    routed: dict[str, int] = {}  # records per output folder that stdout does not carry
+
+    def where(folder: str) -> str:
+        """Where a record for this output goes: the file it is written to, or why it is not written."""
+        if sinks is not None:
+            return os.path.join(os.path.dirname(output_path), folder, os.path.basename(output_path))
+        return "stdout" if folder == default else f"not written ({folder}/ output; stdout carries only {default or 'processed'}/)"
 
     def show(step: Step) -> None:
         nonlocal n
         n += 1
-        dest = "dropped" if step.output is None else ("processed/" + step.output).rstrip("/") + "/"
-        print(f"line {n}: tag={step.tag} filters=[{', '.join(step.applied)}] -> {dest}", file=sys.stderr)
+        acted = f"filters [{', '.join(step.acted)}]" if step.acted else "no filter acted"
+        if step.output is None:
+            fate = "dropped" if step.acted and not step.acted[-1].startswith("retag->") else "dropped (no output matches)"
+        else:
+            fate = f"{where(step.output)}: {step.text!r}"
+        print(f"line {n}: tag={step.tag}, {acted} -> {fate}", file=sys.stderr)
 
     try:
         with src:
@@ -91,7 +99,10 @@ def process(settings: Settings, input_path: str, output_path: str, explain: bool
         if bar:
             bar.close()
     if dropped:
-        print(f"ingestd: {dropped} records routed to other outputs were not written to stdout", file=sys.stderr)
+        kinds = ", ".join(f"{k}/ {v}" for k, v in sorted(routed.items()))
+        print(f"ingestd: {plural(dropped, 'record')} routed to other outputs ({kinds}) "
+              f"{'was' if dropped == 1 else 'were'} not written to stdout; give --output FILE to keep them "
+              "in folders beside it", file=sys.stderr)
     return 0
 
 
@@ -215,6 +226,11 @@ def _existing(settings: Settings, writable: tuple[str, ...] = ()) -> Spool:
 def _refused(e: FolderError) -> int:
     print(f"ingestd: {e}", file=sys.stderr)
     return EX_NOPERM if e.errno in (errno.EACCES, errno.EPERM) else EX_IOERR
+
+
+def plural(n: int, word: str) -> str:
+    """ "1 record", "2 records" (English plurals of the nouns this module counts)."""
+    return f"{n} {word}{'' if n == 1 else 's'}"
 
 
 def when(ts: float | None) -> str:

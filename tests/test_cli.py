@@ -38,18 +38,81 @@ def test_process_stdin_to_stdout_with_each_mode() -> None:
         assert (r.returncode, r.stdout) == (0, want), mode
 
 
+EXPLAIN = ('[[filters]]\nmatch="*"\nretag="errors"\npattern="ERR"\n[[filters]]\nmatch="default"\n'
+           'processor="drop"\npattern="^#"\n[[filters]]\nmatch="default"\nprocessor="uppercase"\n'
+           '[[outputs]]\nmatch="errors"\npath="errors"\n[[outputs]]\nmatch="*"\n')
+
+
+# Issue 9: --explain listed filters that did nothing ("filters=[drop]" on a kept line), did not show the text a
+# line becomes nor where a routed line went, wrote "1 records", and made empty folders beside --output FILE.
 def test_explain_prints_the_route_of_every_line(tmp_path: Path) -> None:
     cfg = tmp_path / "r.toml"
-    cfg.write_text('[[filters]]\nmatch="*"\nretag="errors"\npattern="ERR"\n[[filters]]\nmatch="default"\n'
-                   'processor="drop"\npattern="^#"\n[[outputs]]\nmatch="errors"\npath="errors"\n[[outputs]]\nmatch="*"\n')
-    r = ingestd("process", "--input", "-", "--output", "-", "--config", str(cfg), "--explain", input=b"ok\nERR x\n# c\n")
+    cfg.write_text(EXPLAIN)
+    r = ingestd("process", "--input", "-", "--output", "-", "--config", str(cfg), "--explain",
+                input=b"ok\nERR x\n# c\nOK\n")
     assert r.returncode == 0
-    assert r.stdout == b"ok\n"
+    assert r.stdout == b"OK\nOK\n"
     lines = r.stderr.decode().splitlines()
-    assert lines[0] == "line 1: tag=default filters=[drop] -> processed/"
-    assert lines[1] == "line 2: tag=errors filters=[retag->errors] -> processed/errors/"
-    assert lines[2] == "line 3: tag=default filters=[drop] -> dropped"
-    assert "1 records routed to other outputs" in lines[3]
+    assert lines[0] == "line 1: tag=default, filters [uppercase] -> stdout: 'OK'"  # drop ran but did not act
+    assert lines[1] == ("line 2: tag=errors, filters [retag->errors] -> not written (errors/ output; stdout carries "
+                        "only processed/): 'ERR x'")
+    assert lines[2] == "line 3: tag=default, filters [drop] -> dropped"
+    assert lines[3] == "line 4: tag=default, no filter acted -> stdout: 'OK'"  # uppercase left "OK" as it was
+    assert lines[4].startswith("ingestd: 1 record routed to other outputs (errors/ 1) was not written to stdout")
+
+
+def test_explain_with_an_output_file_names_the_files_and_makes_no_empty_folders(tmp_path: Path) -> None:
+    cfg = tmp_path / "r.toml"
+    cfg.write_text(EXPLAIN)
+    out = tmp_path / "out"
+    out.mkdir()
+    (tmp_path / "in.txt").write_bytes(b"ok\nERR 1\nERR 2\n")
+    r = ingestd("process", "--input", str(tmp_path / "in.txt"), "--output", str(out / "o.txt"), "--config", str(cfg),
+                "--explain")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.decode().splitlines()[1] == f"line 2: tag=errors, filters [retag->errors] -> {out}/errors/o.txt: 'ERR 1'"
+    assert (out / "errors" / "o.txt").read_bytes() == b"ERR 1\nERR 2\n"
+    (tmp_path / "calm.txt").write_bytes(b"ok\n")  # no line reaches errors/: no errors/ folder
+    other = tmp_path / "other"
+    other.mkdir()
+    r = ingestd("process", "--input", str(tmp_path / "calm.txt"), "--output", str(other / "o.txt"), "--config", str(cfg))
+    assert r.returncode == 0 and sorted(os.listdir(other)) == ["o.txt"]
+
+
+@pytest.mark.parametrize(("lines", "said"), [(1, "1 record routed to other outputs (errors/ 1) was"),
+                                             (2, "2 records routed to other outputs (errors/ 2) were")])
+def test_routed_records_on_stdout_are_counted_in_good_english(tmp_path: Path, lines: int, said: str) -> None:
+    cfg = tmp_path / "r.toml"
+    cfg.write_text(EXPLAIN)
+    r = ingestd("process", "--input", "-", "--output", "-", "--config", str(cfg), input=b"ERR\n" * lines)
+    assert r.returncode == 0 and said in r.stderr.decode()
+
+
+# Issue 9: --mode grep|drop|redact could not be given a pattern on the command line ("_grep() missing 1 required
+# positional argument").
+@pytest.mark.parametrize(("args", "env", "out"), [
+    (["--mode", "grep", "--pattern", "ERR"], {}, b"ERR 1\n"),
+    (["--mode", "drop"], {"INGESTD_PATTERN": "ERR"}, b"ok\n"),
+    (["--mode", "redact", "--pattern", "[0-9]", "--replacement", "#"], {}, b"ok\nERR #\n"),
+])
+def test_process_modes_with_a_pattern(args: list[str], env: dict[str, str], out: bytes) -> None:
+    r = ingestd("process", "--input", "-", "--output", "-", *args, env=env, input=b"ok\nERR 1\n")
+    assert (r.returncode, r.stdout, r.stderr) == (0, out, b"")
+
+
+@pytest.mark.parametrize("command", ["run", "process"])
+@pytest.mark.parametrize(("args", "message"), [
+    (["--mode", "grep"], "ingestd: pattern: mode grep needs a pattern (--pattern, INGESTD_PATTERN or pattern = in "
+                         "the config)\n"),
+    (["--mode", "redact", "--pattern", "("], "ingestd: pattern: invalid regular expression: "),
+    (["--mode", "uppercase", "--pattern", "x"], "ingestd: pattern: mode uppercase takes no options"),
+])
+def test_mode_option_errors_exit_78_in_our_words(tmp_path: Path, command: str, args: list[str], message: str) -> None:
+    where = ["--watch-dir", str(tmp_path / "w")] if command == "run" else ["--input", "-", "--output", "-"]
+    r = ingestd(command, *where, *args, cwd=tmp_path, input=b"x\n")
+    err = r.stderr.decode()
+    assert r.returncode == 78 and err.startswith(message) and err.count("\n") == 1, err
+    assert "positional" not in err and "Traceback" not in err
 
 
 def test_process_exit_codes(tmp_path: Path) -> None:
