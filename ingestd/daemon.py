@@ -58,7 +58,7 @@ class Daemon:
         self.spool = Spool(settings.watch_dir, done_marker=settings.done_marker)
         self.arrivals = Arrivals(settings.settle_time, settings.done_marker, settings.quiet_time)
         self.notifier = Notifier()
-        self.state = State(settings.recent, clock, wall)
+        self.state = State(settings.recent, clock, wall, settings.metrics_file_names)
         self.metrics = self.state.metrics
         self.signals: list[int] = []
         self.queue: collections.deque[Job] = collections.deque()  # claimed jobs waiting for a worker

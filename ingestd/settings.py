@@ -41,6 +41,7 @@ class Settings:
     wait_lock: bool = False  # another daemon holds the watch dir: wait for it to go (a standby) instead of exiting 75
     stall_time: float = 30.0  # a busy worker with no progress this long is stuck: killed, replaced, an attempt counted
     time_limit: float = 0.0  # seconds one file may take before its worker is killed (0: no limit)
+    metrics_file_names: bool = True  # file-name labels on /metrics (off: no series per file, for high volume)
     log_format: str = "auto"  # json | text | auto (text when stderr is a terminal, else JSON)
     routing_doc: dict[str, Any] = field(default_factory=lambda: {"mode": "uppercase"})  # picklable, for workers
 
@@ -153,6 +154,7 @@ PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "wait_lock": _bool,
     "stall_time": _seconds(0, strict=True),  # 0 would call every busy worker stuck
     "time_limit": _seconds(0),  # 0: no limit
+    "metrics_file_names": _bool,
     "log_format": _choice("auto", "json", "text"),
 }
 
