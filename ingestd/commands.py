@@ -87,8 +87,8 @@ def process(settings: Settings, input_path: str, output_path: str, explain: bool
     except pipeline.Rejected as e:
         if sinks is not None:
             sinks.abort()
-        where = f" (line {e.line})" if e.line else ""
-        print(f"ingestd: {input_path}: {e.reason}{where}", file=sys.stderr)
+        at = f" (line {e.line})" if e.line else ""
+        print(f"ingestd: {input_path}: {e.reason}{at}", file=sys.stderr)
         return EX_DATAERR
     except OSError as e:
         if sinks is not None:

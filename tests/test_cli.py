@@ -102,8 +102,8 @@ def test_process_modes_with_a_pattern(args: list[str], env: dict[str, str], out:
 
 @pytest.mark.parametrize("command", ["run", "process"])
 @pytest.mark.parametrize(("args", "message"), [
-    (["--mode", "grep"], "ingestd: pattern: mode grep needs a pattern (--pattern, INGESTD_PATTERN or pattern = in "
-                         "the config)\n"),
+    (["--mode", "grep"], ("ingestd: pattern: mode grep needs a pattern (--pattern, INGESTD_PATTERN or pattern = in "
+                          "the config)\n")),
     (["--mode", "redact", "--pattern", "("], "ingestd: pattern: invalid regular expression: "),
     (["--mode", "uppercase", "--pattern", "x"], "ingestd: pattern: mode uppercase takes no options"),
 ])
