@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from ingestd import history, pipeline
 from ingestd.engine import Step
-from ingestd.names import display, ignored, oserror
+from ingestd.names import DONE_SUFFIX, display, ignored, oserror
 from ingestd.settings import ConfigError, Settings
 from ingestd.sinks import Sinks
 from ingestd.spool import FOLDERS, FolderError, NotAWatchDir, Spool
@@ -134,8 +134,10 @@ def _report(settings: Settings, spool: Spool) -> dict[str, Any]:
     recent (the daemon's entries: file, result, duration, finished_at, reason, seq), failures (sidecar records)."""
     try:
         counts = spool.counts()
-        # Names the daemon never claims (dot-files, *.tmp, *.part...) are not waiting; the daemon counts the same.
-        counts["unprocessed"] = sum(1 for n in Spool.entries(spool.unprocessed) if not ignored(n))
+        # Names the daemon never claims (dot-files, *.tmp, *.part...) are not waiting, nor with done_marker the
+        # NAME.done markers themselves (they vouch for a file, they are none); the daemon counts the same.
+        counts["unprocessed"] = sum(1 for n in Spool.entries(spool.unprocessed)
+                                    if not ignored(n) and not (settings.done_marker and n.endswith(DONE_SUFFIX)))
         return {
             "watch_dir": str(spool.root.resolve()),
             "daemon": spool.holder(),

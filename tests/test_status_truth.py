@@ -432,6 +432,25 @@ def test_status_does_not_count_names_the_daemon_ignores(tmp_path: Path) -> None:
     assert doc["counts"]["unprocessed"] == 1
 
 
+# Audit of issue 9: with done_marker on, `status` counted each NAME.done marker as a file waiting (2 for one file),
+# where the daemon counts the file alone. Checked against a real daemon's own count.
+def test_status_counts_waiting_files_as_the_daemon_does_with_done_markers(tmp_path: Path) -> None:
+    env = {"INGESTD_DONE_MARKER": "true"}
+    d = DaemonProcess(tmp_path / "w", env=env, cwd=tmp_path).started(timeout=30)
+    try:
+        u = d.watch_dir / "unprocessed"
+        for n in ("waits-for-its-marker.txt", "orphan.txt.done", ".hidden", "x.tmp", "y.part"):
+            (u / n).write_bytes(b"x\n")
+        (u / "vouched.txt").write_bytes(b"x\n")
+        (u / "vouched.txt.done").touch()
+        wait_for(lambda: folder(d.watch_dir, "processed") == ["vouched.txt"])
+        api = wait_for(lambda: (s := d.status())["counts"]["unprocessed"] == 1 and s, timeout=5)
+        doc = json.loads(cli("status", "--json", "--watch-dir", str(d.watch_dir), env=env).stdout)
+    finally:
+        d.stop()
+    assert doc["counts"] == api["counts"] and doc["counts"]["unprocessed"] == 1
+
+
 def test_status_into_a_closed_pipe_exits_quietly(tmp_path: Path) -> None:
     spool = watch(tmp_path / "w")
     for i in range(12):
