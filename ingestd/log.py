@@ -27,7 +27,7 @@ class _JournalPriority(logging.Formatter):
 
 class _Text(logging.Formatter):
     """For people at a terminal: `time LEVEL message key=value ...` in logfmt's manner: values with spaces or
-    quotes are quoted, lists are comma-joined, absent (None) fields are left out."""
+    quotes are quoted, lists are comma-joined, absent (None) fields and empty lists are left out."""
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802 (stdlib name)
         """UTC with its offset, as the JSON log and `status` write times, whatever TZ says."""
@@ -36,7 +36,7 @@ class _Text(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         base = super().format(record)
         fields = [f"{k}={_logfmt(v)}" for k, v in record.__dict__.items()
-                  if k not in _STANDARD and not k.startswith("_") and k != "event" and v is not None]
+                  if k not in _STANDARD and not k.startswith("_") and k != "event" and v is not None and v != []]
         return base + ("  " + " ".join(fields) if fields else "")
 
 

@@ -264,6 +264,18 @@ def test_run_at_a_terminal_logs_text_and_says_where_to_look(tmp_path: Path) -> N
     assert "None" not in text and "{" not in text and "[" not in text, text
 
 
+def test_text_log_of_an_idle_stop_has_no_empty_fields(tmp_path: Path) -> None:
+    """Audit of issue 9: an idle stop logged `stopping  signal=SIGTERM in_progress="" timeout=20.0` in text."""
+    d = DaemonProcess(tmp_path / "w", "--log-format", "text", cwd=tmp_path)
+    try:
+        wait_for(lambda: any("ingestd started" in line for line in d.lines), 20, what="started")
+    finally:
+        d.stop()
+    stopping = [line for line in d.lines if " stopping " in line]
+    assert stopping and 'in_progress=""' not in stopping[0] and "finishing current files" not in stopping[0], d.lines
+    assert not [line for line in d.lines if '=""' in line or "None" in line or "[" in line], d.lines
+
+
 def test_closing_the_terminal_stops_the_daemon_but_a_sighup_otherwise_reloads(tmp_path: Path) -> None:
     """make run in a terminal that closes: the hang-up's SIGHUP stops it (it used to reload and live on, orphaned,
     holding the watch dir). Under systemd or with no terminal, SIGHUP stays a reload (tests/test_daemon.py)."""
