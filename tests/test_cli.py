@@ -100,6 +100,27 @@ def test_process_modes_with_a_pattern(args: list[str], env: dict[str, str], out:
     assert (r.returncode, r.stdout, r.stderr) == (0, out, b"")
 
 
+def test_run_with_a_mode_pattern_and_a_reload_that_changes_it(tmp_path: Path) -> None:
+    """The daemon's workers get the mode's options; SIGHUP re-reads them (here from the environment file)."""
+    import signal
+
+    (tmp_path / ".env").write_text("INGESTD_PATTERN=ERR\n")
+    d = DaemonProcess(tmp_path / "w", "--mode", "grep", cwd=tmp_path).started()
+    try:
+        u = d.watch_dir / "unprocessed"
+        (u / "a.txt").write_bytes(b"ok\nERR 1\nWARN 2\n")
+        wait_for(lambda: folder(d.watch_dir, "processed") == ["a.txt"])
+        assert (d.watch_dir / "processed" / "a.txt").read_bytes() == b"ERR 1\n"
+        (tmp_path / ".env").write_text("INGESTD_PATTERN=WARN\n")
+        d.signal(signal.SIGHUP)
+        wait_for(lambda: d.event("reloaded"), what="reloaded")
+        (u / "b.txt").write_bytes(b"ok\nERR 1\nWARN 2\n")
+        wait_for(lambda: "b.txt" in folder(d.watch_dir, "processed"))
+        assert (d.watch_dir / "processed" / "b.txt").read_bytes() == b"WARN 2\n"
+    finally:
+        d.stop()
+
+
 @pytest.mark.parametrize("command", ["run", "process"])
 @pytest.mark.parametrize(("args", "message"), [
     (["--mode", "grep"], ("ingestd: pattern: mode grep needs a pattern (--pattern, INGESTD_PATTERN or pattern = in "
