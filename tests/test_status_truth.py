@@ -444,7 +444,9 @@ def test_status_counts_waiting_files_as_the_daemon_does_with_done_markers(tmp_pa
         (u / "vouched.txt").write_bytes(b"x\n")
         (u / "vouched.txt.done").touch()
         wait_for(lambda: folder(d.watch_dir, "processed") == ["vouched.txt"])
-        api = wait_for(lambda: (s := d.status())["counts"]["unprocessed"] == 1 and s, timeout=5)
+        # The page's view is published each turn: wait until it shows the claim finished too.
+        api = wait_for(lambda: (s := d.status())["counts"] == {"unprocessed": 1, "underprocess": 0, "processed": 1,
+                                                                 "failed": 0} and s, timeout=10)
         doc = json.loads(cli("status", "--json", "--watch-dir", str(d.watch_dir), env=env).stdout)
     finally:
         d.stop()
