@@ -59,6 +59,7 @@ def process(settings: Settings, input_path: str, output_path: str, explain: bool
             routed[folder] = routed.get(folder, 0) + 1
 
     n = 0
+    explaining = [True]  # emptied when the reader of stderr goes away
     routed: dict[str, int] = {}  # records per output folder that stdout does not carry
 
     def where(folder: str) -> str:
@@ -75,7 +76,13 @@ def process(settings: Settings, input_path: str, output_path: str, explain: bool
             fate = "dropped" if step.acted and not step.acted[-1].startswith("retag->") else "dropped (no output matches)"
         else:
             fate = f"{where(step.output)}: {step.text!r}"
-        print(f"line {n}: tag={step.tag}, {acted} -> {fate}", file=sys.stderr)
+        if not explaining:
+            return
+        try:
+            print(f"line {n}: tag={step.tag}, {acted} -> {fate}", file=sys.stderr)
+        except BrokenPipeError:  # `--explain 2>&1 >out | head`: the reader of the explanation has gone; go on
+            explaining.clear()
+            _to_devnull(sys.stderr)
 
     try:
         with src:
@@ -84,6 +91,11 @@ def process(settings: Settings, input_path: str, output_path: str, explain: bool
             sinks.commit()
         else:
             out.flush()
+    except BrokenPipeError if sinks is None else ():
+        # `ingestd process --output - | head -1`: the reader took what it wanted, as with `seq | head`. Quiet, and
+        # exit 0 as `status` does; stdout points at /dev/null so the interpreter's final flush is quiet too.
+        _to_devnull(sys.stdout)
+        return 0
     except pipeline.Rejected as e:
         if sinks is not None:
             sinks.abort()
@@ -125,8 +137,13 @@ def status(settings: Settings, as_json: bool) -> int:
         sys.stdout.flush()  # inside the try: a reader that has gone (`| head`) must not cost a traceback at exit
     except BrokenPipeError:
         # The reader took what it wanted; point stdout at /dev/null so the interpreter's final flush is quiet.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _to_devnull(sys.stdout)
     return 0
+
+
+def _to_devnull(stream: Any) -> None:
+    """After EPIPE on a standard stream: later writes and the interpreter's final flush go to /dev/null."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
 
 
 def _report(settings: Settings, spool: Spool) -> dict[str, Any]:

@@ -136,6 +136,36 @@ def test_mode_option_errors_exit_78_in_our_words(tmp_path: Path, command: str, a
     assert "positional" not in err and "Traceback" not in err
 
 
+# Audit of issue 9: `ingestd process --output - | head -1` said "cannot write -: Broken pipe" and exited 73.
+@pytest.mark.parametrize("args", [["--mode", "lowercase"],  # the block fast path
+                                  ["--mode", "grep", "--pattern", "1"],  # line by line
+                                  ["--mode", "grep", "--pattern", "1", "--explain"]])
+def test_process_into_a_reader_that_goes_away_exits_quietly(tmp_path: Path, args: list[str]) -> None:
+    src = tmp_path / "big.txt"
+    src.write_bytes(b"".join(b"%d\n" % i for i in range(1, 1_000_001)))
+    p = subprocess.Popen([*INGESTD, "process", "--input", str(src), "--output", "-", *args],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert p.stdout is not None and p.stderr is not None
+    assert p.stdout.readline() == b"1\n"
+    p.stdout.close()  # `| head -1`
+    err = p.stderr.read()
+    p.stderr.close()
+    assert (p.wait(60), err if "--explain" not in args else b"") == (0, b"")
+    assert b"Broken pipe" not in err and b"Traceback" not in err
+
+
+def test_explain_into_a_reader_that_goes_away_still_writes_the_whole_file(tmp_path: Path) -> None:
+    src = tmp_path / "big.txt"
+    src.write_bytes(b"".join(b"%d\n" % i for i in range(1, 200_001)))
+    p = subprocess.Popen([*INGESTD, "process", "--input", str(src), "--output", str(tmp_path / "o.txt"), "--mode",
+                          "grep", "--pattern", "7", "--explain"], stderr=subprocess.PIPE)
+    assert p.stderr is not None
+    assert p.stderr.readline().startswith(b"line 1: ")
+    p.stderr.close()  # `--explain 2>&1 | head -1`
+    assert p.wait(60) == 0
+    assert (tmp_path / "o.txt").read_bytes() == b"".join(b"%d\n" % i for i in range(1, 200_001) if b"7" in b"%d" % i)
+
+
 def test_process_exit_codes(tmp_path: Path) -> None:
     (tmp_path / "bin").write_bytes(b"a\0b")
     assert ingestd("process", "--input", str(tmp_path / "missing"), "--output", "-").returncode == 66
