@@ -214,6 +214,35 @@ def test_api_status_answers_while_400_failures_are_requeued(tmp_path: Path) -> N
     assert folder(spool.root, "failed") == sorted(f"bad{i:03d}.bin" for i in range(400))
 
 
+# Audit of issue 9: /api/status gave the health of the last published view, so a main loop gone silent showed
+# "ok" there while /healthz said 503 "main loop silent for ...". Both now ask the same question at the same time.
+@pytest.mark.parametrize("problem", [None, "main loop silent for 12.0s", "no worker is running; starting one fails: x"])
+def test_api_status_health_equals_healthz(problem: str | None) -> None:
+    import urllib.error
+    import urllib.request
+
+    from prometheus_client import CollectorRegistry
+
+    from ingestd.web import Web
+
+    published = {"health": {"ok": True, "problem": None}, "counts": {}}  # what the loop published last
+    web = Web("127.0.0.1", 0, CollectorRegistry(), lambda: dict(published), lambda: problem)
+    web.start()
+    try:
+        try:
+            with urllib.request.urlopen(f"http://{web.address}/healthz", timeout=5) as r:
+                code, text = r.status, r.read().decode().strip()
+        except urllib.error.HTTPError as e:
+            code, text = e.code, e.read().decode().strip()
+            e.close()
+        with urllib.request.urlopen(f"http://{web.address}/api/status", timeout=5) as r:
+            health = json.load(r)["health"]
+    finally:
+        web.stop()
+    assert (code, text) == ((200, "ok") if problem is None else (503, problem))
+    assert health == {"ok": problem is None, "problem": problem}
+
+
 def test_a_failing_status_answers_500_json_and_logs_one_line(capfd: pytest.CaptureFixture[str]) -> None:
     """The kind behind the API case: whatever goes wrong inside a request, a 500 in JSON and one JSON log line."""
     import urllib.error
