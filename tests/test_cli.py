@@ -327,6 +327,27 @@ def test_text_log_of_an_idle_stop_has_no_empty_fields(tmp_path: Path) -> None:
     assert not [line for line in d.lines if '=""' in line or "None" in line or "[" in line], d.lines
 
 
+def test_second_sigterm_is_said_as_such_never_as_a_stop_timeout(tmp_path: Path) -> None:
+    """Audit of issue 9: the log of a stop names what happened: files in progress at the first SIGTERM, and the
+    second SIGTERM as the reason they were returned to the queue, not "stop timeout" (nothing timed out)."""
+    import signal
+
+    from support import HANG_ROUTING
+
+    (tmp_path / "hang.toml").write_text(HANG_ROUTING)
+    d = DaemonProcess(tmp_path / "w", "--config", str(tmp_path / "hang.toml"), "--workers", "1").started()
+    (d.watch_dir / "unprocessed" / "stuck.txt").write_bytes(b"HANG\n")
+    wait_for(lambda: folder(d.watch_dir, "underprocess") == ["stuck.txt"], what="claim")
+    d.signal(signal.SIGTERM)
+    wait_for(lambda: d.event("stopping"))
+    d.signal(signal.SIGTERM)
+    assert d.wait(30) == 0
+    said = [e["message"] for e in d.events if e.get("event") in ("stopping", "abandoned")]
+    assert said == ["stopping: finishing current files", "second stop signal: abandoning current files now",
+                    "second stop signal: file returned to the queue"], said
+    assert not [e for e in d.events if "timeout" in e.get("message", "")], d.events
+
+
 def test_closing_the_terminal_stops_the_daemon_but_a_sighup_otherwise_reloads(tmp_path: Path) -> None:
     """make run in a terminal that closes: the hang-up's SIGHUP stops it (it used to reload and live on, orphaned,
     holding the watch dir). Under systemd or with no terminal, SIGHUP stays a reload (tests/test_daemon.py)."""
