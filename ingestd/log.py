@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -60,6 +61,14 @@ def _stderr_is_journal() -> bool:
     except (OSError, ValueError):
         return False
     return dev.isdigit() and ino.isdigit() and (st.st_dev, st.st_ino) == (int(dev), int(ino))
+
+
+def say(text: str) -> None:
+    """One line for a person at the terminal, in one write. A terminal that hangs up meanwhile (EIO, the
+    closing of `make run`'s window) costs the line, never the daemon: its SIGHUP then stops it cleanly."""
+    with contextlib.suppress(OSError, ValueError):
+        sys.stderr.write(text + "\n")
+        sys.stderr.flush()
 
 
 def text_wanted(fmt: str) -> bool:
