@@ -14,6 +14,11 @@ from ingestd.watch import WatchLimit
 EX_CONFIG, EX_TEMPFAIL = 78, 75  # a bad command line exits 2 (argparse)
 
 
+def mode_options(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--pattern", metavar="REGEX", help="the regular expression of --mode grep, drop or redact")
+    sp.add_argument("--replacement", metavar="TEXT", help="what --mode redact writes for a match (default [REDACTED])")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ingestd", description="A systemd-native file-ingestion daemon.")
     p.add_argument("--version", action="version", version=f"ingestd {__version__}")
@@ -24,6 +29,7 @@ def parser() -> argparse.ArgumentParser:
         if routing:
             sp.add_argument("--mode", help="one processor for every line (e.g. uppercase)")
             sp.add_argument("--config", help="TOML file: settings and routing tables")
+            mode_options(sp)
 
     run = sub.add_parser("run", help="run the daemon in the foreground")
     common(run)
@@ -40,6 +46,7 @@ def parser() -> argparse.ArgumentParser:
     mx = proc.add_mutually_exclusive_group()
     mx.add_argument("--mode", help="one processor for every line (e.g. uppercase)")
     mx.add_argument("--config", help="TOML file with routing tables")
+    mode_options(proc)
     proc.add_argument("--explain", action="store_true", help="print each line's tag and route to stderr")
 
     st = sub.add_parser("status", help="folder counts, files in progress, recent completions and failures")
@@ -54,7 +61,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)  # a bad command line exits 2 here
-    flags = {k: v for k, v in vars(args).items() if k in ("watch_dir", "mode", "config", "workers", "listen", "log_format",
+    flags = {k: v for k, v in vars(args).items() if k in ("watch_dir", "mode", "pattern", "replacement", "config", "workers", "listen", "log_format",
                                                             "wait_lock")}
     try:
         settings = load(flags)

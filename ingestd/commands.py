@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from ingestd import history, pipeline
 from ingestd.engine import Step
-from ingestd.names import display, ignored, oserror
+from ingestd.names import DONE_SUFFIX, display, ignored, oserror
 from ingestd.settings import ConfigError, Settings
 from ingestd.sinks import Sinks
 from ingestd.spool import FOLDERS, FolderError, NotAWatchDir, Spool
@@ -41,12 +41,8 @@ def process(settings: Settings, input_path: str, output_path: str, explain: bool
     sinks = None
     if output_path != "-":
         base = os.path.dirname(os.path.abspath(output_path))
-        try:
-            for folder in folders:
-                os.makedirs(os.path.join(base, folder), exist_ok=True)  # routed outputs beside the main one
-        except OSError as e:
-            print(f"ingestd: cannot write {output_path}: {e.strerror}", file=sys.stderr)
-            return EX_CANTCREAT
+        # Routed outputs go to folders beside the main one, made by Sinks at their first record only: no empty
+        # sibling folders for outputs no line reached.
         sinks = Sinks(base, os.path.basename(output_path), folders)
     default = "" if "" in folders else folders[0]
     out = sys.stdout.buffer
@@ -60,14 +56,33 @@ def process(settings: Settings, input_path: str, output_path: str, explain: bool
             out.write(data)
         else:
             dropped += 1
+            routed[folder] = routed.get(folder, 0) + 1
 
     n = 0
+    explaining = [True]  # emptied when the reader of stderr goes away
+    routed: dict[str, int] = {}  # records per output folder that stdout does not carry
+
+    def where(folder: str) -> str:
+        """Where a record for this output goes: the file it is written to, or why it is not written."""
+        if sinks is not None:
+            return os.path.join(os.path.dirname(output_path), folder, os.path.basename(output_path))
+        return "stdout" if folder == default else f"not written ({folder}/ output; stdout carries only {default or 'processed'}/)"
 
     def show(step: Step) -> None:
         nonlocal n
         n += 1
-        dest = "dropped" if step.output is None else ("processed/" + step.output).rstrip("/") + "/"
-        print(f"line {n}: tag={step.tag} filters=[{', '.join(step.applied)}] -> {dest}", file=sys.stderr)
+        acted = f"filters [{', '.join(step.acted)}]" if step.acted else "no filter acted"
+        if step.output is None:
+            fate = "dropped" if step.acted and not step.acted[-1].startswith("retag->") else "dropped (no output matches)"
+        else:
+            fate = f"{where(step.output)}: {step.text!r}"
+        if not explaining:
+            return
+        try:
+            print(f"line {n}: tag={step.tag}, {acted} -> {fate}", file=sys.stderr)
+        except BrokenPipeError:  # `--explain 2>&1 >out | head`: the reader of the explanation has gone; go on
+            explaining.clear()
+            _to_devnull(sys.stderr)
 
     try:
         with src:
@@ -76,11 +91,16 @@ def process(settings: Settings, input_path: str, output_path: str, explain: bool
             sinks.commit()
         else:
             out.flush()
+    except BrokenPipeError if sinks is None else ():
+        # `ingestd process --output - | head -1`: the reader took what it wanted, as with `seq | head`. Quiet, and
+        # exit 0 as `status` does; stdout points at /dev/null so the interpreter's final flush is quiet too.
+        _to_devnull(sys.stdout)
+        return 0
     except pipeline.Rejected as e:
         if sinks is not None:
             sinks.abort()
-        where = f" (line {e.line})" if e.line else ""
-        print(f"ingestd: {input_path}: {e.reason}{where}", file=sys.stderr)
+        at = f" (line {e.line})" if e.line else ""
+        print(f"ingestd: {input_path}: {e.reason}{at}", file=sys.stderr)
         return EX_DATAERR
     except OSError as e:
         if sinks is not None:
@@ -91,7 +111,10 @@ def process(settings: Settings, input_path: str, output_path: str, explain: bool
         if bar:
             bar.close()
     if dropped:
-        print(f"ingestd: {dropped} records routed to other outputs were not written to stdout", file=sys.stderr)
+        kinds = ", ".join(f"{k}/ {v}" for k, v in sorted(routed.items()))
+        print(f"ingestd: {plural(dropped, 'record')} routed to other outputs ({kinds}) "
+              f"{'was' if dropped == 1 else 'were'} not written to stdout; give --output FILE to keep them "
+              "in folders beside it", file=sys.stderr)
     return 0
 
 
@@ -114,8 +137,13 @@ def status(settings: Settings, as_json: bool) -> int:
         sys.stdout.flush()  # inside the try: a reader that has gone (`| head`) must not cost a traceback at exit
     except BrokenPipeError:
         # The reader took what it wanted; point stdout at /dev/null so the interpreter's final flush is quiet.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _to_devnull(sys.stdout)
     return 0
+
+
+def _to_devnull(stream: Any) -> None:
+    """After EPIPE on a standard stream: later writes and the interpreter's final flush go to /dev/null."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
 
 
 def _report(settings: Settings, spool: Spool) -> dict[str, Any]:
@@ -123,8 +151,10 @@ def _report(settings: Settings, spool: Spool) -> dict[str, Any]:
     recent (the daemon's entries: file, result, duration, finished_at, reason, seq), failures (sidecar records)."""
     try:
         counts = spool.counts()
-        # Names the daemon never claims (dot-files, *.tmp, *.part...) are not waiting; the daemon counts the same.
-        counts["unprocessed"] = sum(1 for n in Spool.entries(spool.unprocessed) if not ignored(n))
+        # Names the daemon never claims (dot-files, *.tmp, *.part...) are not waiting, nor with done_marker the
+        # NAME.done markers themselves (they vouch for a file, they are none); the daemon counts the same.
+        counts["unprocessed"] = sum(1 for n in Spool.entries(spool.unprocessed)
+                                    if not ignored(n) and not (settings.done_marker and n.endswith(DONE_SUFFIX)))
         return {
             "watch_dir": str(spool.root.resolve()),
             "daemon": spool.holder(),
@@ -215,6 +245,11 @@ def _existing(settings: Settings, writable: tuple[str, ...] = ()) -> Spool:
 def _refused(e: FolderError) -> int:
     print(f"ingestd: {e}", file=sys.stderr)
     return EX_NOPERM if e.errno in (errno.EACCES, errno.EPERM) else EX_IOERR
+
+
+def plural(n: int, word: str) -> str:
+    """ "1 record", "2 records" (English plurals of the nouns this module counts)."""
+    return f"{n} {word}{'' if n == 1 else 's'}"
 
 
 def when(ts: float | None) -> str:

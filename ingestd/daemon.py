@@ -58,7 +58,7 @@ class Daemon:
         self.spool = Spool(settings.watch_dir, done_marker=settings.done_marker)
         self.arrivals = Arrivals(settings.settle_time, settings.done_marker, settings.quiet_time)
         self.notifier = Notifier()
-        self.state = State(settings.recent, clock, wall)
+        self.state = State(settings.recent, clock, wall, settings.metrics_file_names)
         self.metrics = self.state.metrics
         self.signals: list[int] = []
         self.queue: collections.deque[Job] = collections.deque()  # claimed jobs waiting for a worker
@@ -116,8 +116,8 @@ class Daemon:
               listen=self.web.address, workers=self.s.workers, recovered=len(self.queue),
               waiting=len(self.arrivals))
         if log.text_wanted("auto"):  # a person at a terminal (make run): one line saying where to look
-            print(f"ingestd is watching {self.spool.root.resolve()}/unprocessed/ - status page "
-                  f"http://{self.web.address}/ - press Ctrl-C to stop", file=sys.stderr, flush=True)
+            log.say(f"ingestd is watching {self.spool.root.resolve()}/unprocessed/ - status page "
+                    f"http://{self.web.address}/ - press Ctrl-C to stop")
 
     def _recover(self) -> None:
         requeued, quarantined = self.spool.recover(self.s.max_attempts, self.wall())

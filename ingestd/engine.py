@@ -48,6 +48,8 @@ class Step:
     tag: str
     applied: tuple[str, ...]
     output: str | None  # None: dropped by a filter or matched no output
+    acted: tuple[str, ...] = ()  # the filters of `applied` that changed, dropped or re-tagged the line
+    text: str | None = None  # what the line became (without its ending); None when dropped
 
 
 @dataclass(frozen=True)
@@ -127,20 +129,25 @@ class Routing:
         body, _ = split_ending(line)
         text = body.decode("utf-8", "surrogateescape")
         applied: list[str] = []
+        acted: list[str] = []
         for f in self.filters:
             if not fnmatchcase(tag, f.match):
                 continue
             if f.retag is not None:
                 if f.pattern is None or f.pattern.search(text):
                     applied.append(f"retag->{f.retag}")
+                    acted.append(applied[-1])
                     tag = f.retag
                 continue
             new = f.processor(text)  # type: ignore[misc]
             applied.append(f.name)
+            if new != text:
+                acted.append(f.name)
             if new is None:
-                return Step(tag, tuple(applied), None)
+                return Step(tag, tuple(applied), None, tuple(acted))
             text = new
-        return Step(tag, tuple(applied), self.output_for(tag))
+        out = self.output_for(tag)
+        return Step(tag, tuple(applied), out, tuple(acted), text if out is not None else None)
 
     def run(self, tag: str, lines: Iterable[bytes], explain: Callable[[Step], None] | None = None
             ) -> Iterator[tuple[str, bytes]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -27,7 +28,7 @@ class _JournalPriority(logging.Formatter):
 
 class _Text(logging.Formatter):
     """For people at a terminal: `time LEVEL message key=value ...` in logfmt's manner: values with spaces or
-    quotes are quoted, lists are comma-joined, absent (None) fields are left out."""
+    quotes are quoted, lists are comma-joined, absent (None) fields and empty lists are left out."""
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802 (stdlib name)
         """UTC with its offset, as the JSON log and `status` write times, whatever TZ says."""
@@ -36,7 +37,7 @@ class _Text(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         base = super().format(record)
         fields = [f"{k}={_logfmt(v)}" for k, v in record.__dict__.items()
-                  if k not in _STANDARD and not k.startswith("_") and k != "event" and v is not None]
+                  if k not in _STANDARD and not k.startswith("_") and k != "event" and v is not None and v != []]
         return base + ("  " + " ".join(fields) if fields else "")
 
 
@@ -60,6 +61,14 @@ def _stderr_is_journal() -> bool:
     except (OSError, ValueError):
         return False
     return dev.isdigit() and ino.isdigit() and (st.st_dev, st.st_ino) == (int(dev), int(ino))
+
+
+def say(text: str) -> None:
+    """One line for a person at the terminal, in one write. A terminal that hangs up meanwhile (EIO, the
+    closing of `make run`'s window) costs the line, never the daemon: its SIGHUP then stops it cleanly."""
+    with contextlib.suppress(OSError, ValueError):
+        sys.stderr.write(text + "\n")
+        sys.stderr.flush()
 
 
 def text_wanted(fmt: str) -> bool:

@@ -18,7 +18,8 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2
 
 
 class Metrics:
-    def __init__(self, snapshot: Callable[[], dict[str, Any]]) -> None:
+    def __init__(self, snapshot: Callable[[], dict[str, Any]], file_names: bool = True) -> None:
+        """file_names: False drops the `file` label (setting metrics_file_names): no series per file at all."""
         disable_created_metrics()  # *_created series double the output and no dashboard reads them
         r = self.registry = CollectorRegistry(auto_describe=True)
         ProcessCollector(registry=r)
@@ -62,14 +63,19 @@ class Metrics:
                                   registry=r)
         self.paused = Gauge("ingestd_claiming_paused", "1 while claiming is paused (low disk space, I/O errors)",
                             registry=r)
-        r.register(_Live(snapshot))
+        r.register(_Live(snapshot, file_names))
 
 
 class _Live(Collector):
-    """Scrape-time series from the daemon's snapshot: folders, workers, recent completions (bounded)."""
+    """Scrape-time series from the daemon's snapshot: folders, workers, recent completions.
 
-    def __init__(self, snapshot: Callable[[], dict[str, Any]]) -> None:
-        self.snapshot = snapshot
+    Series churn is bounded (issue 9): a worker's file is one series per assignment ({worker, file}); a
+    recent completion is one series for as long as it is recent ({file, result, reason}, its finish time),
+    never a slot number that every completion would shift. Without file names, the recent series are keyed
+    by result only: the newest finish time of each."""
+
+    def __init__(self, snapshot: Callable[[], dict[str, Any]], file_names: bool = True) -> None:
+        self.snapshot, self.file_names = snapshot, file_names
 
     def describe(self) -> list[Metric]:
         return []  # computed live; nothing to check at registration
@@ -91,7 +97,7 @@ class _Live(Collector):
         yield GaugeMetricFamily("ingestd_workers_busy", "Workers processing a file",
                                 value=sum(1 for w in workers if w["file"] is not None))
         info = GaugeMetricFamily("ingestd_worker_file_info", "The file each busy worker is on (1 series per busy worker)",
-                                 labels=["worker", "file"])
+                                 labels=["worker", "file"] if self.file_names else ["worker"])
         started = GaugeMetricFamily("ingestd_worker_file_started_timestamp_seconds", "When the busy worker started its file",
                                     labels=["worker"])
         done = GaugeMetricFamily("ingestd_worker_file_read_bytes", "Bytes of its file the busy worker has read",
@@ -100,19 +106,20 @@ class _Live(Collector):
         for w in workers:
             if w["file"] is not None:
                 wid = str(w["worker"])
-                info.add_metric([wid, w["file"]], 1)
+                info.add_metric([wid, w["file"]] if self.file_names else [wid], 1)
                 started.add_metric([wid], w["since"])
                 done.add_metric([wid], w["bytes"])
                 size.add_metric([wid], w["size"])
         yield from (info, started, done, size)
-        recent = GaugeMetricFamily("ingestd_recent_file_info", "The last completions, one series per slot (0 = newest)",
-                                   labels=["slot", "file", "result", "reason"])
-        rdur = GaugeMetricFamily("ingestd_recent_file_duration_seconds", "Processing time of a recent completion",
-                                 labels=["slot"])
-        rts = GaugeMetricFamily("ingestd_recent_file_finished_timestamp_seconds", "When a recent completion finished",
-                                labels=["slot"])
-        for slot, c in enumerate(s["recent"]):
-            recent.add_metric([str(slot), c["file"], c["result"], c.get("reason") or ""], 1)
-            rdur.add_metric([str(slot)], c["duration"])
-            rts.add_metric([str(slot)], c["finished_at"])
-        yield from (recent, rdur, rts)
+        keys = ["file", "result", "reason"] if self.file_names else ["result"]
+        recent = GaugeMetricFamily("ingestd_recent_file_finished_timestamp_seconds",
+                                   "When each recent completion finished (one series per completion while it is "
+                                   "among the last `recent`)" if self.file_names else
+                                   "When the newest completion of each result finished", labels=keys)
+        shown: set[tuple[str, ...]] = set()
+        for c in s["recent"]:  # newest first: a name finished twice with one result shows its newest time
+            labels = tuple(str(c.get(k) or "") for k in keys)
+            if labels not in shown:
+                shown.add(labels)
+                recent.add_metric(list(labels), c["finished_at"])
+        yield recent

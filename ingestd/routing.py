@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 import re
+from importlib.metadata import entry_points
 from typing import Any
 
 from ingestd import processors
@@ -18,9 +20,50 @@ class RoutingError(ValueError):
 REGEX_ERRORS = (re.error, OverflowError, RecursionError, MemoryError)
 
 
-def from_mode(mode: str) -> Routing:
-    """MODE=uppercase alone: one filter, that processor, on every record, to processed/."""
-    return Routing(filters=(_filter("mode", {"match": "*", "processor": mode}),))
+def from_mode(mode: str, options: dict[str, str] | None = None) -> Routing:
+    """MODE=uppercase alone: one filter, that processor, on every record, to processed/. options: the mode's
+    settings (pattern, replacement) as the processor's keywords; RoutingError in the settings' words when the
+    mode needs one that is missing, takes none of them, or the pattern is not a regular expression."""
+    options = options or {}
+    wants = mode_params(mode)
+    if wants is not None:
+        for key in options:
+            if key not in wants:
+                taken = f"takes only {', '.join(sorted(wants))}" if wants else "takes no options"
+                raise RoutingError(f"{key}: mode {mode} {taken}; unset {key}")
+        for key, required in wants.items():
+            if required and key not in options:
+                raise RoutingError(f"{key}: mode {mode} needs a {key} "
+                                   f"(--{key}, INGESTD_{key.upper()} or {key} = in the config)")
+    try:
+        return Routing(filters=(_filter("mode", {"match": "*", "processor": mode, **options}),))
+    except RoutingError as e:
+        where, _, why = str(e).partition(": ")
+        if "invalid replacement" in why:  # raised by the redact factory as a TypeError
+            where, why = "mode.replacement", why[why.index("invalid replacement"):]
+        key = "mode" if where in ("mode", "mode.processor") else where.removeprefix("mode.")
+        raise RoutingError(f"{key}: {why}") from None
+
+
+def mode_params(mode: str) -> dict[str, bool] | None:
+    """The keyword options a processor's factory takes -> whether each is required; None when unknown (no
+    such processor, or a factory taking **kwargs)."""
+    factory: Any = processors.BUILTIN.get(mode)
+    if factory is None:
+        found = entry_points(group=processors.GROUP, name=mode)
+        if not found:
+            return None
+        try:
+            factory = next(iter(found)).load()
+        except Exception:  # noqa: BLE001 - reported by processors.make with its own words
+            return None
+    try:
+        params = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    return {p.name: p.default is p.empty for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
 
 def from_tables(doc: dict[str, Any]) -> Routing:
@@ -37,7 +80,7 @@ def has_tables(doc: dict[str, Any]) -> bool:
 
 def build(doc: dict[str, Any]) -> Routing:
     """From the picklable routing document workers receive: the config's tables, or {"mode": NAME}."""
-    return from_tables(doc) if has_tables(doc) else from_mode(doc["mode"])
+    return from_tables(doc) if has_tables(doc) else from_mode(doc["mode"], doc.get("options"))
 
 
 def _list(doc: dict[str, Any], key: str) -> list[dict[str, Any]]:

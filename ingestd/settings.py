@@ -24,6 +24,8 @@ class ConfigError(Exception):
 class Settings:
     watch_dir: Path = Path("watch_dir")
     mode: str = "uppercase"
+    pattern: str | None = None  # the regular expression of mode grep, drop, redact
+    replacement: str | None = None  # what mode redact puts in place of a match (the processor's default if unset)
     workers: int = os.cpu_count() or 1
     listen: str = "127.0.0.1:9800"
     config: Path | None = None
@@ -39,6 +41,7 @@ class Settings:
     wait_lock: bool = False  # another daemon holds the watch dir: wait for it to go (a standby) instead of exiting 75
     stall_time: float = 30.0  # a busy worker with no progress this long is stuck: killed, replaced, an attempt counted
     time_limit: float = 0.0  # seconds one file may take before its worker is killed (0: no limit)
+    metrics_file_names: bool = True  # file-name labels on /metrics (off: no series per file, for high volume)
     log_format: str = "auto"  # json | text | auto (text when stderr is a terminal, else JSON)
     file_exist: str = "keep"  # an earlier same-named result: keep (set aside) | replace | fail (sinks.py)
     routing_doc: dict[str, Any] = field(default_factory=lambda: {"mode": "uppercase"})  # picklable, for workers
@@ -126,9 +129,17 @@ def _mode(name: str, value: Any) -> str:
     return value
 
 
+def _text(name: str, value: Any, empty: bool = False) -> str:
+    if not isinstance(value, str) or not (value or empty):
+        raise ConfigError(f"{name}: must be {'a' if empty else 'a non-empty'} string, not {value!r}")
+    return value
+
+
 PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "watch_dir": _path,
     "mode": _mode,
+    "pattern": _text,
+    "replacement": lambda n, v: _text(n, v, empty=True),
     "workers": _int(1),
     "listen": _listen,
     "config": lambda n, v: _path(n, v) if v else None,
@@ -144,6 +155,7 @@ PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "wait_lock": _bool,
     "stall_time": _seconds(0, strict=True),  # 0 would call every busy worker stuck
     "time_limit": _seconds(0),  # 0: no limit
+    "metrics_file_names": _bool,
     "log_format": _choice("auto", "json", "text"),
     "file_exist": _choice("keep", "replace", "fail"),
 }
@@ -207,7 +219,8 @@ def load(
                     raise ConfigError(f"{e} (from {source.get(name, name)})") from None
                 break
     values["config"] = Path(config) if config else None
-    values["routing_doc"] = _routing_doc(doc, values, explicit_mode=any("mode" in layer for layer in layers))
+    values["routing_doc"] = _routing_doc(doc, values, explicit_mode=any("mode" in layer for layer in layers),
+                                         where=lambda k: next((s[k] for s in sources if k in s), k))
     known = {f.name for f in fields(Settings)}
     return Settings(**{k: v for k, v in values.items() if k in known})
 
@@ -222,22 +235,32 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config: {path} is not valid TOML: {e}") from None
 
 
-def _routing_doc(doc: dict[str, Any], values: dict[str, Any], explicit_mode: bool) -> dict[str, Any]:
-    """Choose the routing (config tables, or MODE alone) and validate it once, here, with clear messages."""
+def _routing_doc(doc: dict[str, Any], values: dict[str, Any], explicit_mode: bool,
+                 where: Callable[[str], str]) -> dict[str, Any]:
+    """Choose the routing (config tables, or MODE alone) and validate it once, here, with clear messages.
+    A config without [[filters]] gets MODE (set or default) as its one filter, as MODE alone does: routing
+    files with [[tags]]/[[outputs]] does not silently turn the mode off (README "Configuration")."""
     mode = values.get("mode", Settings().mode)
+    options = {k: values[k] for k in ("pattern", "replacement") if values.get(k) is not None}
     if routing.has_tables(doc):
         if explicit_mode and "filters" in doc:
             raise ConfigError("mode: set both as mode (MODE/--mode/config) and as [[filters]] in the config; choose one")
+        if options and "filters" in doc:
+            key = next(iter(options))
+            raise ConfigError(f"{key}: belongs to mode, and the config has [[filters]]; give it in the filter's "
+                              f"table (from {where(key)})")
         chosen: dict[str, Any] = {k: doc[k] for k in ("tags", "filters", "outputs") if k in doc}
-        if explicit_mode:  # MODE beside [[tags]]/[[outputs]] only: the mode is the one filter, as MODE alone
-            chosen["filters"] = [{"match": "*", "processor": mode}]
+        if "filters" not in doc:  # [[tags]]/[[outputs]] only: the mode is the one filter, as MODE alone
+            chosen["filters"] = [{"match": "*", "processor": mode, **options}]
     else:
-        chosen = {"mode": mode}
-    try:
-        if "mode" in chosen or explicit_mode:
-            routing.from_mode(mode)
-    except routing.RoutingError as e:
-        raise ConfigError(f"mode: {str(e).split(': ', 1)[1]}") from None
+        chosen = {"mode": mode, "options": options} if options else {"mode": mode}
+    if "filters" not in doc:
+        try:
+            routing.from_mode(mode, options)
+        except routing.RoutingError as e:
+            key, _, why = str(e).partition(": ")
+            src = where(key) if key in options or key == "mode" else None
+            raise ConfigError(f"{key}: {why}" + (f" (from {src})" if src and src != key else "")) from None
     try:
         routing.build(chosen)
     except routing.RoutingError as e:

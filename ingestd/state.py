@@ -37,9 +37,10 @@ class Pause:
 
 
 class State:
-    def __init__(self, recent: int, clock: Callable[[], float], wall: Callable[[], float]) -> None:
+    def __init__(self, recent: int, clock: Callable[[], float], wall: Callable[[], float],
+                 file_names: bool = True) -> None:
         self.clock, self.wall = clock, wall
-        self.metrics = Metrics(self.snapshot)
+        self.metrics = Metrics(self.snapshot, file_names)
         self.phase = "starting"  # starting | running | reloading | stopping
         self.started_at = wall()
         self.totals = dict.fromkeys(("processed", "failed", "recovered", "bytes_in", "bytes_out"), 0)

@@ -69,7 +69,11 @@ class Web:
                     problem = health()
                     self._send(503 if problem else 200, "text/plain; charset=utf-8", (problem or "ok").encode() + b"\n")
                 elif path == "/api/status":
-                    body = json.dumps(status(), ensure_ascii=True).encode()
+                    # Health asked now, as /healthz asks it: the published view is as old as the main loop's last
+                    # turn, and a silent main loop is exactly what it cannot report itself.
+                    problem = health()
+                    doc = {**status(), "health": {"ok": problem is None, "problem": problem}}
+                    body = json.dumps(doc, ensure_ascii=True).encode()
                     self._send(200, "application/json", body)
                 elif path in ("/", "/index.html"):
                     self._send(200, "text/html; charset=utf-8", page)

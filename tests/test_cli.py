@@ -38,18 +38,132 @@ def test_process_stdin_to_stdout_with_each_mode() -> None:
         assert (r.returncode, r.stdout) == (0, want), mode
 
 
+EXPLAIN = ('[[filters]]\nmatch="*"\nretag="errors"\npattern="ERR"\n[[filters]]\nmatch="default"\n'
+           'processor="drop"\npattern="^#"\n[[filters]]\nmatch="default"\nprocessor="uppercase"\n'
+           '[[outputs]]\nmatch="errors"\npath="errors"\n[[outputs]]\nmatch="*"\n')
+
+
+# Issue 9: --explain listed filters that did nothing ("filters=[drop]" on a kept line), did not show the text a
+# line becomes nor where a routed line went, wrote "1 records", and made empty folders beside --output FILE.
 def test_explain_prints_the_route_of_every_line(tmp_path: Path) -> None:
     cfg = tmp_path / "r.toml"
-    cfg.write_text('[[filters]]\nmatch="*"\nretag="errors"\npattern="ERR"\n[[filters]]\nmatch="default"\n'
-                   'processor="drop"\npattern="^#"\n[[outputs]]\nmatch="errors"\npath="errors"\n[[outputs]]\nmatch="*"\n')
-    r = ingestd("process", "--input", "-", "--output", "-", "--config", str(cfg), "--explain", input=b"ok\nERR x\n# c\n")
+    cfg.write_text(EXPLAIN)
+    r = ingestd("process", "--input", "-", "--output", "-", "--config", str(cfg), "--explain",
+                input=b"ok\nERR x\n# c\nOK\n")
     assert r.returncode == 0
-    assert r.stdout == b"ok\n"
+    assert r.stdout == b"OK\nOK\n"
     lines = r.stderr.decode().splitlines()
-    assert lines[0] == "line 1: tag=default filters=[drop] -> processed/"
-    assert lines[1] == "line 2: tag=errors filters=[retag->errors] -> processed/errors/"
-    assert lines[2] == "line 3: tag=default filters=[drop] -> dropped"
-    assert "1 records routed to other outputs" in lines[3]
+    assert lines[0] == "line 1: tag=default, filters [uppercase] -> stdout: 'OK'"  # drop ran but did not act
+    assert lines[1] == ("line 2: tag=errors, filters [retag->errors] -> not written (errors/ output; stdout carries "
+                        "only processed/): 'ERR x'")
+    assert lines[2] == "line 3: tag=default, filters [drop] -> dropped"
+    assert lines[3] == "line 4: tag=default, no filter acted -> stdout: 'OK'"  # uppercase left "OK" as it was
+    assert lines[4].startswith("ingestd: 1 record routed to other outputs (errors/ 1) was not written to stdout")
+
+
+def test_explain_with_an_output_file_names_the_files_and_makes_no_empty_folders(tmp_path: Path) -> None:
+    cfg = tmp_path / "r.toml"
+    cfg.write_text(EXPLAIN)
+    out = tmp_path / "out"
+    out.mkdir()
+    (tmp_path / "in.txt").write_bytes(b"ok\nERR 1\nERR 2\n")
+    r = ingestd("process", "--input", str(tmp_path / "in.txt"), "--output", str(out / "o.txt"), "--config", str(cfg),
+                "--explain")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.decode().splitlines()[1] == f"line 2: tag=errors, filters [retag->errors] -> {out}/errors/o.txt: 'ERR 1'"
+    assert (out / "errors" / "o.txt").read_bytes() == b"ERR 1\nERR 2\n"
+    (tmp_path / "calm.txt").write_bytes(b"ok\n")  # no line reaches errors/: no errors/ folder
+    other = tmp_path / "other"
+    other.mkdir()
+    r = ingestd("process", "--input", str(tmp_path / "calm.txt"), "--output", str(other / "o.txt"), "--config", str(cfg))
+    assert r.returncode == 0 and sorted(os.listdir(other)) == ["o.txt"]
+
+
+@pytest.mark.parametrize(("lines", "said"), [(1, "1 record routed to other outputs (errors/ 1) was"),
+                                             (2, "2 records routed to other outputs (errors/ 2) were")])
+def test_routed_records_on_stdout_are_counted_in_good_english(tmp_path: Path, lines: int, said: str) -> None:
+    cfg = tmp_path / "r.toml"
+    cfg.write_text(EXPLAIN)
+    r = ingestd("process", "--input", "-", "--output", "-", "--config", str(cfg), input=b"ERR\n" * lines)
+    assert r.returncode == 0 and said in r.stderr.decode()
+
+
+# Issue 9: --mode grep|drop|redact could not be given a pattern on the command line ("_grep() missing 1 required
+# positional argument").
+@pytest.mark.parametrize(("args", "env", "out"), [
+    (["--mode", "grep", "--pattern", "ERR"], {}, b"ERR 1\n"),
+    (["--mode", "drop"], {"INGESTD_PATTERN": "ERR"}, b"ok\n"),
+    (["--mode", "redact", "--pattern", "[0-9]", "--replacement", "#"], {}, b"ok\nERR #\n"),
+])
+def test_process_modes_with_a_pattern(args: list[str], env: dict[str, str], out: bytes) -> None:
+    r = ingestd("process", "--input", "-", "--output", "-", *args, env=env, input=b"ok\nERR 1\n")
+    assert (r.returncode, r.stdout, r.stderr) == (0, out, b"")
+
+
+def test_run_with_a_mode_pattern_and_a_reload_that_changes_it(tmp_path: Path) -> None:
+    """The daemon's workers get the mode's options; SIGHUP re-reads them (here from the environment file)."""
+    import signal
+
+    (tmp_path / ".env").write_text("INGESTD_PATTERN=ERR\n")
+    d = DaemonProcess(tmp_path / "w", "--mode", "grep", cwd=tmp_path).started()
+    try:
+        u = d.watch_dir / "unprocessed"
+        (u / "a.txt").write_bytes(b"ok\nERR 1\nWARN 2\n")
+        wait_for(lambda: folder(d.watch_dir, "processed") == ["a.txt"])
+        assert (d.watch_dir / "processed" / "a.txt").read_bytes() == b"ERR 1\n"
+        (tmp_path / ".env").write_text("INGESTD_PATTERN=WARN\n")
+        d.signal(signal.SIGHUP)
+        wait_for(lambda: d.event("reloaded"), what="reloaded")
+        (u / "b.txt").write_bytes(b"ok\nERR 1\nWARN 2\n")
+        wait_for(lambda: "b.txt" in folder(d.watch_dir, "processed"))
+        assert (d.watch_dir / "processed" / "b.txt").read_bytes() == b"WARN 2\n"
+    finally:
+        d.stop()
+
+
+@pytest.mark.parametrize("command", ["run", "process"])
+@pytest.mark.parametrize(("args", "message"), [
+    (["--mode", "grep"], ("ingestd: pattern: mode grep needs a pattern (--pattern, INGESTD_PATTERN or pattern = in "
+                          "the config)\n")),
+    (["--mode", "redact", "--pattern", "("], "ingestd: pattern: invalid regular expression: "),
+    (["--mode", "uppercase", "--pattern", "x"], "ingestd: pattern: mode uppercase takes no options"),
+])
+def test_mode_option_errors_exit_78_in_our_words(tmp_path: Path, command: str, args: list[str], message: str) -> None:
+    where = ["--watch-dir", str(tmp_path / "w")] if command == "run" else ["--input", "-", "--output", "-"]
+    r = ingestd(command, *where, *args, cwd=tmp_path, input=b"x\n")
+    err = r.stderr.decode()
+    assert r.returncode == 78 and err.startswith(message) and err.count("\n") == 1, err
+    assert "positional" not in err and "Traceback" not in err
+
+
+# Audit of issue 9: `ingestd process --output - | head -1` said "cannot write -: Broken pipe" and exited 73.
+@pytest.mark.parametrize("args", [["--mode", "lowercase"],  # the block fast path
+                                  ["--mode", "grep", "--pattern", "1"],  # line by line
+                                  ["--mode", "grep", "--pattern", "1", "--explain"]])
+def test_process_into_a_reader_that_goes_away_exits_quietly(tmp_path: Path, args: list[str]) -> None:
+    src = tmp_path / "big.txt"
+    src.write_bytes(b"".join(b"%d\n" % i for i in range(1, 1_000_001)))
+    p = subprocess.Popen([*INGESTD, "process", "--input", str(src), "--output", "-", *args],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert p.stdout is not None and p.stderr is not None
+    assert p.stdout.readline() == b"1\n"
+    p.stdout.close()  # `| head -1`
+    err = p.stderr.read()
+    p.stderr.close()
+    assert (p.wait(60), err if "--explain" not in args else b"") == (0, b"")
+    assert b"Broken pipe" not in err and b"Traceback" not in err
+
+
+def test_explain_into_a_reader_that_goes_away_still_writes_the_whole_file(tmp_path: Path) -> None:
+    src = tmp_path / "big.txt"
+    src.write_bytes(b"".join(b"%d\n" % i for i in range(1, 200_001)))
+    p = subprocess.Popen([*INGESTD, "process", "--input", str(src), "--output", str(tmp_path / "o.txt"), "--mode",
+                          "grep", "--pattern", "7", "--explain"], stderr=subprocess.PIPE)
+    assert p.stderr is not None
+    assert p.stderr.readline().startswith(b"line 1: ")
+    p.stderr.close()  # `--explain 2>&1 | head -1`
+    assert p.wait(60) == 0
+    assert (tmp_path / "o.txt").read_bytes() == b"".join(b"%d\n" % i for i in range(1, 200_001) if b"7" in b"%d" % i)
 
 
 def test_process_exit_codes(tmp_path: Path) -> None:
@@ -199,6 +313,39 @@ def test_run_at_a_terminal_logs_text_and_says_where_to_look(tmp_path: Path) -> N
     assert f"watching {tmp_path.resolve()}/w/unprocessed/" in text
     assert 'file="a b.txt"' in text, text
     assert "None" not in text and "{" not in text and "[" not in text, text
+
+
+def test_text_log_of_an_idle_stop_has_no_empty_fields(tmp_path: Path) -> None:
+    """Audit of issue 9: an idle stop logged `stopping  signal=SIGTERM in_progress="" timeout=20.0` in text."""
+    d = DaemonProcess(tmp_path / "w", "--log-format", "text", cwd=tmp_path)
+    try:
+        wait_for(lambda: any("ingestd started" in line for line in d.lines), 20, what="started")
+    finally:
+        d.stop()
+    stopping = [line for line in d.lines if " stopping " in line]
+    assert stopping and 'in_progress=""' not in stopping[0] and "finishing current files" not in stopping[0], d.lines
+    assert not [line for line in d.lines if '=""' in line or "None" in line or "[" in line], d.lines
+
+
+def test_second_sigterm_is_said_as_such_never_as_a_stop_timeout(tmp_path: Path) -> None:
+    """Audit of issue 9: the log of a stop names what happened: files in progress at the first SIGTERM, and the
+    second SIGTERM as the reason they were returned to the queue, not "stop timeout" (nothing timed out)."""
+    import signal
+
+    from support import HANG_ROUTING
+
+    (tmp_path / "hang.toml").write_text(HANG_ROUTING)
+    d = DaemonProcess(tmp_path / "w", "--config", str(tmp_path / "hang.toml"), "--workers", "1").started()
+    (d.watch_dir / "unprocessed" / "stuck.txt").write_bytes(b"HANG\n")
+    wait_for(lambda: folder(d.watch_dir, "underprocess") == ["stuck.txt"], what="claim")
+    d.signal(signal.SIGTERM)
+    wait_for(lambda: d.event("stopping"))
+    d.signal(signal.SIGTERM)
+    assert d.wait(30) == 0
+    said = [e["message"] for e in d.events if e.get("event") in ("stopping", "abandoned")]
+    assert said == ["stopping: finishing current files", "second stop signal: abandoning current files now",
+                    "second stop signal: file returned to the queue"], said
+    assert not [e for e in d.events if "timeout" in e.get("message", "")], d.events
 
 
 def test_closing_the_terminal_stops_the_daemon_but_a_sighup_otherwise_reloads(tmp_path: Path) -> None:

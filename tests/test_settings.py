@@ -210,8 +210,85 @@ def test_unknown_mode_lists_processors(cwd: Path) -> None:
     assert msg.startswith("mode: unknown processor 'upcase'") and "uppercase" in msg and "shout" in msg
 
 
+# Issue 9: `MODE=grep` could not be given a pattern and failed with "_grep() missing 1 required positional argument".
 def test_mode_needing_options_is_a_clear_error(cwd: Path) -> None:
-    assert bad({}, cwd, environ={"MODE": "grep"}).startswith("mode: bad options for processor 'grep'")
+    msg = bad({}, cwd, environ={"MODE": "grep"})
+    assert msg == "pattern: mode grep needs a pattern (--pattern, INGESTD_PATTERN or pattern = in the config)"
+
+
+@pytest.mark.parametrize("mode", ["grep", "drop", "redact"])
+def test_every_mode_with_a_required_option_names_it(cwd: Path, mode: str) -> None:
+    msg = bad({"mode": mode}, cwd)
+    assert msg.startswith(f"pattern: mode {mode} needs a pattern") and "positional" not in msg
+
+
+def test_mode_pattern_from_each_source(cwd: Path, tmp_path: Path) -> None:
+    keep = [b"an ERROR here\n", b"fine\n"]
+
+    def kept(s: Settings) -> list[bytes]:
+        return [data for line in keep if (data := s.routing.route(DEFAULT_TAG, line)[1])]
+
+    assert kept(load({"mode": "grep", "pattern": "ERROR"}, environ={}, cwd=cwd)) == [b"an ERROR here\n"]
+    assert kept(load({}, environ={"MODE": "drop", "INGESTD_PATTERN": "ERROR"}, cwd=cwd)) == [b"fine\n"]
+    (cwd / ".env").write_text("MODE=grep\nINGESTD_PATTERN=fine\n")
+    assert kept(load({}, environ={}, cwd=cwd)) == [b"fine\n"]
+    config = toml(tmp_path, 'mode = "redact"\npattern = "E.*R"\nreplacement = "<x>"\n')
+    s = load({"config": config}, environ={}, cwd=tmp_path)
+    assert s.routing.route(DEFAULT_TAG, b"an ERROR here\n") == ("", b"an <x> here\n")
+    assert load({"mode": "redact", "pattern": "E"}, environ={}, cwd=tmp_path).routing.route(
+        DEFAULT_TAG, b"E1\n") == ("", b"[REDACTED]1\n")  # the processor's own default replacement
+
+
+@pytest.mark.parametrize("pattern", ["[", "(", "a{4294967296}", "*x"])
+def test_bad_mode_pattern_names_the_setting_and_its_source(cwd: Path, pattern: str) -> None:
+    msg = bad({"mode": "grep", "pattern": pattern}, cwd)
+    assert msg.startswith("pattern: invalid regular expression: ") and msg.endswith("(from --pattern)")
+    msg = bad({}, cwd, environ={"MODE": "drop", "INGESTD_PATTERN": pattern})
+    assert msg.startswith("pattern: invalid regular expression: ") and msg.endswith("(from INGESTD_PATTERN)")
+
+
+def test_bad_replacement_names_the_setting(cwd: Path) -> None:
+    msg = bad({"mode": "redact", "pattern": "a", "replacement": "\\9"}, cwd)
+    assert msg.startswith("replacement: invalid replacement") and msg.endswith("(from --replacement)")
+
+
+@pytest.mark.parametrize(("mode", "flags", "key"), [
+    ("uppercase", {"pattern": "x"}, "pattern"),  # the reported case: a mode that takes no options
+    ("passthrough", {"replacement": "y"}, "replacement"),
+    ("shout", {"pattern": "x"}, "pattern"),  # a plug-in's factory without options
+    ("grep", {"pattern": "x", "replacement": "y"}, "replacement"),  # an option of another mode
+])
+def test_options_a_mode_does_not_take_are_refused(cwd: Path, mode: str, flags: dict[str, str], key: str) -> None:
+    msg = bad({"mode": mode, **flags}, cwd)
+    assert msg.startswith(f"{key}: mode {mode} takes ") and msg.endswith(f"(from --{key})")
+
+
+def test_mode_options_beside_config_filters_are_refused(cwd: Path, tmp_path: Path) -> None:
+    config = toml(tmp_path, '[[filters]]\nprocessor = "lowercase"\n')
+    assert bad({"config": config, "pattern": "x"}, cwd).startswith("pattern: belongs to mode, and the config has")
+
+
+# Issue 9: a config with [[tags]]/[[outputs]] and no [[filters]] passed every line through unchanged, though
+# README said MODE applies "when the config has no [[filters]]". The mode (set or default) is its one filter.
+@pytest.mark.parametrize("tables", [
+    '[[tags]]\nmatch = "*.log"\ntag = "app"\n',
+    '[[outputs]]\nmatch = "*"\npath = "all"\n',
+    '[[tags]]\nmatch = "*.log"\ntag = "app"\n[[outputs]]\nmatch = "app"\npath = "app"\n[[outputs]]\nmatch = "*"\n',
+])
+def test_default_mode_applies_to_tables_without_filters(cwd: Path, tmp_path: Path, tables: str) -> None:
+    s = load({"config": toml(tmp_path, tables)}, environ={}, cwd=cwd)
+    table = s.routing
+    for name in ("x.log", "y.txt"):
+        tag = table.rule_for(name).tag
+        assert table.route(tag, b"hello\n")[1] == b"HELLO\n"  # the default mode, uppercase
+    s = load({"config": toml(tmp_path, tables), "mode": "grep", "pattern": "keep"}, environ={}, cwd=cwd)
+    assert s.routing.route("app", b"drop me\n")[0] is None and s.routing.route("app", b"keep\n")[1] == b"keep\n"
+
+
+def test_config_filters_still_replace_the_mode(cwd: Path, tmp_path: Path) -> None:
+    s = load({"config": toml(tmp_path, '[[tags]]\nmatch = "*"\ntag = "t"\n[[filters]]\nmatch = "other"\n'
+                                      'processor = "lowercase"\n')}, environ={}, cwd=cwd)
+    assert s.routing.route("t", b"Hello\n") == ("", b"Hello\n")  # filters given: no mode added
 
 
 def test_plugin_mode(cwd: Path) -> None:
@@ -291,10 +368,10 @@ def test_mode_with_outputs_but_no_filters_is_not_ignored(cwd: Path, tmp_path: Pa
     assert bad({"config": config, "mode": "nope"}, cwd).startswith("mode: unknown processor 'nope'")
 
 
-def test_tables_without_filters_and_without_mode_pass_through(cwd: Path, tmp_path: Path) -> None:
+def test_tables_without_filters_and_without_mode_get_the_default_mode(cwd: Path, tmp_path: Path) -> None:
     config = toml(tmp_path, '[[outputs]]\nmatch = "*"\npath = "out"\n')
     r = load({"config": config}, environ={}, cwd=cwd).routing
-    assert r.route(DEFAULT_TAG, b"Ab\n") == ("out", b"Ab\n")
+    assert r.route(DEFAULT_TAG, b"Ab\n") == ("out", b"AB\n")  # was ("out", b"Ab\n"): the mode silently off
 
 
 def test_routing_doc_is_plain_data_for_workers(cwd: Path, tmp_path: Path) -> None:

@@ -214,6 +214,35 @@ def test_api_status_answers_while_400_failures_are_requeued(tmp_path: Path) -> N
     assert folder(spool.root, "failed") == sorted(f"bad{i:03d}.bin" for i in range(400))
 
 
+# Audit of issue 9: /api/status gave the health of the last published view, so a main loop gone silent showed
+# "ok" there while /healthz said 503 "main loop silent for ...". Both now ask the same question at the same time.
+@pytest.mark.parametrize("problem", [None, "main loop silent for 12.0s", "no worker is running; starting one fails: x"])
+def test_api_status_health_equals_healthz(problem: str | None) -> None:
+    import urllib.error
+    import urllib.request
+
+    from prometheus_client import CollectorRegistry
+
+    from ingestd.web import Web
+
+    published = {"health": {"ok": True, "problem": None}, "counts": {}}  # what the loop published last
+    web = Web("127.0.0.1", 0, CollectorRegistry(), lambda: dict(published), lambda: problem)
+    web.start()
+    try:
+        try:
+            with urllib.request.urlopen(f"http://{web.address}/healthz", timeout=5) as r:
+                code, text = r.status, r.read().decode().strip()
+        except urllib.error.HTTPError as e:
+            code, text = e.code, e.read().decode().strip()
+            e.close()
+        with urllib.request.urlopen(f"http://{web.address}/api/status", timeout=5) as r:
+            health = json.load(r)["health"]
+    finally:
+        web.stop()
+    assert (code, text) == ((200, "ok") if problem is None else (503, problem))
+    assert health == {"ok": problem is None, "problem": problem}
+
+
 def test_a_failing_status_answers_500_json_and_logs_one_line(capfd: pytest.CaptureFixture[str]) -> None:
     """The kind behind the API case: whatever goes wrong inside a request, a 500 in JSON and one JSON log line."""
     import urllib.error
@@ -430,6 +459,27 @@ def test_status_does_not_count_names_the_daemon_ignores(tmp_path: Path) -> None:
         Path(spool.unprocessed, n).write_bytes(b"x")
     doc = json.loads(cli("status", "--json", "--watch-dir", str(spool.root)).stdout)
     assert doc["counts"]["unprocessed"] == 1
+
+
+# Audit of issue 9: with done_marker on, `status` counted each NAME.done marker as a file waiting (2 for one file),
+# where the daemon counts the file alone. Checked against a real daemon's own count.
+def test_status_counts_waiting_files_as_the_daemon_does_with_done_markers(tmp_path: Path) -> None:
+    env = {"INGESTD_DONE_MARKER": "true"}
+    d = DaemonProcess(tmp_path / "w", env=env, cwd=tmp_path).started(timeout=30)
+    try:
+        u = d.watch_dir / "unprocessed"
+        for n in ("waits-for-its-marker.txt", "orphan.txt.done", ".hidden", "x.tmp", "y.part"):
+            (u / n).write_bytes(b"x\n")
+        (u / "vouched.txt").write_bytes(b"x\n")
+        (u / "vouched.txt.done").touch()
+        wait_for(lambda: folder(d.watch_dir, "processed") == ["vouched.txt"])
+        # The page's view is published each turn: wait until it shows the claim finished too.
+        api = wait_for(lambda: (s := d.status())["counts"] == {"unprocessed": 1, "underprocess": 0, "processed": 1,
+                                                                 "failed": 0} and s, timeout=10)
+        doc = json.loads(cli("status", "--json", "--watch-dir", str(d.watch_dir), env=env).stdout)
+    finally:
+        d.stop()
+    assert doc["counts"] == api["counts"] and doc["counts"]["unprocessed"] == 1
 
 
 def test_status_into_a_closed_pipe_exits_quietly(tmp_path: Path) -> None:

@@ -197,7 +197,7 @@ def test_required_panels_are_there() -> None:
         "histogram_quantile(0.5, sum by (instance, le) (rate(ingestd_processing_duration_seconds_bucket",
         "histogram_quantile(0.99, sum by (instance, le) (rate(ingestd_processing_duration_seconds_bucket",
         "ingestd_worker_file_info{",                               # current file per worker
-        "ingestd_recent_file_info{",                               # recent completions
+        "ingestd_recent_file_finished_timestamp_seconds{",         # recent completions
         'result="failed"',                                         # failures
         "ingestd_folder_oldest_file_age_seconds{",                 # oldest-file ages
         "changes(process_start_time_seconds{",                     # restarts

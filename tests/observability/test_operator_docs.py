@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -102,3 +103,43 @@ def test_files_the_operator_docs_point_at_exist(doc: Path) -> None:
         else:
             missing.append(ref)
     assert links + paths and not missing, f"{doc.name} points at missing files: {missing}"
+
+
+# README "Dropping files safely": each pattern's one-line example, run by a shell against a real daemon with the
+# setting the README names for it; the result must be the whole file, once.
+SAFE_DROPS = [
+    ({}, "report.txt", "".join(f"{i}\n" for i in range(1, 100001))),
+    ({"INGESTD_DONE_MARKER": "true"}, "log.txt", "".join(f"{i}\n" for i in range(1, 1001))),
+    ({"INGESTD_QUIET_TIME": "1.5"}, "slow.txt", "LINE 1\nLINE 2\nLINE 3\n"),
+]
+
+
+def safe_drop_examples() -> list[str]:
+    text = section(README.read_text(), "Dropping files safely")
+    return [block.strip() for block in re.findall(r"```sh\n(.*?)```", text, flags=re.DOTALL)]
+
+
+def test_dropping_files_safely_names_its_three_patterns_and_settings() -> None:
+    text = section(README.read_text(), "Dropping files safely")
+    assert len(safe_drop_examples()) == len(SAFE_DROPS)
+    assert "done_marker = true" in text and "quiet_time = 1.5" in text and "same file system" in text
+
+
+@pytest.mark.parametrize("index", range(len(SAFE_DROPS)))
+def test_dropping_files_safely_examples_work_on_a_real_daemon(tmp_path: Path, index: int) -> None:
+    from support import DaemonProcess, folder, wait_for
+
+    env, name, content = SAFE_DROPS[index]
+    command = safe_drop_examples()[index]
+    assert "\n" not in command  # one line, as the README promises
+    watch = tmp_path / "w"
+    d = DaemonProcess(watch, "--workers", "1", env={"INGESTD_SETTLE_TIME": "0.3", **env}).started()
+    try:
+        subprocess.run(["sh", "-c", command], env={**os.environ, "W": str(watch)}, check=True, timeout=60)
+        wait_for(lambda: d.count("processed") >= 1, 30, what=f"{name} processed")
+        time.sleep(2)  # a split file would bring a second version in this time (quiet_time is 1.5 s)
+        assert d.count("processed") == 1, [e for e in d.events if e.get("event") == "processed"]
+        assert folder(watch, "processed") == [name] and folder(watch, "failed") == []
+        assert (watch / "processed" / name).read_text() == content
+    finally:
+        d.stop()
