@@ -112,8 +112,10 @@ class Sinks:
                 target = os.path.join(self._dir(folder), self.name)
                 # An input named like an output folder is refused before any rename: a directory stands there, or
                 # (that folder removed by hand) the result would take the folder's place and block its outputs.
-                if _is_dir(target) or (not folder and self.name in reserved):
+                if _is_dir(target) or (not folder and self.name.split("/", 1)[0] in reserved):
                     raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), target)
+                if "/" in self.name:  # recursive mode: processed/batch/a.txt keeps the input's relative path
+                    durable.makedirs(self._dir(folder), os.path.dirname(self.name))
             kept = self._keep_earlier()
             done: list[str] = []
             try:
@@ -133,7 +135,7 @@ class Sinks:
                             durable.unlink(target)  # a stale result of an earlier same-named input
                     except (FileNotFoundError, NotADirectoryError):  # nothing there (or no folder to hold it)
                         continue
-                changed.append(self._dir(folder))
+                changed.append(os.path.dirname(os.path.join(self._dir(folder), self.name)))
             for folder in kept:
                 # Same folder as its rename: both become durable together, at the caller's fsync of the folder.
                 durable.unlink_quiet(os.path.join(self._dir(folder), self.keep_name))
