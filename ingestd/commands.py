@@ -124,12 +124,18 @@ def _report(settings: Settings, spool: Spool) -> dict[str, Any]:
     try:
         counts = spool.counts()
         # Names the daemon never claims (dot-files, *.tmp, *.part...) are not waiting; the daemon counts the same.
-        counts["unprocessed"] = sum(1 for n in Spool.entries(spool.unprocessed) if not ignored(n))
+        # Folders are never claimed: with recursive on, the files inside them wait; off, they are left as they are.
+        names, folders = Spool.split(spool.unprocessed)
+        if settings.recursive:
+            names, folders = spool.files(spool.unprocessed), []
+        counts["unprocessed"] = sum(1 for n in names if not ignored(n))
         return {
             "watch_dir": str(spool.root.resolve()),
             "daemon": spool.holder(),
             "counts": counts,
-            "in_progress": [display(n) for n in sorted(Spool.entries(spool.underprocess))],
+            "folders_left": {"count": len(folders), "names": [display(n) for n in sorted(folders)[: settings.recent]],
+                             "recursive": settings.recursive},
+            "in_progress": [display(n) for n in sorted(spool.files(spool.underprocess))],
             # The daemon's own history (ordered by its sequence) when it kept one, else what processed/ holds.
             "recent": history.load(str(spool.root))[: settings.recent] or spool.completions(settings.recent),
             "failures": spool.failures(settings.recent),
@@ -143,6 +149,8 @@ def _text(report: dict[str, Any]) -> list[str]:
            f"daemon      {'running (' + report['daemon'] + ')' if report['daemon'] else 'not running'}",
            "folders     " + "  ".join(f"{f} {report['counts'][f]}" for f in FOLDERS),
            "in progress " + (", ".join(report["in_progress"]) or "none"),
+           *([f"folders left {report['folders_left']['count']} in unprocessed/, not processed (recursive is off): "
+              + ", ".join(report["folders_left"]["names"])] if report["folders_left"]["count"] else []),
            "recent completions (UTC):" if report["recent"] else "recent completions: none"]
     out += [f"  {when(c['finished_at'])}  {c['file']}" + (f"  FAILED: {c.get('reason')}" if c.get("result") == "failed"
                                                         else "") + ("  (recovered)" if c.get("recovered") else "")
@@ -161,7 +169,7 @@ def requeue(settings: Settings, names: list[str]) -> int:
     unprocessed/; 77 (EX_NOPERM) or 74 (EX_IOERR) when a folder cannot be read or written, naming it."""
     try:
         spool = _existing(settings, writable=("unprocessed", "failed"))
-        in_failed = set(Spool.entries(spool.failed))
+        in_failed = set(spool.files(spool.failed, sidecar_dirs=True))  # "batch/a.txt" from a folder too
     except FolderError as e:
         return _refused(e)
     shown = {display(n): n for n in in_failed}
@@ -169,7 +177,10 @@ def requeue(settings: Settings, names: list[str]) -> int:
     missing: list[str] = []
     for n in names:
         real = n if n in in_failed else shown.get(n)  # as typed, or as status printed it (escapes)
-        if real is None:
+        inside = sorted(f for f in in_failed if f.startswith(n.rstrip("/") + "/")) if real is None else []
+        if inside:
+            wanted += inside  # a folder of failed/ (recursive mode): every file in it
+        elif real is None:
             missing.append(n)
         else:
             wanted.append(real)
