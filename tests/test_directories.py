@@ -62,6 +62,10 @@ def tree(root: Path, hidden: bool = False) -> dict[str, bytes]:
     return out
 
 
+def run(*cmd: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(list(cmd), capture_output=True, text=True, check=False)
+
+
 def subfolders(root: Path) -> list[str]:
     return sorted(str(Path(p).relative_to(root)) for p, _, _ in os.walk(root) if Path(p) != root
                   and not any(part.startswith(".") for part in Path(p).relative_to(root).parts))
@@ -89,7 +93,7 @@ def test_cp_r_into_unprocessed_is_never_broken_and_the_folder_is_left_alone(star
     src = tmp_path / "src"
     made = make_batch(src)
     (w / "unprocessed" / "loose.txt").write_bytes(b"loose\n")  # a file beside it is processed as usual
-    cp = subprocess.run(["cp", "-r", str(src / "batch"), str(w / "unprocessed")], capture_output=True, text=True)
+    cp = run("cp", "-r", str(src / "batch"), str(w / "unprocessed"))
     assert cp.returncode == 0, cp.stderr
     wait_for(lambda: d.event("folder_left", folder="batch"), what="folder_left event")
     wait_for(lambda: (w / "processed" / "loose.txt").exists(), what="the loose file processed")
@@ -104,9 +108,9 @@ def test_cp_r_into_unprocessed_is_never_broken_and_the_folder_is_left_alone(star
     assert st["counts"]["unprocessed"] == 0  # a folder is not a waiting file
     assert not st["failures"]
     assert "ingestd_unprocessed_folders 1.0" in d.get("/metrics")[1].decode()
-    cli = subprocess.run([*INGESTD, "status", "--watch-dir", str(w), "--json"], capture_output=True, text=True)
+    cli = run(*INGESTD, "status", "--watch-dir", str(w), "--json")
     assert json.loads(cli.stdout)["folders_left"]["names"] == ["batch"]
-    text = subprocess.run([*INGESTD, "status", "--watch-dir", str(w)], capture_output=True, text=True).stdout
+    text = run(*INGESTD, "status", "--watch-dir", str(w)).stdout
     assert "folders left 1" in text and "batch" in text
 
 
@@ -175,7 +179,7 @@ def test_recursive_cp_r_processes_every_file_with_its_relative_path(start, tmp_p
     (src / "batch" / "sub0" / "bin.dat").write_bytes(b"binary\x00data")  # rejected: failed/ keeps its path
     (src / "batch" / ".hidden").mkdir()
     (src / "batch" / ".hidden" / "h.txt").write_bytes(b"hidden\n")  # a hidden folder is never entered
-    cp = subprocess.run(["cp", "-r", str(src / "batch"), str(w / "unprocessed")], capture_output=True, text=True)
+    cp = run("cp", "-r", str(src / "batch"), str(w / "unprocessed"))
     assert cp.returncode == 0, cp.stderr
     wait_for(lambda: len(tree(w / "processed")) == len(made), timeout=30, what="every file processed")
     assert tree(w / "processed") == {rel: data.upper() for rel, data in made.items()}
@@ -189,7 +193,7 @@ def test_recursive_cp_r_processes_every_file_with_its_relative_path(start, tmp_p
     assert d.status()["folders_left"] == {"count": 0, "names": [], "recursive": True}
     assert d.count("processed") == len(made)
     # requeue a folder of failed/: its files go back to their folder in unprocessed/, and fail again there.
-    rq = subprocess.run([*INGESTD, "requeue", "--watch-dir", str(w), "batch"], capture_output=True, text=True)
+    rq = run(*INGESTD, "requeue", "--watch-dir", str(w), "batch")
     assert rq.returncode == 0 and "requeued batch/sub0/bin.dat" in rq.stdout, rq.stderr
     wait_for(lambda: d.count("failed") == 2, what="failed again after the requeue")
     assert tree(w / "failed") == {"batch/sub0/bin.dat": b"binary\x00data"}
@@ -269,7 +273,7 @@ def test_recursive_kill_9_mid_run_then_restart_every_file_exactly_once(start, tm
     made = make_batch(src, files=120)
     (src / "batch" / "sub1" / "deep" / "hang.txt").write_bytes(b"HANG here\n")  # its worker blocks on it
     made["batch/sub1/deep/hang.txt"] = b"HANG here\n"
-    assert subprocess.run(["cp", "-r", str(src / "batch"), str(w / "unprocessed")]).returncode == 0
+    assert run("cp", "-r", str(src / "batch"), str(w / "unprocessed")).returncode == 0
     wait_for(lambda: d.status()["workers"][0].get("file") == "batch/sub1/deep/hang.txt", timeout=20,
              what="the worker stuck on hang.txt")
     in_flight = tree(w / "underprocess")
