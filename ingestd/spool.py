@@ -366,16 +366,21 @@ class Spool:
         durable.fsync_dir(self.underprocess)
         folders, self._committed_in = self._committed_in, set()
         try:
-            for rel in sorted(folders):
-                try:
-                    durable.fsync_dir(os.path.join(self.underprocess, rel))  # the unlinks in it durable: committed
-                except FileNotFoundError:
-                    continue  # removed with its last file already (an earlier turn's prune)
+            self._sync_folders(self.underprocess, folders)  # the unlinks in mirrored folders durable: committed
         except BaseException:
             self._committed_in |= folders  # not durable yet: fsynced again next turn
             raise
         for rel in folders:
             self._prune_up(self.underprocess, rel + "/-")
+
+    @staticmethod
+    def _sync_folders(root: str, folders: set[str] | list[str]) -> None:
+        """fsync each subfolder of root named (recursive mode's mirrored folders); one gone already is skipped."""
+        for rel in sorted(folders):
+            try:
+                durable.fsync_dir(os.path.join(root, rel))  # the entries changed in it durable before we go on
+            except FileNotFoundError:
+                continue  # removed with its last file already (an earlier prune)
 
     def fail(self, name: str, failure: Failure, now: float, source: str | None = None) -> None:
         """Quarantine a file with a readable reason. An older failed file of the same name is kept,
@@ -476,9 +481,9 @@ class Spool:
             for rel in folders:
                 durable.fsync_dir(os.path.join(self.unprocessed, rel))  # requeued durable before the sidecars go
             durable.fsync_dir(self.failed)
+            self._sync_folders(self.failed, [rel for rel in folders if rel])  # and gone from failed/ for good
             for rel in folders:
                 if rel:
-                    durable.fsync_dir(os.path.join(self.failed, rel))  # and gone from failed/ for good
                     self._prune_up(self.failed, rel + "/-")
         for name in moved:
             self._restore_marker(name)  # done_marker: without NAME.done a requeued file is never claimed
