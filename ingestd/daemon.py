@@ -507,9 +507,10 @@ class Daemon:
                 return None
             claimed = self.spool.claim(name, settled=r.settled)
         except OSError as e:
-            if e.errno == errno.EPERM:
-                # This entry's own doing (an immutable or append-only file: chattr +i/+a): it waits and is
-                # looked at again with a backoff of its own; the rest of the queue flows on.
+            if e.errno in (errno.EPERM, errno.ENAMETOOLONG):
+                # This entry's own doing (an immutable or append-only file: chattr +i/+a; a path deeper than
+                # PATH_MAX inside folders): it waits and is looked at again with a backoff of its own; the rest of
+                # the queue flows on.
                 if not r.retry:
                     event("io_error", "cannot claim this file; it stays queued and is retried", logging.ERROR,
                           file=display(name), reason=oserror(e))
@@ -529,8 +530,10 @@ class Daemon:
             self.arrivals.unsure(r, now)
             return None
         if not claimed:
-            if os.path.lexists(os.path.join(self.spool.underprocess, name)):
-                # The same name is still in flight: take the new one after the old one commits.
+            if os.path.lexists(os.path.join(self.spool.underprocess, name)) or (
+                    "/" in name and os.path.lexists(src)):
+                # The same name is still in flight (or a file named like its folder: "batch" beside "batch/a"):
+                # take the new one after the old one commits.
                 self.arrivals.scanned([name], now)
             return None
         job = Job(name, st.st_size, self.wall(), complete_at=r.complete_at)  # from here on it must not be lost

@@ -280,7 +280,10 @@ class Spool:
                 if held.verdict is not lease.Verdict.GONE and "/" in name:
                     # recursive mode: underprocess/ mirrors the file's folders, so its relative path survives a
                     # crash as it is (recovery walks underprocess/); made durable before the rename (makedirs)
-                    durable.makedirs(self.underprocess, os.path.dirname(name))
+                    try:
+                        durable.makedirs(self.underprocess, os.path.dirname(name))
+                    except NotADirectoryError:
+                        return Claim.GONE  # a file named like its folder is in flight: after that one commits
                 v = held.verdict
                 if v is lease.Verdict.GONE:
                     return Claim.GONE

@@ -677,3 +677,13 @@ def test_a_folder_failed_whole_by_an_older_version_stays_one_entry(spool: Spool)
     assert spool.counts()["failed"] == 1
     assert spool.requeue() == (["batch"], [])
     assert state(root) == {"unprocessed/batch/a": b"A"}
+
+
+def test_a_file_named_like_its_folder_in_flight_makes_the_claim_wait(spool: Spool) -> None:
+    """"batch" (a file) is in underprocess/ while "batch/a" arrives: the claim says GONE (taken after "batch"
+    commits), never raises (which would pause all claiming)."""
+    populate(spool.root, {"underprocess/batch": b"F", "unprocessed/batch/a": b"A"})
+    assert spool.claim("batch/a", settled=True) is Claim.GONE
+    assert state(spool.root) == {"underprocess/batch": b"F", "unprocessed/batch/a": b"A"}
+    spool.commit("batch")
+    assert spool.claim("batch/a", settled=True) is Claim.CLAIMED
