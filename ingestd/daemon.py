@@ -311,7 +311,8 @@ class Daemon:
             self._check_folder_at(sub, now + self.s.settle_time)
 
     def _folder_gone(self, rel: str) -> None:
-        self.folders_left.discard(rel)
+        if rel in self.folders_left:
+            self._note_folders(self.folders_left - {rel})
         if self.watch is not None:
             self.watch.drop(rel)
         self.arrivals.forget_under(rel)
@@ -337,7 +338,7 @@ class Daemon:
             event("folder_left", "a folder in unprocessed/ is left as it is: only files are processed there (set "
                   "recursive = true to process the files inside it, or move the files themselves into unprocessed/)",
                   logging.WARNING, folder=display(rel))
-        self.folders_left = found
+        self.folders_left = found  # replaced, never changed in place: status() reads it from HTTP threads
         self.metrics.folders_left.set(len(found))
 
     def _check_folder_at(self, rel: str, when: float) -> None:

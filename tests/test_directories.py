@@ -147,6 +147,7 @@ def test_folders_made_any_way_are_left_alone_and_counted(start, tmp_path: Path) 
     assert sorted(ev["folder"] for ev in d.events if ev.get("event") == "folder_left") == names
     (w / "unprocessed" / "empty").rmdir()
     wait_for(lambda: d.status()["folders_left"]["count"] == 4, what="a removed folder is uncounted")
+    assert "ingestd_unprocessed_folders 4.0" in d.get("/metrics")[1].decode()
 
 
 def test_other_non_regular_entries_are_still_failed_with_their_reason(start, tmp_path: Path) -> None:
