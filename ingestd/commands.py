@@ -149,8 +149,7 @@ def _text(report: dict[str, Any]) -> list[str]:
            f"daemon      {'running (' + report['daemon'] + ')' if report['daemon'] else 'not running'}",
            "folders     " + "  ".join(f"{f} {report['counts'][f]}" for f in FOLDERS),
            "in progress " + (", ".join(report["in_progress"]) or "none"),
-           *([f"folders left {report['folders_left']['count']} in unprocessed/, not processed (recursive is off): "
-              + ", ".join(report["folders_left"]["names"])] if report["folders_left"]["count"] else []),
+           *([_folders_line(report["folders_left"])] if report["folders_left"]["count"] else []),
            "recent completions (UTC):" if report["recent"] else "recent completions: none"]
     out += [f"  {when(c['finished_at'])}  {c['file']}" + (f"  FAILED: {c.get('reason')}" if c.get("result") == "failed"
                                                         else "") + ("  (recovered)" if c.get("recovered") else "")
@@ -161,6 +160,13 @@ def _text(report: dict[str, Any]) -> list[str]:
         out.append(f"  {when(f.get('failed_at_unix'))}  {f['name']}: {f['reason']}{line}, "
                    f"attempts {f.get('attempts') or '?'}")
     return out
+
+
+def _folders_line(left: dict[str, Any]) -> str:
+    """Folders in unprocessed/ that recursive = false leaves alone, and what to do about them."""
+    n = left["count"]
+    return (f"left alone  {n} folder{'s' if n > 1 else ''} in unprocessed/ (recursive is off: set recursive = true, "
+            f"or move the files in): " + ", ".join(left["names"]) + (", ..." if n > len(left["names"]) else ""))
 
 
 def requeue(settings: Settings, names: list[str]) -> int:
