@@ -231,7 +231,8 @@ def test_recursive_folder_made_then_filled_slowly_and_nested_later(start, tmp_pa
 
 def test_recursive_hostile_names_and_symlinks_inside_folders(start, tmp_path: Path) -> None:
     """Inside folders as at the top: newlines and invalid UTF-8 are processed and shown escaped; a symlink to a
-    folder fails as a symlink and is never followed; dot-names and temp names are left alone."""
+    folder fails as a symlink and is never followed, a FIFO fails without blocking; dot-names and temp names are
+    left alone."""
     d = start(env=RECURSIVE)
     w = d.watch_dir
     target = tmp_path / "elsewhere"
@@ -244,6 +245,7 @@ def test_recursive_hostile_names_and_symlinks_inside_folders(start, tmp_path: Pa
         f.write(b"weird\n")
     os.mkdir(up + b"/plain")
     os.symlink(target, up + b"/plain/link")
+    os.mkfifo(up + b"/plain/pipe")  # nobody writes it: never blocked on
     with open(up + b"/plain/..dots", "wb") as f:
         f.write(b"dots\n")
     with open(up + b"/plain/x.part", "wb") as f:
@@ -252,12 +254,14 @@ def test_recursive_hostile_names_and_symlinks_inside_folders(start, tmp_path: Pa
     wait_for(lambda: os.path.exists(pr + b"/odd\nfolder/\xff\xfe/na\nme\xff.txt"), what="the hostile name processed")
     with open(pr + b"/odd\nfolder/\xff\xfe/na\nme\xff.txt", "rb") as f:
         assert f.read() == b"WEIRD\n"
-    wait_for(lambda: tree(w / "failed") == {"plain/link": b"-> " + os.fsencode(target)}, what="the symlink set aside")
+    wait_for(lambda: tree(w / "failed") == {"plain/link": b"-> " + os.fsencode(target), "plain/pipe": b"<special>"},
+             what="the symlink and the FIFO set aside")
     assert (target / "secret.txt").read_bytes() == b"secret\n"
     shown = "odd\\x0afolder/\\xff\\xfe/na\\x0ame\\xff.txt"  # escaped in the log, as at the top
     wait_for(lambda: d.event("processed", file=shown), what=f"processed event for {shown}")
     reasons = {f["name"]: f["reason"] for f in d.status()["failures"]}
-    assert reasons == {"plain/link": "not a regular file: symlink (never followed)"}
+    assert reasons == {"plain/link": "not a regular file: symlink (never followed)",
+                       "plain/pipe": "not a regular file: FIFO"}
     time.sleep(0.8)
     assert sorted(os.listdir(w / "unprocessed" / "plain")) == ["..dots", "x.part"]  # never touched
 
