@@ -95,6 +95,19 @@ def link(src: str, dst: str) -> None:
     os.link(src, dst, follow_symlinks=False)
 
 
+def tag(fd: int, attr: str, value: bytes) -> bool:
+    """Set an extended attribute on an open file (sinks: which claim produced a result). It is inode metadata, made
+    durable by the same fsync or syncfs as the file's data. False where the file system keeps no such attribute
+    (ENOTSUP: tmpfs before Linux 6.6, mounts without user_xattr; ENOSPC/E2BIG: no room); other errors raise."""
+    try:
+        os.setxattr(fd, attr, value)
+    except OSError as e:
+        if e.errno in (errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSPC, errno.E2BIG, errno.EPERM):
+            return False
+        raise
+    return True
+
+
 def overwrite(fd: int, data: bytes, offset: int = 0) -> None:
     """Replace a fixed-length record of a marker file in place (pwrite), with no fsync: a hint that survives
     kill -9 (the page cache does) but not a power cut, which is all its readers count on."""

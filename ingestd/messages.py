@@ -42,12 +42,21 @@ class Heartbeat:
 
 
 @dataclass(frozen=True, slots=True)
+class Superseded:
+    """An earlier result of the same name that a publish replaced or set aside (file_exist, sinks.py)."""
+    folder: str  # output folder ("" is processed/ itself)
+    action: str  # "kept" (set aside under `aside`) or "replaced" (gone: file_exist = replace)
+    aside: str = ""  # the name it is kept under, in the same folder
+
+
+@dataclass(frozen=True, slots=True)
 class Done:
     bytes_in: int
     lines_in: int
     bytes_out: int
     lines_out: dict[str, int] = field(default_factory=dict)  # output folder -> lines written
     duration: float = 0.0  # seconds, in the worker
+    superseded: tuple[Superseded, ...] = ()  # earlier results replaced or set aside: logged and counted by the parent
 
 
 @dataclass(frozen=True, slots=True)

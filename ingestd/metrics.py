@@ -35,6 +35,9 @@ class Metrics:
         self.lines_out = Counter("ingestd_output_lines", "Records written to outputs", registry=r)
         self.records = Counter("ingestd_output_records", "Records per output folder ('processed' is processed/ itself)",
                                ["output"], registry=r)
+        self.superseded = Counter("ingestd_results_superseded", "Earlier results of the same name set aside "
+                                  "(action kept) or replaced (file_exist = replace), per output folder",
+                                  ["output", "action"], registry=r)
         self.overflows = Counter("ingestd_inotify_overflows", "inotify queue overflows (each triggers a rescan)",
                                  registry=r)
         self.rescans = Counter("ingestd_rescans", "Full rescans of unprocessed/, by reason", ["reason"], registry=r)

@@ -41,6 +41,7 @@ class Settings:
     stall_time: float = 30.0  # a busy worker with no progress this long is stuck: killed, replaced, an attempt counted
     time_limit: float = 0.0  # seconds one file may take before its worker is killed (0: no limit)
     log_format: str = "auto"  # json | text | auto (text when stderr is a terminal, else JSON)
+    file_exist: str = "keep"  # an earlier same-named result: keep (set aside) | replace | fail (sinks.py)
     routing_doc: dict[str, Any] = field(default_factory=lambda: {"mode": "uppercase"})  # picklable, for workers
 
     @property
@@ -146,6 +147,7 @@ PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "stall_time": _seconds(0, strict=True),  # 0 would call every busy worker stuck
     "time_limit": _seconds(0),  # 0: no limit
     "log_format": _choice("auto", "json", "text"),
+    "file_exist": _choice("keep", "replace", "fail"),
 }
 
 

@@ -1,17 +1,64 @@
-"""A file's outputs: one hidden temp file per output folder, published (fsync, rename, fsync dir) on commit."""
+"""A file's outputs: one hidden temp file per output folder, published (fsync, rename, fsync dir) on commit.
+
+What happens to an earlier result of the same name (file_exist) follows Apache Camel's file producer option
+`fileExist` (Override, Fail, Move with moveExisting; camel.apache.org, file component): "replace" is Camel's
+Override, "fail" its Fail, "keep" its Move to a unique name beside the result (the `.superseded-` scheme of
+failed/, spool.set_aside). A redo of the same input (a crash after the publish, before the input left
+underprocess/) is recognised by the claim identity each result carries, and replaces its own result.
+"""
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import stat
+import time
 
 from ingestd import durable
 from ingestd.errors import Phase, in_phase
-from ingestd.names import key
-from ingestd.spool import TEMP_OUTPUT_PREFIX
+from ingestd.messages import Superseded
+from ingestd.names import display, key
+from ingestd.pipeline import Rejected
+from ingestd.spool import SUPERSEDED, TEMP_OUTPUT_PREFIX, set_aside
 
 FLUSH_BYTES = 1 << 20
+KEEP, REPLACE, FAIL = "keep", "replace", "fail"  # file_exist: what an earlier result of the same name becomes
+FILE_EXIST = (KEEP, REPLACE, FAIL)
+CLAIM_ATTR = "user.ingestd.claim"  # on each result: the identity of the input that produced it (claim_of)
+_OWN = "own"  # the earlier result is this very input's (a redo): replaced, never counted
+
+
+def claim_of(path: str) -> bytes | None:
+    """The identity of the input file at `path` (not followed if a symlink), as bytes:
+    b"<inode>-b<birth time ns>-m<mtime ns>" from statx(2), or b"<inode>-c<ctime ns>-m<mtime ns>" where the file
+    system gives no birth time (then the ctime is the one the claim rename set). None when the file cannot be
+    looked at (opening it then reports why).
+
+    The inode alone is not enough: the kernel reuses an inode number as soon as a file is gone, so a new file of
+    the same name can get the number of the one committed before it; two files never hold one inode at once, and
+    their birth times differ. The mtime tells apart one inode rewritten in place and linked in again (a producer
+    that keeps its file and links it in each day). All three stay the same through the claim rename, a claim
+    lost in a power cut and claimed again, and a redo: a redo of the same input is recognised."""
+    buf = ctypes.create_string_buffer(256)  # struct statx
+    # AT_FDCWD, AT_SYMLINK_NOFOLLOW, STATX_MTIME | STATX_INO | STATX_BTIME (<linux/stat.h>)
+    if _statx is not None and _statx(-100, os.fsencode(path), 0x100, 0x940, buf) == 0:
+        raw = buf.raw  # offsets of stx_mask, stx_ino, stx_btime, stx_mtime in struct statx
+        if int.from_bytes(raw[0:4], "little") & 0x840 == 0x840:
+            return b"%d-b%d-m%d" % (int.from_bytes(raw[32:40], "little"), _ns(raw, 80), _ns(raw, 112))
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return b"%d-c%d-m%d" % (st.st_ino, st.st_ctime_ns, st.st_mtime_ns)
+
+
+def _ns(raw: bytes, at: int) -> int:
+    """A struct statx_timestamp (s64 seconds, u32 nanoseconds) in nanoseconds."""
+    return int.from_bytes(raw[at:at + 8], "little", signed=True) * 1_000_000_000 + int.from_bytes(raw[at + 8:at + 12], "little")
+
+
+_statx = getattr(ctypes.CDLL(None, use_errno=True), "statx", None)  # glibc >= 2.28
 
 
 class _Out:
@@ -27,10 +74,17 @@ class Sinks:
     """Outputs of one input file. Temp names are hidden, fixed-length (NAME_MAX-safe) and never published early.
 
     OSErrors from writing raise as errors.PhaseError (phase WRITE_OUTPUT or PUBLISH) for errors.classify.
+
+    file_exist (one of FILE_EXIST) says what an earlier result of the same name becomes, in every output folder
+    (see publish); claim (claim_of the input) is recorded on each result so that a redo of the same input is
+    recognised. `ingestd process` keeps the old default, "replace", with no claim.
     """
 
-    def __init__(self, processed: str, name: str, folders: list[str]) -> None:
+    def __init__(self, processed: str, name: str, folders: list[str], file_exist: str = REPLACE,
+                 claim: bytes | None = None) -> None:
         self.processed, self.name, self.folders = processed, name, folders
+        self.file_exist, self.claim = file_exist, claim
+        self.superseded: list[Superseded] = []  # what publish did to earlier results
         self.temp_name = f"{TEMP_OUTPUT_PREFIX}{os.getpid()}-{key(name)}"
         self.keep_name = f"{TEMP_OUTPUT_PREFIX}{os.getpid()}-old-{key(name)}"  # an earlier result, kept until commit
         self.outs: dict[str, _Out] = {}
@@ -51,6 +105,10 @@ class Sinks:
                 # (errors.classify: ENOENT on an output is RECREATE).
                 os.makedirs(self._dir(folder), exist_ok=True)
                 fd = durable.create_exclusive(temp)
+            if self.claim is not None:
+                # Before the data's fsync or syncfs: the claim is durable with the result, never after it. Where the
+                # file system keeps no user xattr the result goes untagged, and publish compares bytes instead.
+                durable.tag(fd, CLAIM_ATTR, self.claim)
         out = self.outs[folder] = _Out(fd, temp)
         return out
 
@@ -98,81 +156,148 @@ class Sinks:
 
     def publish(self) -> list[str]:
         """Rename the sealed (durable) temps to their final names, all or none; returns the folders whose entries
-        changed: the caller fsyncs each (once per batch) before the input may go. A same-named result left in an
-        output folder this input did not reach is removed.
+        changed: the caller fsyncs each (once per batch) before the input may go.
+
+        An earlier result of the same name, in an output this input writes or in one it did not reach (a stale
+        result), is this input's own when it carries this claim (a redo after a crash: replaced, it would be
+        doubled otherwise), or, carrying no claim (a file system without user xattrs), when its bytes are this
+        output's; else file_exist decides: "keep" gives it a free name NAME.superseded-<unix time>[-N] in its
+        folder (a link made before the rename, so the name never goes missing), "replace" renames over it (a stale
+        one is removed), "fail" raises pipeline.Rejected("a result named NAME already exists in processed/...
+        (file_exist = fail)") before anything is renamed: the earlier results stay as they were. Each one kept or
+        replaced is listed in self.superseded.
 
         All or none: a target that is a directory refuses before anything is renamed (IsADirectoryError); any
-        other refusal midway puts back what was already renamed (earlier results restored from a kept link),
+        other refusal midway puts back what was already renamed (earlier results restored from a second name),
         so an input that ends in failed/ never leaves a result in processed/.
         """
         changed = []
+        self.superseded = []
         with in_phase(Phase.PUBLISH):
             reserved = {f.split("/", 1)[0] for f in self.folders if f}
-            for folder in self.outs:
+            earlier: dict[str, str] = {}  # folder -> what its earlier result becomes: _OWN, KEEP or REPLACE
+            for folder in self.folders:
                 target = os.path.join(self._dir(folder), self.name)
+                st = _lstat(target)
+                isdir = st is not None and stat.S_ISDIR(st.st_mode)
                 # An input named like an output folder is refused before any rename: a directory stands there, or
                 # (that folder removed by hand) the result would take the folder's place and block its outputs.
-                if _is_dir(target) or (not folder and self.name.split("/", 1)[0] in reserved):
+                if folder in self.outs and (isdir or (not folder and self.name.split("/", 1)[0] in reserved)):
                     raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), target)
-                if "/" in self.name:  # recursive mode: processed/batch/a.txt keeps the input's relative path
+                if folder in self.outs and "/" in self.name:  # recursive mode: processed/batch/a.txt keeps its path
                     durable.makedirs(self._dir(folder), os.path.dirname(self.name))
-            kept = self._keep_earlier()
+                if st is not None and not isdir:  # a folder of that name is not a result of ours
+                    earlier[folder] = self._judge(folder, target, st)
+            now = time.time()
+            seconds = self._second_names(earlier, now)
             done: list[str] = []
             try:
                 for folder, out in self.outs.items():
                     durable.rename(out.temp, os.path.join(self._dir(folder), self.name))  # atomic replace: old or new
                     done.append(folder)
             except BaseException:
-                self._roll_back(done, kept)
+                self._roll_back(done, seconds)
                 raise
             for folder, out in self.outs.items():
                 self.lines_out[folder] = out.lines + (out.tail != b"\n")  # a last line without an ending counts
-            for folder in self.folders:
-                if folder not in self.outs:
-                    target = os.path.join(self._dir(folder), self.name)
-                    try:
-                        if not _is_dir(target):  # a folder of that name is not a result of ours
-                            durable.unlink(target)  # a stale result of an earlier same-named input
-                    except (FileNotFoundError, NotADirectoryError):  # nothing there (or no folder to hold it)
-                        continue
-                changed.append(os.path.dirname(os.path.join(self._dir(folder), self.name)))
-            for folder in kept:
-                # Same folder as its rename: both become durable together, at the caller's fsync of the folder.
-                durable.unlink_quiet(os.path.join(self._dir(folder), self.keep_name))
+                changed.append(os.path.dirname(os.path.join(self._dir(folder), self.name)))  # where it changed
+            for folder, action in earlier.items():
+                if folder in self.outs:
+                    if action == KEEP:
+                        aside = os.path.relpath(seconds[folder], self._dir(folder))  # batch/a.superseded-...
+                        self.superseded.append(Superseded(folder, "kept", aside))
+                    else:
+                        # Same folder as its rename: both become durable together, at the caller's fsync of it.
+                        durable.unlink_quiet(seconds[folder])
+                        if action == REPLACE:
+                            self.superseded.append(Superseded(folder, "replaced"))
+                    continue
+                # A stale result, in an output this input did not reach: set aside or removed, durable at the
+                # caller's fsync of its folder (a crash before it redoes the input, which finds it again).
+                try:
+                    if action == KEEP:
+                        aside = set_aside(self._dir(folder), self.name, now)
+                        self.superseded.append(Superseded(folder, "kept", aside))
+                    else:
+                        durable.unlink(os.path.join(self._dir(folder), self.name))
+                        if action == REPLACE:
+                            self.superseded.append(Superseded(folder, "replaced"))
+                except (FileNotFoundError, NotADirectoryError):  # taken by a consumer meanwhile
+                    continue
+                changed.append(os.path.dirname(os.path.join(self._dir(folder), self.name)))  # where it changed
         return changed
 
-    def _keep_earlier(self) -> list[str]:
-        """A second name for each earlier result about to be replaced, so a refused commit can put it back."""
-        kept = []
-        for folder in self.outs:
-            keep, target = os.path.join(self._dir(folder), self.keep_name), os.path.join(self._dir(folder), self.name)
+    def _judge(self, folder: str, target: str, st: os.stat_result) -> str:
+        """What the earlier result at target becomes: _OWN (this input's), else file_exist; raises Rejected for
+        file_exist = "fail"."""
+        tag = _claim_on(target)
+        if tag is not None and tag == self.claim:
+            return _OWN  # a redo: this input published it before a crash
+        if tag is None and folder in self.outs and _same_bytes(target, st, self.outs[folder].temp):
+            return _OWN  # untagged (no user xattrs here) and identical: replacing it loses nothing
+        if self.file_exist == FAIL:
+            where = "/".join(p for p in (os.path.basename(self.processed), folder) if p)
+            raise Rejected(f"a result named {display(self.name)} already exists in {where}/ (file_exist = fail)")
+        return self.file_exist
+
+    def _second_names(self, earlier: dict[str, str], now: float) -> dict[str, str]:
+        """A second name for each earlier result about to be replaced: NAME.superseded-... where it is kept, else
+        a hidden one so a refused commit can put it back. folder -> that path."""
+        seconds = {}
+        for folder, action in earlier.items():
+            if folder not in self.outs:
+                continue
+            d, target = self._dir(folder), os.path.join(self._dir(folder), self.name)
             try:
+                if action == KEEP:
+                    seconds[folder] = self._aside(d, target, now)
+                    continue
+                keep = os.path.join(d, self.keep_name)
                 try:
                     durable.link(target, keep)
                 except FileExistsError:
                     durable.unlink(keep)  # left by an earlier attempt of this worker
                     durable.link(target, keep)
+                seconds[folder] = keep
             except (FileNotFoundError, NotADirectoryError):
-                continue  # no earlier result here
-            kept.append(folder)
-        return kept
+                continue  # taken by a consumer meanwhile: nothing to keep
+        return seconds
 
-    def _roll_back(self, done: list[str], kept: list[str]) -> None:
+    def _aside(self, d: str, target: str, now: float) -> str:
+        """The NAME.superseded-... link of the earlier result at target: one an interrupted attempt already made
+        (a kill between that link and the rename; a second would double it), else a new one."""
+        st = os.lstat(target)
+        if st.st_nlink > 1:  # rare: only then can an aside of it exist
+            with os.scandir(os.path.dirname(target)) as it:  # its own folder (recursive mode: processed/batch/)
+                for e in it:
+                    if SUPERSEDED in e.name and not e.name.startswith("."):
+                        try:
+                            found = e.stat(follow_symlinks=False)
+                        except FileNotFoundError:
+                            continue
+                        if (found.st_dev, found.st_ino) == (st.st_dev, st.st_ino):
+                            return e.path
+        return os.path.join(d, set_aside(d, self.name, now, link=True))
+
+    def _roll_back(self, done: list[str], seconds: dict[str, str]) -> None:
         """Undo the renames already made; best effort (the input is retried or failed either way)."""
         for folder in done:
             target = os.path.join(self._dir(folder), self.name)
             try:
-                if folder in kept:
-                    durable.rename(os.path.join(self._dir(folder), self.keep_name), target)  # the earlier result
+                if folder in seconds:
+                    durable.rename(seconds[folder], target)  # the earlier result, under its name again
                 else:
                     durable.unlink(target)  # no result here before this input
                 # Not fsynced: only a refusal after a rename that the directory check cannot foresee gets here, and
                 # a power cut right after it can bring the undone output back (known limit, docs/guarantees.md).
             except OSError:
                 pass  # the original error is the one to report; a redo or requeue republishes
-        for folder in kept:
+        for folder, second in seconds.items():
             if folder not in done:
-                durable.unlink_quiet(os.path.join(self._dir(folder), self.keep_name))
+                try:
+                    durable.unlink_quiet(second)  # the earlier result still has its own name
+                except OSError:
+                    pass
 
     def abort(self) -> None:
         """Drop every unpublished temp file; the input stays where it is."""
@@ -186,11 +311,40 @@ class Sinks:
         self.outs.clear()
 
 
-def _is_dir(path: str) -> bool:
+def _lstat(path: str) -> os.stat_result | None:
     try:
-        return stat.S_ISDIR(os.lstat(path).st_mode)
+        return os.lstat(path)
     except (FileNotFoundError, NotADirectoryError):  # ENOTDIR: a file stands where a folder of the path should be
+        return None
+
+
+def _claim_on(path: str) -> bytes | None:
+    """The claim recorded on a result, or None: none recorded (an older version, a file put there by hand, a
+    file system without user xattrs), or a symlink (never followed)."""
+    try:
+        return os.getxattr(path, CLAIM_ATTR, follow_symlinks=False)
+    except OSError:  # ENODATA, ENOTSUP, EPERM (symlinks hold no user xattrs)
+        return None
+
+
+def _same_bytes(path: str, st: os.stat_result, temp: str) -> bool:
+    """Is the regular file at path byte for byte the temp? Read only when their sizes match (rare path)."""
+    try:
+        if not stat.S_ISREG(st.st_mode) or os.stat(temp).st_size != st.st_size:
+            return False
+        with open(path, "rb", opener=_nofollow) as a, open(temp, "rb") as b:
+            while True:
+                x, y = a.read(1 << 20), b.read(1 << 20)
+                if x != y:
+                    return False
+                if not x:
+                    return True
+    except OSError:
         return False
+
+
+def _nofollow(path: str, flags: int) -> int:
+    return os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK)
 
 
 def remove_temps(processed: str, folders: list[str], pid: int) -> None:

@@ -32,6 +32,7 @@ TEMP_OUTPUT_PREFIX = TEMP_PREFIX + "tmp-"
 SEQ_FILE = "failure-seq"  # in .ingestd/: {"reserved_to": N}, every failure seq handed out so far is <= N
 SEQ_BLOCK = 1024  # failure seqs reserved per durable write of SEQ_FILE
 NO_SIDECAR = "unknown (no sidecar)"
+SUPERSEDED = ".superseded-"  # NAME.superseded-<unix time>[-N]: an earlier version kept aside (set_aside)
 
 
 class Claim(enum.Enum):
@@ -444,21 +445,9 @@ class Spool:
         return max((r["seq"] or 0 for r in self._read_sidecars(set(self._listing(self.failed)[0])).values()), default=0)
 
     def _set_aside(self, name: str, now: float) -> None:
-        """Rename the older failed file to a name that is free: NAME.superseded-<unix time>, then -2, -3...
-        within the same second (the same rejected name may arrive many times a second). Never EEXIST."""
-        n = 1
-        folder, _, base = name.rpartition("/")
-        while True:
-            suffix = f".superseded-{int(now)}{f'-{n}' if n > 1 else ''}".encode()
-            raw = os.fsencode(base)[: 255 - len(suffix)]  # stay within NAME_MAX
-            aside = os.fsdecode(raw + suffix)
-            aside = f"{folder}/{aside}" if folder else aside
-            try:
-                durable.rename_noreplace(os.path.join(self.failed, name), os.path.join(self.failed, aside))
-            except FileExistsError:
-                n += 1  # taken (an earlier one this second, or a user's file): the next number
-                continue
-            break
+        """Rename the older failed file to a name that is free (set_aside); its sidecar follows it."""
+        aside = set_aside(self.failed, name, now)
+        folder = os.path.dirname(name)  # recursive mode: failed/batch/a.txt is set aside in failed/batch/
         sidecar = os.path.join(self.failed, REASON_PREFIX + key(name) + ".json")
         if os.path.exists(sidecar):
             durable.rename(sidecar, os.path.join(self.failed, REASON_PREFIX + key(aside) + ".json"))
@@ -750,6 +739,26 @@ class Spool:
                 entries.append((st.st_mtime_ns, e.name, st.st_mtime))
         return [{"file": display(n), "result": "processed", "duration": None, "finished_at": t, "reason": None,
                  "seq": None, "recovered": False} for _, n, t in heapq.nlargest(limit, entries)]
+
+
+def set_aside(folder: str, name: str, now: float, link: bool = False) -> str:
+    """Give the entry `name` of `folder` a free name NAME.superseded-<unix time>, then -2, -3... within the same
+    second (the same name may arrive many times a second), cut to stay within NAME_MAX; returns that name. Renamed,
+    or with link=True given it as a second name (the entry keeps its own). Never EEXIST; not fsynced (the caller's
+    fsync of `folder` makes it durable). Used for failed/ (Spool.fail) and processed/ (sinks.py, file_exist). A
+    relative `name` ("batch/a.txt") gets its aside beside it ("batch/a.txt.superseded-..."), returned as such."""
+    n = 1
+    sub, _, base = name.rpartition("/")  # a relative path (recursive mode): the aside stays in its folder
+    while True:
+        suffix = f"{SUPERSEDED}{int(now)}{f'-{n}' if n > 1 else ''}".encode()
+        aside = os.fsdecode(os.fsencode(base)[: 255 - len(suffix)] + suffix)  # stay within NAME_MAX
+        aside = f"{sub}/{aside}" if sub else aside
+        try:
+            (durable.link if link else durable.rename_noreplace)(os.path.join(folder, name), os.path.join(folder, aside))
+        except FileExistsError:
+            n += 1  # taken (an earlier one this second, or a user's file): the next number
+            continue
+        return aside
 
 
 def _seq_of(record: dict[str, Any]) -> int | None:

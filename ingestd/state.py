@@ -74,6 +74,14 @@ class State:
         for out, n in done.lines_out.items():
             m.lines_out.inc(n)
             m.records.labels(out or DEFAULT_OUTPUT).inc(n)  # "" would read as no label in PromQL
+        for sup in done.superseded:  # file_exist: after the durable commit, as the processed line
+            m.superseded.labels(sup.folder or DEFAULT_OUTPUT, sup.action).inc()
+            event("result_superseded", f"an earlier result of the same name was {sup.action}"
+                  + (" aside" if sup.aside else ""), logging.WARNING if sup.action == "replaced" else logging.INFO,
+                  file=display(job.name), output=sup.folder or DEFAULT_OUTPUT,
+                  action=sup.action, kept_as=display(sup.aside) if sup.aside else None)
+            if sup.aside and not sup.folder:
+                self.kept["processed"] += 1  # the earlier result stays, under its new name
         m.duration.observe(elapsed)
         m.last_success.set(self.wall())
         self.totals["processed"] += 1

@@ -19,7 +19,7 @@ from ingestd import durable, errors, inflight, pipeline, routing
 from ingestd.errors import Phase, Verdict
 from ingestd.messages import Assign, Done, Heartbeat, Outcome, Outcomes, Ready, Rejected, Retry, Stage
 from ingestd.names import key
-from ingestd.sinks import Sinks
+from ingestd.sinks import Sinks, claim_of
 
 COMMIT_STALE = 0.5  # seconds one file may take before the files sealed ahead of it are committed without it
 PROGRESS_EVERY = 0.25  # seconds between heartbeats while a batch is held (the parent's liveness signal)
@@ -81,9 +81,10 @@ class _Link:
 
 
 def main(conn: Connection, cursor: Any, routing_doc: dict[str, Any], max_line_bytes: int, underprocess: str,
-         processed: str, state: str, slot: int) -> None:
+         processed: str, state: str, slot: int, file_exist: str = "keep") -> None:
     """The worker's life. cursor: a locked shared int[2], [the index in its batch of the file it is on, the index
-    it must stop before] (the parent lowers the second to take back files not started: Pool.steal)."""
+    it must stop before] (the parent lowers the second to take back files not started: Pool.steal). file_exist:
+    what an earlier same-named result becomes (sinks.FILE_EXIST)."""
     # The parent owns signals: Ctrl-C, `timeout`, or systemd's control-group kill reach every process,
     # but only the parent decides (warm stop); a worker must not die with its file half done.
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
@@ -104,7 +105,7 @@ def main(conn: Connection, cursor: Any, routing_doc: dict[str, Any], max_line_by
             return
         if not isinstance(msg, Assign):
             return  # Stop
-        run_batch(link, cursor, msg.names, table, folders, max_line_bytes, underprocess, processed)
+        run_batch(link, cursor, msg.names, table, folders, max_line_bytes, underprocess, processed, file_exist)
 
 
 class _Group:
@@ -143,7 +144,7 @@ class _Group:
 
 
 def run_batch(link: _Link, cursor: Any, names: tuple[str, ...], table: routing.Routing, folders: list[str],
-              max_line_bytes: int, underprocess: str, processed: str) -> None:
+              max_line_bytes: int, underprocess: str, processed: str, file_exist: str = "keep") -> None:
     """Each file of a batch through the engine into sealed temps, then one group commit for all of them (or for
     those sealed so far, when one file is slow): one data sync (syncfs), the renames, one fsync per output
     folder; the outcomes go to the parent in Outcomes messages, the last one final. A batch of one file syncs
@@ -159,17 +160,18 @@ def run_batch(link: _Link, cursor: Any, names: tuple[str, ...], table: routing.R
                     break
                 cursor[0] = index  # shared memory: the parent reads it even after this process is killed
             link.begin(index, name)
-            sinks = Sinks(processed, name, folders)
+            path = os.path.join(underprocess, name)
+            # The input's identity, recorded on each result: a redo of this same input replaces its own results.
+            sinks = Sinks(processed, name, folders, file_exist, claim_of(path))
             stats, started = link.stats, time.monotonic()
             try:
-                with pipeline.open_input(os.path.join(underprocess, name)) as f:
+                with pipeline.open_input(path) as f:
                     pipeline.run(f, name, table, max_line_bytes, sinks.write, stats)
                 link.stage = Stage.COMMIT
                 if alone:
                     _between_files(link, cursor, len(names))
                     sinks.commit()  # alone: its own fsyncs, then its renames and their folders' fsyncs
-                    group.decide(name, Done(stats.bytes_in, stats.lines_in, sinks.bytes_out, dict(sinks.lines_out),
-                                            time.monotonic() - started))
+                    group.decide(name, _done(sinks, stats, started))
                     continue
                 sinks.seal(sync=False)
             except Exception as e:  # noqa: BLE001 - one table (errors.classify) decides; a worker never dies on a file
@@ -214,8 +216,7 @@ def _group_commit(sealed: list[tuple[str, Sinks, pipeline.Stats, float]], proces
             sinks.abort()
             outcomes[name] = _failure(e, stats)
             continue
-        outcomes[name] = Done(stats.bytes_in, stats.lines_in, sinks.bytes_out, dict(sinks.lines_out),
-                              time.monotonic() - started)
+        outcomes[name] = _done(sinks, stats, started)
     for folder, published in changed.items():
         try:
             durable.fsync_dir(folder)  # the renames durable before any input may go: once per folder per group
@@ -223,6 +224,11 @@ def _group_commit(sealed: list[tuple[str, Sinks, pipeline.Stats, float]], proces
             for name in published:  # published, but not durably: the input stays, the redo republishes
                 outcomes[name] = Retry(errors.reason(e), e.errno)
     return outcomes
+
+
+def _done(sinks: Sinks, stats: pipeline.Stats, started: float) -> Done:
+    return Done(stats.bytes_in, stats.lines_in, sinks.bytes_out, dict(sinks.lines_out), time.monotonic() - started,
+                tuple(sinks.superseded))
 
 
 def _failure(e: BaseException, stats: pipeline.Stats) -> Outcome:

@@ -84,7 +84,7 @@ class Pool:
         cursor = _ctx.Array("i", 2)
         p = _ctx.Process(target=worker.main, name=f"ingestd-worker-{wid}", daemon=True,
                          args=(child, cursor, self.s.routing_doc, self.s.max_line_bytes, self.spool.underprocess,
-                               self.spool.processed, self.spool.state, wid))
+                               self.spool.processed, self.spool.state, wid, self.s.file_exist))
         p.start()
         child.close()
         return Slot(wid, p, parent, cursor)

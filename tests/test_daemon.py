@@ -144,7 +144,7 @@ def test_hostile_entries_fail_with_a_reason_and_the_daemon_goes_on(start, tmp_pa
 
 
 def test_same_name_again_replaces_the_result_atomically(start) -> None:
-    d = start()
+    d = start(env={"INGESTD_FILE_EXIST": "replace"})  # the default, keep, sets it aside: tests/test_file_exist.py
     w = d.watch_dir
     (w / "unprocessed" / "again.txt").write_bytes(b"first\n")
     wait_for(lambda: processed(w, "again.txt") == b"FIRST\n")

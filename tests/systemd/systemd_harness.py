@@ -448,9 +448,12 @@ class Service:
         return self.m.py(_LIST, {"watch": WATCH, "folders": list(folders or FOLDERS)})
 
     def wait_processed(self, names: set[str], timeout: float) -> dict[str, Any]:
+        """Until each name has its result in processed/ and its input has left: the outputs are published
+        before the input is removed (the commit point), so a result alone does not mean finished."""
         def done() -> dict[str, Any] | None:
             state = self.folders()
-            return state if names <= set(state["processed"]) else None
+            left = names & (set(state["unprocessed"]) | set(state["underprocess"]))
+            return state if names <= set(state["processed"]) and not left else None
 
         return wait_for(done, timeout, what=f"{len(names)} files in processed/", interval=0.3)
 
