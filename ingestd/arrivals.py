@@ -143,6 +143,13 @@ class Arrivals:
         self.entries.pop(name, None)
         self.ready.pop(name, None)
 
+    def forget_under(self, folder: str) -> None:
+        """A folder left unprocessed/ (removed, moved out): forget every name below it ("folder/...")."""
+        prefix = folder + "/"
+        for name in [n for n in self.entries if n.startswith(prefix)]:
+            self.forget(name)
+        self.markers = {m for m in self.markers if not m.startswith(prefix)}
+
     # --- the kernel's verdict at the claim --------------------------------------------------------
     def busy(self, r: Ready, now: float) -> None:
         """The claim found a writer holding `r.name` open: wait for a writer's close, or retry after

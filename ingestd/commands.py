@@ -153,13 +153,19 @@ def _report(settings: Settings, spool: Spool) -> dict[str, Any]:
         counts = spool.counts()
         # Names the daemon never claims (dot-files, *.tmp, *.part...) are not waiting, nor with done_marker the
         # NAME.done markers themselves (they vouch for a file, they are none); the daemon counts the same.
-        counts["unprocessed"] = sum(1 for n in Spool.entries(spool.unprocessed)
+        # Folders are never claimed: with recursive on, the files inside them wait; off, they are left as they are.
+        names, folders = Spool.split(spool.unprocessed)
+        if settings.recursive:
+            names, folders = spool.files(spool.unprocessed), []
+        counts["unprocessed"] = sum(1 for n in names
                                     if not ignored(n) and not (settings.done_marker and n.endswith(DONE_SUFFIX)))
         return {
             "watch_dir": str(spool.root.resolve()),
             "daemon": spool.holder(),
             "counts": counts,
-            "in_progress": [display(n) for n in sorted(Spool.entries(spool.underprocess))],
+            "folders_left": {"count": len(folders), "names": [display(n) for n in sorted(folders)[: settings.recent]],
+                             "recursive": settings.recursive},
+            "in_progress": [display(n) for n in sorted(spool.files(spool.underprocess))],
             # The daemon's own history (ordered by its sequence) when it kept one, else what processed/ holds.
             "recent": history.load(str(spool.root))[: settings.recent] or spool.completions(settings.recent),
             "failures": spool.failures(settings.recent),
@@ -173,6 +179,7 @@ def _text(report: dict[str, Any]) -> list[str]:
            f"daemon      {'running (' + report['daemon'] + ')' if report['daemon'] else 'not running'}",
            "folders     " + "  ".join(f"{f} {report['counts'][f]}" for f in FOLDERS),
            "in progress " + (", ".join(report["in_progress"]) or "none"),
+           *([_folders_line(report["folders_left"])] if report["folders_left"]["count"] else []),
            "recent completions (UTC):" if report["recent"] else "recent completions: none"]
     out += [f"  {when(c['finished_at'])}  {c['file']}" + (f"  FAILED: {c.get('reason')}" if c.get("result") == "failed"
                                                         else "") + ("  (recovered)" if c.get("recovered") else "")
@@ -185,13 +192,20 @@ def _text(report: dict[str, Any]) -> list[str]:
     return out
 
 
+def _folders_line(left: dict[str, Any]) -> str:
+    """Folders in unprocessed/ that recursive = false leaves alone, and what to do about them."""
+    n = left["count"]
+    return (f"left alone  {n} folder{'s' if n > 1 else ''} in unprocessed/ (recursive is off: set recursive = true, "
+            f"or move the files in): " + ", ".join(left["names"]) + (", ..." if n > len(left["names"]) else ""))
+
+
 def requeue(settings: Settings, names: list[str]) -> int:
     """`ingestd requeue [NAME...]`: move failed files back to unprocessed/. A NAME may be given as `status` prints
     it (escaped). Exit 0 when every file was moved; 1 when one was not in failed/ or a file of that name waits in
     unprocessed/; 77 (EX_NOPERM) or 74 (EX_IOERR) when a folder cannot be read or written, naming it."""
     try:
         spool = _existing(settings, writable=("unprocessed", "failed"))
-        in_failed = set(Spool.entries(spool.failed))
+        in_failed = set(spool.files(spool.failed, sidecar_dirs=True))  # "batch/a.txt" from a folder too
     except FolderError as e:
         return _refused(e)
     shown = {display(n): n for n in in_failed}
@@ -199,7 +213,10 @@ def requeue(settings: Settings, names: list[str]) -> int:
     missing: list[str] = []
     for n in names:
         real = n if n in in_failed else shown.get(n)  # as typed, or as status printed it (escapes)
-        if real is None:
+        inside = sorted(f for f in in_failed if f.startswith(n.rstrip("/") + "/")) if real is None else []
+        if inside:
+            wanted += inside  # a folder of failed/ (recursive mode): every file in it
+        elif real is None:
             missing.append(n)
         else:
             wanted.append(real)

@@ -29,14 +29,14 @@ from ingestd.arrivals import Arrivals, Ready
 from ingestd.job import Job
 from ingestd.log import event
 from ingestd.messages import Done, Outcome, Outcomes, Rejected, Retry, ToParent
-from ingestd.names import DONE_SUFFIX, display, oserror
+from ingestd.names import DONE_SUFFIX, display, hidden_path, oserror
 from ingestd.notify import Notifier
 from ingestd.pipeline import kind
 from ingestd.settings import ConfigError, Settings
 from ingestd.sinks import remove_temps
 from ingestd.spool import AlreadyRunning, Claim, Failure, Spool, SpoolError
 from ingestd.state import PauseKind, State
-from ingestd.watch import Watch
+from ingestd.watch import Watch, WatchLimit
 from ingestd.web import Web
 from ingestd.workers import Pool, Slot
 
@@ -75,6 +75,9 @@ class Daemon:
         self.web: Web | None = None
         self.watch: Watch | None = None
         self.watch_lost = False  # unprocessed/'s watch is dead and not yet replaced: rescans come every second
+        self.folders_left: set[str] = set()  # default mode: folders in unprocessed/, left as they are (logged once)
+        self.folder_checks: dict[str, float] = {}  # recursive mode: subfolder -> when to see if it can be removed
+        self._watch_refused = False  # a subfolder's watch was refused (said once)
         self.pool: Pool | None = None
         self.poller = select.poll()
         self._polled: set[int] = set()
@@ -200,6 +203,8 @@ class Daemon:
         finally:
             self._sync_poller()  # whatever maintain got to: a closed fd must never stay in the poller
         self.arrivals.tick(now, self._stat)  # due settle/grace timers run now, not only when a worker is free
+        if self.folder_checks:
+            self._clean_folders(now)
         if now >= self.next_rescan:
             self._rescan("periodic")
 
@@ -236,6 +241,8 @@ class Daemon:
         deadlines = [self.next_rescan, now + HEARTBEAT]
         if (d := self.arrivals.next_deadline()) is not None:
             deadlines.append(d)
+        if self.folder_checks:
+            deadlines.append(min(self.folder_checks.values()))
         if self.pool.idle() and self.state.phase == "running":
             if self.state.pause is not None and self.state.pause.until > now:
                 deadlines.append(self.state.pause.until)
@@ -280,8 +287,90 @@ class Daemon:
                 self.watch_lost = True
                 self._rescan("overflow")  # makes the folder again and watches it; retried each second until it can
                 return  # the rest was read from the dead watch: the rescan has looked at the folder itself
+            elif c.kind == "dir_in":
+                self._folder_in(c.name, now)
+            elif c.kind == "dir_gone":
+                self._folder_gone(c.name)
             else:
                 self.arrivals.change(c, now)
+
+    # --- folders inside unprocessed/ (issue 9) -------------------------------------------------------
+    def _folder_in(self, rel: str, now: float) -> None:
+        """A folder appeared in unprocessed/ (mkdir, cp -r, mv in). Default: left as it is, said once. Recursive:
+        watched, then listed (the watch first, so a file made in between is seen either way), its files waiting
+        like any others."""
+        if hidden_path(rel):
+            return  # a producer's hidden temp folder: never entered, like dot-files
+        if not self.s.recursive:
+            if "/" not in rel:
+                self._note_folders({*self.folders_left, rel})
+            return
+        files, subdirs = self.spool.files(self.spool.unprocessed, dirs=True, enter=self._enter, root=rel)
+        self.arrivals.scanned(files, now)
+        for sub in (rel, *subdirs):
+            self._check_folder_at(sub, now + self.s.settle_time)
+
+    def _folder_gone(self, rel: str) -> None:
+        if rel in self.folders_left:
+            self._note_folders(self.folders_left - {rel})
+        if self.watch is not None:
+            self.watch.drop(rel)
+        self.arrivals.forget_under(rel)
+        for sub in [f for f in self.folder_checks if f == rel or f.startswith(rel + "/")]:
+            del self.folder_checks[sub]
+
+    def _enter(self, rel: str) -> bool:
+        """Watch a subfolder before it is listed (recursive mode). A watch the kernel refuses (the user's inotify
+        watches used up) is said once and the folder is still listed: the periodic rescan finds what it misses."""
+        assert self.watch is not None
+        try:
+            return self.watch.add(rel)
+        except (WatchLimit, OSError) as e:
+            if not self._watch_refused:
+                event("io_error", "cannot watch a folder in unprocessed/; its files are found by the rescans",
+                      logging.ERROR, folder=display(rel), reason=str(e), rescan_interval=self.s.rescan_interval)
+                self._watch_refused = True
+            return True
+
+    def _note_folders(self, found: set[str]) -> None:
+        """Default mode: the folders now in unprocessed/. Each new one is logged once (not at every rescan)."""
+        for rel in sorted(found - self.folders_left):
+            event("folder_left", "a folder in unprocessed/ is left as it is: only files are processed there (set "
+                  "recursive = true to process the files inside it, or move the files themselves into unprocessed/)",
+                  logging.WARNING, folder=display(rel))
+        self.folders_left = found  # replaced, never changed in place: status() reads it from HTTP threads
+        self.metrics.folders_left.set(len(found))
+
+    def _check_folder_at(self, rel: str, when: float) -> None:
+        if rel and self.folder_checks.get(rel, float("inf")) > when:
+            self.folder_checks[rel] = when
+
+    def _clean_folders(self, now: float) -> None:
+        """Recursive mode: remove subfolders of unprocessed/ that are empty and quiet (settle_time without a
+        change, so a producer between its mkdir and its first file keeps its folder); then their parents."""
+        due = [f for f, t in self.folder_checks.items() if t <= now]
+        if not due:
+            return
+        for rel in due:
+            del self.folder_checks[rel]
+        removed = self.spool.prune(self.spool.unprocessed, due, quiet=self.s.settle_time, now=self.wall())
+        for rel in due:
+            if rel in removed:
+                event("folder_removed", "an emptied folder of unprocessed/ was removed", logging.DEBUG,
+                      folder=display(rel))
+                self._folder_gone(rel)
+                parent = os.path.dirname(rel)
+                if parent:
+                    self._check_folder_at(parent, now + self.s.settle_time)
+            elif self._empty(rel):
+                self._check_folder_at(rel, now + self.s.settle_time)  # empty but changed lately: look again
+
+    def _empty(self, rel: str) -> bool:
+        try:
+            with os.scandir(os.path.join(self.spool.unprocessed, rel)) as it:
+                return next(it, None) is None
+        except OSError:
+            return False
 
     def _rewatch(self) -> None:
         assert self.watch is not None
@@ -314,7 +403,17 @@ class Daemon:
                   folders=made)
         counts = self.spool.counts()
         self.state.kept = {"processed": counts["processed"], "failed": counts["failed"]}
-        self.arrivals.scanned(Spool.entries(self.spool.unprocessed), self.clock())
+        now = self.clock()
+        if self.s.recursive:
+            # Each subfolder watched before it is listed (inotify(7): watches are not recursive).
+            files, subdirs = self.spool.files(self.spool.unprocessed, dirs=True, enter=self._enter)
+            self.arrivals.scanned(files, now)
+            for rel in subdirs:
+                self._check_folder_at(rel, now + self.s.settle_time)  # emptied by hand, or copied in empty
+        else:
+            files, folders = Spool.split(self.spool.unprocessed)
+            self.arrivals.scanned(files, now)
+            self._note_folders(set(folders))
 
     def _stat(self, name: str) -> tuple[int, int] | None:
         try:
@@ -397,6 +496,10 @@ class Daemon:
             st = os.lstat(src)
         except FileNotFoundError:
             return None
+        if stat.S_ISDIR(st.st_mode):
+            # A folder where a file was (removed and made again under the same name): never claimed or moved.
+            self._folder_in(name, now)
+            return None
         try:
             if not stat.S_ISREG(st.st_mode):
                 self.spool.fail(name, Failure(f"not a regular file: {kind(st.st_mode)}"), self.wall(),
@@ -405,9 +508,10 @@ class Daemon:
                 return None
             claimed = self.spool.claim(name, settled=r.settled)
         except OSError as e:
-            if e.errno == errno.EPERM:
-                # This entry's own doing (an immutable or append-only file: chattr +i/+a): it waits and is
-                # looked at again with a backoff of its own; the rest of the queue flows on.
+            if e.errno in (errno.EPERM, errno.ENAMETOOLONG):
+                # This entry's own doing (an immutable or append-only file: chattr +i/+a; a path deeper than
+                # PATH_MAX inside folders): it waits and is looked at again with a backoff of its own; the rest of
+                # the queue flows on.
                 if not r.retry:
                     event("io_error", "cannot claim this file; it stays queued and is retried", logging.ERROR,
                           file=display(name), reason=oserror(e))
@@ -427,11 +531,15 @@ class Daemon:
             self.arrivals.unsure(r, now)
             return None
         if not claimed:
-            if os.path.lexists(os.path.join(self.spool.underprocess, name)):
-                # The same name is still in flight: take the new one after the old one commits.
+            if os.path.lexists(os.path.join(self.spool.underprocess, name)) or (
+                    "/" in name and os.path.lexists(src)):
+                # The same name is still in flight (or a file named like its folder: "batch" beside "batch/a"):
+                # take the new one after the old one commits.
                 self.arrivals.scanned([name], now)
             return None
         job = Job(name, st.st_size, self.wall(), complete_at=r.complete_at)  # from here on it must not be lost
+        if "/" in name:  # its folder may be empty now: removed once quiet
+            self._check_folder_at(os.path.dirname(name), now + self.s.settle_time)
         with self._boundary("after a claim"):
             if self.s.done_marker:
                 self.spool.remove_marker(name + DONE_SUFFIX)
@@ -722,7 +830,13 @@ class Daemon:
     def status(self) -> dict[str, Any]:
         return {"version": __version__, "started_at": self.state.started_at, "now": self.wall(),
                 "watch_dir": str(self.spool.root.resolve()), **self.snapshot(),
-                "failures": self.spool.failures(self.s.recent)}
+                "failures": self.spool.failures(self.s.recent), "folders_left": self._folders_view()}
+
+    def _folders_view(self) -> dict[str, Any]:
+        """Folders left in unprocessed/ (default mode): how many, and the first `recent` names (escaped)."""
+        names = sorted(self.folders_left)
+        return {"count": len(names), "names": [display(n) for n in names[: self.s.recent]],
+                "recursive": self.s.recursive}
 
     # --- shutdown ------------------------------------------------------------------------------------------
     def shutdown(self) -> None:

@@ -140,3 +140,29 @@ def publish_bytes(directory: str, name: str, data: bytes, temp: str) -> None:
     os.close(fd)
     rename(tmp_path, os.path.join(directory, name))
     fsync_dir(directory)  # make the rename itself durable
+
+
+def makedirs(root: str, rel: str) -> None:
+    """Make root/rel's missing folders (rel: a relative path, "a/b"); each new folder is made durable in its parent.
+
+    Raises NotADirectoryError when a component exists and is not a folder (a file named like the folder), and any
+    other OSError from mkdir(2) or fsync(2). root must exist."""
+    path = root
+    for part in rel.split("/"):
+        parent, path = path, os.path.join(path, part)
+        try:
+            os.mkdir(path, 0o755)
+        except FileExistsError:
+            if not stat.S_ISDIR(os.lstat(path).st_mode):
+                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), path) from None
+            continue
+        fsync_dir(parent)  # the new folder's name durable before anything is renamed into it
+
+
+def rmdir_quiet(path: str) -> bool:
+    """Remove an empty folder; False when it is not empty, gone, or not ours to remove (no error raised)."""
+    try:
+        os.rmdir(path)
+    except OSError:
+        return False
+    return True

@@ -63,6 +63,8 @@ class Metrics:
                                   registry=r)
         self.paused = Gauge("ingestd_claiming_paused", "1 while claiming is paused (low disk space, I/O errors)",
                             registry=r)
+        self.folders_left = Gauge("ingestd_unprocessed_folders", "Folders in unprocessed/ left as they are (recursive "
+                                  "is off: only files are processed)", registry=r)
         r.register(_Live(snapshot, file_names))
 
 

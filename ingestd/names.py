@@ -12,8 +12,15 @@ DONE_SUFFIX = ".done"  # done_marker: NAME.done vouches that NAME is complete
 
 
 def ignored(name: str) -> bool:
-    """Dot-files (ours, rsync's and editors' temps) and common temp suffixes are never claimed."""
-    return name.startswith(".") or name.endswith((".tmp", ".part", ".swp", "~", ".filepart", ".crdownload"))
+    """Dot-files (ours, rsync's and editors' temps) and common temp suffixes are never claimed. A relative path
+    ("batch/a.txt", recursive mode) is judged by its last component; the walk never enters hidden folders."""
+    base = name.rpartition("/")[2]
+    return base.startswith(".") or base.endswith((".tmp", ".part", ".swp", "~", ".filepart", ".crdownload"))
+
+
+def hidden_path(rel: str) -> bool:
+    """True when any component of a relative path is hidden (".x"): such folders are never entered or removed."""
+    return any(part.startswith(".") for part in rel.split("/"))
 
 
 def display(name: str) -> str:

@@ -36,6 +36,7 @@ class Settings:
     max_line_bytes: int = 1 << 20
     recent: int = 10  # completions kept for metrics and status
     done_marker: bool = False  # claim NAME only once NAME.done exists
+    recursive: bool = False  # files inside folders of unprocessed/ are processed, their relative paths kept
     min_free_bytes: int = 16 << 20  # stop claiming below this much free space in the watch dir
     stop_timeout: float = 20.0  # warm stop: how long to let the current files finish
     wait_lock: bool = False  # another daemon holds the watch dir: wait for it to go (a standby) instead of exiting 75
@@ -150,6 +151,7 @@ PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "max_line_bytes": _int(1),
     "recent": _int(1),
     "done_marker": _bool,
+    "recursive": _bool,
     "min_free_bytes": _int(0),
     "stop_timeout": _seconds(0),
     "wait_lock": _bool,

@@ -182,8 +182,10 @@ class Sinks:
                 isdir = st is not None and stat.S_ISDIR(st.st_mode)
                 # An input named like an output folder is refused before any rename: a directory stands there, or
                 # (that folder removed by hand) the result would take the folder's place and block its outputs.
-                if folder in self.outs and (isdir or (not folder and self.name in reserved)):
+                if folder in self.outs and (isdir or (not folder and self.name.split("/", 1)[0] in reserved)):
                     raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), target)
+                if folder in self.outs and "/" in self.name:  # recursive mode: processed/batch/a.txt keeps its path
+                    durable.makedirs(self._dir(folder), os.path.dirname(self.name))
                 if st is not None and not isdir:  # a folder of that name is not a result of ours
                     earlier[folder] = self._judge(folder, target, st)
             now = time.time()
@@ -198,11 +200,12 @@ class Sinks:
                 raise
             for folder, out in self.outs.items():
                 self.lines_out[folder] = out.lines + (out.tail != b"\n")  # a last line without an ending counts
-                changed.append(self._dir(folder))
+                changed.append(os.path.dirname(os.path.join(self._dir(folder), self.name)))  # where it changed
             for folder, action in earlier.items():
                 if folder in self.outs:
                     if action == KEEP:
-                        self.superseded.append(Superseded(folder, "kept", os.path.basename(seconds[folder])))
+                        aside = os.path.relpath(seconds[folder], self._dir(folder))  # batch/a.superseded-...
+                        self.superseded.append(Superseded(folder, "kept", aside))
                     else:
                         # Same folder as its rename: both become durable together, at the caller's fsync of it.
                         durable.unlink_quiet(seconds[folder])
@@ -221,7 +224,7 @@ class Sinks:
                             self.superseded.append(Superseded(folder, "replaced"))
                 except (FileNotFoundError, NotADirectoryError):  # taken by a consumer meanwhile
                     continue
-                changed.append(self._dir(folder))
+                changed.append(os.path.dirname(os.path.join(self._dir(folder), self.name)))  # where it changed
         return changed
 
     def _judge(self, folder: str, target: str, st: os.stat_result) -> str:
@@ -265,7 +268,7 @@ class Sinks:
         (a kill between that link and the rename; a second would double it), else a new one."""
         st = os.lstat(target)
         if st.st_nlink > 1:  # rare: only then can an aside of it exist
-            with os.scandir(d) as it:
+            with os.scandir(os.path.dirname(target)) as it:  # its own folder (recursive mode: processed/batch/)
                 for e in it:
                     if SUPERSEDED in e.name and not e.name.startswith("."):
                         try:

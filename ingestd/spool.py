@@ -15,6 +15,7 @@ import logging
 import os
 import socket
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -94,6 +95,8 @@ class Spool:
         # Attempts that could not be written (full disk): name -> (inode, count), so a worker dying again and
         # again on a full disk still ends in quarantine instead of a crash of the daemon (see bump_attempts).
         self._unrecorded: dict[str, tuple[int, int]] = {}
+        # Folders under underprocess/ where commits unlinked a file since the last sync_commits (recursive mode).
+        self._committed_in: set[str] = set()
 
     # --- start-up -------------------------------------------------------------------------
     def ensure(self) -> list[str]:
@@ -211,7 +214,7 @@ class Spool:
                 durable.unlink_quiet(os.path.join(self.failed, f))
         self._drop_claim_ghosts()
         requeued, quarantined = [], []
-        for name in sorted(self.entries(self.underprocess)):
+        for name in sorted(self.files(self.underprocess)):  # relative paths, mirrored folders included
             if suspects is not None and key(name) not in suspects:
                 requeued.append(name)  # it waited in a batch: the crash was not its doing
                 continue
@@ -229,6 +232,7 @@ class Spool:
                 quarantined.append(name)
             else:
                 requeued.append(name)
+        self.prune(self.underprocess, self.files(self.underprocess, dirs=True)[1])  # claim folders left empty
         return requeued, quarantined
 
 
@@ -245,7 +249,7 @@ class Spool:
 
     def _inodes(self, folder: str) -> dict[str, tuple[int, int]]:
         found = {}
-        for name in self.entries(folder):
+        for name in self.files(folder):
             try:
                 st = os.lstat(os.path.join(folder, name))
             except FileNotFoundError:
@@ -274,6 +278,13 @@ class Spool:
         src, dst = os.path.join(self.unprocessed, name), os.path.join(self.underprocess, name)
         try:
             with lease.read_lease(src) as held:
+                if held.verdict is not lease.Verdict.GONE and "/" in name:
+                    # recursive mode: underprocess/ mirrors the file's folders, so its relative path survives a
+                    # crash as it is (recovery walks underprocess/); made durable before the rename (makedirs)
+                    try:
+                        durable.makedirs(self.underprocess, os.path.dirname(name))
+                    except NotADirectoryError:
+                        return Claim.GONE  # a file named like its folder is in flight: after that one commits
                 v = held.verdict
                 if v is lease.Verdict.GONE:
                     return Claim.GONE
@@ -315,9 +326,12 @@ class Spool:
         """Give an abandoned (not crashed) file back to the queue; never over a newer file of that name.
         With done_marker, NAME.done comes back with it (it was removed at the claim)."""
         try:
+            if "/" in name:
+                durable.makedirs(self.unprocessed, os.path.dirname(name))  # its folder may have been cleaned up
             durable.rename_noreplace(os.path.join(self.underprocess, name), os.path.join(self.unprocessed, name))
         except OSError:
             return False  # a newer file of that name waits: recovery takes this one at the next start
+        self._prune_up(self.underprocess, name)
         self._restore_marker(name)
         return True
 
@@ -345,12 +359,32 @@ class Spool:
             durable.unlink(os.path.join(self.underprocess, name))
         except FileNotFoundError:
             pass  # its owner deleted it meanwhile; the outputs stand
+        if "/" in name:
+            self._committed_in.add(os.path.dirname(name))
         self.clear_attempts(name)
 
     def sync_commits(self) -> None:
         """Make the commits (unlinks) so far durable; batched once per main-loop turn, as a lost commit is
-        harmless: the file is redone, and the redo publishes identical bytes."""
+        harmless: the file is redone, and the redo publishes identical bytes. Mirrored folders under
+        underprocess/ (recursive mode) are each fsynced, then removed when empty."""
         durable.fsync_dir(self.underprocess)
+        folders, self._committed_in = self._committed_in, set()
+        try:
+            self._sync_folders(self.underprocess, folders)  # the unlinks in mirrored folders durable: committed
+        except BaseException:
+            self._committed_in |= folders  # not durable yet: fsynced again next turn
+            raise
+        for rel in folders:
+            self._prune_up(self.underprocess, rel + "/-")
+
+    @staticmethod
+    def _sync_folders(root: str, folders: set[str] | list[str]) -> None:
+        """fsync each subfolder of root named (recursive mode's mirrored folders); one gone already is skipped."""
+        for rel in sorted(folders):
+            try:
+                durable.fsync_dir(os.path.join(root, rel))  # the entries changed in it durable before we go on
+            except FileNotFoundError:
+                continue  # removed with its last file already (an earlier prune)
 
     def fail(self, name: str, failure: Failure, now: float, source: str | None = None) -> None:
         """Quarantine a file with a readable reason. An older failed file of the same name is kept,
@@ -363,6 +397,8 @@ class Spool:
         if not os.path.isdir(self.failed):
             # `rm -rf failed/` under a running daemon: ENOENT on failed/ is RECREATE (errors.classify, Phase.FAIL).
             os.makedirs(self.failed, exist_ok=True)
+        if "/" in name:
+            durable.makedirs(self.failed, os.path.dirname(name))  # failed/batch/a.txt keeps its relative path
         if os.path.lexists(os.path.join(self.failed, name)):
             self._set_aside(name, now)
         record = {
@@ -379,8 +415,10 @@ class Spool:
         durable.publish_bytes(self.failed, REASON_PREFIX + key(name) + ".json",
                               json.dumps(record, indent=1).encode() + b"\n", TEMP_OUTPUT_PREFIX + key(name))
         durable.rename(src, os.path.join(self.failed, name))
-        durable.fsync_dir(self.failed)  # the file is in failed/ for good before it leaves its source
+        durable.fsync_dir(os.path.dirname(os.path.join(self.failed, name)))  # in failed/ for good before it leaves
         durable.fsync_dir(os.path.dirname(src))
+        if source is None:
+            self._prune_up(self.underprocess, name)
         self.clear_attempts(name)
 
     def _next_seq(self) -> int:
@@ -409,16 +447,21 @@ class Spool:
     def _set_aside(self, name: str, now: float) -> None:
         """Rename the older failed file to a name that is free (set_aside); its sidecar follows it."""
         aside = set_aside(self.failed, name, now)
+        folder = os.path.dirname(name)  # recursive mode: failed/batch/a.txt is set aside in failed/batch/
         sidecar = os.path.join(self.failed, REASON_PREFIX + key(name) + ".json")
         if os.path.exists(sidecar):
             durable.rename(sidecar, os.path.join(self.failed, REASON_PREFIX + key(aside) + ".json"))
         durable.fsync_dir(self.failed)  # the older file is safe under its new name before the newer arrives
+        if folder:
+            durable.fsync_dir(os.path.join(self.failed, folder))  # likewise its new name in its own folder
 
     def requeue(self, names: list[str] | None = None) -> tuple[list[str], list[str]]:
         """Move failed files back to unprocessed/ (never over a waiting file). Returns (moved, refused)."""
         moved, refused = [], []
-        for name in self.entries(self.failed) if names is None else names:
+        for name in self.files(self.failed, sidecar_dirs=True) if names is None else names:
             try:
+                if "/" in name:  # a file from a folder (recursive mode) goes back to that folder
+                    durable.makedirs(self.unprocessed, os.path.dirname(name))
                 durable.rename_noreplace(os.path.join(self.failed, name), os.path.join(self.unprocessed, name))
             except OSError:
                 refused.append(name)
@@ -426,8 +469,14 @@ class Spool:
             durable.unlink_quiet(os.path.join(self.failed, REASON_PREFIX + key(name) + ".json"))
             moved.append(name)
         if moved:
-            durable.fsync_dir(self.unprocessed)  # requeued files durable in the queue before the sidecars go
+            folders = sorted({os.path.dirname(n) for n in moved})
+            for rel in folders:
+                durable.fsync_dir(os.path.join(self.unprocessed, rel))  # requeued durable before the sidecars go
             durable.fsync_dir(self.failed)
+            self._sync_folders(self.failed, [rel for rel in folders if rel])  # and gone from failed/ for good
+            for rel in folders:
+                if rel:
+                    self._prune_up(self.failed, rel + "/-")
         for name in moved:
             self._restore_marker(name)  # done_marker: without NAME.done a requeued file is never claimed
         return moved, refused
@@ -497,6 +546,83 @@ class Spool:
         with os.scandir(folder) as it:
             return [e.name for e in it if not e.name.startswith(".")]
 
+    @staticmethod
+    def split(folder: str) -> tuple[list[str], list[str]]:
+        """User entries of a folder as (non-folders, folders). A symlink to a folder is a non-folder (never
+        followed); an entry that vanishes while we look is left out."""
+        names: list[str] = []
+        dirs: list[str] = []
+        with os.scandir(folder) as it:
+            for e in it:
+                if e.name.startswith("."):
+                    continue
+                try:
+                    (dirs if e.is_dir(follow_symlinks=False) else names).append(e.name)
+                except OSError:
+                    continue
+        return names, dirs
+
+    def files(self, folder: str, dirs: bool = False, sidecar_dirs: bool = False,
+              enter: Callable[[str], bool] | None = None, root: str = "") -> Any:
+        """Every user entry that is not a folder, at any depth, as relative paths ("a.txt", "batch/deep/b.txt"),
+        in the order met. Hidden names and folders are skipped, symlinks never followed, a folder gone meanwhile is
+        skipped. enter(rel) is called before a subfolder is listed (False: skip it; the watch adds itself there, so
+        a file made during the listing is seen either way). sidecar_dirs (failed/): a folder with a sidecar of its
+        own was set aside whole (older versions failed folders) and is an entry itself. With dirs=True returns
+        (files, subfolders), subfolders parents first. root: start in that subfolder (its paths still relative to
+        folder; it is entered, and listed among the subfolders)."""
+        found: list[str] = []
+        subdirs: list[str] = []
+        stack = [root]
+        while stack:
+            rel = stack.pop()
+            if rel and enter is not None and not enter(rel):
+                continue
+            try:
+                names, subs = self.split(os.path.join(folder, rel) if rel else folder)
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            found += [f"{rel}/{n}" if rel else n for n in names]
+            for d in subs:
+                sub = f"{rel}/{d}" if rel else d
+                if sidecar_dirs and os.path.lexists(os.path.join(self.failed, REASON_PREFIX + key(sub) + ".json")):
+                    found.append(sub)
+                    continue
+                subdirs.append(sub)
+                stack.append(sub)
+        return (found, subdirs) if dirs else found
+
+    def prune(self, root: str, folders: list[str], quiet: float = 0.0, now: float | None = None) -> list[str]:
+        """Remove the empty ones of `folders` (relative to root), deepest first; returns those removed. With
+        quiet > 0 a folder must also be unchanged (mtime and ctime) for `quiet` seconds of wall time by `now`, so
+        a producer between its mkdir and its first file (cp -r) keeps it. rmdir(2) itself refuses a folder that
+        is not empty (a file arriving meanwhile), so nothing is ever lost here. Hidden folders are never touched."""
+        removed = []
+        for rel in sorted(folders, key=lambda r: r.count("/"), reverse=True):
+            if not rel or any(p.startswith(".") for p in rel.split("/")):
+                continue
+            path = os.path.join(root, rel)
+            if quiet > 0:
+                try:
+                    st = os.lstat(path)
+                except OSError:
+                    continue
+                if not stat.S_ISDIR(st.st_mode) or (now or 0) - max(st.st_mtime, st.st_ctime) < quiet:
+                    continue
+            if root == self.unprocessed and os.path.isdir(os.path.join(self.underprocess, rel)):
+                # Claims from this folder are durable before their old folder's removal can be.
+                durable.fsync_dir(os.path.join(self.underprocess, rel))
+            if durable.rmdir_quiet(path):
+                removed.append(rel)
+        return removed
+
+    def _prune_up(self, root: str, name: str) -> None:
+        """After `name` left root (a mirrored folder of underprocess/ or failed/): remove its folders that are now
+        empty, innermost first. Not fsynced: an empty folder coming back after a crash is removed at recovery."""
+        rel = os.path.dirname(name)
+        while rel and durable.rmdir_quiet(os.path.join(root, rel)):
+            rel = os.path.dirname(rel)
+
     def probe(self, writable: tuple[str, ...] = ()) -> None:
         """Check that the four folders can be listed, and the folders named in `writable` (of FOLDERS) changed,
         by whoever runs this (access(2) for writing). Raises NotAWatchDir if a folder is missing or not a
@@ -519,7 +645,11 @@ class Spool:
 
     def counts(self) -> dict[str, int]:
         """Entries per folder; processed/ counts files only (its subfolders are routing outputs)."""
-        return {f: _count(getattr(self, f), f == "processed") for f in FOLDERS}
+        counts = {f: _count(getattr(self, f), f == "processed") for f in FOLDERS}
+        # Mirrored folders (recursive mode) hold files: count those, not the folders.
+        counts["underprocess"] = len(self.files(self.underprocess))
+        counts["failed"] = len(self.files(self.failed, sidecar_dirs=True))
+        return counts
 
     def failures(self, limit: int) -> list[dict[str, Any]]:
         """The newest `limit` failures, newest first: the sidecar records written by fail() (name, reason, line,
@@ -545,7 +675,7 @@ class Spool:
 
     def _listing(self, folder: str) -> tuple[dict[str, tuple[int, int, int, int]], list[str]]:
         """Sidecars of a folder with their stamps (inode, mtime_ns, ctime_ns, size), and its user entries."""
-        sidecars, names = {}, []
+        sidecars = {}
         with os.scandir(folder) as it:
             for e in it:
                 if e.name.startswith(REASON_PREFIX):
@@ -554,9 +684,8 @@ class Spool:
                     except FileNotFoundError:
                         continue  # requeued or superseded between the listing and the stat
                     sidecars[e.name] = (st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size)
-                elif not e.name.startswith("."):
-                    names.append(e.name)
-        return sidecars, names
+        # Files in folders (recursive mode: failed/batch/a.txt) have their sidecar at the top, by relative path.
+        return sidecars, self.files(folder, sidecar_dirs=folder == self.failed)
 
     def _read_sidecars(self, wanted: dict[str, tuple[int, int, int, int]] | set[str]) -> dict[str, dict[str, Any]]:
         """Sidecar name -> a copy of its record with every field of fail()'s (missing ones None). Given stamps,
@@ -616,11 +745,14 @@ def set_aside(folder: str, name: str, now: float, link: bool = False) -> str:
     """Give the entry `name` of `folder` a free name NAME.superseded-<unix time>, then -2, -3... within the same
     second (the same name may arrive many times a second), cut to stay within NAME_MAX; returns that name. Renamed,
     or with link=True given it as a second name (the entry keeps its own). Never EEXIST; not fsynced (the caller's
-    fsync of `folder` makes it durable). Used for failed/ (Spool.fail) and processed/ (sinks.py, file_exist)."""
+    fsync of `folder` makes it durable). Used for failed/ (Spool.fail) and processed/ (sinks.py, file_exist). A
+    relative `name` ("batch/a.txt") gets its aside beside it ("batch/a.txt.superseded-..."), returned as such."""
     n = 1
+    sub, _, base = name.rpartition("/")  # a relative path (recursive mode): the aside stays in its folder
     while True:
         suffix = f"{SUPERSEDED}{int(now)}{f'-{n}' if n > 1 else ''}".encode()
-        aside = os.fsdecode(os.fsencode(name)[: 255 - len(suffix)] + suffix)  # stay within NAME_MAX
+        aside = os.fsdecode(os.fsencode(base)[: 255 - len(suffix)] + suffix)  # stay within NAME_MAX
+        aside = f"{sub}/{aside}" if sub else aside
         try:
             (durable.link if link else durable.rename_noreplace)(os.path.join(folder, name), os.path.join(folder, aside))
         except FileExistsError:

@@ -8,6 +8,7 @@ overflow drops them all. Whether a file is complete is asked of the kernel at th
 from __future__ import annotations
 
 import errno
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -16,8 +17,10 @@ from inotify_simple import INotify, flags
 from ingestd.spool import SpoolError
 
 # IN_ATTRIB: chmod/utime/chown by path after the close (shutil.copy2) must restart the quiet period.
+# IN_DONT_FOLLOW with IN_ONLYDIR: a folder swapped for a symlink before its watch is added is refused (ENOTDIR),
+# never followed out of the tree.
 MASK = (flags.CREATE | flags.OPEN | flags.CLOSE_WRITE | flags.CLOSE_NOWRITE | flags.ATTRIB | flags.MOVED_TO
-        | flags.MOVED_FROM | flags.DELETE | flags.DELETE_SELF | flags.MOVE_SELF | flags.ONLYDIR)
+        | flags.MOVED_FROM | flags.DELETE | flags.DELETE_SELF | flags.MOVE_SELF | flags.ONLYDIR | flags.DONT_FOLLOW)
 
 
 class WatchLimit(SpoolError):
@@ -27,24 +30,62 @@ class WatchLimit(SpoolError):
 
 @dataclass(frozen=True, slots=True)
 class Change:
-    kind: str  # create | open | close | close_write | attrib | moved_in | gone | overflow | lost_watch
-    name: str = ""
+    # create | open | close | close_write | attrib | moved_in | gone | overflow | lost_watch: about a file;
+    # dir_in (a folder created or moved in) | dir_gone (a folder removed or moved out): about a folder.
+    kind: str
+    name: str = ""  # relative to the watched folder: "a.txt", or "batch/a.txt" inside a watched subfolder
 
 
 class Watch:
     def __init__(self, folder: str) -> None:
         """Watch `folder` (a directory). Raises WatchLimit when an inotify limit is reached (inotify_init1(2),
-        inotify_add_watch(2)), OSError for anything else (ENOENT, ENOTDIR, EACCES)."""
+        inotify_add_watch(2)), OSError for anything else (ENOENT, ENOTDIR, EACCES). Subfolders are watched only
+        when add() is called for them (recursive mode)."""
         self.folder = folder
+        self._dirs: dict[int, str] = {}  # watch descriptor -> folder relative to `folder` ("" for itself)
+        self._wds: dict[str, int] = {}
         try:
             self._ino = INotify(inheritable=False)
         except OSError as e:
             raise _limit(e, folder) from None
         try:
-            self._ino.add_watch(folder, MASK)
+            wd = self._ino.add_watch(folder, MASK)
         except OSError as e:
             self._ino.close()
             raise _limit(e, folder) from None
+        self._dirs[wd], self._wds[""] = "", wd
+
+    def add(self, rel: str) -> bool:
+        """Watch the subfolder `rel` ("batch", "batch/deep") too. Call it before listing that folder, so a file
+        created in between is seen either way (inotify(7), "Limitations and caveats": a watch is not recursive,
+        and entries made before it exists raise no event). False when it is gone or not a folder (a symlink is
+        never followed); raises WatchLimit when the user's watches are used up, OSError otherwise."""
+        try:
+            wd = self._ino.add_watch(os.path.join(self.folder, rel), MASK)
+        except OSError as e:
+            if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+                return False
+            raise _limit(e, os.path.join(self.folder, rel)) from None
+        old = self._dirs.get(wd)
+        if old is not None and old != rel:  # the same folder under a new name (moved inside the tree)
+            self._wds.pop(old, None)
+        self._dirs[wd], self._wds[rel] = rel, wd
+        return True
+
+    def drop(self, rel: str) -> None:
+        """Stop watching subfolder `rel` and everything below it (it was removed or moved out)."""
+        prefix = rel + "/"
+        for sub in [d for d in self._wds if d == rel or d.startswith(prefix)]:
+            wd = self._wds.pop(sub)
+            self._dirs.pop(wd, None)
+            try:
+                self._ino.rm_watch(wd)
+            except OSError:
+                pass  # the kernel removed it already (the folder is gone: IN_IGNORED)
+
+    def watched(self) -> set[str]:
+        """Subfolders watched now (relative paths), the watched folder itself excluded."""
+        return {d for d in self._wds if d}
 
     def fileno(self) -> int:
         return self._ino.fileno()
@@ -58,22 +99,40 @@ class Watch:
             m = ev.mask
             if m & flags.Q_OVERFLOW:
                 yield Change("overflow")
-            elif m & (flags.IGNORED | flags.DELETE_SELF | flags.MOVE_SELF | flags.UNMOUNT):
-                yield Change("lost_watch")
+                continue
+            rel = self._dirs.get(ev.wd)
+            if rel is None:
+                continue  # a subfolder's watch already dropped (its IN_IGNORED, or events queued before drop())
+            if m & (flags.IGNORED | flags.DELETE_SELF | flags.MOVE_SELF | flags.UNMOUNT):
+                if not rel:
+                    yield Change("lost_watch")
+                elif m & flags.IGNORED and self._wds.get(rel) == ev.wd:
+                    # A subfolder's watch ended (removed); its parent's IN_DELETE/IN_MOVED_FROM says dir_gone.
+                    self._wds.pop(rel, None)
+                    self._dirs.pop(ev.wd, None)
+                continue
+            if not ev.name:
+                continue  # about the watched folder itself (our own listing opens it): nothing to claim
+            name = f"{rel}/{ev.name}" if rel else ev.name
+            if m & flags.ISDIR:
+                if m & (flags.CREATE | flags.MOVED_TO):
+                    yield Change("dir_in", name)
+                elif m & (flags.MOVED_FROM | flags.DELETE):
+                    yield Change("dir_gone", name)
             elif m & flags.CREATE:
-                yield Change("create", ev.name)
+                yield Change("create", name)
             elif m & flags.OPEN:
-                yield Change("open", ev.name)
+                yield Change("open", name)
             elif m & flags.CLOSE_WRITE:
-                yield Change("close_write", ev.name)
+                yield Change("close_write", name)
             elif m & flags.CLOSE_NOWRITE:
-                yield Change("close", ev.name)
+                yield Change("close", name)
             elif m & flags.ATTRIB:
-                yield Change("attrib", ev.name)
+                yield Change("attrib", name)
             elif m & flags.MOVED_TO:
-                yield Change("moved_in", ev.name)
+                yield Change("moved_in", name)
             elif m & (flags.MOVED_FROM | flags.DELETE):
-                yield Change("gone", ev.name)
+                yield Change("gone", name)
 
 
 def _limit(e: OSError, folder: str) -> Exception:

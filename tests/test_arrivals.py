@@ -534,3 +534,16 @@ def test_one_timer_per_name_under_a_stream_of_events(d: FakeDir) -> None:
         feed(a, T + i * 0.001, ("attrib", "f"))
     assert len(a._timers) <= 2
     assert take(a, 10, T + 0.999 + Q, d) == ["f"]
+
+
+def test_relative_paths_are_names_like_any_other_and_a_folder_leaving_forgets_them(d: FakeDir) -> None:
+    """recursive mode: "batch/a.txt" waits like "a.txt"; temp and dot names are judged by their last component;
+    a folder removed or moved out (dir_gone) forgets every name below it, and only those."""
+    a = Arrivals(SETTLE)
+    for name in ("batch/a.txt", "batch/deep/b.txt", "batch/.c.txt", "batch/d.part", "batchx/e.txt"):
+        a.change(Change("moved_in", name), T)
+    assert sorted(a.entries) == ["batch/a.txt", "batch/deep/b.txt", "batchx/e.txt"]
+    a.forget_under("batch/deep")
+    assert sorted(a.entries) == ["batch/a.txt", "batchx/e.txt"]
+    a.forget_under("batch")
+    assert take(a, 10, T + 1, d) == ["batchx/e.txt"]

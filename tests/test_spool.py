@@ -573,3 +573,117 @@ def test_a_second_lock_is_refused_after_the_lock_file_is_swapped(spool: Spool, s
     other = Spool(spool.root)
     other.lock()
     release(other)
+
+
+# --- folders inside the queue (recursive mode, issue 9): relative paths through every folder -------------------
+def folders_under(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_dir())
+
+
+def test_a_file_in_folders_keeps_its_relative_path_through_claim_commit_and_fail(spool: Spool) -> None:
+    root = Path(spool.root)
+    populate(root, {"unprocessed/batch/sub/a": b"A", "unprocessed/batch/b": b"B"})
+    assert spool.claim("batch/sub/a", settled=True) is Claim.CLAIMED
+    assert spool.claim("batch/b", settled=True) is Claim.CLAIMED
+    assert state(root) == {"underprocess/batch/sub/a": b"A", "underprocess/batch/b": b"B"}
+    assert spool.counts()["underprocess"] == 2  # files, not folders
+    spool.commit("batch/sub/a")
+    spool.sync_commits()  # the unlink's own folder fsynced, then the emptied mirrored folder removed
+    assert folders_under(root / "underprocess") == ["batch"]
+    spool.fail("batch/b", Failure("bad"), NOW)
+    assert state(root) == {"failed/batch/b": b"B"} | {f"failed/{REASON_PREFIX}{key('batch/b')}.json":
+                                                     (root / "failed" / f"{REASON_PREFIX}{key('batch/b')}.json").read_bytes()}
+    assert folders_under(root / "underprocess") == []  # its last file left: the mirrored folder went too
+    assert [f["name"] for f in spool.failures(10)] == ["batch/b"] and spool.failures(10)[0]["reason"] == "bad"
+    assert spool.counts()["failed"] == 1
+    assert spool.requeue() == (["batch/b"], [])
+    assert state(root) == {"unprocessed/batch/b": b"B"} and folders_under(root / "failed") == []
+
+
+def test_the_same_relative_path_failed_twice_is_set_aside_in_its_folder(spool: Spool) -> None:
+    root = Path(spool.root)
+    for content in (b"1", b"2"):
+        populate(root, {"underprocess/batch/x": content})
+        spool.fail("batch/x", Failure("bad"), NOW)
+    assert sorted(os.listdir(root / "failed" / "batch")) == ["x", f"x.superseded-{int(NOW)}"]
+    assert (root / "failed" / "batch" / "x").read_bytes() == b"2"
+    assert {f["name"] for f in spool.failures(10)} == {"batch/x", f"batch/x.superseded-{int(NOW)}"}
+
+
+def test_unclaim_remakes_the_source_folder_and_removes_the_mirrored_one(spool: Spool) -> None:
+    root = Path(spool.root)
+    populate(root, {"underprocess/gone/deep/a": b"A"})  # its folder in unprocessed/ was cleaned up meanwhile
+    assert spool.unclaim("gone/deep/a")
+    assert state(root) == {"unprocessed/gone/deep/a": b"A"} and folders_under(root / "underprocess") == []
+
+
+RECURSIVE_CRASH_STATES = [
+    ("killed right after a claim into mirrored folders", {"underprocess/batch/deep/a": b"A", "unprocessed/batch/b": b"B"},
+     {"underprocess/batch/deep/a": b"A", "unprocessed/batch/b": b"B"}, ["batch/deep/a"]),
+    ("several in flight in different folders", {"underprocess/x/a": b"1", "underprocess/y/z/a": b"2", "underprocess/a": b"3"},
+     {"underprocess/x/a": b"1", "underprocess/y/z/a": b"2", "underprocess/a": b"3"}, ["a", "x/a", "y/z/a"]),
+    ("killed after a routed output in a mirrored folder was written",
+     {"underprocess/batch/a": b"A", f"processed/errors/{OUT_TEMP}": b"part", "processed/batch/old": b"O"},
+     {"underprocess/batch/a": b"A", "processed/batch/old": b"O"}, ["batch/a"]),
+    ("failed earlier in a folder", {"failed/batch/a": b"A", f"failed/{REASON_PREFIX}{key('batch/a')}.json": b"{}"},
+     {"failed/batch/a": b"A", f"failed/{REASON_PREFIX}{key('batch/a')}.json": b"{}"}, []),
+]
+
+
+@pytest.mark.parametrize(("what", "before", "after", "requeued"), RECURSIVE_CRASH_STATES,
+                         ids=[c[0] for c in RECURSIVE_CRASH_STATES])
+def test_recover_finds_every_file_in_mirrored_folders(spool: Spool, what: str, before: dict[str, bytes],
+                                                      after: dict[str, bytes], requeued: list[str]) -> None:
+    populate(spool.root, before)
+    (Path(spool.root) / "underprocess" / "empty" / "left").mkdir(parents=True)  # a kill between mkdir and rename
+    assert spool.recover(max_attempts=3, now=NOW) == (requeued, [])
+    assert state(spool.root) == after
+    assert "empty" not in os.listdir(Path(spool.root) / "underprocess")  # empty claim folders are removed
+    for name in requeued:
+        assert spool.attempts(name) == 1
+
+
+def test_a_claim_ghost_in_a_folder_is_dropped(spool: Spool) -> None:
+    """One inode under unprocessed/batch/p and underprocess/batch/p (a power cut kept both names): one redo."""
+    populate(spool.root, {"underprocess/batch/p": b"P"})
+    (Path(spool.root) / "unprocessed" / "batch").mkdir()
+    os.link(Path(spool.root) / "underprocess" / "batch" / "p", Path(spool.root) / "unprocessed" / "batch" / "p")
+    assert spool.recover(3, NOW) == (["batch/p"], [])
+    assert state(spool.root) == {"underprocess/batch/p": b"P"}
+
+
+def test_prune_removes_only_empty_quiet_visible_folders(spool: Spool) -> None:
+    root = Path(spool.root)
+    populate(root, {"unprocessed/full/a": b"A", "unprocessed/.hidden/x": b""})
+    for rel in ("empty/deeper", "fresh", ".hidden/empty"):
+        (root / "unprocessed" / rel).mkdir(parents=True)
+    up = spool.unprocessed
+    mtime = (root / "unprocessed" / "fresh").stat().st_mtime
+    # Just made: a producer between its mkdir and its first file keeps its folder.
+    assert spool.prune(up, ["fresh", "empty/deeper", "empty"], quiet=5.0, now=mtime + 1) == []
+    removed = spool.prune(up, ["full", "fresh", "empty", "empty/deeper", ".hidden", ".hidden/empty"], quiet=5.0,
+                          now=mtime + 10)
+    assert removed == ["empty/deeper", "fresh", "empty"]  # deepest first, so the parent empties in the same call
+    assert sorted(os.listdir(root / "unprocessed")) == [".hidden", "full"]
+
+
+def test_a_folder_failed_whole_by_an_older_version_stays_one_entry(spool: Spool) -> None:
+    """Before issue 9 a folder in unprocessed/ went to failed/ whole, with a sidecar of its own: it is still shown
+    as one failure and requeued whole."""
+    root = Path(spool.root)
+    populate(root, {"failed/batch/a": b"A", f"failed/{REASON_PREFIX}{key('batch')}.json":
+                    json.dumps({"name": "batch", "reason": "not a regular file: directory", "seq": 1}).encode()})
+    assert [(f["name"], f["reason"]) for f in spool.failures(10)] == [("batch", "not a regular file: directory")]
+    assert spool.counts()["failed"] == 1
+    assert spool.requeue() == (["batch"], [])
+    assert state(root) == {"unprocessed/batch/a": b"A"}
+
+
+def test_a_file_named_like_its_folder_in_flight_makes_the_claim_wait(spool: Spool) -> None:
+    """"batch" (a file) is in underprocess/ while "batch/a" arrives: the claim says GONE (taken after "batch"
+    commits), never raises (which would pause all claiming)."""
+    populate(spool.root, {"underprocess/batch": b"F", "unprocessed/batch/a": b"A"})
+    assert spool.claim("batch/a", settled=True) is Claim.GONE
+    assert state(spool.root) == {"underprocess/batch": b"F", "unprocessed/batch/a": b"A"}
+    spool.commit("batch")
+    assert spool.claim("batch/a", settled=True) is Claim.CLAIMED

@@ -104,10 +104,45 @@ def test_rsync_style_dot_temp_then_rename(folder: Path, watch: Watch) -> None:
                             Change("gone", ".f.XyZ"), Change("moved_in", "f")]
 
 
-def test_symlink_and_mkdir_give_create(folder: Path, watch: Watch) -> None:
+def test_symlink_gives_create_and_a_folder_gives_dir_in(folder: Path, watch: Watch, tmp_path: Path) -> None:
+    """A folder is never a file to claim (issue 9): mkdir, a folder moved in, and a symlink to a folder (a file
+    entry, never followed) each say what they are; a folder removed or moved out says dir_gone."""
     (folder / "s").symlink_to("/etc/passwd")
     (folder / "sub").mkdir()
-    assert drain(watch) == [Change("create", "s"), Change("create", "sub")]
+    (tmp_path / "outside").mkdir()
+    os.rename(tmp_path / "outside", folder / "moved")
+    (folder / "dirlink").symlink_to(tmp_path)
+    os.rename(folder / "moved", tmp_path / "back")
+    (folder / "sub").rmdir()
+    assert drain(watch) == [Change("create", "s"), Change("dir_in", "sub"), Change("dir_in", "moved"),
+                            Change("create", "dirlink"), Change("dir_gone", "moved"), Change("dir_gone", "sub")]
+
+
+def test_subfolders_are_watched_only_when_added_and_events_carry_the_relative_path(
+        folder: Path, watch: Watch, tmp_path: Path) -> None:
+    """recursive mode: add() a subfolder before listing it; its files' events name "sub/deep/f"; a folder
+    swapped for a symlink is refused (never followed); drop() ends the watches below a folder."""
+    (folder / "sub" / "deep").mkdir(parents=True)
+    drain(watch)
+    (folder / "sub" / "early.txt").write_bytes(b"x")  # before the watch: no event (the listing finds it)
+    assert watch.add("sub") and watch.add("sub/deep")
+    assert drain(watch) == []
+    (folder / "sub" / "deep" / "f").write_bytes(b"x")
+    (folder / "sub" / "inner").mkdir()
+    assert drain(watch) == [Change("create", "sub/deep/f"), Change("open", "sub/deep/f"),
+                            Change("close_write", "sub/deep/f"), Change("dir_in", "sub/inner")]
+    (folder / "link").symlink_to(tmp_path)
+    assert not watch.add("link") and not watch.add("gone")
+    assert watch.watched() == {"sub", "sub/deep"}
+    watch.drop("sub")
+    assert watch.watched() == set()
+    (folder / "sub" / "deep" / "g").write_bytes(b"x")
+    assert [c for c in drain(watch) if c.name.startswith("sub/")] == []
+    (folder / "sub2").mkdir()
+    assert watch.add("sub2")
+    os.rmdir(folder / "sub2")  # its watch ends by itself (IN_IGNORED): forgotten, no lost_watch
+    assert drain(watch) == [Change("dir_in", "sub2"), Change("dir_gone", "sub2")]
+    assert watch.watched() == set()
 
 
 def test_non_utf8_name_round_trips(folder: Path, watch: Watch) -> None:

@@ -320,3 +320,24 @@ if __name__ == "__main__":
         sys.exit("no script-src 'sha256-...' in the page's Content-Security-Policy")
     PAGE.write_text(new, "utf-8")
     print(f"sha256-{digest}")
+
+
+def test_page_shows_folders_left_in_unprocessed(browser_context: Any, daemon: Any) -> None:
+    """Issue 9: a folder in unprocessed/ is left where it is (recursive off) and the page says so, its name as
+    text in the tooltip; the line goes when the folder does."""
+    from playwright.sync_api import expect
+
+    w = Watched(browser_context)
+    page = w.page
+    page.goto(daemon.url)
+    expect(page.locator("body")).to_have_attribute("data-conn", "live")
+    left = page.locator("#folders-left")
+    expect(left).to_have_text("")
+    folder = daemon.watch_dir / "unprocessed" / XSS.replace(".txt", "")
+    folder.mkdir()
+    expect(left).to_have_text("1 folder left as is (recursive is off)", timeout=WAIT)
+    expect(left).to_have_attribute("title", XSS.replace(".txt", ""))
+    expect(page.locator("#count-unprocessed")).to_have_text("0")
+    folder.rmdir()
+    expect(left).to_have_text("", timeout=WAIT)
+    assert w.dialogs == [] and w.errors == []

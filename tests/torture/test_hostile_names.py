@@ -48,8 +48,9 @@ def test_hostile_names_and_entries(tmp_path: Path) -> None:
         os.mkfifo(u / "fifo")  # nobody ever writes it: opening it for reading must not block
         sock = socket.socket(socket.AF_UNIX)
         sock.bind(str(u / "sock"))
-        bad = {"to-secret", "to-folder", "dangling", "a-dir", "fifo", "sock"}
+        bad = {"to-secret", "to-folder", "dangling", "fifo", "sock"}  # a-dir: a folder is left where it is (issue 9)
         wait_for(lambda: set(ls(w, "failed")) == bad, timeout=30, what="entries failed")
+        assert (u / "a-dir").is_dir() and d.event("folder_left", folder="a-dir")
         sock.close()
         reasons = {f["name"]: f["reason"] for f in d.status()["failures"]}
         assert all(reasons[n].startswith("not a regular file") for n in bad), reasons
@@ -70,5 +71,6 @@ def test_hostile_names_and_entries(tmp_path: Path) -> None:
         d.stop()
     for line in d.lines:
         json.loads(line)  # every log line is one JSON object, whatever the names
+    os.rmdir(u / "a-dir")
     audit_final(w, expected, bad)
     assert not [n for n in os.listdir(w / "processed") if n.startswith(".")], "temp names left or overflowed"

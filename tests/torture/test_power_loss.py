@@ -59,12 +59,23 @@ REDUNDANT = {
 }
 
 
+# fsyncs this scenario never reaches: the ones for folders inside the queue (recursive = true, issue 9). The
+# model (powerloss.py) knows the five queue folders only, not mkdir/rmdir of folders inside them; until it does,
+# removing these cannot be detected here (xfail strict: the day the scenario reaches one, this must be revisited).
+NOT_REACHED = {
+    "durable.py:makedirs": "a new folder inside a queue folder (recursive mode) made durable in its parent",
+    "spool.py:_sync_folders": "the mirrored folders of underprocess/ and failed/ (recursive mode)",
+    "spool.py:prune": "a claim's mirrored folder made durable before its emptied source folder is removed",
+}
+
+
 def _site_params() -> list:
     out = []
     for site in fsync_sites():
-        why = REDUNDANT.get(site.rsplit(":", 1)[0])
-        out.append(pytest.param(site, marks=pytest.mark.xfail(reason="redundant: " + why, strict=True)) if why
-                   else site)
+        fn = site.rsplit(":", 1)[0]
+        why = ("redundant: " + REDUNDANT[fn]) if fn in REDUNDANT else (
+            "not reached by this scenario (no folders in the queue): " + NOT_REACHED[fn]) if fn in NOT_REACHED else None
+        out.append(pytest.param(site, marks=pytest.mark.xfail(reason=why, strict=True)) if why else site)
     return out
 
 
