@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import re
 import stat
 import time
 
@@ -201,11 +202,14 @@ class Sinks:
                 changed.append(self._dir(folder))
             for folder, action in earlier.items():
                 if folder in self.outs:
+                    second = seconds.get(folder)
+                    if second is None:
+                        continue  # taken by a consumer between the look and its second name: nothing superseded
                     if action == KEEP:
-                        self.superseded.append(Superseded(folder, "kept", os.path.basename(seconds[folder])))
+                        self.superseded.append(Superseded(folder, "kept", os.path.basename(second)))
                     else:
                         # Same folder as its rename: both become durable together, at the caller's fsync of it.
-                        durable.unlink_quiet(seconds[folder])
+                        durable.unlink_quiet(second)
                         if action == REPLACE:
                             self.superseded.append(Superseded(folder, "replaced"))
                     continue
@@ -267,7 +271,9 @@ class Sinks:
         if st.st_nlink > 1:  # rare: only then can an aside of it exist
             with os.scandir(d) as it:
                 for e in it:
-                    if SUPERSEDED in e.name and not e.name.startswith("."):
+                    # Only an aside of this very name: a dedup tool (hardlink, rdfind) may have linked the result
+                    # to another name's aside, which must not stand for this name's earlier version.
+                    if _aside_of(e.name, self.name):
                         try:
                             found = e.stat(follow_symlinks=False)
                         except FileNotFoundError:
@@ -306,6 +312,16 @@ class Sinks:
             except OSError:
                 pass  # EIO/EROFS: recovery or remove_temps drops it later; the first error is the one to report
         self.outs.clear()
+
+
+def _aside_of(entry: str, name: str) -> bool:
+    """Is `entry` a name set_aside gives `name`: NAME.superseded-<unix time>[-N], NAME cut to fit NAME_MAX?"""
+    raw, mark = os.fsencode(entry), SUPERSEDED.encode()
+    head, sep, tail = raw.rpartition(mark)
+    if not sep or not head or re.fullmatch(rb"[0-9]+(-[0-9]+)?", tail) is None:
+        return False
+    full = os.fsencode(name)
+    return head == full or (len(raw) == 255 and len(head) < len(full) and full.startswith(head))
 
 
 def _lstat(path: str) -> os.stat_result | None:

@@ -1,0 +1,217 @@
+"""Break-it review of file_exist (issue 9): where an earlier same-named result could be lost, doubled or misnamed,
+or the daemon fail a file it had published. Real files and real daemons; a consumer's rm is a real unlink, made at
+the one moment that matters by running it from the daemon's own look at the result (a race a test cannot win by
+chance often enough)."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from support import DaemonProcess, folder, wait_for
+from torture.lib import kill_tree, metrics_ok, shim_env
+
+from ingestd import sinks as sinks_mod
+from ingestd.sinks import Sinks
+
+ASIDE = re.compile(r"^(?P<name>.*)\.superseded-(?P<t>\d+)(-(?P<n>\d+))?$", re.DOTALL)
+ROUTING = ('[[filters]]\nmatch = "*"\nretag = "errors"\npattern = "ERROR"\n'
+           '[[outputs]]\nmatch = "errors"\npath = "errors"\n[[outputs]]\nmatch = "*"\n')
+
+
+@pytest.fixture
+def processed(tmp_path: Path) -> Path:
+    p = tmp_path / "processed"
+    (p / "errors").mkdir(parents=True)
+    return p
+
+
+def publish(processed: Path, name: str, outputs: dict[str, bytes], policy: str, claim: bytes | None,
+            folders: tuple[str, ...] = ("",)) -> Sinks:
+    s = Sinks(str(processed), name, list(folders), policy, claim)
+    for out, data in outputs.items():
+        s.write(out, data)
+    s.commit()
+    return s
+
+
+def asides(d: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in d.iterdir() if p.is_file() and ASIDE.match(p.name)}
+
+
+def visible(d: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in d.iterdir() if p.is_file() and not p.name.startswith(".")}
+
+
+# --- a consumer takes the earlier result while the daemon publishes -----------------------------------------------
+@pytest.fixture
+def consumer_takes_it(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[str]:
+    """A consumer moves each earlier result out (mv) just after publish has looked at it, before its second name
+    is made. Returns the paths it took."""
+    taken: list[str] = []
+    orig = sinks_mod._claim_on
+    (tmp_path / "taken").mkdir()
+
+    def look_then_taken(path: str) -> bytes | None:
+        tag = orig(path)
+        os.rename(path, tmp_path / "taken" / str(len(taken)))  # the consumer's mv: a real rename, at the worst moment
+        taken.append(path)
+        return tag
+
+    monkeypatch.setattr(sinks_mod, "_claim_on", look_then_taken)
+    return taken
+
+
+@pytest.mark.parametrize(("policy", "earlier_claim"), [("keep", b"1"), ("replace", b"1"), ("keep", b"2")],
+                         ids=["keep", "replace", "own-redo"])
+def test_a_result_taken_between_the_look_and_its_second_name_publishes_cleanly(
+        processed: Path, consumer_takes_it: list[str], policy: str, earlier_claim: bytes) -> None:
+    """Found: publish raised KeyError after its renames (the earlier result had no second name), so the worker
+    reported a bug on this input (classified REJECT: to failed/) while its result stood in processed/: doubled.
+    The consumer took the earlier result, so nothing was superseded: no event, no counter."""
+    publish(processed, "f", {"": b"old\n"}, policy, earlier_claim)
+    s = publish(processed, "f", {"": b"new\n"}, policy, b"2")
+    assert consumer_takes_it == [str(processed / "f")]
+    assert visible(processed) == {"f": b"new\n"}
+    assert s.superseded == []
+    assert not [p for p in processed.iterdir() if p.name.startswith(".")], "a hidden second name stayed"
+
+
+def test_results_taken_in_every_output_folder_publish_cleanly(processed: Path, consumer_takes_it: list[str]) -> None:
+    """The wider kind: two output folders and a stale result in a third case (one this input does not reach)."""
+    publish(processed, "f", {"": b"ok1\n", "errors": b"E1\n"}, "keep", b"1", folders=("", "errors"))
+    s = publish(processed, "f", {"": b"ok2\n", "errors": b"E2\n"}, "keep", b"2", folders=("", "errors"))
+    assert visible(processed) == {"f": b"ok2\n"} and visible(processed / "errors") == {"f": b"E2\n"}
+    assert s.superseded == [] and len(consumer_takes_it) == 2
+
+
+# --- a hard link shared with another name's aside -----------------------------------------------------------------
+def test_an_aside_of_another_name_on_the_same_inode_is_not_reused(processed: Path) -> None:
+    """Found: a dedup tool (hardlink(1), rdfind -makehardlinks) links identical files; the result `a` then shares
+    its inode with `b.superseded-T`, and the next `a` took that as its own interrupted aside: a's earlier version
+    was kept only under b's name (and reported so), gone from a's history, lost if b's history is cleaned."""
+    publish(processed, "b", {"": b"same\n"}, "keep", b"1")
+    publish(processed, "b", {"": b"other\n"}, "keep", b"2")
+    (b_aside,) = asides(processed)
+    publish(processed, "a", {"": b"same\n"}, "keep", b"3")
+    (processed / "a").unlink()
+    os.link(processed / b_aside, processed / "a")  # deduplicated
+    s = publish(processed, "a", {"": b"new a\n"}, "keep", b"4")
+    kept = asides(processed)
+    a_asides = [n for n in kept if ASIDE.match(n)["name"] == "a"]  # type: ignore[index]
+    assert len(a_asides) == 1 and kept[a_asides[0]] == b"same\n"
+    assert [x.aside for x in s.superseded] == a_asides
+
+
+def test_a_truncated_aside_of_a_long_name_is_still_found_after_a_kill(processed: Path) -> None:
+    """The fix must still reuse an interrupted attempt's aside when the name was cut to fit NAME_MAX."""
+    from ingestd.spool import set_aside
+
+    name = "x" * 255
+    publish(processed, name, {"": b"one\n"}, "keep", b"1")
+    first = set_aside(str(processed), name, 1_000_000_000, link=True)  # as a killed attempt left it
+    publish(processed, name, {"": b"two\n"}, "keep", b"2")
+    assert visible(processed) == {name: b"two\n", first: b"one\n"}
+
+
+# --- results that are not plain files ----------------------------------------------------------------------------
+@pytest.mark.parametrize("policy", ["keep", "replace"])
+def test_a_symlink_result_is_never_followed(processed: Path, tmp_path: Path, policy: str) -> None:
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"SECRET\n")
+    (processed / "f").symlink_to(secret)
+    publish(processed, "f", {"": b"new\n"}, policy, b"2")
+    assert secret.read_bytes() == b"SECRET\n" and secret.stat().st_nlink == 1  # not hard-linked through the symlink
+    assert (processed / "f").read_bytes() == b"new\n" and not (processed / "f").is_symlink()
+    kept = [p for p in processed.iterdir() if ASIDE.match(p.name)]
+    assert [p.is_symlink() for p in kept] == ([True] if policy == "keep" else [])
+
+
+# --- real daemons -------------------------------------------------------------------------------------------------
+@pytest.fixture
+def daemons() -> Iterator[list[DaemonProcess]]:
+    procs: list[DaemonProcess] = []
+    yield procs
+    for d in procs:
+        if d.proc.poll() is None:
+            kill_tree(d)
+
+
+def _watch(tmp_path: Path) -> tuple[Path, Path]:
+    w = tmp_path / "w"
+    for sub in ("unprocessed", "underprocess", "processed", "failed"):
+        (w / sub).mkdir(parents=True)
+    cfg = tmp_path / "routing.toml"
+    cfg.write_text(ROUTING)
+    return w, cfg
+
+
+def _superseded(d: DaemonProcess) -> dict[str, float]:
+    return {k: v for k, v in metrics_ok(d.get("/metrics")[1]).items() if k.startswith("ingestd_results_superseded")}
+
+
+@pytest.mark.parametrize("policy", ["keep", "replace"])
+@pytest.mark.parametrize("n", [1, 2], ids=["after-1st-link", "after-2nd-link"])
+def test_kill9_between_the_second_names_and_the_renames_converges(tmp_path: Path, daemons: list[DaemonProcess],
+                                                                 policy: str, n: int) -> None:
+    """kill -9 of the daemon right after the nth second name (the aside, or the hidden link replace keeps until
+    the commit) of a routed input, before its renames. After the restart: the new results, each earlier one
+    kept exactly once (keep) or gone (replace), no hidden link left, nothing failed; each superseded once."""
+    w, cfg = _watch(tmp_path)
+    env = {"INGESTD_CONFIG": str(cfg), "INGESTD_FILE_EXIST": policy}
+    d = DaemonProcess(w, env=env, cwd=tmp_path)
+    daemons.append(d)
+    d.started()
+    (w / "unprocessed" / "r").write_bytes(b"monday\nERROR monday\n")
+    wait_for(lambda: d.event("processed", file="r"), what="monday processed")
+    d.stop()
+    d = DaemonProcess(w, env={**env, **shim_env(tmp_path, kill={"at": "link", "n": n})}, cwd=tmp_path)
+    daemons.append(d)
+    d.started()
+    (w / "unprocessed" / "r").write_bytes(b"tuesday\nERROR tuesday\n")
+    assert d.proc.wait(timeout=30) == -9
+    kill_tree(d)
+    d = DaemonProcess(w, env=env, cwd=tmp_path)
+    daemons.append(d)
+    d.started()
+    wait_for(lambda: d.event("processed", file="r"), what="the redo")
+    p = w / "processed"
+    assert folder(w, "underprocess") == [] and folder(w, "failed") == []
+    assert visible(p) == {"r": b"tuesday\n", **({} if policy == "replace" else {
+        next(iter(asides(p))): b"monday\n"})}
+    assert visible(p / "errors") == {"r": b"ERROR tuesday\n", **({} if policy == "replace" else {
+        next(iter(asides(p / "errors"))): b"ERROR monday\n"})}
+    assert not [x for x in (*p.iterdir(), *(p / "errors").iterdir()) if x.name.startswith(".")]
+    action = "kept" if policy == "keep" else "replaced"
+    assert _superseded(d) == {f"ingestd_results_superseded_total{{action={action},output=processed}}": 1.0,
+                              f"ingestd_results_superseded_total{{action={action},output=errors}}": 1.0}
+
+
+def test_a_consumer_deleting_results_as_they_come_never_fails_a_file(tmp_path: Path,
+                                                                      daemons: list[DaemonProcess]) -> None:
+    """The wider kind of the KeyError above, with real processes: a consumer that takes each result (rm) as soon as
+    it sees it, while the same name arrives again and again. No input may end in failed/."""
+    import subprocess
+
+    w, cfg = _watch(tmp_path)
+    d = DaemonProcess(w, env={"INGESTD_CONFIG": str(cfg)}, cwd=tmp_path)
+    daemons.append(d)
+    d.started()
+    p = w / "processed"
+    consumer = subprocess.Popen(["sh", "-c", f'while :; do rm -f "{p}/r" "{p}/errors/r"; done'])
+    try:
+        u = w / "unprocessed"
+        for i in range(60):
+            (u / ".next").write_bytes(b"v%d\nERROR %d\n" % (i, i))
+            wait_for(lambda: not (u / "r").exists(), what="the previous claimed")
+            os.rename(u / ".next", u / "r")
+        wait_for(lambda: d.count("processed") + d.count("failed") == 60, timeout=60, what="all 60 finished")
+    finally:
+        consumer.kill()
+        consumer.wait()
+    assert folder(w, "failed") == [] and d.count("failed") == 0
+    superseded = sum(_superseded(d).values())
+    assert superseded == len(asides(p)) + len(asides(p / "errors"))
