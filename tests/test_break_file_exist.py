@@ -5,6 +5,7 @@ chance often enough)."""
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 from collections.abc import Iterator
@@ -215,3 +216,60 @@ def test_a_consumer_deleting_results_as_they_come_never_fails_a_file(tmp_path: P
     assert folder(w, "failed") == [] and d.count("failed") == 0
     superseded = sum(_superseded(d).values())
     assert superseded == len(asides(p)) + len(asides(p / "errors"))
+
+
+def test_a_refusal_in_a_stale_output_folder_undoes_the_publish_and_counts_once(tmp_path: Path,
+                                                                               daemons: list[DaemonProcess]) -> None:
+    """Found: an earlier result in an output folder this input does not reach (a stale one) was set aside after the
+    renames; a refusal there (folder made immutable, EPERM; EIO) came after the new result was published and the
+    earlier one set aside, so the Retry left them so and dropped their events: after the redo (which finds its
+    own result and replaces it silently) monday's aside in processed/ was never logged nor counted. All or none:
+    the refusal must come before any rename, and each superseded result counted once."""
+    import subprocess
+
+    w, cfg = _watch(tmp_path)
+    env = {"INGESTD_CONFIG": str(cfg)}
+    d = DaemonProcess(w, env=env, cwd=tmp_path)
+    daemons.append(d)
+    d.started()
+    p = w / "processed"
+    (w / "unprocessed" / "r").write_bytes(b"monday\nERROR monday\n")
+    wait_for(lambda: d.event("processed", file="r"), what="monday processed")
+    if subprocess.run(["chattr", "+i", str(p / "errors")], capture_output=True, check=False).returncode:
+        pytest.skip("chattr +i needs root and a filesystem with the immutable flag")
+    try:
+        (w / "unprocessed" / "r").write_bytes(b"tuesday\n")  # no ERROR line: errors/r is stale
+        wait_for(lambda: d.event("paused") or d.event("io_error"), what="the refusal")
+        assert visible(p) == {"r": b"monday\n"}, "published although the stale folder refused"
+    finally:
+        subprocess.run(["chattr", "-i", str(p / "errors")], check=True)
+    wait_for(lambda: d.count("processed") == 2, timeout=60, what="tuesday processed")
+    assert folder(w, "failed") == [] and folder(w, "underprocess") == []
+    assert visible(p) == {"r": b"tuesday\n", next(iter(asides(p))): b"monday\n"}
+    assert visible(p / "errors") == {next(iter(asides(p / "errors"))): b"ERROR monday\n"}
+    assert _superseded(d) == {"ingestd_results_superseded_total{action=kept,output=processed}": 1.0,
+                              "ingestd_results_superseded_total{action=kept,output=errors}": 1.0}
+
+
+def test_a_refused_second_name_drops_the_asides_already_made(processed: Path) -> None:
+    """Found: the second names are made folder by folder; a refusal in the second folder (immutable, EPERM) left
+    the first folder's aside behind while its earlier result kept its own name: one result under two names
+    (doubled), and the input retried. All or none covers the second names too."""
+    import subprocess
+
+    publish(processed, "f", {"": b"ok1\n", "errors": b"E1\n"}, "keep", b"1", folders=("", "errors"))
+    s = Sinks(str(processed), "f", ["", "errors"], "keep", b"2")
+    s.write("", b"ok2\n")
+    s.write("errors", b"E2\n")
+    s.seal(sync=True)
+    if subprocess.run(["chattr", "+i", str(processed / "errors")], capture_output=True, check=False).returncode:
+        s.abort()
+        pytest.skip("chattr +i needs root and a filesystem with the immutable flag")
+    try:
+        with pytest.raises(OSError) as e:
+            s.publish()
+        assert e.value.errno == errno.EPERM
+    finally:
+        subprocess.run(["chattr", "-i", str(processed / "errors")], check=True)
+    s.abort()
+    assert visible(processed) == {"f": b"ok1\n"} and visible(processed / "errors") == {"f": b"E1\n"}
