@@ -435,3 +435,41 @@ def test_a_redo_on_a_copied_watch_dir_replaces_its_own_result(tmp_path: Path) ->
         subprocess.run(["cp", "-a", f"{old / sub}/.", str(new / sub)], check=True)
     publish(new / "processed", "r", {"": b"TUESDAY\n"}, "keep", claim_of(str(new / "underprocess" / "r")))
     assert visible(new / "processed") == {"r": b"TUESDAY\n"}
+
+
+def test_hostile_names_arriving_again_fast_with_routing_keep_every_version_and_count_each_once(
+        tmp_path: Path, daemons: list[DaemonProcess]) -> None:
+    """Passed (a probe, kept as a regression test): newline, invalid UTF-8, leading `-`, 255 bytes, multibyte cut at
+    NAME_MAX, an input named like an aside; each three times, as soon as the previous left unprocessed/ (so one
+    arrives while the previous is mid-commit), the middle version with no ERROR line (errors/ stale). Every
+    version kept once in each folder it reached, each set aside once in the log and the counter."""
+    w, cfg = _watch(tmp_path)
+    d = DaemonProcess(w, env={"INGESTD_CONFIG": str(cfg)}, cwd=tmp_path)
+    daemons.append(d)
+    d.started()
+    u, p = os.fsencode(w / "unprocessed"), os.fsencode(w / "processed")
+    names = [b"-n", b"new\nline", b"bad\xff\xfe", b"y" * 255, b"\xc3\xa9" * 127 + b"z", b"x.superseded-1"]
+    for rnd in range(3):
+        for n in names:
+            with open(u + b"/.next", "wb") as f:
+                f.write(b"v%d\n" % rnd + (b"" if rnd == 1 else b"ERROR %d\n" % rnd))
+            wait_for(lambda n=n: not os.path.lexists(u + b"/" + n), what="the previous claimed")
+            os.rename(u + b"/.next", u + b"/" + n)
+    total = 3 * len(names)
+    wait_for(lambda: d.count("processed") + d.count("failed") == total, timeout=60, what="all finished")
+    assert folder(w, "failed") == []
+    for n in names:
+        def versions(sub: bytes, n: bytes = n) -> list[bytes]:
+            d_ = p + sub
+            out = []
+            for e in os.listdir(d_):
+                if e == n or (ASIDE.match(os.fsdecode(e)) and n.startswith(os.fsencode(
+                        ASIDE.match(os.fsdecode(e))["name"]))):  # type: ignore[index]
+                    with open(d_ + b"/" + e, "rb") as f:
+                        out.append(f.read())
+            return sorted(out)
+        assert versions(b"") == [b"v0\n", b"v1\n", b"v2\n"], n
+        assert versions(b"/errors") == [b"ERROR 0\n", b"ERROR 2\n"], n
+    assert _superseded(d) == {"ingestd_results_superseded_total{action=kept,output=processed}": 2.0 * len(names),
+                              "ingestd_results_superseded_total{action=kept,output=errors}": 1.0 * len(names)}
+    assert d.count("result_superseded") == 3 * len(names)
