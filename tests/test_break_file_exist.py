@@ -473,3 +473,29 @@ def test_hostile_names_arriving_again_fast_with_routing_keep_every_version_and_c
     assert _superseded(d) == {"ingestd_results_superseded_total{action=kept,output=processed}": 2.0 * len(names),
                               "ingestd_results_superseded_total{action=kept,output=errors}": 1.0 * len(names)}
     assert d.count("result_superseded") == 3 * len(names)
+
+
+@pytest.mark.parametrize("n", [1, 2], ids=["1st-link", "2nd-link"])
+@pytest.mark.parametrize("stale", [False, True], ids=["routed", "stale"])
+def test_eio_on_a_second_name_is_retried_and_converges(tmp_path: Path, daemons: list[DaemonProcess], n: int,
+                                                       stale: bool) -> None:
+    """EIO (through the shim) on the nth link of a publish: nothing published, no second name left, the input
+    kept and retried; in the end each earlier result kept once and counted once, nothing failed."""
+    w, cfg = _watch(tmp_path)
+    env = {"INGESTD_CONFIG": str(cfg), **shim_env(tmp_path, fail={"call": "link", "n": n, "errno": "EIO"})}
+    d = DaemonProcess(w, env=env, cwd=tmp_path)
+    daemons.append(d)
+    d.started()
+    (w / "unprocessed" / "r").write_bytes(b"monday\nERROR monday\n")
+    wait_for(lambda: d.event("processed", file="r"), what="monday processed")
+    (w / "unprocessed" / "r").write_bytes(b"tuesday\n" if stale else b"tuesday\nERROR tuesday\n")
+    wait_for(lambda: d.count("processed") == 2, timeout=60, what="tuesday processed after the retry")
+    assert d.event("io_error") or d.event("paused"), "the EIO was not met"
+    p = w / "processed"
+    assert folder(w, "failed") == []
+    assert visible(p) == {"r": b"tuesday\n", next(iter(asides(p))): b"monday\n"}
+    assert visible(p / "errors") == {**({} if stale else {"r": b"ERROR tuesday\n"}),
+                                     next(iter(asides(p / "errors"))): b"ERROR monday\n"}
+    assert not [x for x in (*p.iterdir(), *(p / "errors").iterdir()) if x.name.startswith(".")]
+    assert _superseded(d) == {"ingestd_results_superseded_total{action=kept,output=processed}": 1.0,
+                              "ingestd_results_superseded_total{action=kept,output=errors}": 1.0}
