@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import re
 import stat
 import time
 
@@ -167,9 +168,12 @@ class Sinks:
         (file_exist = fail)") before anything is renamed: the earlier results stay as they were. Each one kept or
         replaced is listed in self.superseded.
 
-        All or none: a target that is a directory refuses before anything is renamed (IsADirectoryError); any
-        other refusal midway puts back what was already renamed (earlier results restored from a second name),
-        so an input that ends in failed/ never leaves a result in processed/.
+        All or none: a target that is a directory refuses before anything is renamed (IsADirectoryError); every
+        earlier result (a stale one too) gets its second name before the first rename, so a refusal there leaves
+        nothing published; any other refusal midway puts back what was already renamed (earlier results restored
+        from a second name) and drops the second names made, so an input that ends in failed/ never leaves a
+        result in processed/ and an earlier result never stays under two names. An earlier result a consumer
+        takes meanwhile is simply gone: not listed in self.superseded.
         """
         changed = []
         self.superseded = []
@@ -189,9 +193,12 @@ class Sinks:
                 if st is not None and not isdir:  # a folder of that name is not a result of ours
                     earlier[folder] = self._judge(folder, target, st)
             now = time.time()
-            seconds = self._second_names(earlier, now)
+            seconds: dict[str, str] = {}  # folder -> the second name its earlier result has until the commit
             done: list[str] = []
             try:
+                # Every second name (stale folders' too) before any rename: a refusal in any folder (EPERM, EIO,
+                # ENOSPC) then comes while nothing is published, and the roll back drops the second names made.
+                self._second_names(earlier, now, seconds)
                 for folder, out in self.outs.items():
                     durable.rename(out.temp, os.path.join(self._dir(folder), self.name))  # atomic replace: old or new
                     done.append(folder)
@@ -202,29 +209,22 @@ class Sinks:
                 self.lines_out[folder] = out.lines + (out.tail != b"\n")  # a last line without an ending counts
                 changed.append(os.path.dirname(os.path.join(self._dir(folder), self.name)))  # where it changed
             for folder, action in earlier.items():
-                if folder in self.outs:
-                    if action == KEEP:
-                        aside = os.path.relpath(seconds[folder], self._dir(folder))  # batch/a.superseded-...
-                        self.superseded.append(Superseded(folder, "kept", aside))
-                    else:
-                        # Same folder as its rename: both become durable together, at the caller's fsync of it.
-                        durable.unlink_quiet(seconds[folder])
-                        if action == REPLACE:
-                            self.superseded.append(Superseded(folder, "replaced"))
+                second = seconds.get(folder)
+                if second is None:
+                    continue  # taken by a consumer between the look and its second name: nothing superseded
+                if folder not in self.outs:
+                    # A stale result, in an output this input did not reach: its own name goes now, durable at the
+                    # caller's fsync of its folder (a crash before it redoes the input, which finds it again).
+                    durable.unlink_quiet(os.path.join(self._dir(folder), self.name))
+                    changed.append(os.path.dirname(os.path.join(self._dir(folder), self.name)))  # where it changed
+                if action == KEEP:
+                    aside = os.path.relpath(second, self._dir(folder))  # batch/a.superseded-... in recursive mode
+                    self.superseded.append(Superseded(folder, "kept", aside))
                     continue
-                # A stale result, in an output this input did not reach: set aside or removed, durable at the
-                # caller's fsync of its folder (a crash before it redoes the input, which finds it again).
-                try:
-                    if action == KEEP:
-                        aside = set_aside(self._dir(folder), self.name, now)
-                        self.superseded.append(Superseded(folder, "kept", aside))
-                    else:
-                        durable.unlink(os.path.join(self._dir(folder), self.name))
-                        if action == REPLACE:
-                            self.superseded.append(Superseded(folder, "replaced"))
-                except (FileNotFoundError, NotADirectoryError):  # taken by a consumer meanwhile
-                    continue
-                changed.append(os.path.dirname(os.path.join(self._dir(folder), self.name)))  # where it changed
+                # Same folder as its rename (or unlink): both become durable together, at the caller's fsync of it.
+                durable.unlink_quiet(second)
+                if action == REPLACE:
+                    self.superseded.append(Superseded(folder, "replaced"))
         return changed
 
     def _judge(self, folder: str, target: str, st: os.stat_result) -> str:
@@ -240,13 +240,11 @@ class Sinks:
             raise Rejected(f"a result named {display(self.name)} already exists in {where}/ (file_exist = fail)")
         return self.file_exist
 
-    def _second_names(self, earlier: dict[str, str], now: float) -> dict[str, str]:
-        """A second name for each earlier result about to be replaced: NAME.superseded-... where it is kept, else
-        a hidden one so a refused commit can put it back. folder -> that path."""
-        seconds = {}
+    def _second_names(self, earlier: dict[str, str], now: float, seconds: dict[str, str]) -> None:
+        """A second name for each earlier result about to be replaced or removed (stale): NAME.superseded-... where
+        it is kept, else a hidden one so a refused commit can put it back; added to seconds (folder -> that path)
+        as each is made, so that a refusal midway can drop those already made."""
         for folder, action in earlier.items():
-            if folder not in self.outs:
-                continue
             d, target = self._dir(folder), os.path.join(self._dir(folder), self.name)
             try:
                 if action == KEEP:
@@ -261,7 +259,6 @@ class Sinks:
                 seconds[folder] = keep
             except (FileNotFoundError, NotADirectoryError):
                 continue  # taken by a consumer meanwhile: nothing to keep
-        return seconds
 
     def _aside(self, d: str, target: str, now: float) -> str:
         """The NAME.superseded-... link of the earlier result at target: one an interrupted attempt already made
@@ -270,7 +267,9 @@ class Sinks:
         if st.st_nlink > 1:  # rare: only then can an aside of it exist
             with os.scandir(os.path.dirname(target)) as it:  # its own folder (recursive mode: processed/batch/)
                 for e in it:
-                    if SUPERSEDED in e.name and not e.name.startswith("."):
+                    # Only an aside of this very name: a dedup tool (hardlink, rdfind) may have linked the result
+                    # to another name's aside, which must not stand for this name's earlier version.
+                    if _aside_of(e.name, os.path.basename(self.name)):
                         try:
                             found = e.stat(follow_symlinks=False)
                         except FileNotFoundError:
@@ -309,6 +308,16 @@ class Sinks:
             except OSError:
                 pass  # EIO/EROFS: recovery or remove_temps drops it later; the first error is the one to report
         self.outs.clear()
+
+
+def _aside_of(entry: str, name: str) -> bool:
+    """Is `entry` a name set_aside gives `name`: NAME.superseded-<unix time>[-N], NAME cut to fit NAME_MAX?"""
+    raw, mark = os.fsencode(entry), SUPERSEDED.encode()
+    head, sep, tail = raw.rpartition(mark)
+    if not sep or not head or re.fullmatch(rb"[0-9]+(-[0-9]+)?", tail) is None:
+        return False
+    full = os.fsencode(name)
+    return head == full or (len(raw) == 255 and len(head) < len(full) and full.startswith(head))
 
 
 def _lstat(path: str) -> os.stat_result | None:

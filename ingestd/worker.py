@@ -164,9 +164,11 @@ def run_batch(link: _Link, cursor: Any, names: tuple[str, ...], table: routing.R
             # The input's identity, recorded on each result: a redo of this same input replaces its own results.
             sinks = Sinks(processed, name, folders, file_exist, claim_of(path))
             stats, started = link.stats, time.monotonic()
+            phase = Phase.PROCESS
             try:
                 with pipeline.open_input(path) as f:
                     pipeline.run(f, name, table, max_line_bytes, sinks.write, stats)
+                phase = Phase.PUBLISH  # the input is read: a bug from here on is ours, not the input's
                 link.stage = Stage.COMMIT
                 if alone:
                     _between_files(link, cursor, len(names))
@@ -176,7 +178,7 @@ def run_batch(link: _Link, cursor: Any, names: tuple[str, ...], table: routing.R
                 sinks.seal(sync=False)
             except Exception as e:  # noqa: BLE001 - one table (errors.classify) decides; a worker never dies on a file
                 sinks.abort()
-                group.decide(name, _failure(e, stats))
+                group.decide(name, _failure(e, stats, phase))
                 continue
             group.seal((name, sinks, stats, started))
         _between_files(link, cursor, len(names))
@@ -214,7 +216,9 @@ def _group_commit(sealed: list[tuple[str, Sinks, pipeline.Stats, float]], proces
                 changed.setdefault(folder, []).append(name)
         except Exception as e:  # noqa: BLE001 - publish is all or none per file
             sinks.abort()
-            outcomes[name] = _failure(e, stats)
+            # A bug in publish (not an OSError, not a file_exist refusal) is retried, never blamed on the input:
+            # its renames may have been made, and failed/ would then hold an input whose result is published.
+            outcomes[name] = _failure(e, stats, Phase.PUBLISH)
             continue
         outcomes[name] = _done(sinks, stats, started)
     for folder, published in changed.items():
@@ -231,11 +235,12 @@ def _done(sinks: Sinks, stats: pipeline.Stats, started: float) -> Done:
                 tuple(sinks.superseded))
 
 
-def _failure(e: BaseException, stats: pipeline.Stats) -> Outcome:
-    """Rejected (the input's fault) or Retry (the machine's fault: the input is kept), by errors.classify."""
+def _failure(e: BaseException, stats: pipeline.Stats, where: Phase = Phase.PROCESS) -> Outcome:
+    """Rejected (the input's fault) or Retry (the machine's fault: the input is kept), by errors.classify. where:
+    the phase a non-OSError came from (PROCESS: reading and routing the input; PUBLISH: our own commit)."""
     if isinstance(e, pipeline.Rejected):
         return Rejected(e.reason, e.line, stats.bytes_in, stats.lines_in)
-    phase = errors.phase_of(e, Phase.READ_INPUT if isinstance(e, OSError) else Phase.PROCESS)
+    phase = errors.phase_of(e, Phase.READ_INPUT if isinstance(e, OSError) else where)
     reason = errors.reason(e)
     verdict = errors.classify(e, phase)
     if verdict is Verdict.REJECT:

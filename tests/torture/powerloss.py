@@ -80,6 +80,11 @@ class Epoch:
                 ino = ino or current.get(op["ino"], ("b", op["ino"]))
                 if d:
                     live[d[0]][d[1]] = ino
+            elif kind == "link":  # a second name (file_exist's aside); the first stays
+                s, d = self._where(op["src"]), self._where(op["dst"])
+                ino = (live[s[0]].get(s[1]) if s else None) or current.get(op["ino"], ("b", op["ino"]))
+                if d:
+                    live[d[0]][d[1]] = ino
             elif kind == "unlink":
                 if w := self._where(op["path"]):
                     live[w[0]].pop(w[1], None)

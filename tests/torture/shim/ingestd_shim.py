@@ -7,7 +7,7 @@ Configured by a JSON file (path in INGESTD_SHIM), it can, in the daemon and in e
 - disable: turn chosen fsync call sites (``file.py:lineno`` of the caller) into no-ops, to prove each one matters;
 - fail: make the Nth call of one kind (fsync, read, write, rename, create), counted across all processes, raise
   a real OSError (EIO by default);
-- kill: SIGKILL the daemon at the Nth occurrence of a point (claim, write, published, recover, commit).
+- kill: SIGKILL the daemon at the Nth occurrence of a point (claim, write, link, published, recover, commit).
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def install(cfg_path: str) -> None:
     disabled = set(CFG.get("disable", []))
     shadow = CFG.get("shadow")
     orig = {n: getattr(durable, n) for n in ("fsync", "fsync_dir", "syncfs", "write_all", "create_exclusive",
-                                            "rename", "rename_noreplace", "unlink", "unlink_quiet")}
+                                            "rename", "rename_noreplace", "link", "unlink", "unlink_quiet")}
     created: dict[str, int] = {}  # files this process created since its last syncfs: path -> inode
 
     def skipped() -> bool:
@@ -164,6 +164,13 @@ def install(cfg_path: str) -> None:
         orig["rename_noreplace"](src, dst)
         _journal(op="rename", src=os.path.abspath(src), dst=os.path.abspath(dst), ino=ino)
 
+    def link(src: str, dst: str) -> None:
+        _maybe_fail("link")
+        ino = _ino(src)
+        orig["link"](src, dst)
+        _journal(op="link", src=os.path.abspath(src), dst=os.path.abspath(dst), ino=ino)
+        _point("link")  # file_exist: an earlier result has its second name, the new one is not yet renamed in
+
     def unlink(path: str) -> None:
         orig["unlink"](path)
         _journal(op="unlink", path=os.path.abspath(path))
@@ -176,7 +183,7 @@ def install(cfg_path: str) -> None:
 
     for n, fn in (("fsync", fsync), ("fsync_dir", fsync_dir), ("syncfs", syncfs), ("write_all", write_all),
                   ("create_exclusive", create_exclusive), ("rename", rename), ("rename_noreplace", rename_noreplace),
-                  ("unlink", unlink), ("unlink_quiet", unlink_quiet)):
+                  ("link", link), ("unlink", unlink), ("unlink_quiet", unlink_quiet)):
         setattr(durable, n, fn)
 
     # Reads: the input's raw reads go through a counting layer (EIO on the Nth read).
