@@ -238,11 +238,12 @@ def test_single_50mb_line_rejected_with_bounded_memory(tmp_path: Path) -> None:
 
 
 def test_many_lines_stream_with_bounded_memory(tmp_path: Path) -> None:
-    """A 12 MiB file of short lines: memory stays a small constant (blocks or lines as they come), far under its size."""
+    """A 32 MiB file of short lines: memory stays a small constant (a few 1 MiB blocks: the read, its upper-cased
+    copy, the carry), far under its size."""
     p = tmp_path / "many"
     line = b"abcdefghij" * 10 + b"\n"
     with open(p, "wb") as f:
-        f.write(line * (12 * MiB // len(line)))
+        f.write(line * (32 * MiB // len(line)))
     total = [0]
     tracemalloc.start()
     try:
@@ -253,21 +254,22 @@ def test_many_lines_stream_with_bounded_memory(tmp_path: Path) -> None:
     finally:
         tracemalloc.stop()
     assert total[0] == p.stat().st_size
-    assert peak < 2 * MiB, f"peak {peak / MiB:.1f} MiB"
+    assert peak < 6 * MiB, f"peak {peak / MiB:.1f} MiB"
 
 
 def test_progress_called_with_bytes_read(tmp_path: Path) -> None:
     p = tmp_path / "p"
-    p.write_bytes(b"1234567\n" * (pipeline.TICK * 2 + 1))
+    p.write_bytes(b"1234567\n" * (pipeline.READ * 3 // 8 + 1))
     ticks: list[int] = []
     with pipeline.open_input(str(p)) as f:
         pipeline.run(f, "p", routing.from_mode("reverse"), MiB, lambda o, d: None, Stats(), ticks.append)
-    assert ticks == [pipeline.TICK * 8, pipeline.TICK * 16]  # line by line: every TICK lines
+    # line-level processors too read a block at a time (Routing.route_block): progress after each block
+    assert ticks == [pipeline.READ, pipeline.READ * 2, pipeline.READ * 3, pipeline.READ * 3 + 8]
 
 
 def test_block_path_reports_progress_per_block_and_matches_the_line_path(tmp_path: Path) -> None:
     p = tmp_path / "p"
-    p.write_bytes("line \xe9 \xff\r\n".encode("latin-1") * 100_000 + b"no newline at end")  # ~1.2 MiB
+    p.write_bytes("line \xe9 \xff\r\n".encode("latin-1") * 400_000 + b"no newline at end")  # ~4.6 MiB
     ticks: list[int] = []
     fast: list[bytes] = []
     with pipeline.open_input(str(p)) as f:
