@@ -216,3 +216,37 @@ def test_process_command_keeps_the_bom_and_drops_the_header(tmp_path: Path) -> N
                         "--config", str(conf)], check=False, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60)
     assert r.returncode == 0, r.stderr
     assert out.read_bytes() == BOM + b"ROW ONE\r\n"
+
+
+# --- which regex filters run on whole blocks (Routing._block_steps) -----------------------------------------
+@pytest.mark.parametrize(("pattern", "safe"), [
+    ("ERROR", True), (r"password=\S+", True), ("^#", True), ("x$", True), (r"\bword\b", True), ("(a|b)+\\1", True),
+    ("[a-z0-9]+", True), (".", True),
+    (r"\s", False), ("[^a]", False), ("[^ab]", False), ("(?s).", False), (r"a\Z", False), (r"\Aa", False),
+    ("a(?=b)", False), ("(?<=a)b", False), ("a\nb", False), ("[\x00-\x20]", False), (r"\W", False), (r"\D", False),
+])
+def test_line_bound_patterns(pattern: str, safe: bool) -> None:
+    """Only a pattern that cannot match a \\n nor see past a line's edges may be searched over a whole block."""
+    import re
+
+    from ingestd import engine
+    assert engine._line_bound(re.compile(pattern)) is safe
+
+
+def test_readme_routing_runs_on_whole_blocks_and_unsafe_ones_do_not() -> None:
+    r = routing.build(README_ROUTING)
+    assert r._block_steps(("app", 0)) is not None  # the equality tests above do test the whole-block path
+    assert r._whole_block("app", "# a\nERROR b\nc\n") == {"errors": "ERROR b\n", "": "c\n"}
+    assert r._whole_block("app", "# a\r\nc\n") is None  # a \r: line by line
+    assert r._whole_block("app", "c") is None  # a last line without \n: line by line
+    unsafe = routing.build({"filters": [{"match": "*", "processor": "drop", "pattern": r"a\s"}]})
+    assert unsafe._block_steps(("default", 0)) is None
+    # both tags of a retag reach processed/: their lines would have to be put back in order, so line by line
+    assert routing.build(ROUTINGS["same-output"])._block_steps(("default", 0)) is None
+
+
+def test_redact_that_makes_new_lines_goes_line_by_line() -> None:
+    doc = {"tags": [{"match": "*", "tag": "t"}],
+           "filters": [{"match": "*", "processor": "redact", "pattern": "x", "replacement": "\n#"},
+                       {"match": "*", "processor": "drop", "pattern": "^#"}]}
+    assert same_both_ways(b"axb\n#c\nd\n", doc) == {"": b"a\n#b\nd\n"}

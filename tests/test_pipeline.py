@@ -373,6 +373,10 @@ def _blob() -> hst.SearchStrategy[bytes]:
 
 def _per_line(data: bytes, fn) -> bytes:  # the reference: each line on its own, as the slow path does
     out = []
+    bom = data.startswith(pipeline.BOM)  # issue 9: a leading BOM is not line 1's text, and starts a non-empty output
+    if bom:
+        data = data[len(pipeline.BOM):]
+        out.append(pipeline.BOM if data else b"")
     for line in io.BytesIO(data).readlines():
         body, end = (line[:-2], line[-2:]) if line.endswith(b"\r\n") else \
             ((line[:-1], line[-1:]) if line.endswith(b"\n") else (line, b""))
