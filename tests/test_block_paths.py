@@ -94,6 +94,7 @@ def small_reads(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.parametrize("name", sorted(ROUTINGS))
 def test_adversarial_text_same_bytes_every_block_size(monkeypatch: pytest.MonkeyPatch, name: str, read: int) -> None:
     monkeypatch.setattr(pipeline, "READ", read)
+    monkeypatch.setattr(pipeline, "SLICE", 5)
     data = b"".join([
         "straße ŉ ﬁx İstanbul ΟΔΟΣ ΣΑΣ\r\n".encode(), b"# comment\n", b"ERROR password=hunter2 x\r\n",
         b"lone\rcr\n", b"bad \xff\xfe \xe2\x82\n", b"\r\n", b"\n", "😀ß\r".encode(), b"\r\n", b"aaa\n",
@@ -120,10 +121,11 @@ def test_lines_at_and_one_over_max_line_bytes(small_reads: None, name: str, endi
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(parts=st.lists(st.sampled_from(FRAGMENTS), max_size=60), name=st.sampled_from(sorted(ROUTINGS)),
-       read=st.integers(1, 40), limit=st.sampled_from([4, 9, 16, 1 << 20]))
+       read=st.integers(1, 40), limit=st.sampled_from([4, 9, 16, 1 << 20]), slice_=st.integers(1, 20))
 def test_random_text_same_bytes(monkeypatch: pytest.MonkeyPatch, parts: list[bytes], name: str, read: int,
-                                limit: int) -> None:
+                                limit: int, slice_: int) -> None:
     monkeypatch.setattr(pipeline, "READ", read)
+    monkeypatch.setattr(pipeline, "SLICE", slice_)  # non-ASCII blocks case-mapped in slices of whole lines
     same_both_ways(b"".join(parts), ROUTINGS[name], limit)
 
 
