@@ -203,6 +203,25 @@ class Routing:
             prog = self._programs[key] = (tuple(steps), out)
         return prog
 
+    def builtin_only(self, tag: str) -> bool:
+        """True when every filter a record tagged `tag` can meet is a retag, a per-character processor or a
+        built-in regex one (grep, drop, redact): quick per line, so route_block may take a block of lines at a
+        time. A plug-in (or titlecase, strip, reverse) may be slow per line: its lines go one by one, so that
+        progress (bytes and lines read) moves with every line, as the stall detector expects."""
+        todo, seen = [(tag, 0)], set()
+        while todo:
+            key = todo.pop()
+            if key in seen:
+                continue
+            seen.add(key)
+            steps, _ = self._program(key)
+            for i, (code, _, arg) in zip((i for i in self._plan(key[0])[0] if i >= key[1]), steps, strict=True):
+                if code == _RETAG:
+                    todo.append(arg)  # type: ignore[arg-type]
+                elif code == _CALL and not self.filters[i].per_char:
+                    return False
+        return True
+
     def _whole_block(self, tag: str, text: str) -> dict[str, str] | None:
         """route_block without a Python step per line, when that is provably the same (see _block_steps): every
         line ends with \n, no \r anywhere (so a line's text is exactly what lies between two \n), and every

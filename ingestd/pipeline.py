@@ -185,7 +185,7 @@ def run(
         f.read(len(BOM))  # patterns and processors never see it: line 1 starts after it
         stats.bytes_in += len(BOM)
         write = _bom_first(write)
-    if explain is not None:  # line by line, each line's journey reported
+    if explain is not None or not routing.builtin_only(rule.tag):  # line by line (a plug-in may be slow per line)
         with _processor_errors(stats, per_line=True):
             for out, data in routing.run(rule.tag, lines(f, max_line_bytes, stats, progress), explain):
                 write(out, data)
@@ -202,8 +202,8 @@ def run(
                 for piece in _slices(block):  # str of up to 4 bytes a character: kept within the CPU caches
                     write(out, fn(piece.decode("utf-8", "surrogateescape")).encode("utf-8", "surrogateescape"))  # type: ignore[union-attr]
         return
-    # Line-level filters (retag, grep, drop, redact, plug-ins): each line routed on its own, but read, decoded and
-    # written a block at a time (Routing.route_block), which gives the same bytes as route() line by line.
+    # Built-in line-level filters (retag, grep, drop, redact): each line routed on its own, or the block searched
+    # whole where provably the same, read, decoded and written a block at a time (Routing.route_block).
     tag = rule.tag
     with _processor_errors(stats, per_line=True):
         for block in blocks(f, max_line_bytes, stats, progress):

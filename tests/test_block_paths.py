@@ -252,3 +252,12 @@ def test_redact_that_makes_new_lines_goes_line_by_line() -> None:
            "filters": [{"match": "*", "processor": "redact", "pattern": "x", "replacement": "\n#"},
                        {"match": "*", "processor": "drop", "pattern": "^#"}]}
     assert same_both_ways(b"axb\n#c\nd\n", doc) == {"": b"a\n#b\nd\n"}
+
+
+def test_plug_ins_and_other_line_processors_go_line_by_line() -> None:
+    """A plug-in may take seconds per line: read line by line, so the stall detector sees lines move."""
+    assert routing.build(README_ROUTING).builtin_only("app")
+    assert routing.build(ROUTINGS["same-output"]).builtin_only("default")
+    assert not routing.build(ROUTINGS["reverse"]).builtin_only("default")
+    slow = Routing(filters=(routing._filter("f", {"match": "*", "retag": "x"}), routing.Filter("x", "boom", processor=_boom)))
+    assert not slow.builtin_only("default")  # reached only through a retag: still found

@@ -259,12 +259,11 @@ def test_many_lines_stream_with_bounded_memory(tmp_path: Path) -> None:
 
 def test_progress_called_with_bytes_read(tmp_path: Path) -> None:
     p = tmp_path / "p"
-    p.write_bytes(b"1234567\n" * (pipeline.READ * 3 // 8 + 1))
+    p.write_bytes(b"1234567\n" * (pipeline.TICK * 2 + 1))
     ticks: list[int] = []
     with pipeline.open_input(str(p)) as f:
         pipeline.run(f, "p", routing.from_mode("reverse"), MiB, lambda o, d: None, Stats(), ticks.append)
-    # line-level processors too read a block at a time (Routing.route_block): progress after each block
-    assert ticks == [pipeline.READ, pipeline.READ * 2, pipeline.READ * 3, pipeline.READ * 3 + 8]
+    assert ticks == [pipeline.TICK * 8, pipeline.TICK * 16]  # line by line: every TICK lines
 
 
 def test_block_path_reports_progress_per_block_and_matches_the_line_path(tmp_path: Path) -> None:
