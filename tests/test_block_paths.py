@@ -261,3 +261,24 @@ def test_plug_ins_and_other_line_processors_go_line_by_line() -> None:
     assert not routing.build(ROUTINGS["reverse"]).builtin_only("default")
     slow = Routing(filters=(routing._filter("f", {"match": "*", "retag": "x"}), routing.Filter("x", "boom", processor=_boom)))
     assert not slow.builtin_only("default")  # reached only through a retag: still found
+
+
+def test_daemon_keeps_the_bom_and_routes_without_it(tmp_path: Path) -> None:
+    """The daemon end to end (real process, real inotify): the README routing example on a BOM-prefixed log."""
+    from support import DaemonProcess, wait_for
+
+    conf = tmp_path / "routing.toml"
+    conf.write_text('[[tags]]\nmatch = "*.log"\ntag = "app"\n'
+                    '[[filters]]\nmatch = "app"\nretag = "errors"\npattern = "ERROR"\n'
+                    '[[filters]]\nmatch = "app"\nprocessor = "drop"\npattern = "^#"\n'
+                    '[[outputs]]\nmatch = "errors"\npath = "errors"\n[[outputs]]\nmatch = "*"\n')
+    d = DaemonProcess(tmp_path / "w", "--config", str(conf), "--workers", "1", cwd=tmp_path).started()
+    try:
+        w = d.watch_dir
+        (w / "unprocessed" / "export.log").write_bytes(BOM + b"# header\r\nERROR x\r\nrow\r\n")
+        main, errors = w / "processed" / "export.log", w / "processed" / "errors" / "export.log"
+        wait_for(lambda: main.exists() and errors.exists(), timeout=20, what="export.log processed")
+        assert main.read_bytes() == BOM + b"row\r\n"
+        assert errors.read_bytes() == BOM + b"ERROR x\r\n"
+    finally:
+        d.kill()
