@@ -11,10 +11,11 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from ingestd import errors
-from ingestd.engine import Routing, Step
+from ingestd.engine import AtLine, Routing, Step
 from ingestd.errors import Phase, Verdict
 
 BLOCK = 64 * 1024  # the first block decides "binary" (a NUL byte), as grep and git do
+BOM = b"\xef\xbb\xbf"  # UTF-8's byte-order mark (Unicode 15, section 23.8): stripped from line 1, kept in outputs
 
 
 class Rejected(Exception):
@@ -86,7 +87,9 @@ def lines(f: BinaryIO, max_line_bytes: int, stats: Stats, progress: Progress) ->
         yield line
 
 
-READ = 256 * 1024  # block reads for the fast path; a block only needs a line-length check above max_line_bytes
+# Block reads; a block only needs a line-length check above max_line_bytes. As large as sinks.FLUSH_BYTES, so a
+# block is written out as it is rather than first joined with others (one copy fewer).
+READ = 1024 * 1024
 
 # On a pure-ASCII block (bytes.isascii, one C loop) these str methods give the same bytes as their bytes twins,
 # which change only a-z / A-Z (Python docs, bytes.upper: "ASCII characters ... converted"), skipping the decode
@@ -116,9 +119,33 @@ def blocks(f: BinaryIO, max_line_bytes: int, stats: Stats, progress: Progress) -
         yield carry
 
 
+SLICE = 256 * 1024  # non-ASCII text is case-mapped in slices of whole lines this large: faster than 1 MiB here
+
+
+def _slices(block: bytes) -> Iterator[bytes]:
+    """block cut after a newline about every SLICE bytes (whole lines: lower() looks around a Σ within its line)."""
+    if len(block) <= SLICE:
+        yield block
+        return
+    start, n = 0, len(block)
+    while start < n:
+        cut = block.rfind(b"\n", start, start + SLICE) + 1 or block.find(b"\n", start + SLICE) + 1 or n
+        yield block[start:cut]
+        start = cut
+
+
 def _check_lines(block: bytes, max_line_bytes: int, stats: Stats) -> None:
-    if len(block) <= max_line_bytes:
-        return  # no line in it can be longer
+    """Rejected if a line of block has more than max_line_bytes of content (a CR before its LF not counted)."""
+    n, start = len(block), 0
+    while n - start > max_line_bytes:  # jumps from line to line by the window, not by the line: one memrchr each
+        nl = block.rfind(b"\n", start, start + max_line_bytes + 2)  # the content, a CR, and the LF
+        if nl < 0 or nl - start > max_line_bytes:  # perhaps one line too long: look at each line
+            _check_each(block, max_line_bytes, stats)
+            return
+        start = nl + 1  # every line between start and nl is within the limit
+
+
+def _check_each(block: bytes, max_line_bytes: int, stats: Stats) -> None:
     parts = block.split(b"\n")
     last = len(parts) - 1
     for i, line in enumerate(parts):
@@ -154,7 +181,16 @@ def run(
             if out is not None:
                 write(out, block)
         return
-    plan = None if explain else routing.block_plan(rule.tag)
+    if head.startswith(BOM):
+        f.read(len(BOM))  # patterns and processors never see it: line 1 starts after it
+        stats.bytes_in += len(BOM)
+        write = _bom_first(write)
+    if explain is not None or not routing.builtin_only(rule.tag):  # line by line (a plug-in may be slow per line)
+        with _processor_errors(stats, per_line=True):
+            for out, data in routing.run(rule.tag, lines(f, max_line_bytes, stats, progress), explain):
+                write(out, data)
+        return
+    plan = routing.block_plan(rule.tag)
     if plan is not None:  # fast path: per-character processors on whole blocks of lines
         out, fn = plan
         twin = ASCII_TWINS.get(fn)
@@ -163,11 +199,36 @@ def run(
                 if twin is not None and block.isascii():
                     write(out, twin(block))  # no decode, no encode: the same bytes for ASCII
                     continue
-                write(out, fn(block.decode("utf-8", "surrogateescape")).encode("utf-8", "surrogateescape"))  # type: ignore[union-attr]
+                for piece in _slices(block):  # str of up to 4 bytes a character: kept within the CPU caches
+                    write(out, fn(piece.decode("utf-8", "surrogateescape")).encode("utf-8", "surrogateescape"))  # type: ignore[union-attr]
         return
+    # Built-in line-level filters (retag, grep, drop, redact): each line routed on its own, or the block searched
+    # whole where provably the same, read, decoded and written a block at a time (Routing.route_block).
+    tag = rule.tag
     with _processor_errors(stats, per_line=True):
-        for out, data in routing.run(rule.tag, lines(f, max_line_bytes, stats, progress), explain):
-            write(out, data)
+        for block in blocks(f, max_line_bytes, stats, progress):
+            try:
+                routed = routing.route_block(tag, block)
+            except AtLine as e:
+                stats.lines_in -= block.count(b"\n") + (not block.endswith(b"\n")) - e.index - 1
+                raise e.error from None
+            for out, text in routed.items():
+                write(out, text.encode("utf-8", "surrogateescape"))
+
+
+def _bom_first(write: Callable[[str, bytes], None]) -> Callable[[str, bytes], None]:
+    """write(), but each output starts with the input's BOM before its first bytes: an output that receives any
+    line is still UTF-8 with a BOM, whichever lines went elsewhere or were dropped; one that receives none stays
+    empty."""
+    started: set[str] = set()
+
+    def write_bom_first(out: str, data: bytes) -> None:
+        if out not in started:
+            started.add(out)
+            write(out, BOM)
+        write(out, data)
+
+    return write_bom_first
 
 
 @contextmanager

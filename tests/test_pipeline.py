@@ -238,11 +238,12 @@ def test_single_50mb_line_rejected_with_bounded_memory(tmp_path: Path) -> None:
 
 
 def test_many_lines_stream_with_bounded_memory(tmp_path: Path) -> None:
-    """A 12 MiB file of short lines: memory stays a small constant (blocks or lines as they come), far under its size."""
+    """A 32 MiB file of short lines: memory stays a small constant (a few 1 MiB blocks: the read, its upper-cased
+    copy, the carry), far under its size."""
     p = tmp_path / "many"
     line = b"abcdefghij" * 10 + b"\n"
     with open(p, "wb") as f:
-        f.write(line * (12 * MiB // len(line)))
+        f.write(line * (32 * MiB // len(line)))
     total = [0]
     tracemalloc.start()
     try:
@@ -253,7 +254,7 @@ def test_many_lines_stream_with_bounded_memory(tmp_path: Path) -> None:
     finally:
         tracemalloc.stop()
     assert total[0] == p.stat().st_size
-    assert peak < 2 * MiB, f"peak {peak / MiB:.1f} MiB"
+    assert peak < 6 * MiB, f"peak {peak / MiB:.1f} MiB"
 
 
 def test_progress_called_with_bytes_read(tmp_path: Path) -> None:
@@ -267,7 +268,7 @@ def test_progress_called_with_bytes_read(tmp_path: Path) -> None:
 
 def test_block_path_reports_progress_per_block_and_matches_the_line_path(tmp_path: Path) -> None:
     p = tmp_path / "p"
-    p.write_bytes("line \xe9 \xff\r\n".encode("latin-1") * 100_000 + b"no newline at end")  # ~1.2 MiB
+    p.write_bytes("line \xe9 \xff\r\n".encode("latin-1") * 400_000 + b"no newline at end")  # ~4.6 MiB
     ticks: list[int] = []
     fast: list[bytes] = []
     with pipeline.open_input(str(p)) as f:
@@ -371,6 +372,10 @@ def _blob() -> hst.SearchStrategy[bytes]:
 
 def _per_line(data: bytes, fn) -> bytes:  # the reference: each line on its own, as the slow path does
     out = []
+    bom = data.startswith(pipeline.BOM)  # issue 9: a leading BOM is not line 1's text, and starts a non-empty output
+    if bom:
+        data = data[len(pipeline.BOM):]
+        out.append(pipeline.BOM if data else b"")
     for line in io.BytesIO(data).readlines():
         body, end = (line[:-2], line[-2:]) if line.endswith(b"\r\n") else \
             ((line[:-1], line[-1:]) if line.endswith(b"\n") else (line, b""))
