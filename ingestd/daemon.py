@@ -550,6 +550,8 @@ class Daemon:
     def _space_ok(self, now: float) -> bool:
         """Backpressure: below min_free_bytes (or out of inodes) claim nothing; resume by itself."""
         st = os.statvfs(self.spool.root)
+        if st.f_blocks == 0:  # no size reported (ramfs, some FUSE): "0 free" means unknown, never "full"
+            return True
         free = st.f_bavail * st.f_frsize
         low_inodes = st.f_files > 0 and st.f_favail < 64
         pause = self.state.pause
