@@ -234,40 +234,34 @@ def tree_pids(root: int) -> list[int]:
     return out
 
 
+def _per_thread(pids: list[int], file: str, parse: Callable[[str], int]) -> int:
+    """parse(/proc/PID/task/TID/<file>) summed over every thread of these processes (gone ones count 0)."""
+    total = 0
+    for pid in pids:
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/{file}") as f:
+                    total += parse(f.read())
+            except OSError:
+                continue
+    return total
+
+
 def wakeups(pids: list[int]) -> int:
     """Voluntary context switches, all threads of these processes: each is one sleep ended by a wake-up (a
     timer or an event). Idle cost is wake-ups times the cost of one, which on a small VM is milliseconds of
     cold caches, so this is the figure the code controls."""
-    total = 0
-    for pid in pids:
-        try:
-            tids = os.listdir(f"/proc/{pid}/task")
-        except OSError:
-            continue
-        for tid in tids:
-            try:
-                with open(f"/proc/{pid}/task/{tid}/status") as f:
-                    total += sum(int(line.split()[1]) for line in f if line.startswith("voluntary_ctxt"))
-            except OSError:
-                continue
-    return total
+    return _per_thread(pids, "status", lambda text: sum(int(line.split()[1]) for line in text.splitlines()
+                                                         if line.startswith("voluntary_ctxt")))
 
 
 def cpu_ns(pids: list[int]) -> int:
     """Nanoseconds on CPU, all threads of these processes (schedstat: ns precision, unlike clock ticks)."""
-    total = 0
-    for pid in pids:
-        try:
-            tids = os.listdir(f"/proc/{pid}/task")
-        except OSError:
-            continue
-        for tid in tids:
-            try:
-                with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
-                    total += int(f.read().split()[0])
-            except OSError:
-                continue
-    return total
+    return _per_thread(pids, "schedstat", lambda text: int(text.split()[0]))
 
 
 def vm_hwm_kib(pid: int, argv: list[str]) -> int:

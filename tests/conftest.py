@@ -38,3 +38,15 @@ def tmpfs() -> Iterator[Callable[..., Path]]:
     yield mount
     for path in reversed(mounted):
         subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+@pytest.fixture
+def ramfs(tmp_path: Path) -> Iterator[Path]:
+    """A fresh ramfs mount (no size, no user xattrs, no birth times), unmounted after the test; root only."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting ramfs needs root")
+    root = tmp_path / "ramfs"
+    root.mkdir()
+    subprocess.run(["mount", "-t", "ramfs", "ramfs", str(root)], check=True)
+    yield root
+    subprocess.run(["umount", "-l", str(root)], check=False)

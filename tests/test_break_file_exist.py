@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import errno
 import os
-import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,11 +14,11 @@ import pytest
 from support import DaemonProcess, folder, wait_for
 from torture.lib import kill_tree, metrics_ok, shim_env
 from torture.powerloss import Disk
+from test_file_exist import ASIDE, asides, publish as _publish
 
 from ingestd import sinks as sinks_mod
 from ingestd.sinks import Sinks, claim_of
 
-ASIDE = re.compile(r"^(?P<name>.*)\.superseded-(?P<t>\d+)(-(?P<n>\d+))?$", re.DOTALL)
 ROUTING = ('[[filters]]\nmatch = "*"\nretag = "errors"\npattern = "ERROR"\n'
            '[[outputs]]\nmatch = "errors"\npath = "errors"\n[[outputs]]\nmatch = "*"\n')
 
@@ -33,15 +32,8 @@ def processed(tmp_path: Path) -> Path:
 
 def publish(processed: Path, name: str, outputs: dict[str, bytes], policy: str, claim: bytes | None,
             folders: tuple[str, ...] = ("",)) -> Sinks:
-    s = Sinks(str(processed), name, list(folders), policy, claim)
-    for out, data in outputs.items():
-        s.write(out, data)
-    s.commit()
-    return s
-
-
-def asides(d: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in d.iterdir() if p.is_file() and ASIDE.match(p.name)}
+    """test_file_exist's publish, with one output folder by default."""
+    return _publish(processed, name, outputs, policy, claim, folders)
 
 
 def visible(d: Path) -> dict[str, bytes]:
