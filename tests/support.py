@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -10,9 +11,11 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 INGESTD = [sys.executable, "-m", "ingestd"]
 
@@ -176,3 +179,15 @@ class DaemonProcess:
 def folder(watch_dir: Path, name: str) -> list[str]:
     """User-visible entries of a queue folder, sorted (hidden temps and sidecars excluded)."""
     return sorted(n for n in os.listdir(watch_dir / name) if not n.startswith("."))
+
+
+@contextlib.contextmanager
+def immutable(path: Path) -> Iterator[None]:
+    """chattr +i on path for the block (a folder nobody, root included, may change: EPERM), then -i; skips the
+    test where that cannot be done (not root, a file system without the flag)."""
+    if subprocess.run(["chattr", "+i", str(path)], capture_output=True, check=False).returncode:
+        pytest.skip("chattr +i needs root and a file system with the immutable flag (ext4, xfs)")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", str(path)], check=True)

@@ -8,12 +8,11 @@ from __future__ import annotations
 import errno
 import os
 import re
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support import DaemonProcess, folder, wait_for
+from support import DaemonProcess, folder, immutable, wait_for
 from torture.lib import kill_tree, metrics_ok, shim_env
 
 from ingestd import sinks as sinks_mod
@@ -184,16 +183,11 @@ def test_a_refused_commit_puts_the_earlier_result_back_and_no_aside_stays(proces
     s = Sinks(str(processed), "in", ["", "errors"], "keep", b"2")
     s.write("", b"new\n")
     s.write("errors", b"E\n")
-    if subprocess.run(["chattr", "+i", str(processed / "errors")], capture_output=True, check=False).returncode:
-        s.abort()
-        pytest.skip("chattr +i needs root and a filesystem with the immutable flag")
-    try:
+    with immutable(processed / "errors"):
         with pytest.raises(OSError) as e:
             s.commit()
         assert e.value.errno == errno.EPERM
         s.abort()
-    finally:
-        subprocess.run(["chattr", "-i", str(processed / "errors")], check=True)
     # (the temp in the immutable folder could not be dropped by abort; recovery drops it)
     assert {k: v for k, v in listing(processed).items() if "/." not in k} == {"in": b"earlier\n"}
 

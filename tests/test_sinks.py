@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import errno
 import os
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from support import immutable
 
 from ingestd import sinks as sinks_mod
 from ingestd.sinks import Sinks
@@ -250,16 +250,11 @@ def test_a_commit_refused_midway_puts_back_what_it_renamed(processed: Path) -> N
     s = Sinks(str(processed), "in", ["", "errors"])
     s.write("", b"new\n")
     s.write("errors", b"E\n")  # temps exist in both folders before the folder is locked
-    if subprocess.run(["chattr", "+i", str(locked)], capture_output=True, check=False).returncode != 0:
-        s.abort()
-        pytest.skip("chattr +i needs root and a filesystem with the immutable flag (ext4, xfs)")
-    try:
+    with immutable(locked):
         with pytest.raises(OSError) as e:
             s.commit()
         assert e.value.errno == errno.EPERM
         s.abort()
-    finally:
-        subprocess.run(["chattr", "-i", str(locked)], check=True)
     assert (processed / "in").read_bytes() == b"earlier result\n"
     assert not (locked / "in").exists()
     assert [p.name for p in processed.iterdir() if p.name.startswith(".")] == []  # no kept link left behind
