@@ -566,7 +566,7 @@ class Spool:
               enter: Callable[[str], bool] | None = None, root: str = "") -> Any:
         """Every user entry that is not a folder, at any depth, as relative paths ("a.txt", "batch/deep/b.txt"),
         in the order met. Hidden names and folders are skipped, symlinks never followed, a folder gone meanwhile is
-        skipped. enter(rel) is called before a subfolder is listed (False: skip it; the watch adds itself there, so
+        skipped, and so is a subfolder that cannot be listed (ENAMETOOLONG past PATH_MAX, EACCES). enter(rel) is called before a subfolder is listed (False: skip it; the watch adds itself there, so
         a file made during the listing is seen either way). sidecar_dirs (failed/): a folder with a sidecar of its
         own was set aside whole (older versions failed folders) and is an entry itself. With dirs=True returns
         (files, subfolders), subfolders parents first. root: start in that subfolder (its paths still relative to
@@ -581,6 +581,12 @@ class Spool:
             try:
                 names, subs = self.split(os.path.join(folder, rel) if rel else folder)
             except (FileNotFoundError, NotADirectoryError):
+                continue
+            except OSError:
+                if not rel:
+                    raise  # the queue folder itself: the caller's error (EACCES on unprocessed/...)
+                # A subfolder that cannot be listed (deeper than PATH_MAX: ENAMETOOLONG; EACCES, ELOOP): its files
+                # cannot be claimed either; skipping it keeps the rest of the listing (it stopped every rescan).
                 continue
             found += [f"{rel}/{n}" if rel else n for n in names]
             for d in subs:

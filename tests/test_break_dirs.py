@@ -1,0 +1,73 @@
+"""Break-it session on folders in unprocessed/ and `recursive = true` (issue 9): real daemons, real trees.
+
+Each test is an input that lost, doubled or stuck a file, or wedged the daemon, before its fix (or is marked
+xfail(strict=True) with what remains)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from support import DaemonProcess, wait_for
+from test_directories import RECURSIVE, tree
+
+
+@pytest.fixture
+def start(tmp_path: Path) -> Iterator:
+    """start(*args, env=...) -> a started daemon on tmp_path/w; every one is killed at the end."""
+    procs: list[DaemonProcess] = []
+
+    def _start(*args: str, env: dict[str, str] | None = None) -> DaemonProcess:
+        d = DaemonProcess(tmp_path / "w", *args, env=env, cwd=tmp_path, new_session=True)
+        procs.append(d)
+        return d.started()
+
+    yield _start
+    for d in procs:
+        if d.proc.poll() is None:
+            os.killpg(d.proc.pid, signal.SIGKILL)
+            d.kill()
+
+
+def _deep(root: Path, levels: int, seg: str, files_at: dict[int, bytes]) -> list[str]:
+    """Make `levels` nested folders named `seg` under root (relative chdir: the path may exceed PATH_MAX), a file
+    f<level>.txt at each level in files_at; returns the files' paths relative to root's parent's child."""
+    made = []
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    cwd = os.getcwd()
+    try:
+        os.chdir(fd)
+        rel = []
+        for i in range(levels):
+            os.mkdir(seg)
+            os.chdir(seg)
+            rel.append(seg)
+            if i in files_at:
+                with open(f"f{i}.txt", "wb") as f:
+                    f.write(files_at[i])
+                made.append("/".join([*rel, f"f{i}.txt"]))
+    finally:
+        os.chdir(cwd)
+        os.close(fd)
+    return made
+
+
+def test_a_tree_deeper_than_path_max_does_not_stop_the_listing(start, tmp_path: Path) -> None:
+    """Found: one folder deeper than PATH_MAX (4096 bytes) made every listing of unprocessed/ raise
+    ENAMETOOLONG ("unexpected error in watch", then "in housekeeping" at each rescan): files inside PATH_MAX in
+    that tree, and every file the watch had not seen (present at start, after an overflow), waited for ever."""
+    w = tmp_path / "w"
+    (w / "unprocessed" / "d").mkdir(parents=True)
+    (w / "unprocessed" / "early.txt").write_bytes(b"early\n")  # present at start: only a listing finds it
+    _deep(w / "unprocessed" / "d", 25, "x" * 200, {5: b"shallow enough\n", 24: b"too deep\n"})
+    d = start(env={**RECURSIVE, "INGESTD_RESCAN_INTERVAL": "1"})
+    shallow = "d/" + "/".join(["x" * 200] * 6) + "/f5.txt"
+    wait_for(lambda: tree(w / "processed").get("early.txt") == b"EARLY\n", what="the top-level file")
+    wait_for(lambda: (w / "processed" / shallow).exists(), what="the file within PATH_MAX")
+    time.sleep(1.5)  # a periodic rescan or more
+    assert not [e for e in d.events if e.get("event") == "internal_error" or "unexpected" in e.get("message", "")]
+    assert d.proc.poll() is None
