@@ -305,10 +305,11 @@ class Daemon:
             if "/" not in rel:
                 self._note_folders({*self.folders_left, rel})
             return
-        files, subdirs = self.spool.files(self.spool.unprocessed, dirs=True, enter=self._enter, root=rel)
+        # No removal check here: a folder is removed only once the daemon emptied it (a claim from it, see
+        # _claim); a producer's `mkdir batch`, then a pause past settle_time before its first file, had its
+        # folder removed under it (ENOENT: tests/test_break_dirs.py).
+        files = self.spool.files(self.spool.unprocessed, enter=self._enter, root=rel)
         self.arrivals.scanned(files, now)
-        for sub in (rel, *subdirs):
-            self._check_folder_at(sub, now + self.s.settle_time)
 
     def _folder_gone(self, rel: str) -> None:
         if rel in self.folders_left:
@@ -346,8 +347,8 @@ class Daemon:
             self.folder_checks[rel] = when
 
     def _clean_folders(self, now: float) -> None:
-        """Recursive mode: remove subfolders of unprocessed/ that are empty and quiet (settle_time without a
-        change, so a producer between its mkdir and its first file keeps its folder); then their parents."""
+        """Recursive mode: remove subfolders of unprocessed/ the daemon emptied (only claims schedule a check)
+        once empty and quiet (settle_time without a change); then their parents."""
         due = [f for f, t in self.folder_checks.items() if t <= now]
         if not due:
             return
@@ -406,10 +407,9 @@ class Daemon:
         now = self.clock()
         if self.s.recursive:
             # Each subfolder watched before it is listed (inotify(7): watches are not recursive).
-            files, subdirs = self.spool.files(self.spool.unprocessed, dirs=True, enter=self._enter)
+            # Folders emptied by hand or copied in empty stay: only the daemon's claims schedule a removal.
+            files = self.spool.files(self.spool.unprocessed, enter=self._enter)
             self.arrivals.scanned(files, now)
-            for rel in subdirs:
-                self._check_folder_at(rel, now + self.s.settle_time)  # emptied by hand, or copied in empty
         else:
             files, folders = Spool.split(self.spool.unprocessed)
             self.arrivals.scanned(files, now)

@@ -71,3 +71,19 @@ def test_a_tree_deeper_than_path_max_does_not_stop_the_listing(start, tmp_path: 
     time.sleep(1.5)  # a periodic rescan or more
     assert not [e for e in d.events if e.get("event") == "internal_error" or "unexpected" in e.get("message", "")]
     assert d.proc.poll() is None
+
+
+def test_a_folder_the_producer_made_and_has_not_filled_yet_is_never_removed(start, tmp_path: Path) -> None:
+    """Found: `mkdir batch`, then a pause longer than settle_time before the first file (a producer that makes
+    its folder, then fetches): the daemon removed the empty folder under the producer, whose write then failed
+    with ENOENT. Only a folder the daemon itself emptied (it claimed files from it) is removed."""
+    d = start(env=RECURSIVE)  # settle_time 0.3 s
+    u = d.watch_dir / "unprocessed"
+    (u / "waiter").mkdir()
+    (u / "p" / "q").mkdir(parents=True)  # the wider kind: mkdir -p, and a folder holding only a folder
+    time.sleep(1.5)  # several settle times
+    (u / "waiter" / "a.txt").write_bytes(b"a\n")  # ENOENT before the fix
+    (u / "p" / "q" / "b.txt").write_bytes(b"b\n")
+    wait_for(lambda: tree(d.watch_dir / "processed") == {"waiter/a.txt": b"A\n", "p/q/b.txt": b"B\n"},
+             what="both processed")
+    wait_for(lambda: not os.listdir(u), what="the folders the daemon emptied removed once quiet")
