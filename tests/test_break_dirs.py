@@ -87,3 +87,19 @@ def test_a_folder_the_producer_made_and_has_not_filled_yet_is_never_removed(star
     wait_for(lambda: tree(d.watch_dir / "processed") == {"waiter/a.txt": b"A\n", "p/q/b.txt": b"B\n"},
              what="both processed")
     wait_for(lambda: not os.listdir(u), what="the folders the daemon emptied removed once quiet")
+
+
+def test_folders_emptied_by_a_run_killed_before_their_removal_go_at_the_next_start(start, tmp_path: Path) -> None:
+    """The other side of the fix above: a folder the daemon emptied, then kill -9 before its removal, is removed
+    at the next start (its mirror in processed/ says the daemon emptied it); a producer's empty folder stays."""
+    w = tmp_path / "w"
+    for q in ("unprocessed/done/sub", "processed/done/sub", "unprocessed/fresh"):
+        (w / q).mkdir(parents=True)
+    (w / "processed" / "done" / "sub" / "r.txt").write_bytes(b"R\n")
+    for f in ("underprocess", "failed"):
+        (w / f).mkdir()
+    d = start(env=RECURSIVE)
+    wait_for(lambda: not (w / "unprocessed" / "done").exists(), what="the emptied folders removed")
+    time.sleep(1)  # settle times
+    assert (w / "unprocessed" / "fresh").is_dir()
+    assert d.proc.poll() is None
