@@ -150,7 +150,7 @@ def _report(settings: Settings, spool: Spool) -> dict[str, Any]:
     """The fields `status --json` shares with /api/status have its shape (docs/api.md): watch_dir, counts,
     recent (the daemon's entries: file, result, duration, finished_at, reason, seq), failures (sidecar records)."""
     try:
-        counts = spool.counts()
+        counts = spool.counts(settings.recursive, {o.path for o in settings.routing.outputs})
         # Names the daemon never claims (dot-files, *.tmp, *.part...) are not waiting, nor with done_marker the
         # NAME.done markers themselves (they vouch for a file, they are none); the daemon counts the same.
         # Folders are never claimed: with recursive on, the files inside them wait; off, they are left as they are.

@@ -402,7 +402,7 @@ class Daemon:
         if made:
             event("folders_recreated", "queue folders were missing and are made again", logging.WARNING,
                   folders=made)
-        counts = self.spool.counts()
+        counts = self.spool.counts(self.s.recursive, self.outputs)  # results in folders count (recursive)
         self.state.kept = {"processed": counts["processed"], "failed": counts["failed"]}
         now = self.clock()
         if self.s.recursive:

@@ -15,7 +15,7 @@ import logging
 import os
 import socket
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -649,9 +649,14 @@ class Spool:
                 raise FolderError(path, PermissionError(errno.EACCES, os.strerror(errno.EACCES)),
                                   "write to" if f in writable and os.access(path, os.R_OK | os.X_OK) else "read")
 
-    def counts(self) -> dict[str, int]:
-        """Entries per folder; processed/ counts files only (its subfolders are routing outputs)."""
+    def counts(self, recursive: bool = False, outputs: Iterable[str] = ()) -> dict[str, int]:
+        """Entries per folder; processed/ counts files only (its subfolders are routing outputs). recursive: the
+        results of files from folders (processed/batch/a.txt) count too, at any depth, except inside the routing
+        output folders named in `outputs` (paths under processed/, e.g. "errors"): those are still not counted."""
         counts = {f: _count(getattr(self, f), f == "processed") for f in FOLDERS}
+        if recursive:
+            routed = set(outputs)
+            counts["processed"] = len(self.files(self.processed, enter=lambda rel: rel not in routed))
         # Mirrored folders (recursive mode) hold files: count those, not the folders.
         counts["underprocess"] = len(self.files(self.underprocess))
         counts["failed"] = len(self.files(self.failed, sidecar_dirs=True))

@@ -103,3 +103,31 @@ def test_folders_emptied_by_a_run_killed_before_their_removal_go_at_the_next_sta
     time.sleep(1)  # settle times
     assert (w / "unprocessed" / "fresh").is_dir()
     assert d.proc.poll() is None
+
+
+def test_status_counts_results_in_folders(start, tmp_path: Path) -> None:
+    """Found: results of files from folders (processed/batch/a.txt) were not counted: `ingestd status` said
+    "processed 0" beside 40 results, and /api/status counted them until the next rescan re-counted processed/ from
+    disk and dropped them to 0. Routed outputs (processed/<route>/) are still not counted, as at the top."""
+    import json
+    import subprocess
+
+    from support import INGESTD
+
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[[filters]]\nmatch = "*"\nretag = "errors"\npattern = "ERR"\n\n[[filters]]\nmatch = "*"\n'
+                   'processor = "uppercase"\n\n[[outputs]]\nmatch = "errors"\npath = "errors"\n\n'
+                   '[[outputs]]\nmatch = "*"\n')
+    d = start("--config", str(cfg), env={**RECURSIVE, "INGESTD_RESCAN_INTERVAL": "1"})
+    u = d.watch_dir / "unprocessed"
+    (u / "batch" / "sub").mkdir(parents=True)
+    for i in range(20):
+        (u / "batch" / f"a{i}.txt").write_bytes(b"a\n[ERR] x\n")
+        (u / "batch" / "sub" / f"b{i}.txt").write_bytes(b"b\n")
+    (u / "top.txt").write_bytes(b"t\n")
+    wait_for(lambda: d.count("processed") == 41, what="41 files processed")
+    time.sleep(2.5)  # periodic rescans re-count processed/ from disk
+    assert d.status()["counts"]["processed"] == 41
+    cli = subprocess.run([*INGESTD, "status", "--watch-dir", str(d.watch_dir), "--json"], capture_output=True,
+                         text=True, check=True, env={**os.environ, **RECURSIVE, "INGESTD_CONFIG": str(cfg)})
+    assert json.loads(cli.stdout)["counts"]["processed"] == 41
