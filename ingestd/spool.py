@@ -278,13 +278,6 @@ class Spool:
         src, dst = os.path.join(self.unprocessed, name), os.path.join(self.underprocess, name)
         try:
             with lease.read_lease(src) as held:
-                if held.verdict is not lease.Verdict.GONE and "/" in name:
-                    # recursive mode: underprocess/ mirrors the file's folders, so its relative path survives a
-                    # crash as it is (recovery walks underprocess/); made durable before the rename (makedirs)
-                    try:
-                        durable.makedirs(self.underprocess, os.path.dirname(name))
-                    except NotADirectoryError:
-                        return Claim.GONE  # a file named like its folder is in flight: after that one commits
                 v = held.verdict
                 if v is lease.Verdict.GONE:
                     return Claim.GONE
@@ -292,11 +285,26 @@ class Spool:
                     return Claim.BUSY
                 if v is lease.Verdict.UNSUPPORTED and not settled:
                     return Claim.UNSURE
+                if "/" in name:
+                    # recursive mode: underprocess/ mirrors the file's folders, so its relative path survives a
+                    # crash as it is (recovery walks underprocess/); made durable before the rename (makedirs).
+                    # Only now, right before the rename: a mirror made for a claim that then did not happen
+                    # (busy, unsure) stayed empty, and a top-level file of the folder's name could never be
+                    # claimed (EEXIST) until a restart (tests/test_break_dirs.py).
+                    try:
+                        durable.makedirs(self.underprocess, os.path.dirname(name))
+                    except NotADirectoryError:
+                        return Claim.GONE  # a file named like its folder is in flight: after that one commits
                 # No fsync: a claim lost in a power cut leaves the file in unprocessed/, where it is redone.
                 durable.rename_noreplace(src, dst)
                 if v is lease.Verdict.FREE:
-                    return self._confirm(held, src, dst)
+                    verdict = self._confirm(held, src, dst)
+                    if verdict is not Claim.CLAIMED:
+                        self._prune_up(self.underprocess, name)  # given back: its mirror goes if now empty
+                    return verdict
         except OSError as e:
+            if "/" in name:
+                self._prune_up(self.underprocess, name)  # the rename did not happen: no empty mirror left
             if e.errno in (errno.ENOENT, errno.EEXIST):
                 return Claim.GONE
             raise

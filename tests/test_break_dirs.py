@@ -131,3 +131,21 @@ def test_status_counts_results_in_folders(start, tmp_path: Path) -> None:
     cli = subprocess.run([*INGESTD, "status", "--watch-dir", str(d.watch_dir), "--json"], capture_output=True,
                          text=True, check=True, env={**os.environ, **RECURSIVE, "INGESTD_CONFIG": str(cfg)})
     assert json.loads(cli.stdout)["counts"]["processed"] == 41
+
+
+def test_a_busy_file_in_a_folder_leaves_no_empty_mirror_that_blocks_a_file_of_its_name(start, tmp_path: Path) -> None:
+    """Found: a claim of job/a.txt found it busy (a writer held it open) after making underprocess/job/ for it;
+    the producer then moved job/ away, and the empty mirror stayed: a later top-level file `job` could never be
+    claimed (its rename met the folder: EEXIST) until a restart. The mirror is made only right before the rename
+    now, and removed again when a claim is given back or its rename fails."""
+    w = tmp_path / "w"
+    (w / "unprocessed" / "job").mkdir(parents=True)
+    with open(w / "unprocessed" / "job" / "a.txt", "wb") as f:
+        f.write(b"x\n")
+        f.flush()
+        d = start(env=RECURSIVE)  # found by the start-up listing: settled, then claimed, and busy
+        wait_for(lambda: d.event("busy"), what="the claim found it busy")
+        os.rename(w / "unprocessed" / "job", tmp_path / "elsewhere")
+    assert not os.listdir(w / "underprocess")  # before: ["job"], empty
+    (w / "unprocessed" / "job").write_bytes(b"top\n")
+    wait_for(lambda: tree(w / "processed") == {"job": b"TOP\n"}, what="the top-level file processed")
