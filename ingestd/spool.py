@@ -406,7 +406,14 @@ class Spool:
             # `rm -rf failed/` under a running daemon: ENOENT on failed/ is RECREATE (errors.classify, Phase.FAIL).
             os.makedirs(self.failed, exist_ok=True)
         if "/" in name:
-            durable.makedirs(self.failed, os.path.dirname(name))  # failed/batch/a.txt keeps its relative path
+            try:
+                durable.makedirs(self.failed, os.path.dirname(name))  # failed/batch/a.txt keeps its relative path
+            except NotADirectoryError:
+                # An earlier failed file is named like a folder on the way (failed/batch, a file): set it aside
+                # like any earlier failed file, then make the folder. Raising here paused claiming for the whole
+                # queue again and again (tests/test_break_dirs.py).
+                self._clear_way(os.path.dirname(name), now)
+                durable.makedirs(self.failed, os.path.dirname(name))
         if os.path.lexists(os.path.join(self.failed, name)):
             self._set_aside(name, now)
         record = {
@@ -428,6 +435,16 @@ class Spool:
         if source is None:
             self._prune_up(self.underprocess, name)
         self.clear_attempts(name)
+
+    def _clear_way(self, folder: str, now: float) -> None:
+        """Set aside (set_aside) each failed file that sits where a folder of `folder` ("a/b") must be."""
+        parts = folder.split("/")
+        for i in range(1, len(parts) + 1):
+            rel = "/".join(parts[:i])
+            path = os.path.join(self.failed, rel)
+            if os.path.lexists(path) and not stat.S_ISDIR(os.lstat(path).st_mode):
+                self._set_aside(rel, now)
+                return  # the folders below it did not exist either
 
     def _next_seq(self) -> int:
         """The next failure sequence number (an int >= 1): increasing across restarts, crashes and clock steps.

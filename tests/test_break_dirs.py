@@ -149,3 +149,25 @@ def test_a_busy_file_in_a_folder_leaves_no_empty_mirror_that_blocks_a_file_of_it
     assert not os.listdir(w / "underprocess")  # before: ["job"], empty
     (w / "unprocessed" / "job").write_bytes(b"top\n")
     wait_for(lambda: tree(w / "processed") == {"job": b"TOP\n"}, what="the top-level file processed")
+
+
+def test_a_failed_file_named_like_a_folder_does_not_stall_the_queue(start, tmp_path: Path) -> None:
+    """Found: `fz` (binary) failed, then a folder `fz/` arrived with a binary file: failed/fz/ could not be made
+    (failed/fz is a file), so fail() raised ENOTDIR, taken for an I/O error: "claiming paused", again and again
+    with a doubling backoff, for the whole queue, for ever. Now the earlier failed file is set aside
+    (fz.superseded-<time>, its sidecar with it), as any earlier failed file of the same name is."""
+    d = start(env=RECURSIVE)
+    w = d.watch_dir
+    u = w / "unprocessed"
+    (u / "fz").write_bytes(b"a\x00b")
+    wait_for(lambda: (w / "failed" / "fz").is_file(), what="fz failed")
+    (u / "fz").mkdir()
+    (u / "fz" / "q.dat").write_bytes(b"c\x00d")
+    wait_for(lambda: (w / "failed" / "fz" / "q.dat").is_file(), what="fz/q.dat failed with its path")
+    (u / "later.txt").write_bytes(b"later\n")
+    wait_for(lambda: (w / "processed" / "later.txt").exists(), what="the queue flows on")
+    assert not d.event("claiming_paused") and not [e for e in d.events if "paused" in e.get("message", "")]
+    asides = [n for n in os.listdir(w / "failed") if n.startswith("fz.superseded-")]
+    assert len(asides) == 1 and (w / "failed" / asides[0]).read_bytes() == b"a\x00b"
+    names = {f["name"]: f["reason"] for f in d.status()["failures"]}
+    assert names["fz/q.dat"].startswith("binary") and names[asides[0]].startswith("binary")
