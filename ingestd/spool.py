@@ -473,9 +473,15 @@ class Spool:
         """Rename the older failed file to a name that is free (set_aside); its sidecar follows it."""
         aside = set_aside(self.failed, name, now)
         folder = os.path.dirname(name)  # recursive mode: failed/batch/a.txt is set aside in failed/batch/
-        sidecar = os.path.join(self.failed, REASON_PREFIX + key(name) + ".json")
-        if os.path.exists(sidecar):
-            durable.rename(sidecar, os.path.join(self.failed, REASON_PREFIX + key(aside) + ".json"))
+        moved = [""]
+        if os.path.isdir(os.path.join(self.failed, aside)):
+            # A folder of failed files (recursive mode) set aside for a file of its name: each file's sidecar (at the
+            # top, by relative path) follows it, or their reasons read "unknown (no sidecar)".
+            moved = ["/" + rel for rel in self.files(os.path.join(self.failed, aside))]
+        for rel in moved:
+            sidecar = os.path.join(self.failed, REASON_PREFIX + key(name + rel) + ".json")
+            if os.path.exists(sidecar):
+                durable.rename(sidecar, os.path.join(self.failed, REASON_PREFIX + key(aside + rel) + ".json"))
         durable.fsync_dir(self.failed)  # the older file is safe under its new name before the newer arrives
         if folder:
             durable.fsync_dir(os.path.join(self.failed, folder))  # likewise its new name in its own folder

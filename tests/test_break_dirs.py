@@ -171,3 +171,22 @@ def test_a_failed_file_named_like_a_folder_does_not_stall_the_queue(start, tmp_p
     assert len(asides) == 1 and (w / "failed" / asides[0]).read_bytes() == b"a\x00b"
     names = {f["name"]: f["reason"] for f in d.status()["failures"]}
     assert names["fz/q.dat"].startswith("binary") and names[asides[0]].startswith("binary")
+
+
+def test_a_failed_folder_set_aside_for_a_file_of_its_name_keeps_its_reasons(start, tmp_path: Path) -> None:
+    """The reverse: fz/q.dat failed (failed/fz/ is a folder), then a file `fz` fails: the folder is set aside
+    whole (fz.superseded-<time>/). Found: its files' reasons were left behind ("unknown (no sidecar)")."""
+    d = start(env=RECURSIVE)
+    w = d.watch_dir
+    u = w / "unprocessed"
+    (u / "fz").mkdir()
+    (u / "fz" / "q.dat").write_bytes(b"c\x00d")
+    wait_for(lambda: (w / "failed" / "fz" / "q.dat").is_file(), what="fz/q.dat failed")
+    wait_for(lambda: not (u / "fz").exists(), what="fz/ removed once emptied")
+    (tmp_path / "fz").write_bytes(b"a\x00b")
+    os.rename(tmp_path / "fz", u / "fz")
+    wait_for(lambda: (w / "failed" / "fz").is_file(), what="the file fz failed")
+    aside = next(n for n in os.listdir(w / "failed") if n.startswith("fz.superseded-"))
+    reasons = {f["name"]: f["reason"] for f in d.status()["failures"]}
+    assert reasons[f"{aside}/q.dat"].startswith("binary"), reasons
+    assert reasons["fz"].startswith("binary")
