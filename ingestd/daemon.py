@@ -408,13 +408,14 @@ class Daemon:
         if self.s.recursive:
             # Each subfolder watched before it is listed (inotify(7): watches are not recursive).
             # Folders emptied by hand or copied in empty stay: only the daemon's claims schedule a removal, and at
-            # start-up the folders a run before this one emptied (a mirror in processed/ or failed/ says so; a
-            # crash or stop came before their removal).
+            # start-up the folders a run before this one emptied (a mirror in underprocess/, processed/ or failed/
+            # says so; a crash or stop came before their removal).
             files, subdirs = self.spool.files(self.spool.unprocessed, dirs=True, enter=self._enter)
             self.arrivals.scanned(files, now)
             if reason == "startup":
+                mirrors = (self.spool.underprocess, self.spool.processed, self.spool.failed)
                 for rel in subdirs:
-                    if any(os.path.isdir(os.path.join(f, rel)) for f in (self.spool.processed, self.spool.failed)):
+                    if any(os.path.isdir(os.path.join(f, rel)) for f in mirrors):
                         self._check_folder_at(rel, now + self.s.settle_time)
         else:
             files, folders = Spool.split(self.spool.unprocessed)
