@@ -515,10 +515,22 @@ class Daemon:
                 return None
             claimed = self.spool.claim(name, settled=r.settled)
         except OSError as e:
+            if e.errno == errno.ENAMETOOLONG and "/" in name:
+                # Its path fits under unprocessed/ but not under underprocess/ (one byte longer) or a mirrored
+                # folder there: it can never be claimed, and waited for ever. failed/ is shorter: set it aside.
+                reason = ("path too long to claim: underprocess/ plus its path passes PATH_MAX (4096 bytes); "
+                          "shorten its folders and requeue it")
+                try:
+                    self.spool.fail(name, Failure(reason), self.wall(), source=self.spool.unprocessed)
+                except OSError:
+                    pass  # it stays queued and is retried below
+                else:
+                    self._count_failed(name, reason, 0.0, None)
+                    return None
             if e.errno in (errno.EPERM, errno.ENAMETOOLONG):
                 # This entry's own doing (an immutable or append-only file: chattr +i/+a; a path deeper than
-                # PATH_MAX inside folders): it waits and is looked at again with a backoff of its own; the rest of
-                # the queue flows on.
+                # PATH_MAX inside folders that failed/ cannot take either): it waits and is looked at again with a
+                # backoff of its own; the rest of the queue flows on.
                 if not r.retry:
                     event("io_error", "cannot claim this file; it stays queued and is retried", logging.ERROR,
                           file=display(name), reason=oserror(e))

@@ -207,3 +207,27 @@ def test_a_result_named_like_a_folder_of_results_follows_file_exist(start, tmp_p
     wait_for(lambda: d.count("processed") + d.count("failed") == 2, what="fb/q.txt done")
     assert (w / "processed" / "fb" / "q.txt").read_bytes() == b"INSIDE\n"
     assert [n for n in os.listdir(w / "processed") if n.startswith("fb.superseded-")]
+
+
+def test_a_file_whose_claim_path_passes_path_max_fails_with_its_reason(start, tmp_path: Path) -> None:
+    """Found: unprocessed/REL fits in PATH_MAX (4096 bytes with its NUL) but underprocess/REL, one byte longer,
+    does not: the claim raised ENAMETOOLONG and the file waited for ever, retried every 30 s, never processed
+    nor failed. It goes to failed/ (a shorter path) with a reason that says what to do."""
+    w = tmp_path / "w"
+    u = w / "unprocessed"
+    u.mkdir(parents=True)
+    room = 4095 - len(str(u)) - 1  # bytes left for REL after "unprocessed/"
+    parts, left = [], room - len("/end.txt")
+    while left > 201:
+        parts.append("y" * 200)
+        left -= 201
+    parts.append("z" * left)
+    rel = "/".join(parts) + "/end.txt"
+    assert len(str(u / rel)) == 4095
+    (u / rel).parent.mkdir(parents=True)
+    (u / rel).write_bytes(b"end\n")
+    d = start(env=RECURSIVE)
+    wait_for(lambda: d.count("failed") == 1, what="failed")
+    failure = d.status()["failures"][0]
+    assert failure["name"] == rel and "PATH_MAX" in failure["reason"], failure
+    assert (w / "failed" / rel).read_bytes() == b"end\n"
