@@ -231,3 +231,82 @@ def test_a_file_whose_claim_path_passes_path_max_fails_with_its_reason(start, tm
     failure = d.status()["failures"][0]
     assert failure["name"] == rel and "PATH_MAX" in failure["reason"], failure
     assert (w / "failed" / rel).read_bytes() == b"end\n"
+
+
+def _files(root: Path) -> int:
+    """Files under root at any depth (hidden ones too), tolerant of a daemon moving them meanwhile (os.walk)."""
+    return sum(len(fs) for _, _, fs in os.walk(root))
+
+
+def _batch(src: Path, n: int) -> dict[str, bytes]:
+    made = {}
+    for i in range(n):
+        rel = f"big/d{i % 5}/e{i % 3}/f{i}.txt"
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        data = b"".join(b"row %d %d\n" % (i, j) for j in range(i % 40 + 1))
+        (src / rel).write_bytes(data)
+        made[rel] = data
+    return made
+
+
+def test_kill_9_at_several_moments_of_a_recursive_copy_keeps_every_file_once(start, tmp_path: Path) -> None:
+    """The wider kind of test_directories' kill -9 test: the daemon and its workers killed three times while
+    `cp -r` still fills the tree, restarted each time: every file ends processed once, with its path and its
+    bytes; nothing is left in unprocessed/ or underprocess/, no result was set aside (none published twice under
+    keep), and every emptied folder goes."""
+    import subprocess
+
+    src = tmp_path / "src"
+    made = _batch(src, 900)
+    d = start("--workers", "2", env=RECURSIVE)
+    w = d.watch_dir
+    cp = subprocess.Popen(["cp", "-r", str(src / "big"), str(w / "unprocessed")])
+    for pause in (0.15, 0.3, 0.45):
+        time.sleep(pause)
+        os.killpg(d.proc.pid, signal.SIGKILL)
+        d.wait()
+        d = start("--workers", "2", env=RECURSIVE)
+    assert cp.wait() == 0
+    wait_for(lambda: _files(w / "processed") >= len(made) and not _files(w / "unprocessed")
+             and not _files(w / "underprocess"), timeout=60, what="every file processed")
+    assert tree(w / "processed") == {rel: data.upper() for rel, data in made.items()}
+    assert not tree(w / "failed")
+    wait_for(lambda: not os.listdir(w / "unprocessed"), timeout=20, what="every emptied folder removed")
+
+
+def test_folders_renamed_or_removed_while_their_files_are_claimed(start, tmp_path: Path) -> None:
+    """A tree renamed twice, a subfolder moved to the top, a tree moved out and back, another removed (rm -rf)
+    while the daemon claims from them: the daemon lives on, each file that stayed in unprocessed/ is processed
+    once under the path it had when claimed, a removed file is simply gone, no folder is left behind."""
+    import shutil
+
+    src = tmp_path / "src"
+    made = _batch(src, 600)
+    d = start("--workers", "2", env=RECURSIVE)
+    w = d.watch_dir
+    u = w / "unprocessed"
+    shutil.copytree(src / "big", w / "stage")
+    (w / "stage").rename(u / "big")
+    shutil.copytree(src / "big", w / "doomed")
+    (w / "doomed").rename(u / "doomed")
+    time.sleep(0.2)
+    (u / "big").rename(u / "big2")
+    shutil.rmtree(u / "doomed")
+    time.sleep(0.1)
+    (u / "big2" / "d1").rename(u / "d1moved")
+    (u / "big2").rename(tmp_path / "outside")
+    time.sleep(0.3)
+    (tmp_path / "outside").rename(u / "big3")
+    wait_for(lambda: not _files(u) and not _files(w / "underprocess"), timeout=30, what="nothing left")
+    time.sleep(1)  # the last outcomes and removals
+    out = tree(w / "processed")
+    by_base: dict[str, list[str]] = {}
+    for rel in out:
+        by_base.setdefault(rel.rpartition("/")[2], []).append(rel)
+    base_of = {rel.rpartition("/")[2]: data for rel, data in made.items()}
+    assert set(by_base) == set(base_of)  # the renamed tree's files all processed (doomed's are a subset)
+    for base, rels in by_base.items():
+        assert all(out[r] == base_of[base].upper() for r in rels)
+        assert len([r for r in rels if not r.startswith("doomed/")]) == 1, rels  # once each
+    wait_for(lambda: not os.listdir(u), timeout=20, what="no folder left behind")
+    assert d.proc.poll() is None and not d.event("internal_error")
