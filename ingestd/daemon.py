@@ -12,6 +12,7 @@ import collections
 import dataclasses
 import errno
 import faulthandler
+import heapq
 import logging
 import os
 import select
@@ -77,6 +78,9 @@ class Daemon:
         self.watch_lost = False  # unprocessed/'s watch is dead and not yet replaced: rescans come every second
         self.folders_left: set[str] = set()  # default mode: folders in unprocessed/, left as they are (logged once)
         self.folder_checks: dict[str, float] = {}  # recursive mode: subfolder -> when to see if it can be removed
+        # The same checks as a heap of (when, subfolder), stale entries skipped: scanning the dict each turn made
+        # 10,000 one-file folders take 6x the time of 10,000 files (quadratic).
+        self._folder_heap: list[tuple[float, str]] = []
         self._watch_refused = False  # a subfolder's watch was refused (said once)
         self.pool: Pool | None = None
         self.poller = select.poll()
@@ -241,8 +245,8 @@ class Daemon:
         deadlines = [self.next_rescan, now + HEARTBEAT]
         if (d := self.arrivals.next_deadline()) is not None:
             deadlines.append(d)
-        if self.folder_checks:
-            deadlines.append(min(self.folder_checks.values()))
+        if (when := self._next_folder_check()) is not None:
+            deadlines.append(when)
         if self.pool.idle() and self.state.phase == "running":
             if self.state.pause is not None and self.state.pause.until > now:
                 deadlines.append(self.state.pause.until)
@@ -311,13 +315,18 @@ class Daemon:
         files = self.spool.files(self.spool.unprocessed, enter=self._enter, root=rel)
         self.arrivals.scanned(files, now)
 
-    def _folder_gone(self, rel: str) -> None:
+    def _folder_gone(self, rel: str, empty: bool = False) -> None:
+        """A folder left unprocessed/. empty: we removed it (rmdir), so nothing was below it: no scan of every
+        watch, waiting name and check for its subfolders (that made many one-file folders quadratic)."""
         if rel in self.folders_left:
             self._note_folders(self.folders_left - {rel})
         if self.watch is not None:
-            self.watch.drop(rel)
+            self.watch.drop(rel, below=not empty)
+        self.folder_checks.pop(rel, None)
+        if empty:
+            return
         self.arrivals.forget_under(rel)
-        for sub in [f for f in self.folder_checks if f == rel or f.startswith(rel + "/")]:
+        for sub in [f for f in self.folder_checks if f.startswith(rel + "/")]:
             del self.folder_checks[sub]
 
     def _enter(self, rel: str) -> bool:
@@ -345,21 +354,30 @@ class Daemon:
     def _check_folder_at(self, rel: str, when: float) -> None:
         if rel and self.folder_checks.get(rel, float("inf")) > when:
             self.folder_checks[rel] = when
+            heapq.heappush(self._folder_heap, (when, rel))
+
+    def _next_folder_check(self) -> float | None:
+        heap = self._folder_heap
+        while heap and self.folder_checks.get(heap[0][1]) != heap[0][0]:
+            heapq.heappop(heap)  # superseded by an earlier check, or its folder is gone
+        return heap[0][0] if heap else None
 
     def _clean_folders(self, now: float) -> None:
         """Recursive mode: remove subfolders of unprocessed/ the daemon emptied (only claims schedule a check)
         once empty and quiet (settle_time without a change); then their parents."""
-        due = [f for f, t in self.folder_checks.items() if t <= now]
+        due = []
+        while (when := self._next_folder_check()) is not None and when <= now:
+            rel = heapq.heappop(self._folder_heap)[1]
+            del self.folder_checks[rel]
+            due.append(rel)
         if not due:
             return
-        for rel in due:
-            del self.folder_checks[rel]
         removed = self.spool.prune(self.spool.unprocessed, due, quiet=self.s.settle_time, now=self.wall())
         for rel in due:
             if rel in removed:
                 event("folder_removed", "an emptied folder of unprocessed/ was removed", logging.DEBUG,
                       folder=display(rel))
-                self._folder_gone(rel)
+                self._folder_gone(rel, empty=True)
                 parent = os.path.dirname(rel)
                 if parent:
                     self._check_folder_at(parent, now + self.s.settle_time)

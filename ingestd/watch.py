@@ -72,10 +72,12 @@ class Watch:
         self._dirs[wd], self._wds[rel] = rel, wd
         return True
 
-    def drop(self, rel: str) -> None:
-        """Stop watching subfolder `rel` and everything below it (it was removed or moved out)."""
+    def drop(self, rel: str, below: bool = True) -> None:
+        """Stop watching subfolder `rel` and everything below it (it was removed or moved out). below=False: only
+        `rel` (it was empty: no scan of every watch)."""
         prefix = rel + "/"
-        for sub in [d for d in self._wds if d == rel or d.startswith(prefix)]:
+        subs = [d for d in self._wds if d == rel or d.startswith(prefix)] if below else [rel] if rel in self._wds else []
+        for sub in subs:
             wd = self._wds.pop(sub)
             self._dirs.pop(wd, None)
             try:
