@@ -71,9 +71,15 @@ class Routing:
                                                                                   repr=False)
 
     def rule_for(self, name: str) -> TagRule:
-        """First matching rule wins; a file no rule names gets the default tag."""
+        """First matching rule wins; a file no rule names gets the default tag.
+
+        name: the file's path relative to unprocessed/ ("a.log", or "batch/a.log" with recursive = true). A glob
+        without a "/" is matched against the last part only, one with a "/" against the whole relative path (as
+        gitignore patterns do): `app*` tags batch/app1.log as it tags app1.log and as `ingestd process --input
+        batch/app1.log` does, and `batch/*` can still name a folder's files."""
+        base = name.rpartition("/")[2]
         for rule in self.tags:
-            if fnmatchcase(name, rule.match):
+            if fnmatchcase(name if "/" in rule.match else base, rule.match):
                 return rule
         return TagRule("*", DEFAULT_TAG)
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support import DaemonProcess, wait_for
 
 from ingestd import pipeline, routing
 from ingestd.pipeline import Stats
@@ -226,3 +227,41 @@ def test_records_routed_elsewhere_are_counted_the_same_on_every_path(tmp_path: P
     assert r.returncode == 0, r.stderr
     said = f"{count} record{'s' if count > 1 else ''} routed to other outputs (errors/ {count})"
     assert said in r.stderr.decode(), r.stderr
+
+
+# --- the daemon and `ingestd process` on the same file, in a folder (recursive = true) ---------------------------
+# The daemon matched [[tags]] globs against the path under unprocessed/ ("b/app1.log"), process against the file's
+# name ("app1.log"): `match = "app*"` upper-cased unprocessed/app1.log and `ingestd process --input b/app1.log`,
+# but not unprocessed/b/app1.log. A glob without "/" now matches the last part, one with "/" the whole path.
+TAGS = ('recursive = true\n[[tags]]\nmatch = "b/keep*"\ntag = "path"\n[[tags]]\nmatch = "app*"\ntag = "app"\n'
+        '[[filters]]\nmatch = "app"\nprocessor = "uppercase"\n[[filters]]\nmatch = "path"\nprocessor = "reverse"\n')
+
+
+@pytest.mark.parametrize(("name", "tag"), [("app1.log", "app"), ("b/app1.log", "app"), ("b/c/app1.log", "app"),
+                                           ("b/keep.log", "path"), ("keep.log", "default"), ("x/b/keep.log", "default"),
+                                           ("bapp.log", "default")])
+def test_tag_globs_match_the_name_at_any_depth_and_paths_with_a_slash(name: str, tag: str) -> None:
+    r = routing.build({"tags": [{"match": "b/keep*", "tag": "path"}, {"match": "app*", "tag": "app"}]})
+    assert r.rule_for(name).tag == tag
+
+
+def test_daemon_and_process_tag_a_file_in_a_folder_alike(tmp_path: Path) -> None:
+    cfg = tmp_path / "r.toml"
+    cfg.write_text(TAGS)
+    d = DaemonProcess(tmp_path / "w", "--config", str(cfg), cwd=tmp_path).started()
+    try:
+        src = tmp_path / "b"
+        src.mkdir()
+        (src / "app1.log").write_bytes(b"hello\n")
+        (src / "keep.log").write_bytes(b"abc\n")
+        os.rename(src, d.watch_dir / "unprocessed" / "b")
+        done = d.watch_dir / "processed" / "b"
+        wait_for(lambda: (done / "app1.log").exists() and (done / "keep.log").exists(), what="b/ processed")
+        assert (done / "app1.log").read_bytes() == b"HELLO\n"
+        assert (done / "keep.log").read_bytes() == b"cba\n"  # a glob with a "/" names the folder
+    finally:
+        d.stop()
+    (tmp_path / "app1.log").write_bytes(b"hello\n")
+    r = subprocess.run([sys.executable, "-m", "ingestd", "process", "--config", str(cfg), "--input",
+                        str(tmp_path / "app1.log"), "--output", "-"], capture_output=True, check=False, timeout=60)
+    assert (r.returncode, r.stdout) == (0, (done / "app1.log").read_bytes()), r.stderr
