@@ -28,7 +28,7 @@ def process(settings: Settings, input_path: str, output_path: str, explain: bool
     table = settings.routing
     folders = sorted({o.path for o in table.outputs})
     try:
-        src: BinaryIO = sys.stdin.buffer if input_path == "-" else open(input_path, "rb")  # noqa: SIM115
+        src: BinaryIO = pipeline.whole_head(sys.stdin.buffer) if input_path == "-" else open(input_path, "rb")  # noqa: SIM115
     except OSError as e:
         print(f"ingestd: cannot read {input_path}: {e.strerror}", file=sys.stderr)
         return EX_NOINPUT
@@ -46,17 +46,19 @@ def process(settings: Settings, input_path: str, output_path: str, explain: bool
         sinks = Sinks(base, os.path.basename(output_path), folders)
     default = "" if "" in folders else folders[0]
     out = sys.stdout.buffer
-    dropped = 0
+    tails: dict[str, bytes] = {}  # the last byte written for each output stdout does not carry
 
     def write(folder: str, data: bytes) -> None:
-        nonlocal dropped
         if sinks is not None:
             sinks.write(folder, data)
         elif folder == default:
             out.write(data)
         else:
-            dropped += 1
-            routed[folder] = routed.get(folder, 0) + 1
+            # One write may carry a whole block of lines (the engine's block paths) or a BOM alone: count the line
+            # endings in it, and at the end a last record without one (tails), so the count is the same either way.
+            routed[folder] = routed.get(folder, 0) + data.count(b"\n")
+            if data or folder not in tails:
+                tails[folder] = data[-1:]
 
     n = 0
     explaining = [True]  # emptied when the reader of stderr goes away
@@ -110,6 +112,9 @@ def process(settings: Settings, input_path: str, output_path: str, explain: bool
     finally:
         if bar:
             bar.close()
+    for folder, tail in tails.items():
+        routed[folder] += tail != b"\n"  # a last record without an ending (or an empty one)
+    dropped = sum(routed.values())
     if dropped:
         kinds = ", ".join(f"{k}/ {v}" for k, v in sorted(routed.items()))
         print(f"ingestd: {plural(dropped, 'record')} routed to other outputs ({kinds}) "

@@ -71,9 +71,15 @@ class Routing:
                                                                                   repr=False)
 
     def rule_for(self, name: str) -> TagRule:
-        """First matching rule wins; a file no rule names gets the default tag."""
+        """First matching rule wins; a file no rule names gets the default tag.
+
+        name: the file's path relative to unprocessed/ ("a.log", or "batch/a.log" with recursive = true). A glob
+        without a "/" is matched against the last part only, one with a "/" against the whole relative path (as
+        gitignore patterns do): `app*` tags batch/app1.log as it tags app1.log and as `ingestd process --input
+        batch/app1.log` does, and `batch/*` can still name a folder's files."""
+        base = name.rpartition("/")[2]
         for rule in self.tags:
-            if fnmatchcase(name, rule.match):
+            if fnmatchcase(name if "/" in rule.match else base, rule.match):
                 return rule
         return TagRule("*", DEFAULT_TAG)
 
@@ -420,11 +426,13 @@ def _split_lines(search: Callable[..., re.Match[str] | None], text: str, skip: i
 
 
 # Regex syntax (re._parser's parse tree, CPython 3.11+) that cannot match a \n, nor tell a line alone from the
-# same line between two \n when compiled with re.MULTILINE: ^ and $ then match at the line's edges, and \b, \B
-# see a \n beside the line where the line alone has nothing, both non-word. Anything else (\A, \Z, lookarounds,
-# negated sets, \s, \D, \W, inline flags, a . under DOTALL) is refused: those lines go one by one.
+# same line between two \n when compiled with re.MULTILINE: ^ and $ then match at the line's edges, and \b
+# sees a \n beside the line where the line alone has nothing, both non-word. Not \B: on an empty line alone
+# (the empty string) Python's \B never matches, but between two \n it does (CPython 3.11 docs, re: "\B ... does
+# not match the empty string"), so `^\B` would keep or drop empty lines differently. Anything else (\B, \A, \Z,
+# lookarounds, negated sets, \s, \D, \W, inline flags, a . under DOTALL) is refused: those lines go one by one.
 _SAFE_CATEGORIES = {"CATEGORY_DIGIT", "CATEGORY_WORD", "CATEGORY_NOT_SPACE"}
-_SAFE_AT = {"AT_BEGINNING", "AT_END", "AT_BOUNDARY", "AT_NON_BOUNDARY"}
+_SAFE_AT = {"AT_BEGINNING", "AT_END", "AT_BOUNDARY"}
 
 
 def _line_bound(pattern: re.Pattern[str]) -> bool:

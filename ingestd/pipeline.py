@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import errno
+import io
 import os
 import stat
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from ingestd import errors
 from ingestd.engine import AtLine, Routing, Step
@@ -56,6 +57,39 @@ def open_input(path: str) -> BinaryIO:
         os.close(fd)
         raise Rejected(f"not a regular file: {kind(st.st_mode)}")
     return os.fdopen(fd, "rb", buffering=BLOCK * 4)
+
+
+def whole_head(f: BinaryIO) -> BinaryIO:
+    """f, such that f.peek() shows its first BLOCK bytes (or all of it, when shorter) as a regular file's does.
+
+    run() decides "binary" and "starts with a BOM" from f.peek(); on a pipe (`ingestd process --input -`), peek
+    returns only what the writer has written so far (one read(2)), perhaps 1 byte of a BOM, or the text before a
+    NUL byte, and the same bytes would be judged otherwise than from a file. Reads until BLOCK bytes or the end
+    (BufferedReader.read(n) loops on short reads), then serves those bytes before the rest of f.
+    """
+    head = f.read(BLOCK)
+    return io.BufferedReader(_Rejoined(head, f), buffer_size=BLOCK * 4)  # type: ignore[return-value]
+
+
+class _Rejoined(io.RawIOBase):
+    """A raw stream: `head`, then the rest of `f` (see whole_head). Closing it leaves f open."""
+
+    def __init__(self, head: bytes, f: BinaryIO) -> None:
+        super().__init__()
+        self._head, self._f = memoryview(head), f
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        if len(self._head):
+            n = min(len(b), len(self._head))
+            b[:n] = self._head[:n]
+            self._head = self._head[n:]
+            return n
+        data = self._f.read1(len(b)) if hasattr(self._f, "read1") else self._f.read(len(b))
+        b[:len(data)] = data
+        return len(data)
 
 
 def kind(mode: int) -> str:
