@@ -310,3 +310,44 @@ def test_folders_renamed_or_removed_while_their_files_are_claimed(start, tmp_pat
         assert len([r for r in rels if not r.startswith("doomed/")]) == 1, rels  # once each
     wait_for(lambda: not os.listdir(u), timeout=20, what="no folder left behind")
     assert d.proc.poll() is None and not d.event("internal_error")
+
+
+def test_inotify_watches_used_up_inside_a_tree_the_rescans_finish_the_job(tmp_path: Path) -> None:
+    """fs.inotify.max_user_watches reached (a user namespace of its own with 20 watches: the host's limit is
+    untouched): 50 folders and 50 subfolders copied in; the daemon says so once, lives on, and the rescans find
+    every file the watches miss; every emptied folder goes, and a folder made later is still processed."""
+    import shutil
+    import subprocess
+    import sys
+
+    if shutil.which("unshare") is None or subprocess.run(
+            ["unshare", "-U", "-r", "sh", "-c", "echo 20 > /proc/sys/user/max_inotify_watches"],
+            capture_output=True, check=False).returncode != 0:
+        pytest.skip("needs unprivileged user namespaces (unshare -U -r) with their own inotify limits")
+    src = tmp_path / "src"
+    made = {}
+    for i in range(50):
+        for rel in (f"wl/d{i}/f.txt", f"wl/d{i}/sub/g.txt"):
+            (src / rel).parent.mkdir(parents=True, exist_ok=True)
+            (src / rel).write_bytes(b"%d\n" % i)
+            made[rel] = b"%d\n" % i
+    limited = ["unshare", "-U", "-r", "sh", "-c", 'echo 20 > /proc/sys/user/max_inotify_watches && exec "$0" "$@"',
+               sys.executable, "-m", "ingestd"]
+    d = DaemonProcess(tmp_path / "w", command=limited, cwd=tmp_path, new_session=True,
+                      env={**RECURSIVE, "INGESTD_RESCAN_INTERVAL": "1"})
+    try:
+        d.started()
+        w = d.watch_dir
+        assert subprocess.run(["cp", "-r", str(src / "wl"), str(w / "unprocessed")], check=False).returncode == 0
+        wait_for(lambda: _files(w / "processed") == len(made), timeout=30, what="every file processed")
+        assert tree(w / "processed") == made
+        assert len([e for e in d.events if "cannot watch" in e.get("message", "")]) == 1
+        wait_for(lambda: not os.listdir(w / "unprocessed"), timeout=20, what="every emptied folder removed")
+        (w / "unprocessed" / "late").mkdir()
+        (w / "unprocessed" / "late" / "x.txt").write_bytes(b"late\n")
+        wait_for(lambda: (w / "processed" / "late" / "x.txt").exists(), what="a folder made later")
+        assert d.proc.poll() is None
+    finally:
+        if d.proc.poll() is None:
+            os.killpg(d.proc.pid, signal.SIGKILL)
+            d.kill()
