@@ -351,3 +351,17 @@ def test_inotify_watches_used_up_inside_a_tree_the_rescans_finish_the_job(tmp_pa
         if d.proc.poll() is None:
             os.killpg(d.proc.pid, signal.SIGKILL)
             d.kill()
+
+
+@pytest.mark.xfail(strict=True, reason="a folder the daemon emptied is removed once quiet for settle_time: a "
+                   "producer that pauses longer than that between two files of one folder, after the daemon took "
+                   "the earlier ones, finds the folder gone (documented in README: raise settle_time). A fix needs "
+                   "a policy: e.g. a separate, longer folder_quiet_time, or never removing source folders")
+def test_a_producer_pausing_between_files_of_a_folder_keeps_it(start, tmp_path: Path) -> None:
+    d = start(env=RECURSIVE)  # settle_time 0.3 s
+    u = d.watch_dir / "unprocessed"
+    (u / "slow").mkdir()
+    (u / "slow" / "a.txt").write_bytes(b"a\n")
+    wait_for(lambda: (d.watch_dir / "processed" / "slow" / "a.txt").exists(), what="a.txt processed")
+    time.sleep(1.5)  # the producer fetches its next file
+    (u / "slow" / "b.txt").write_bytes(b"b\n")  # ENOENT: the folder was removed meanwhile
