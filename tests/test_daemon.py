@@ -50,7 +50,8 @@ def test_write_rename_and_link_arrivals_are_processed(start, tmp_path: Path) -> 
     assert processed(w, "renamed.txt") == b"GAMMA\n"
     assert processed(w, "linked.txt") == b"DELTA\n"
     wait_for(lambda: not folder(w, "unprocessed") and not folder(w, "underprocess"), what="empty queue")
-    assert d.count("processed") == 3
+    # Announced after the commit point (the input's removal) is made durable: waited for, not read at once.
+    wait_for(lambda: d.count("processed") == 3, what="three processed events")
 
 
 def test_pickup_is_event_driven_not_polled(start) -> None:

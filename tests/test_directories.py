@@ -192,7 +192,7 @@ def test_recursive_cp_r_processes_every_file_with_its_relative_path(start, tmp_p
     assert tree(w / "unprocessed", hidden=True) == {"batch/.hidden/h.txt": b"hidden\n"}
     wait_for(lambda: not subfolders(w / "underprocess"), what="no folder left in underprocess/")
     assert d.status()["folders_left"] == {"count": 0, "names": [], "recursive": True}
-    assert d.count("processed") == len(made)
+    wait_for(lambda: d.count("processed") == len(made), what="every result announced")  # after its commit
     # requeue a folder of failed/: its files go back to their folder in unprocessed/, and fail again there.
     rq = run(*INGESTD, "requeue", "--watch-dir", str(w), "batch")
     assert rq.returncode == 0 and "requeued batch/sub0/bin.dat" in rq.stdout, rq.stderr

@@ -37,6 +37,7 @@ def drop_and_scrape(watch_dir: Path, env: dict[str, str]) -> list[set[Series]]:
             wait_for(lambda n=name: n in folder(watch_dir, "processed"), 15, what=name)
             scrapes.append(series(d.get("/metrics")[1].decode()))
         # Each file was assigned to a worker once: no retry, no failure.
+        wait_for(lambda: d.count("processed") == FILES, what="every file announced")  # logged after its commit
         assert d.count("processed") == FILES and not d.event("failed")
         return scrapes
     finally:
