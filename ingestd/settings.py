@@ -45,6 +45,9 @@ class Settings:
     metrics_file_names: bool = True  # file-name labels on /metrics (off: no series per file, for high volume)
     log_format: str = "auto"  # json | text | auto (text when stderr is a terminal, else JSON)
     file_exist: str = "keep"  # an earlier same-named result: keep (set aside) | replace | fail (sinks.py)
+    broker: str | None = None  # redis://HOST:PORT/DB: run is the cluster's scanner, worker a node (docs/distributed.md)
+    lease_time: float = 30.0  # seconds a node's claim lease and Dramatiq heartbeat last without renewal
+    node: str = ""  # a worker node's name (default: the host name)
     routing_doc: dict[str, Any] = field(default_factory=lambda: {"mode": "uppercase"})  # picklable, for workers
 
     @property
@@ -118,6 +121,15 @@ def _choice(*allowed: str) -> Callable[[str, Any], str]:
     return parse
 
 
+def _broker(name: str, value: Any) -> str | None:
+    if value in (None, ""):
+        return None
+    text = str(value)
+    if not text.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError(f"{name}: {text!r} is not a Redis URL (redis://HOST:PORT/DB, rediss://..., unix://PATH)")
+    return text
+
+
 def _path(name: str, value: Any) -> Path:
     if not isinstance(value, (str, os.PathLike)) or not str(value):
         raise ConfigError(f"{name}: must be a path, not {value!r}")
@@ -160,6 +172,9 @@ PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "metrics_file_names": _bool,
     "log_format": _choice("auto", "json", "text"),
     "file_exist": _choice("keep", "replace", "fail"),
+    "broker": _broker,
+    "lease_time": _seconds(1, strict=True),
+    "node": _text,
 }
 
 
