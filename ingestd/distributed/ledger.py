@@ -8,6 +8,7 @@ instance). It saves work, it is no fence (Kleppmann 2016): every step that matte
 from __future__ import annotations
 
 import json
+import os
 import time
 from typing import Any
 
@@ -60,7 +61,8 @@ class Ledger:
 
     # --- claim records and attempts --------------------------------------------------------------------------
     def record(self, cid: str, name: str, ino: int, size: int, message: str) -> None:
-        self.r.hset(self.k("claim", cid), mapping={"name": name, "ino": ino, "size": size, "message": message,
+        # The name as bytes: a name that is not UTF-8 (surrogate escapes) cannot be a Redis str.
+        self.r.hset(self.k("claim", cid), mapping={"name": os.fsencode(name), "ino": ino, "size": size, "message": message,
                                                    "at": time.time(), "state": "queued"})
 
     def records(self, cids: list[str]) -> list[dict[bytes, bytes]]:

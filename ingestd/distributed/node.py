@@ -115,7 +115,7 @@ def run(settings: Settings, processes: int) -> int:
 
 def _status(name: str, node: Node, processes: int) -> dict[str, Any]:
     return {"node": name, "host": socket.gethostname(), "pid": os.getpid(), "processes": processes,
-            "current": sorted(node.current.values(), key=lambda c: c["since"])}
+            "current": sorted(node.current.copy().values(), key=lambda c: c["since"])}  # copy: threads change it
 
 
 def _listen(settings: Settings) -> tuple[str, int]:
