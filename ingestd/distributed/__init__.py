@@ -13,6 +13,6 @@ import signal
 
 def crash_point(step: str) -> None:
     """Test hook (tests/distributed): INGESTD_TEST_CRASH_AT=<step> kills this process with SIGKILL at that step of
-    the protocol (claim-enqueue in the scanner; publish-commit, commit-ack on a node), as kill -9 would."""
+    the protocol (claim-enqueue in the scanner; publish-commit, commit-ack on a node; child: a node's child on each file), as kill -9 would."""
     if os.environ.get("INGESTD_TEST_CRASH_AT") == step:
         os.kill(os.getpid(), signal.SIGKILL)
