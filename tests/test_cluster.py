@@ -300,3 +300,33 @@ def test_a_scanner_killed_between_claim_and_enqueue_is_redriven(cluster: Cluster
     wait(lambda: folder(cluster, "processed") == ["a.txt"] and not folder(cluster, "underprocess"),
          what="the re-driven claim processed")
     assert [e["file"] for e in cluster.events("redriven")] == ["a.txt"]
+
+
+def test_a_node_waits_for_the_shared_folder_and_refuses_another_one(cluster: Cluster, tmp_path: Path) -> None:
+    """A node on an unmounted mount point must not take work (it would find no file and ack every claim as done
+    elsewhere); on another cluster's folder it exits 78."""
+    cluster.start("worker", "early")  # before any scanner: it waits
+    cluster.drop("a.txt", b"x\n")
+    wait(lambda: cluster.events("node_waiting") != [], what="the early node waiting")
+    cluster.start("run", "scanner")
+    wait(lambda: folder(cluster, "processed") == ["a.txt"], what="the early node's work once the scanner is up")
+    other = tmp_path / "other"
+    (other / ".ingestd").mkdir(parents=True)
+    (other / ".ingestd" / "cluster-id").write_text("not-this-cluster")
+    p = subprocess.run([sys.executable, "-m", "ingestd", "worker", "--broker", cluster.url, "--watch-dir", str(other),
+                        "--listen", "127.0.0.1:0"], env=cluster.env, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 78, p.stderr
+    assert "is the right shared folder mounted here?" in p.stderr
+
+
+def test_an_unreachable_broker_exits_75_so_systemd_tries_again(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens here once closed
+    for role in ("run", "worker"):
+        p = subprocess.run([sys.executable, "-m", "ingestd", role, "--broker", f"redis://127.0.0.1:{port}/0",
+                            "--watch-dir", str(tmp_path / "w")], capture_output=True, text=True, timeout=60)
+        assert p.returncode == 75, (role, p.stderr)
+        assert p.stderr.startswith(f"ingestd: broker: cannot reach redis://127.0.0.1:{port}/0"), p.stderr

@@ -28,7 +28,7 @@ from prometheus_client.registry import Collector
 from redis.lock import Lock
 
 from ingestd import __version__, durable
-from ingestd.distributed import crash_point, queue
+from ingestd.distributed import CLUSTER_ID, NotTheSharedFolder, crash_point, identify, queue
 from ingestd.distributed.ledger import Ledger, claim_id
 from ingestd.log import event
 from ingestd.names import DONE_SUFFIX, display, ignored
@@ -45,10 +45,7 @@ class Scanner:
     def __init__(self, settings: Settings) -> None:
         assert settings.broker is not None
         self.s = settings
-        try:
-            self.client, self.broker = queue.connect(settings.broker, settings.lease_time)
-        except Exception as e:  # noqa: BLE001 - redis.RedisError and its kin: one line, exit 78
-            raise ConfigError(f"broker: cannot reach {settings.broker}: {e}") from None
+        self.client, self.broker = queue.connect(settings.broker, settings.lease_time)
         self.ledger = Ledger(self.client, settings.lease_time)
         self.actor = queue.declare(self.broker, _never_here)
         self.spool = Spool(settings.watch_dir, settings.done_marker, tag=f"s{os.getpid()}-", seq=self.ledger.next_seq)
@@ -71,6 +68,7 @@ class Scanner:
                 return
             if self.lock.acquire(blocking=False):
                 self.active = True
+                identify(self.spool.state, self.client, self.ledger.k(CLUSTER_ID))  # nodes check they see this folder
                 event("scanner_active", "this scanner is active: claiming and enqueueing", token=self._token())
                 self.spool.drop_claim_ghosts()  # names left twice by a link+unlink claim cut by a crash
                 self._redrive()
@@ -78,6 +76,8 @@ class Scanner:
             elif not getattr(self, "_told_standby", False):
                 event("scanner_standby", "another scanner is active: this one waits as a standby")
                 self._told_standby = True
+        except NotTheSharedFolder:
+            raise  # a configuration error: exit 78
         except Exception as e:  # noqa: BLE001 - LockError (lost), RedisError: stop claiming, try again later
             if self.active:
                 event("scanner_lost_lock", "lost the scanner lock: claiming stops", logging.ERROR, error=repr(e))

@@ -21,7 +21,7 @@ from typing import Any
 import dramatiq
 
 from ingestd import durable, errors
-from ingestd.distributed import child, crash_point, queue
+from ingestd.distributed import CLUSTER_ID, child, crash_point, queue
 from ingestd.distributed.ledger import Ledger, claim_id
 from ingestd.errors import Phase
 from ingestd.log import event
@@ -184,6 +184,9 @@ class Node:
         path = os.path.join(self.spool.underprocess, name)
         ino = _ino(path)
         if ino is None or claim_id(name, ino) != cid:
+            if not os.path.exists(os.path.join(self.spool.state, CLUSTER_ID)):
+                # The shared folder itself is gone from here (unmounted): nothing may be acked as done elsewhere.
+                raise RuntimeError("the shared folder is not there: is it still mounted?")
             # Committed or failed already (a redelivery, a duplicate send): only ack. Another file of that name
             # now has its own claim.
             self.ledger.finish(cid, "gone")
