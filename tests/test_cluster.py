@@ -330,3 +330,48 @@ def test_an_unreachable_broker_exits_75_so_systemd_tries_again(tmp_path: Path) -
                             "--watch-dir", str(tmp_path / "w")], capture_output=True, text=True, timeout=60)
         assert p.returncode == 75, (role, p.stderr)
         assert p.stderr.startswith(f"ingestd: broker: cannot reach redis://127.0.0.1:{port}/0"), p.stderr
+
+
+def test_two_scanners_active_by_accident_still_claim_each_file_once(scanner, tmp_path: Path) -> None:
+    """The lock only saves work: two scanners polling the same folder at once (a lock lost in a partition, a
+    clock jump) race for every file, and each file is still claimed into underprocess/ once and sent."""
+    import threading
+
+    from ingestd.distributed import queue
+
+    a, b = scanner(), scanner()
+    a.active = b.active = True  # both think they lead
+    names = [f"f{i:04d}.txt" for i in range(400)]
+    for n in names:
+        (Path(a.spool.unprocessed) / n).write_bytes(b"x\n")
+    a.seen = b.seen = {}
+    a.s = b.s = settings(tmp_path / "w", a.s.broker, settle_time=0)  # claim at first sight
+    claimed: dict[str, int] = {}
+
+    def run(s) -> None:  # noqa: ANN001
+        claimed[id(s)] = s.poll()
+
+    threads = [threading.Thread(target=run, args=(s,)) for s in (a, b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(os.listdir(a.spool.underprocess)) == names
+    assert os.listdir(a.spool.unprocessed) == []
+    # Each file sent at least once; a file both saw claimed may be sent twice (harmless: one lease, one commit).
+    assert len(names) <= queue.depth(a.client) <= 2 * len(names)
+
+
+def test_sigterm_lets_a_node_finish_its_file_then_exit_0(cluster: Cluster, tmp_path: Path) -> None:
+    cluster.start("run", "scanner")
+    cluster.start("worker", "n1", INGESTD_STOP_TIMEOUT="60")
+    big = b"abcdefghij" * 10 + b"\n"
+    cluster.drop("big.txt", big * 2_000_000)  # 200 MB: a few seconds in the child
+    wait(lambda: (tmp_path / "w" / "underprocess" / "big.txt").exists() and any(
+        n.name.startswith(".ingestd-tmp-c") for n in (tmp_path / "w" / "processed").iterdir()),
+        what="the node writing its output")
+    p = cluster.procs.pop("n1")
+    os.killpg(p.pid, signal.SIGTERM)
+    assert p.wait(90) == 0
+    assert folder(cluster, "processed") == ["big.txt"] and folder(cluster, "underprocess") == []
+    assert [e["node"] for e in cluster.events("processed")] == ["n1"]  # finished by the node that was stopped
