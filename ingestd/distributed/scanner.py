@@ -38,7 +38,7 @@ from ingestd.spool import TEMP_OUTPUT_PREFIX, Claim, Spool
 from ingestd.web import Web
 
 REDRIVE_CHUNK = 500  # underprocess/ entries looked up in Redis per round trip
-CLAIM_TEMP = TEMP_OUTPUT_PREFIX + "c"  # a node's temps: .ingestd-tmp-c<claim>.<attempt>-... (task.py)
+CLAIM_TEMP = TEMP_OUTPUT_PREFIX + "c"  # a node's temps: .ingestd-tmp-c<claim>.<delivery>-... (task.py)
 
 
 class Scanner:

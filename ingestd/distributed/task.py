@@ -161,7 +161,8 @@ class Node:
 
     def handle(self, cid: str, name: str) -> None:
         """The actor. Returns (and Dramatiq acks) once the claim is committed, failed, found done, or sent again."""
-        token = f"{self.name}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+        delivery = uuid.uuid4().hex[:12]
+        token = f"{self.name}:{os.getpid()}:{delivery}"
         if not self.ledger.take(cid, token):
             # Another live node holds it (a redelivery while it runs): look again after a lease time.
             self.again(cid, name, self.ledger.lease_ms)
@@ -170,7 +171,7 @@ class Node:
         me = threading.get_ident()
         self.current[me] = {"file": display(name), "since": time.time()}
         try:
-            self._claimed(cid, name, token, lost)
+            self._claimed(cid, name, token, lost, f"c{cid}.{delivery}")
         except Exception as e:  # noqa: BLE001 - the failure boundary: one claim's trouble never stops the node
             event("task_error", "unexpected error on a claim; it is sent again", logging.ERROR, file=display(name),
                   claim=cid, error=repr(e))
@@ -180,7 +181,9 @@ class Node:
             self.leases.drop(cid)
             self.ledger.release(cid, token)
 
-    def _claimed(self, cid: str, name: str, token: str, lost: threading.Event) -> None:
+    def _claimed(self, cid: str, name: str, token: str, lost: threading.Event, tag: str) -> None:
+        """tag names this delivery's temps: unique per delivery, never per attempt count, which a Redis that lost
+        its data starts again at 1 while an earlier holder may still be writing (its temps must not be ours)."""
         path = os.path.join(self.spool.underprocess, name)
         ino = _ino(path)
         if ino is None or claim_id(name, ino) != cid:
@@ -197,7 +200,7 @@ class Node:
             self._fail(cid, name, Failure(reason, attempts=attempts - 1), token)
             return
         try:
-            kind, payload = self._child().run((path, name, f"c{cid}.{attempts}"), lost, self.s.time_limit)
+            kind, payload = self._child().run((path, name, tag), lost, self.s.time_limit)
         except ChildLost as e:
             event("child_lost", "a child ended without finishing its file; the file is sent again",
                   logging.WARNING, file=display(name), claim=cid, why=e.why, attempts=attempts)
@@ -207,7 +210,7 @@ class Node:
             self._outcome(cid, name, payload, token, attempts)
             return
         sealed, bytes_out, bytes_in, lines_in, seconds, claim = payload
-        sinks = Sinks(self.spool.processed, name, self.folders, self.s.file_exist, claim, f"c{cid}.{attempts}")
+        sinks = Sinks(self.spool.processed, name, self.folders, self.s.file_exist, claim, tag)
         sinks.adopt(sealed, bytes_out)
         # Step 7: only the lease holder publishes, and only for the very input it leased.
         if not self._still_ours(cid, token, path, ino, lost):
