@@ -375,3 +375,24 @@ def test_sigterm_lets_a_node_finish_its_file_then_exit_0(cluster: Cluster, tmp_p
     assert p.wait(90) == 0
     assert folder(cluster, "processed") == ["big.txt"] and folder(cluster, "underprocess") == []
     assert [e["node"] for e in cluster.events("processed")] == ["n1"]  # finished by the node that was stopped
+
+
+def test_redis_losing_all_its_data_mid_run_loses_and_doubles_nothing(cluster: Cluster, tmp_path: Path) -> None:
+    """FLUSHALL while claims are queued and in hand (a Redis without AOF restarted): messages, leases, records and
+    counts are gone; the scanner's re-drive finds the files in underprocess/ and sends them again."""
+    import redis
+
+    cluster.start("run", "scanner")
+    cluster.start("worker", "n1")
+    cluster.start("worker", "n2")
+    files = {f"f{i:03d}.txt": (f"line {i}\n" * 2000).encode() for i in range(60)}
+    for name, data in files.items():
+        cluster.drop(name, data)
+    wait(lambda: len(cluster.events("processed")) >= 5, what="some files processed")
+    redis.Redis.from_url(cluster.url).flushall()
+    wait(lambda: len(folder(cluster, "processed")) == len(files) and not folder(cluster, "underprocess")
+         and not folder(cluster, "unprocessed"), what="every file processed after the flush")
+    for name, data in files.items():
+        assert (cluster.watch / "processed" / name).read_bytes() == expected(data, tmp_path), name
+    assert not [n for n in folder(cluster, "processed") if ".superseded-" in n]
+    assert folder(cluster, "failed") == []
