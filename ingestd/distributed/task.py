@@ -239,6 +239,11 @@ class Node:
         self.ledger.finish(cid, "done")
         crash_point("commit-ack")
         self.count("processed", bytes_in=bytes_in, bytes_out=bytes_out, seconds=seconds)
+        for sup in sinks.superseded:  # file_exist: said after the commit, as on a single machine (state.py)
+            event("result_superseded", f"an earlier result of the same name was {sup.action}"
+                  + (" aside" if sup.aside else ""), logging.WARNING if sup.action == "replaced" else logging.INFO,
+                  file=display(name), output=sup.folder or "processed", action=sup.action,
+                  kept_as=display(sup.aside) if sup.aside else None, node=self.name)
         event("processed", "file processed", file=display(name), claim=cid, node=self.name, bytes_in=bytes_in,
               lines_in=lines_in, bytes_out=bytes_out, duration=round(seconds, 6), attempts=attempts,
               superseded=len(sinks.superseded))
