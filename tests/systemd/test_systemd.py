@@ -10,11 +10,15 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
 from support import HANG_ROUTING
 from systemd_harness import Machine, Service, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 UNIT_FILE = REPO / "packaging" / "systemd" / "ingestd.service"
+# A worker node of a cluster (docs/distributed.md); installed beside ingestd.service, disabled.
+WORKER_UNIT_FILE = REPO / "packaging" / "systemd" / "ingestd-worker.service"
+UNIT_FILES = [UNIT_FILE, WORKER_UNIT_FILE]
 
 BASE_ENV = {"INGESTD_WORKERS": "2", "INGESTD_SETTLE_TIME": "0.2"}
 
@@ -33,6 +37,7 @@ def test_make_install_layout(installed: Machine) -> None:
     assert m.run("getent", "passwd", "ingestd").stdout.split(":")[6].strip() == "/usr/sbin/nologin"
     m.run("test", "-x", "/opt/ingestd/bin/ingestd")
     m.run("test", "-f", "/usr/local/lib/systemd/system/ingestd.service")
+    m.run("test", "-f", "/usr/local/lib/systemd/system/ingestd-worker.service")
     m.run("test", "-f", "/etc/ingestd/ingestd.env")
     # tmpfiles.d made the queue before any start, owned by the service user; the drop folder setgid.
     stat = m.run("stat", "-c", "%U:%G %a %n", *(f"/var/lib/ingestd/{f}" for f in ("unprocessed", "processed"))).stdout
@@ -40,6 +45,10 @@ def test_make_install_layout(installed: Machine) -> None:
                                  "ingestd:ingestd 750 /var/lib/ingestd/processed"]
     assert m.systemctl("is-enabled", "ingestd", check=False).stdout.strip() == "disabled"
     assert m.run("systemctl", "cat", "ingestd").stdout.count("ExecStart=/opt/ingestd/bin/ingestd run") == 1
+    # The worker node unit is there for a cluster's nodes to enable, never started by the install.
+    assert m.systemctl("is-enabled", "ingestd-worker", check=False).stdout.strip() == "disabled"
+    assert m.systemctl("is-active", "ingestd-worker", check=False).stdout.strip() == "inactive"
+    assert m.run("systemctl", "cat", "ingestd-worker").stdout.count("ExecStart=/opt/ingestd/bin/ingestd worker") == 1
 
 
 def test_start_is_active_only_after_ready_and_processes_files(service: Service) -> None:
@@ -257,17 +266,80 @@ RESULT = time.monotonic() - started
 
 
 # --- 6. the unit itself -----------------------------------------------------------------------------------------------
-def test_security_exposure_is_at_most_2() -> None:
+@pytest.mark.parametrize("unit", UNIT_FILES, ids=lambda p: p.name)
+def test_security_exposure_is_at_most_2(unit: Path) -> None:
     proc = subprocess.run(["systemd-analyze", "security", "--offline=true", "--threshold=20", "--no-pager",
-                           str(UNIT_FILE)], capture_output=True, text=True)
-    found = re.search(r"Overall exposure level for ingestd\.service: (\d+\.\d+) (\w+)", proc.stdout)
+                           str(unit)], capture_output=True, text=True)
+    found = re.search(rf"Overall exposure level for {re.escape(unit.name)}: (\d+\.\d+) (\w+)", proc.stdout)
     assert found, proc.stdout[-2000:] + proc.stderr
     assert float(found[1]) <= 2.0 and found[2] == "OK", found[0]
     assert proc.returncode == 0, proc.stderr
 
 
-def test_systemd_analyze_verify_prints_nothing(installed: Machine) -> None:
-    proc = installed.run("systemd-analyze", "verify", "/usr/local/lib/systemd/system/ingestd.service", check=False)
+@pytest.mark.parametrize("unit", UNIT_FILES, ids=lambda p: p.name)
+def unit_directives(path: Path) -> dict[tuple[str, str], list[str]]:
+    """(section, key) -> values in file order (a key may repeat), from a unit file; comments skipped."""
+    found: dict[tuple[str, str], list[str]] = {}
+    section = ""
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("["):
+            section = line.strip("[]")
+            continue
+        key, _, value = line.partition("=")
+        found.setdefault((section, key.strip()), []).append(value.strip())
+    return found
+
+
+# What the worker node unit may set otherwise than ingestd.service, and why.
+WORKER_DIFFERS = {
+    ("Unit", "Description"): "its own name",
+    ("Unit", "After"): "network-online.target: the broker is on another host",
+    ("Unit", "Wants"): "network-online.target",
+    ("Unit", "RequiresMountsFor"): "the shared watch dir is a network mount",
+    ("Service", "ExecStart"): "`ingestd worker`, checked below",
+    ("Service", "ExecReload"): "a node reads its routing at start only",
+    ("Service", "Environment"): "the shared watch dir and its own metrics port",
+    ("Service", "StateDirectory"): "the queue is on the shared mount, which systemd must not chown",
+    ("Service", "StateDirectoryMode"): "no StateDirectory",
+    ("Service", "ReadWritePaths"): "the shared watch dir instead, checked below",
+    ("Service", "CapabilityBoundingSet"): "none at all: a node never claims, so needs no read lease",
+    ("Service", "AmbientCapabilities"): "no capability",
+    ("Service", "SyslogIdentifier"): "its own journal name",
+}
+
+
+def test_the_worker_unit_is_hardened_and_run_as_ingestd_service() -> None:
+    """Every directive of ingestd.service (hardening, restart, watchdog, stop) holds for the worker node unit
+    too, with the same values, but for the listed differences; and those differ the way they should."""
+    daemon, worker = unit_directives(UNIT_FILE), unit_directives(WORKER_UNIT_FILE)
+    for key, values in daemon.items():
+        if key not in WORKER_DIFFERS:
+            assert worker.get(key) == values, f"{key}: the worker unit has {worker.get(key)}, ingestd.service {values}"
+    for key in worker.keys() - daemon.keys():
+        assert key in WORKER_DIFFERS, f"{key} is only in the worker unit: say why in WORKER_DIFFERS"
+
+    # The same installed program, as a node.
+    (run,) = daemon["Service", "ExecStart"]
+    assert worker["Service", "ExecStart"] == [run.removesuffix(" run") + " worker"]
+    assert worker["Service", "CapabilityBoundingSet"] == [""] and ("Service", "AmbientCapabilities") not in worker
+    # The watch dir it is told to use is the one it may write, and is mounted before it starts.
+    env = dict(e.split("=", 1) for e in worker["Service", "Environment"])
+    assert worker["Service", "ReadWritePaths"] == [env["INGESTD_WATCH_DIR"]]
+    assert worker["Unit", "RequiresMountsFor"] == [env["INGESTD_WATCH_DIR"]]
+    # Its metrics port does not collide with a scanner's on the same host.
+    from ingestd.settings import Settings
+
+    assert env["INGESTD_LISTEN"] != Settings().listen
+    # The warm stop (stop_timeout) fits inside systemd's stop timeout, with room for the hand-back.
+    assert float(worker["Service", "TimeoutStopSec"][0]) > Settings().stop_timeout
+    assert worker["Service", "KillMode"] == ["mixed"] and worker["Service", "Restart"] == ["on-failure"]
+
+
+def test_systemd_analyze_verify_prints_nothing(installed: Machine, unit: Path) -> None:
+    proc = installed.run("systemd-analyze", "verify", f"/usr/local/lib/systemd/system/{unit.name}", check=False)
     assert (proc.returncode, proc.stdout, proc.stderr) == (0, "", "")
 
 
@@ -287,6 +359,8 @@ def test_make_install_destdir_stages_a_relocatable_install(wheelhouse: Path, tmp
     assert leftovers == "", f"the staging path leaked into: {leftovers}"
     unit = (stage / "usr/local/lib/systemd/system/ingestd.service").read_text()
     assert "ExecStart=/opt/ingestd-alt/bin/ingestd run" in unit and "/opt/ingestd/" not in unit
+    worker = (stage / "usr/local/lib/systemd/system/ingestd-worker.service").read_text()
+    assert "ExecStart=/opt/ingestd-alt/bin/ingestd worker" in worker and "/opt/ingestd/" not in worker
     for path in ("usr/local/lib/sysusers.d/ingestd.conf", "usr/local/lib/tmpfiles.d/ingestd.conf",
                  "etc/ingestd/ingestd.env"):
         assert (stage / path).is_file(), path
@@ -312,6 +386,7 @@ def test_make_uninstall_removes_the_install_and_keeps_data_and_settings(service:
     service.wait_processed({"keep.txt"}, 20)
     service.m.run("make", "-C", str(REPO), "-f", "packaging/install.mk", "uninstall")
     assert service.m.systemctl("cat", "ingestd", check=False).returncode != 0
+    assert service.m.systemctl("cat", "ingestd-worker", check=False).returncode != 0
     for path in ("/opt/ingestd", "/usr/local/lib/sysusers.d/ingestd.conf", "/usr/local/lib/tmpfiles.d/ingestd.conf"):
         assert service.m.run("test", "-e", path, check=False).returncode != 0, path
     assert service.m.run("test", "-L", "/etc/systemd/system/multi-user.target.wants/ingestd.service",
