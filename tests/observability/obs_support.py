@@ -293,6 +293,14 @@ def github_anchor(heading: str) -> str:
 # Series that come from Prometheus itself, not from ingestd.
 PROMETHEUS_SERIES = {"up", "ALERTS", "ALERTS_FOR_STATE"}
 
+# More than one machine (docs/distributed.md): what the alerts and the dashboard's Cluster row read from the
+# cluster's scanner (`ingestd run --broker`: nodes heartbeating, messages in the Dramatiq queue, the age of
+# the oldest claim not yet finished, each node's heartbeat age) and from every worker node (`ingestd worker`:
+# ingestd_node_info{node} 1). Promised by the distributed mode's contract; not yet read from its registry.
+CLUSTER_SERIES = frozenset({"ingestd_cluster_nodes", "ingestd_cluster_queue_messages",
+                            "ingestd_cluster_oldest_claim_age_seconds", "ingestd_cluster_node_heartbeat_age_seconds",
+                            "ingestd_node_info"})
+
 
 @functools.cache
 def exported_series() -> frozenset[str]:
