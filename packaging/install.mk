@@ -8,6 +8,8 @@
 #               and outside /root and /home (the unit has ProtectHome=yes): a system Python such as
 #               /usr/bin/python3, not a pyenv or conda one under a home directory.
 #   PIP_INSTALL_FLAGS  extra pip flags, e.g. "--no-index --find-links=/srv/wheels" for an offline install
+#   EXTRAS      optional features to install with it, e.g. EXTRAS=distributed for more than one machine
+#               (docs/distributed.md: Dramatiq and redis-py)
 
 # Included before the Makefile's own rules, this fragment must not become the default goal (`make`).
 INGESTD_SAVED_GOAL := $(.DEFAULT_GOAL)
@@ -22,6 +24,7 @@ SYSTEMD_UNITDIR ?= /usr/local/lib/systemd/system
 SYSUSERSDIR ?= /usr/local/lib/sysusers.d
 TMPFILESDIR ?= /usr/local/lib/tmpfiles.d
 PIP_INSTALL_FLAGS ?=
+EXTRAS ?=
 
 # The repository this fragment belongs to (evaluated now, while it is the last makefile read).
 INGESTD_SRC := $(abspath $(dir $(lastword $(MAKEFILE_LIST)))..)
@@ -54,7 +57,7 @@ install: install-check
 		--exclude='*.egg-info' --exclude=./watch_dir --exclude=./.hypothesis --exclude=./.pytest_cache \
 		--exclude=./node_modules --exclude=./.prometheus-data -cf - . | tar -C "$$src" -xf -; \
 	$(INGESTD_VENV)/bin/python -m pip install -q --disable-pip-version-check --upgrade \
-		$(PIP_INSTALL_FLAGS) "$$src"
+		$(PIP_INSTALL_FLAGS) "$$src$(if $(EXTRAS),[$(EXTRAS)])"
 ifneq ($(DESTDIR),)
 	@# A virtualenv is not relocatable: point its scripts and byte-code at $(PREFIX), where it will run.
 	grep -rlIF '$(INGESTD_VENV)' $(INGESTD_VENV)/bin $(INGESTD_VENV)/pyvenv.cfg | xargs -r sed -i 's|$(INGESTD_VENV)|$(PREFIX)|g'
