@@ -276,7 +276,6 @@ def test_security_exposure_is_at_most_2(unit: Path) -> None:
     assert proc.returncode == 0, proc.stderr
 
 
-@pytest.mark.parametrize("unit", UNIT_FILES, ids=lambda p: p.name)
 def unit_directives(path: Path) -> dict[tuple[str, str], list[str]]:
     """(section, key) -> values in file order (a key may repeat), from a unit file; comments skipped."""
     found: dict[tuple[str, str], list[str]] = {}
@@ -338,6 +337,7 @@ def test_the_worker_unit_is_hardened_and_run_as_ingestd_service() -> None:
     assert worker["Service", "KillMode"] == ["mixed"] and worker["Service", "Restart"] == ["on-failure"]
 
 
+@pytest.mark.parametrize("unit", UNIT_FILES, ids=lambda p: p.name)
 def test_systemd_analyze_verify_prints_nothing(installed: Machine, unit: Path) -> None:
     proc = installed.run("systemd-analyze", "verify", f"/usr/local/lib/systemd/system/{unit.name}", check=False)
     assert (proc.returncode, proc.stdout, proc.stderr) == (0, "", "")
