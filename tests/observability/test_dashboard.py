@@ -3,6 +3,7 @@ the rules of Grafana's dashboard linter, PromQL that parses, and provisioning fi
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from pathlib import Path
@@ -223,7 +224,7 @@ def test_cluster_row_shows_nodes_rate_per_instance_and_oldest_claim() -> None:
     assert rows[0]["gridPos"]["y"] == bottom
     spans = sorted((p["gridPos"]["x"], p["gridPos"]["x"] + p["gridPos"]["w"]) for p in rows[0]["panels"])
     assert all(p["gridPos"]["y"] == bottom + 1 for p in rows[0]["panels"])
-    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:])) and spans[-1][1] <= 24
+    assert all(a[1] <= b[0] for a, b in itertools.pairwise(spans)) and spans[-1][1] <= 24
 
 
 # --- provisioning -----------------------------------------------------------------------------------
