@@ -20,11 +20,12 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Self
 
 import pytest
 import yaml
-from prometheus_client import generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from ingestd.metrics import Metrics
@@ -293,13 +294,22 @@ def github_anchor(heading: str) -> str:
 # Series that come from Prometheus itself, not from ingestd.
 PROMETHEUS_SERIES = {"up", "ALERTS", "ALERTS_FOR_STATE"}
 
-# More than one machine (docs/distributed.md): what the alerts and the dashboard's Cluster row read from the
-# cluster's scanner (`ingestd run --broker`: nodes heartbeating, messages in the Dramatiq queue, the age of
-# the oldest claim not yet finished, each node's heartbeat age) and from every worker node (`ingestd worker`:
-# ingestd_node_info{node} 1). Promised by the distributed mode's contract; not yet read from its registry.
-CLUSTER_SERIES = frozenset({"ingestd_cluster_nodes", "ingestd_cluster_queue_messages",
-                            "ingestd_cluster_oldest_claim_age_seconds", "ingestd_cluster_node_heartbeat_age_seconds",
-                            "ingestd_node_info"})
+@functools.cache
+def cluster_series() -> frozenset[str]:
+    """Every sample name the distributed mode exposes (docs/distributed.md): a worker node's registry once it has
+    written a heartbeat, and the scanner's scrape-time series for a status with one live node and a queue."""
+    from ingestd.distributed.node import _Metrics
+    from ingestd.distributed.scanner import _Live
+
+    node = _Metrics("node-a", lambda: 1)
+    node.heartbeat.labels("node-a").set(1.0)  # set after each heartbeat written to Redis
+    status = {"counts": {"unprocessed": 1, "underprocess": 1, "processed": 1, "failed": 0}, "active": True,
+              "queue_messages": 3, "oldest_claim_age": 2.0,
+              "nodes": [{"node": "node-a", "missing": False, "heartbeat_age": 1.0}]}
+    scanner = CollectorRegistry(auto_describe=True)
+    scanner.register(_Live(SimpleNamespace(status=lambda: status)))  # type: ignore[arg-type]
+    text = generate_latest(node.registry).decode() + generate_latest(scanner).decode()
+    return frozenset(s.name for fam in text_string_to_metric_families(text) for s in fam.samples)
 
 
 @functools.cache

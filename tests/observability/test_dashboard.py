@@ -18,7 +18,7 @@ from grafana_foundation_sdk.cog.plugins import register_default_plugins
 from grafana_foundation_sdk.models import dashboard as gmodel
 from grafana_foundation_sdk.models import prometheus as gprom
 
-from obs_support import (BUILTINS, CLUSTER_SERIES, DASHBOARD, GRAFANA, PROMETHEUS_SERIES, REPO, exported_series,
+from obs_support import (BUILTINS, DASHBOARD, GRAFANA, PROMETHEUS_SERIES, REPO, cluster_series, exported_series,
                          panels, substitute)
 
 # Grafana's panel units (the dashboard linter's list, from grafana-data's valueFormats), those we may use.
@@ -181,7 +181,7 @@ def test_target_rules(target: dict[str, Any]) -> None:
 
 
 def test_queries_use_only_metrics_ingestd_exports() -> None:
-    known = exported_series() | PROMETHEUS_SERIES | CLUSTER_SERIES
+    known = exported_series() | PROMETHEUS_SERIES | cluster_series()
     for _, t in targets(load()):
         for node, _ in walk(parsed(t["expr"])):
             if isinstance(node, promql_parser.VectorSelector):
