@@ -9,6 +9,7 @@ import re
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from support import HANG_ROUTING
@@ -49,6 +50,8 @@ def test_make_install_layout(installed: Machine) -> None:
     assert m.systemctl("is-enabled", "ingestd-worker", check=False).stdout.strip() == "disabled"
     assert m.systemctl("is-active", "ingestd-worker", check=False).stdout.strip() == "inactive"
     assert m.run("systemctl", "cat", "ingestd-worker").stdout.count("ExecStart=/opt/ingestd/bin/ingestd worker") == 1
+    # EXTRAS=distributed brought the distributed mode's libraries into the program's virtualenv.
+    m.run("/opt/ingestd/bin/python", "-c", "import dramatiq, redis, ingestd.distributed.node")
 
 
 def test_start_is_active_only_after_ready_and_processes_files(service: Service) -> None:
@@ -263,6 +266,88 @@ RESULT = time.monotonic() - started
     # The abandoned file's worker was killed mid-write: its temp output is removed at once, not left to
     # the next start's recovery.
     assert not state[".processed"], state[".processed"]
+
+
+# --- 6. more than one machine: the scanner (ingestd.service with a broker) and a worker node, as shipped ------
+SHARED = "/srv/ingestd"  # the worker unit's default watch dir: the shared mount point (here a plain folder)
+
+_DROP_SHARED = """
+for name, text in ARG["files"].items():
+    tmp = os.path.join(ARG["watch"], "unprocessed", "." + name + ".part")
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.rename(tmp, os.path.join(ARG["watch"], "unprocessed", name))  # as docs/distributed.md tells producers
+"""
+
+
+def test_a_scanner_and_a_worker_node_as_installed_units_process_files_and_stop_warm(service: Service) -> None:
+    """docs/distributed.md's deployment on one machine: a Redis, ingestd.service with INGESTD_BROKER and the
+    drop-in the docs give, ingestd-worker.service untouched. The node's unit becomes active only on READY=1
+    (Type=notify), runs as ingestd in its sandbox, processes what the scanner claims, and stops warm."""
+    m = service.m
+    worker = "ingestd-worker.service"
+    service.reset({"INGESTD_BROKER": "redis://127.0.0.1:6399/0", "INGESTD_WATCH_DIR": SHARED,
+                   "INGESTD_LEASE_TIME": "3", "INGESTD_WORKERS": "2"},
+                  dropin=f"[Unit]\nRequiresMountsFor={SHARED}\n\n[Service]\nReadWritePaths={SHARED}\n")
+    m.systemctl("stop", worker, check=False)
+    m.systemctl("reset-failed", worker, check=False)
+    m.run("rm", "-rf", SHARED)
+    m.sh(f"install -d -o ingestd -g ingestd -m 0750 {SHARED} {SHARED}/underprocess {SHARED}/processed {SHARED}/failed"
+         f" && install -d -o ingestd -g ingestd -m 2770 {SHARED}/unprocessed")
+    m.run("systemd-run", "--unit=test-redis", "--collect", "/usr/bin/redis-server", "--port", "6399",
+          "--bind", "127.0.0.1", "--save", "", "--appendonly", "no")
+    try:
+        wait_for(lambda: m.run("redis-cli", "-p", "6399", "ping", check=False).stdout.strip() == "PONG", 20,
+                 what="redis-server up")
+        mark = m.mark()
+        m.systemctl("start", "ingestd")  # the scanner: returns once it is ready
+        m.systemctl("start", worker)  # returns only once the node sent READY=1
+        assert m.show(worker, "Type", "NotifyAccess", "ActiveState", "SubState", "Result") == {
+            "Type": "notify", "NotifyAccess": "main", "ActiveState": "active", "SubState": "running",
+            "Result": "success"}
+        pid = int(m.prop(worker, "MainPID"))
+        assert m.run("ps", "-o", "user=", "-p", str(pid)).stdout.strip() == "ingestd"
+        health = m.py("import urllib.request\n"
+                      "RESULT = urllib.request.urlopen('http://127.0.0.1:9801/healthz', timeout=5).read().decode()")
+        assert health.strip() == "ok", health  # the node's own port (the unit's default listen)
+
+        files = {f"report-{i}.txt": lines(f"report-{i}", 40) for i in range(8)}
+        m.py(_DROP_SHARED, {"watch": SHARED, "files": files})
+
+        def done() -> dict[str, Any] | None:
+            state = m.py(LIST_FOLDERS, {"watch": SHARED})
+            return state if set(files) <= set(state["processed"]) and not state["unprocessed"] \
+                and not state["underprocess"] else None
+
+        state = wait_for(done, 60, what="the node's results in processed/", interval=0.3)
+        assert {n: state["processed"][n] for n in files} == {n: t.upper() for n, t in files.items()}
+        assert state["failed"] == {}
+        # Each file processed once, by the node (the scanner processes none), logged under the unit's own name.
+        node_events = [json.loads(line) for line in m.journal("SYSLOG_IDENTIFIER=ingestd-worker", after=mark)
+                       .splitlines() if line.startswith("{")]
+        processed = sorted(e["file"] for e in node_events if e.get("event") == "processed")
+        assert processed == sorted(files), processed
+        assert not [e for e in m.events(after=mark) if e["event"] == "processed"], "the scanner processed a file"
+
+        m.systemctl("stop", worker)  # a warm stop: exit 0 within TimeoutStopSec
+        assert m.show(worker, "ActiveState", "Result") == {"ActiveState": "inactive", "Result": "success"}
+        assert any(e.get("event") == "node_stopping" for e in
+                   (json.loads(line) for line in m.journal("SYSLOG_IDENTIFIER=ingestd-worker", after=mark)
+                    .splitlines() if line.startswith("{")))
+    finally:
+        m.systemctl("stop", worker, check=False)
+        m.systemctl("stop", "ingestd", check=False)
+        m.systemctl("stop", "test-redis", check=False)
+
+
+# Inside the machine: {folder: {name: text}} of the shared folder's visible files.
+LIST_FOLDERS = """
+RESULT = {}
+for folder in ("unprocessed", "underprocess", "processed", "failed"):
+    path = os.path.join(ARG["watch"], folder)
+    RESULT[folder] = {n: open(os.path.join(path, n), errors="replace").read() for n in sorted(os.listdir(path))
+                      if not n.startswith(".") and os.path.isfile(os.path.join(path, n))}
+"""
 
 
 # --- 6. the unit itself -----------------------------------------------------------------------------------------------
