@@ -308,6 +308,12 @@ def test_a_node_waits_for_the_shared_folder_and_refuses_another_one(cluster: Clu
     cluster.start("worker", "early")  # before any scanner: it waits
     cluster.drop("a.txt", b"x\n")
     wait(lambda: cluster.events("node_waiting") != [], what="the early node waiting")
+    import urllib.error
+    import urllib.request
+
+    with pytest.raises(urllib.error.HTTPError) as answer:  # up (READY=1 at once: a boot order), yet not working
+        urllib.request.urlopen(f"http://{cluster.events('node_waiting')[0]['listen']}/healthz", timeout=10)
+    assert answer.value.code == 503 and b"no scanner has served this Redis yet" in answer.value.read()
     cluster.start("run", "scanner")
     wait(lambda: folder(cluster, "processed") == ["a.txt"], what="the early node's work once the scanner is up")
     other = tmp_path / "other"

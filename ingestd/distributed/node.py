@@ -71,30 +71,39 @@ def run(settings: Settings, processes: int) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    # Never spool.ensure(): folders made here on an unmounted mount point would hide that the share is missing.
-    told = None
-    while (why := check_folder(spool.state, client, ledger.k(CLUSTER_ID))) is not None:
-        if why != told:
-            event("node_waiting", "waiting before taking work: " + why, logging.WARNING, node=name)
-            told = why
-        if stop.wait(1.0):
-            return 0
     node: Node
     metrics = _Metrics(name, lambda: len(node.current))
     node = Node(settings, ledger, spool, name, metrics.count)
+    waiting: list[str] = []  # why the node takes no work yet; /healthz answers 503 with it meanwhile
+    host, port = _listen(settings)
+    try:
+        web = Web(host, port, metrics.registry, lambda: _status(name, node, processes),
+                  lambda: waiting[0] if waiting else None)
+    except OSError as e:
+        raise ConfigError(f"listen: cannot listen on {host}:{port}: {e.strerror}") from None
+    web.start()
+    notifier = Notifier()
+    # Ready at once, waiting said in STATUS=: a node started before its scanner or its mount (a boot order) must
+    # not fail its start and be restarted every TimeoutStartSec.
+    notifier.ready()
+    # Never spool.ensure(): folders made here on an unmounted mount point would hide that the share is missing.
+    while (why := check_folder(spool.state, client, ledger.k(CLUSTER_ID))) is not None:
+        if not waiting or why != waiting[0]:
+            event("node_waiting", "waiting before taking work: " + why, logging.WARNING, node=name,
+                  listen=web.address)
+            notifier.status("waiting: " + why)
+            waiting[:] = [why]
+        notifier.watchdog()
+        if stop.wait(1.0):
+            web.stop()
+            return 0
+    waiting.clear()
     node.actor = queue.declare(broker, node.handle)
     worker = dramatiq.Worker(broker, queues={queue.QUEUE}, worker_threads=processes, worker_timeout=1000)
     worker.queue_prefetch = processes  # no more in hand than it runs: the rest stays for other nodes
-    host, port = _listen(settings)
-    try:
-        web = Web(host, port, metrics.registry, lambda: _status(name, node, processes), lambda: None)
-    except OSError as e:
-        raise ConfigError(f"listen: cannot listen on {host}:{port}: {e.strerror}") from None
     threading.Thread(target=node.leases.run, name="leases", daemon=True).start()
-    web.start()
     worker.start()
-    notifier = Notifier()
-    notifier.ready()
+    notifier.status(f"working: {processes} processes")
     event("node_started", "worker node started", node=name, processes=processes, version=__version__,
           listen=web.address, watch_dir=str(spool.root.resolve()), broker=queue.safe_url(settings.broker))
     beat = max(0.5, settings.lease_time / 3)

@@ -231,6 +231,7 @@ class Scanner:
         except redis.RedisError:
             nodes, depth = [], None
         return {"role": "scanner", "active": self.active, "version": __version__, "counts": counts,
+                "oldest": {"unprocessed": _oldest_age(self.spool.unprocessed)},
                 "queue_messages": depth, "nodes": nodes, "oldest_claim_age": self._oldest()}
 
     def _oldest(self) -> float | None:
@@ -311,6 +312,12 @@ class _Live(Collector):
         for folder, n in st["counts"].items():
             files.add_metric([folder], n)
         yield files
+        oldest = GaugeMetricFamily("ingestd_folder_oldest_file_age_seconds",
+                                   "Age of the oldest file waiting in unprocessed/ (by mtime), as the daemon's",
+                                   labels=["folder"])
+        for folder, age in st.get("oldest", {}).items():
+            oldest.add_metric([folder], age)
+        yield oldest
         yield GaugeMetricFamily("ingestd_cluster_active", "1 when this scanner holds the lock", value=int(st["active"]))
         live = [n for n in st["nodes"] if not n["missing"]]
         yield GaugeMetricFamily("ingestd_cluster_nodes", "Worker nodes with a recent heartbeat", value=len(live))
@@ -335,6 +342,25 @@ def _ino(path: str) -> int | None:
         return os.lstat(path).st_ino
     except (FileNotFoundError, NotADirectoryError):
         return None
+
+
+def _oldest_age(folder: str) -> float:
+    """Seconds since the oldest mtime among a folder's user files (0 when none): IngestdOldestUnprocessedTooOld
+    reads it, so a scanner that claims nothing (no lock, a full share) shows as files waiting."""
+    oldest = None
+    try:
+        with os.scandir(folder) as it:
+            for e in it:
+                if e.name.startswith("."):
+                    continue
+                try:
+                    m = e.stat(follow_symlinks=False).st_mtime
+                except OSError:
+                    continue
+                oldest = m if oldest is None else min(oldest, m)
+    except OSError:
+        return 0.0
+    return max(0.0, time.time() - oldest) if oldest is not None else 0.0
 
 
 def _count(folder: str) -> int:

@@ -304,6 +304,7 @@ def cluster_series() -> frozenset[str]:
     node = _Metrics("node-a", lambda: 1)
     node.heartbeat.labels("node-a").set(1.0)  # set after each heartbeat written to Redis
     status = {"counts": {"unprocessed": 1, "underprocess": 1, "processed": 1, "failed": 0}, "active": True,
+              "oldest": {"unprocessed": 1.0},
               "queue_messages": 3, "oldest_claim_age": 2.0,
               "nodes": [{"node": "node-a", "missing": False, "heartbeat_age": 1.0}]}
     scanner = CollectorRegistry(auto_describe=True)
