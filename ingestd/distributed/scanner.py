@@ -268,12 +268,13 @@ class Scanner:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stop.set())
         web.start()
+        self._lead()  # before READY=1: a node started after the scanner finds the cluster id in place
         notifier = Notifier()
         notifier.ready()
         event("started", "ingestd scanner started", version=__version__, role="scanner", host=socket.gethostname(),
               watch_dir=str(self.spool.root.resolve()), listen=web.address, watch="polling")
         renew_every = self.s.lease_time / 3
-        next_lead = 0.0
+        next_lead = time.monotonic() + renew_every
         self.next_redrive = time.monotonic() + self.s.rescan_interval
         while not self.stop.is_set():
             now = time.monotonic()
