@@ -402,3 +402,23 @@ def test_redis_losing_all_its_data_mid_run_loses_and_doubles_nothing(cluster: Cl
         assert (cluster.watch / "processed" / name).read_bytes() == expected(data, tmp_path), name
     assert not [n for n in folder(cluster, "processed") if ".superseded-" in n]
     assert folder(cluster, "failed") == []
+
+
+def test_a_node_whose_mount_numbers_inodes_by_itself_refuses_to_work(cluster: Cluster) -> None:
+    """Claim ids are built on inode numbers, which NFS and CephFS clients take from the server; sshfs without
+    -o use_ino numbers files per mount. Such a node would find every claim "gone": it must refuse, exit 78.
+    (Here the scanner's record names another inode for .ingestd/cluster-id, as such a mount would see it;
+    tests/distributed runs a real sshfs mount without use_ino.)"""
+    import redis
+
+    cluster.start("run", "scanner")
+    r = redis.Redis.from_url(cluster.url)
+    wait(lambda: r.get("ingestd:default:cluster-id") is not None, what="the scanner's cluster id")
+    ident, ino = r.get("ingestd:default:cluster-id").decode().split()
+    assert int(ino) == (cluster.watch / ".ingestd" / "cluster-id").stat().st_ino
+    r.set("ingestd:default:cluster-id", f"{ident} {int(ino) + 1}")
+    p = subprocess.run([sys.executable, "-m", "ingestd", "worker", "--broker", cluster.url, "--watch-dir",
+                        str(cluster.watch), "--listen", "127.0.0.1:0"], env=cluster.env, capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 78, p.stderr
+    assert "numbers files by itself (sshfs without -o use_ino" in p.stderr

@@ -28,8 +28,9 @@ class NotTheSharedFolder(SpoolError):
 
 
 def identify(state_dir: str, client: object, key: str) -> str:
-    """The scanner's side: the shared folder's cluster id (.ingestd/cluster-id, made once), also set in Redis so
-    that nodes can check they see the same folder. Raises NotTheSharedFolder when Redis names another folder."""
+    """The scanner's side: the shared folder's cluster id (.ingestd/cluster-id, made once), also set in Redis with
+    that file's inode number ("<id> <inode>"), so that nodes can check they see the same folder, numbered the
+    same way (claim ids are built on inode numbers). Raises NotTheSharedFolder when Redis names another folder."""
     path = os.path.join(state_dir, CLUSTER_ID)
     try:
         ident = durable.read_small(path, 64).decode().strip()
@@ -39,11 +40,20 @@ def identify(state_dir: str, client: object, key: str) -> str:
         ident = uuid.uuid4().hex
         # Durable before Redis names it: a node must never be told of an id the folder could lose.
         durable.publish_bytes(state_dir, CLUSTER_ID, ident.encode(), TEMP_OUTPUT_PREFIX + CLUSTER_ID + f"-{os.getpid()}")
-    known = client.set(key, ident, nx=True, get=True)  # type: ignore[attr-defined]
-    if known is not None and known.decode() != ident:
-        raise NotTheSharedFolder(f"watch_dir: Redis already serves another shared folder (cluster id {known.decode()}, "
-                                 f"this folder's is {ident}): one Redis database per shared folder")
+    value = f"{ident} {os.lstat(path).st_ino}"
+    known = client.set(key, value, nx=True, get=True)  # type: ignore[attr-defined]
+    if known is not None and known.decode().split()[0] != ident:
+        raise NotTheSharedFolder(f"watch_dir: Redis already serves another shared folder (cluster id "
+                                 f"{known.decode().split()[0]}, this folder's is {ident}): one Redis database per "
+                                 "shared folder")
+    if known is not None and known.decode() != value:
+        raise NotTheSharedFolder(_NUMBERING.format(path=path))
     return ident
+
+
+_NUMBERING = ("watch_dir: {path} has another inode number here than where the cluster first saw it: this mount "
+              "numbers files by itself (sshfs without -o use_ino, some FUSE file systems), and claims are named "
+              "by inode numbers: mount it so that inode numbers are the server's (NFS and CephFS do)")
 
 
 def check_folder(state_dir: str, client: object, key: str) -> str | None:
@@ -54,13 +64,18 @@ def check_folder(state_dir: str, client: object, key: str) -> str | None:
     known = client.get(key)  # type: ignore[attr-defined]
     if known is None:
         return "no scanner has served this Redis yet (`ingestd run --broker ...` on the shared folder)"
+    path = os.path.join(state_dir, CLUSTER_ID)
     try:
-        ident = durable.read_small(os.path.join(state_dir, CLUSTER_ID), 64).decode().strip()
+        ident = durable.read_small(path, 64).decode().strip()
+        ino = os.lstat(path).st_ino
     except OSError as e:
-        return f"{state_dir}/{CLUSTER_ID} cannot be read ({e.strerror}): is the shared folder mounted here?"
-    if ident != known.decode():
+        return f"{path} cannot be read ({e.strerror}): is the shared folder mounted here?"
+    want, _, want_ino = known.decode().partition(" ")
+    if ident != want:
         raise NotTheSharedFolder(f"watch_dir: this folder's cluster id ({ident}) is not the scanner's "
-                                 f"({known.decode()}): is the right shared folder mounted here?")
+                                 f"({want}): is the right shared folder mounted here?")
+    if str(ino) != want_ino:
+        raise NotTheSharedFolder(_NUMBERING.format(path=path))
     return None
 
 
