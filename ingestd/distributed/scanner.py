@@ -28,7 +28,7 @@ from prometheus_client.registry import Collector
 from redis.lock import Lock
 
 from ingestd import __version__, durable
-from ingestd.distributed import crash_point, queue
+from ingestd.distributed import CLUSTER_ID, NotTheSharedFolder, crash_point, identify, queue
 from ingestd.distributed.ledger import Ledger, claim_id
 from ingestd.log import event
 from ingestd.names import DONE_SUFFIX, display, ignored
@@ -40,17 +40,14 @@ from ingestd.web import Web
 REDRIVE_CHUNK = 500  # underprocess/ entries looked up in Redis per round trip
 STATUS_DISK_EVERY = 1.0  # seconds: status() reads the folders at most this often (the page polls every second)...
 STATUS_DISK_FACTOR = 10  # ...or this many times as long as the last reading took, whichever is longer
-CLAIM_TEMP = TEMP_OUTPUT_PREFIX + "c"  # a node's temps: .ingestd-tmp-c<claim>.<attempt>-... (task.py)
+CLAIM_TEMP = TEMP_OUTPUT_PREFIX + "c"  # a node's temps: .ingestd-tmp-c<claim>.<delivery>-... (task.py)
 
 
 class Scanner:
     def __init__(self, settings: Settings) -> None:
         assert settings.broker is not None
         self.s = settings
-        try:
-            self.client, self.broker = queue.connect(settings.broker, settings.lease_time)
-        except Exception as e:  # noqa: BLE001 - redis.RedisError and its kin: one line, exit 78
-            raise ConfigError(f"broker: cannot reach {settings.broker}: {e}") from None
+        self.client, self.broker = queue.connect(settings.broker, settings.lease_time)
         self.ledger = Ledger(self.client, settings.lease_time)
         self.actor = queue.declare(self.broker, _never_here)
         self.spool = Spool(settings.watch_dir, settings.done_marker, tag=f"s{os.getpid()}-", seq=self.ledger.next_seq)
@@ -76,6 +73,7 @@ class Scanner:
                 return
             if self.lock.acquire(blocking=False):
                 self.active = True
+                identify(self.spool.state, self.client, self.ledger.k(CLUSTER_ID))  # nodes check they see this folder
                 event("scanner_active", "this scanner is active: claiming and enqueueing", token=self._token())
                 self.spool.drop_claim_ghosts()  # names left twice by a link+unlink claim cut by a crash
                 self._redrive()
@@ -83,6 +81,8 @@ class Scanner:
             elif not getattr(self, "_told_standby", False):
                 event("scanner_standby", "another scanner is active: this one waits as a standby")
                 self._told_standby = True
+        except NotTheSharedFolder:
+            raise  # a configuration error: exit 78
         except Exception as e:  # noqa: BLE001 - LockError (lost), RedisError: stop claiming, try again later
             if self.active:
                 event("scanner_lost_lock", "lost the scanner lock: claiming stops", logging.ERROR, error=repr(e))
@@ -233,7 +233,7 @@ class Scanner:
         """The scanner's /api/status (docs/api.md), also read at every scrape (_Live). The single-machine daemon's
         shape where a field means the same: version, state (running | stopping), started_at and now (seconds since
         the epoch), watch_dir, counts (files per folder; unprocessed/ counts what would be claimed), oldest
-        ({"underprocess": seconds since the oldest claim, or None}), failures (Spool.failures(recent)),
+        ({"unprocessed": seconds since the oldest mtime there, 0 when none}), failures (Spool.failures(recent)),
         folders_left; and the cluster's own: role "scanner", active (this one holds the lock; else a standby),
         nodes (Ledger.nodes(): node, host, pid, processes, current [{file, since}], listen, heartbeat_age in
         seconds, missing), queue_messages (None while Redis cannot be reached; nodes are then []) and
@@ -275,9 +275,10 @@ class Scanner:
             failures = self.spool.failures(self.s.recent)
         except OSError:
             failures = []
-        oldest = self._oldest()
-        return {"counts": counts, "oldest": {"underprocess": oldest}, "oldest_claim_age": oldest,
-                "failures": failures,
+        # oldest: the metric IngestdOldestUnprocessedTooOld reads (by mtime). Not underprocess/: a claim waits in the
+        # queue too, so its age is oldest_claim_age (IngestdClusterQueueLatency), never IngestdFileStuck's series.
+        return {"counts": counts, "oldest": {"unprocessed": _oldest_age(self.spool.unprocessed)},
+                "oldest_claim_age": self._oldest(), "failures": failures,
                 # A cluster claims files only (recursive or not): folders in unprocessed/ stay where they are.
                 "folders_left": {"count": len(folders), "names": [display(n) for n in sorted(folders)[: self.s.recent]],
                                  "recursive": False}}
@@ -316,12 +317,13 @@ class Scanner:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stop.set())
         web.start()
+        self._lead()  # before READY=1: a node started after the scanner finds the cluster id in place
         notifier = Notifier()
         notifier.ready()
         event("started", "ingestd scanner started", version=__version__, role="scanner", host=socket.gethostname(),
               watch_dir=str(self.spool.root.resolve()), listen=web.address, watch="polling")
         renew_every = self.s.lease_time / 3
-        next_lead = 0.0
+        next_lead = time.monotonic() + renew_every
         self.next_redrive = time.monotonic() + self.s.rescan_interval
         while not self.stop.is_set():
             now = time.monotonic()
@@ -360,6 +362,12 @@ class _Live(Collector):
         for folder, n in st["counts"].items():
             files.add_metric([folder], n)
         yield files
+        oldest = GaugeMetricFamily("ingestd_folder_oldest_file_age_seconds",
+                                   "Age of the oldest file waiting in unprocessed/ (by mtime), as the daemon's",
+                                   labels=["folder"])
+        for folder, age in st.get("oldest", {}).items():
+            oldest.add_metric([folder], age)
+        yield oldest
         yield GaugeMetricFamily("ingestd_cluster_active", "1 when this scanner holds the lock", value=int(st["active"]))
         live = [n for n in st["nodes"] if not n["missing"]]
         yield GaugeMetricFamily("ingestd_cluster_nodes", "Worker nodes with a recent heartbeat", value=len(live))
@@ -384,6 +392,25 @@ def _ino(path: str) -> int | None:
         return os.lstat(path).st_ino
     except (FileNotFoundError, NotADirectoryError):
         return None
+
+
+def _oldest_age(folder: str) -> float:
+    """Seconds since the oldest mtime among a folder's user files (0 when none): IngestdOldestUnprocessedTooOld
+    reads it, so a scanner that claims nothing (no lock, a full share) shows as files waiting."""
+    oldest = None
+    try:
+        with os.scandir(folder) as it:
+            for e in it:
+                if e.name.startswith("."):
+                    continue
+                try:
+                    m = e.stat(follow_symlinks=False).st_mtime
+                except OSError:
+                    continue
+                oldest = m if oldest is None else min(oldest, m)
+    except OSError:
+        return 0.0
+    return max(0.0, time.time() - oldest) if oldest is not None else 0.0
 
 
 def _count(folder: str) -> int:

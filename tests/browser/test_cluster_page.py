@@ -149,7 +149,7 @@ def _scanner_status(now: float, **over: Any) -> dict[str, Any]:
         "role": "scanner", "active": False, "version": "0.1.0", "state": "running", "started_at": now - 3700,
         "now": now, "watch_dir": "/srv/" + HOSTILE,
         "counts": {"unprocessed": 2, "underprocess": 1, "processed": 12, "failed": 0},
-        "oldest": {"underprocess": 75.0}, "oldest_claim_age": 75.0, "failures": [],
+        "oldest": {"unprocessed": 0.0}, "oldest_claim_age": 75.0, "failures": [],
         "folders_left": {"count": 1, "names": ["batch" + HOSTILE], "recursive": False},
         "queue_messages": 3,
         "nodes": [
