@@ -234,3 +234,48 @@ def test_a_broker_url_redis_cannot_parse_is_a_config_error(watch: Path) -> None:
     assert r.returncode == 78, (r.returncode, r.stderr)
     assert r.stderr.startswith("ingestd: broker: redis://127.0.0.1:notaport/0 is not a Redis URL") and r.stdout == ""
     assert len(r.stderr.splitlines()) == 1
+
+
+def _get(listen: str, path: str) -> tuple[int, bytes]:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://{listen}{path}", timeout=10) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def test_scanner_api_status_has_the_daemon_shape_and_survives_redis_going(watch: Path, cluster: Any,
+                                                                         redis_server: Any) -> None:
+    """The scanner's /api/status: the daemon's fields where they mean the same, the cluster's own; Redis gone: still
+    an answer (nodes unknown, health says why), and /metrics still renders (it reads the same status)."""
+    scanner = cluster("scanner")
+    cluster("node", "n1", 1)
+    drop(watch, "bad.bin", b"\x00binary")
+    (watch / "unprocessed" / "folder").mkdir()
+
+    def settled() -> Any:
+        doc = json.loads(_get(scanner.listen, "/api/status")[1])
+        return doc if doc["failures"] and doc["nodes"] else None
+
+    doc = wait_for(settled, 30, interval=0.3, what="a failure and a node in /api/status")
+    assert doc["role"] == "scanner" and doc["active"] is True and doc["state"] == "running"
+    assert doc["watch_dir"] == str(watch.resolve()) and doc["started_at"] <= doc["now"]
+    assert doc["counts"] == {"unprocessed": 0, "underprocess": 0, "processed": 0, "failed": 1}
+    assert doc["failures"][0]["name"] == "bad.bin" and "binary" in doc["failures"][0]["reason"]
+    assert doc["folders_left"] == {"count": 1, "names": ["folder"], "recursive": False}
+    assert doc["oldest"] == {"unprocessed": 0.0} and doc["oldest_claim_age"] is None
+    assert doc["queue_messages"] == 0 and [n["node"] for n in doc["nodes"]] == ["n1"]
+    assert doc["health"] == {"ok": True, "problem": None}
+    code, metrics = _get(scanner.listen, "/metrics")
+    assert code == 200 and b'ingestd_folder_files{folder="failed"} 1.0' in metrics
+
+    redis_server.kill()
+    doc = wait_for(lambda: (d := json.loads(_get(scanner.listen, "/api/status")[1]))["queue_messages"] is None and d,
+                   30, interval=0.3, what="/api/status without Redis")
+    assert doc["nodes"] == [] and doc["health"]["ok"] is False and "broker unreachable" in doc["health"]["problem"]
+    assert doc["counts"]["failed"] == 1  # the folders are still read
+    code, metrics = _get(scanner.listen, "/metrics")
+    assert code == 200 and b"ingestd_cluster_nodes 0.0" in metrics and b"ingestd_cluster_queue_messages" not in metrics

@@ -396,14 +396,17 @@ def _ino(path: str) -> int | None:
 
 def _oldest_age(folder: str) -> float:
     """Seconds since the oldest mtime among a folder's user files (0 when none): IngestdOldestUnprocessedTooOld
-    reads it, so a scanner that claims nothing (no lock, a full share) shows as files waiting."""
+    reads it, so a scanner that claims nothing (no lock, a full share) shows as files waiting. As the daemon's,
+    only what would be claimed: never a folder (a cluster leaves them, they would age for ever), nor a temp."""
     oldest = None
     try:
         with os.scandir(folder) as it:
             for e in it:
-                if e.name.startswith("."):
+                if ignored(e.name):
                     continue
                 try:
+                    if e.is_dir(follow_symlinks=False):
+                        continue
                     m = e.stat(follow_symlinks=False).st_mtime
                 except OSError:
                     continue
