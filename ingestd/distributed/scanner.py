@@ -38,6 +38,8 @@ from ingestd.spool import TEMP_OUTPUT_PREFIX, Claim, Spool
 from ingestd.web import Web
 
 REDRIVE_CHUNK = 500  # underprocess/ entries looked up in Redis per round trip
+STATUS_DISK_EVERY = 1.0  # seconds: status() reads the folders at most this often (the page polls every second)...
+STATUS_DISK_FACTOR = 10  # ...or this many times as long as the last reading took, whichever is longer
 CLAIM_TEMP = TEMP_OUTPUT_PREFIX + "c"  # a node's temps: .ingestd-tmp-c<claim>.<delivery>-... (task.py)
 
 
@@ -52,6 +54,9 @@ class Scanner:
         self.lock = Lock(self.client, self.ledger.k("scanner"), timeout=settings.lease_time, thread_local=False)
         self.active = False
         self.stop = threading.Event()
+        self.started_at, self.watch_dir = time.time(), str(self.spool.root.resolve())
+        self._status_lock, self._status_next = threading.Lock(), 0.0  # status(): its folder part, read at most
+        self._status_cache: dict[str, Any] | None = None  # every STATUS_DISK_EVERY seconds
         self.seen: dict[str, tuple[tuple[int, int, int], float]] = {}  # name -> ((ino, size, mtime_ns), since)
         self.folders_told: set[str] = set()
         self.folders = sorted({out.path for out in settings.routing.outputs})
@@ -225,18 +230,62 @@ class Scanner:
 
     # --- status ---------------------------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
-        counts = {f: _count(getattr(self.spool, f)) for f in ("unprocessed", "underprocess", "processed", "failed")}
+        """The scanner's /api/status (docs/api.md), also read at every scrape (_Live). The single-machine daemon's
+        shape where a field means the same: version, state (running | stopping), started_at and now (seconds since
+        the epoch), watch_dir, counts (files per folder; unprocessed/ counts what would be claimed), oldest
+        ({"unprocessed": seconds since the oldest mtime there, 0 when none}), failures (Spool.failures(recent)),
+        folders_left; and the cluster's own: role "scanner", active (this one holds the lock; else a standby),
+        nodes (Ledger.nodes(): node, host, pid, processes, current [{file, since}], listen, heartbeat_age in
+        seconds, missing), queue_messages (None while Redis cannot be reached; nodes are then []) and
+        oldest_claim_age (seconds, None when no claim).
+
+        Cheap by construction: what comes from the folders (listings, sidecars, claim records) is read again at
+        most every STATUS_DISK_EVERY seconds, or STATUS_DISK_FACTOR times as long as the last reading took (a
+        huge processed/ costs at most about a tenth of a core); nodes and queue depth are asked of Redis each time
+        (two round trips), as they are what a page refresh is for. Never raises for Redis or folder trouble."""
+        disk = self._status_disk()
         try:
             nodes, depth = self.ledger.nodes(), queue.depth(self.client)
         except redis.RedisError:
             nodes, depth = [], None
-        return {"role": "scanner", "active": self.active, "version": __version__, "counts": counts,
-                "oldest": {"unprocessed": _oldest_age(self.spool.unprocessed)},
-                "queue_messages": depth, "nodes": nodes, "oldest_claim_age": self._oldest()}
+        return {"role": "scanner", "active": self.active, "version": __version__,
+                "state": "stopping" if self.stop.is_set() else "running", "started_at": self.started_at,
+                "now": time.time(), "watch_dir": self.watch_dir, **disk, "queue_messages": depth, "nodes": nodes}
+
+    def _status_disk(self) -> dict[str, Any]:
+        """The folder part of status(), shared by concurrent callers (one reads, the others wait for its result)."""
+        with self._status_lock:
+            now = time.monotonic()
+            if self._status_cache is None or now >= self._status_next:
+                self._status_cache = self._read_disk()
+                took = time.monotonic() - now
+                self._status_next = time.monotonic() + max(STATUS_DISK_EVERY, STATUS_DISK_FACTOR * took)
+            return self._status_cache
+
+    def _read_disk(self) -> dict[str, Any]:
+        try:
+            names, folders = Spool.split(self.spool.unprocessed)
+        except OSError:
+            names, folders = [], []
+        # As `ingestd status` and the daemon count waiting files: never temps, nor done markers (they vouch for one).
+        waiting = sum(1 for n in names if not ignored(n) and not (self.s.done_marker and n.endswith(DONE_SUFFIX)))
+        counts = {"unprocessed": waiting, **{f: _count(getattr(self.spool, f)) for f in ("underprocess", "processed",
+                                                                                         "failed")}}
+        try:
+            failures = self.spool.failures(self.s.recent)
+        except OSError:
+            failures = []
+        # oldest: the metric IngestdOldestUnprocessedTooOld reads (by mtime). Not underprocess/: a claim waits in the
+        # queue too, so its age is oldest_claim_age (IngestdClusterQueueLatency), never IngestdFileStuck's series.
+        return {"counts": counts, "oldest": {"unprocessed": _oldest_age(self.spool.unprocessed)},
+                "oldest_claim_age": self._oldest(), "failures": failures,
+                # A cluster claims files only (recursive or not): folders in unprocessed/ stay where they are.
+                "folders_left": {"count": len(folders), "names": [display(n) for n in sorted(folders)[: self.s.recent]],
+                                 "recursive": False}}
 
     def _oldest(self) -> float | None:
         """Seconds since the oldest file now in underprocess/ was claimed (its mtime is kept by the rename, so the
-        claim record's time is asked of Redis), None when none."""
+        claim record's time is asked of Redis), None when none. Past REDRIVE_CHUNK files, of the first met."""
         try:
             names = [e for e in os.scandir(self.spool.underprocess) if not e.name.startswith(".")][:REDRIVE_CHUNK]
             cids = [claim_id(e.name, e.inode()) for e in names]
@@ -347,14 +396,17 @@ def _ino(path: str) -> int | None:
 
 def _oldest_age(folder: str) -> float:
     """Seconds since the oldest mtime among a folder's user files (0 when none): IngestdOldestUnprocessedTooOld
-    reads it, so a scanner that claims nothing (no lock, a full share) shows as files waiting."""
+    reads it, so a scanner that claims nothing (no lock, a full share) shows as files waiting. As the daemon's,
+    only what would be claimed: never a folder (a cluster leaves them, they would age for ever), nor a temp."""
     oldest = None
     try:
         with os.scandir(folder) as it:
             for e in it:
-                if e.name.startswith("."):
+                if ignored(e.name):
                     continue
                 try:
+                    if e.is_dir(follow_symlinks=False):
+                        continue
                     m = e.stat(follow_symlinks=False).st_mtime
                 except OSError:
                     continue
