@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import RedisServer
+from support import RedisServer
 
 from ingestd.names import key
 from ingestd.sinks import Sinks
