@@ -115,5 +115,6 @@ class Ledger:
                 continue
             age = now - float(info.get("at", 0))
             out.append({**info, "node": name.decode(errors="replace"), "heartbeat_age": round(age, 3),
-                        "missing": age > NODE_STALE * self.lease_time})
+                        # by the node's own lease time (in its heartbeat), whatever the reader's setting
+                        "missing": age > NODE_STALE * float(info.get("lease_time") or self.lease_time)})
         return sorted(out, key=lambda n: n["node"])

@@ -111,7 +111,8 @@ def run(settings: Settings, processes: int) -> int:
     while not stop.wait(min(beat, notifier.watchdog_interval or beat)):
         notifier.watchdog()
         try:
-            ledger.beat(name, _status(name, node, processes) | {"listen": web.address})
+            ledger.beat(name, _status(name, node, processes) | {"listen": web.address,
+                                                                  "lease_time": settings.lease_time})
             metrics.heartbeat.labels(name).set(time.time())
         except Exception as e:  # noqa: BLE001 - Redis away: Dramatiq reconnects; the heartbeat is only status
             if not broker_down:
