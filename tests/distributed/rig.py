@@ -540,6 +540,7 @@ def reference(tmp: Path, files: dict[str, bytes], mode: str = "uppercase") -> di
     """What `ingestd process --input F --output OUT --mode M` gives for each file: the real CLI entry point, run
     for every file in one interpreter (a process per file would cost minutes)."""
     src, out = tmp / "ref-in", tmp / "ref-out"
+    tmp.mkdir(parents=True, exist_ok=True)
     src.mkdir()
     out.mkdir()
     for name, data in files.items():
