@@ -31,8 +31,6 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 SCALE = max(1, int(os.environ.get("INGESTD_TORTURE_SCALE", "1") or 1))
 LEASE = 3.0  # lease_time of every process of the rig (seconds)
 QUEUE = ("unprocessed", "underprocess", "processed", "failed")
@@ -41,6 +39,8 @@ PY = sys.executable
 
 def unavailable(reason: str) -> None:
     """A missing component: skip with the reason, but under CI=true the test must run, so fail."""
+    import pytest  # here: bench/distributed.py uses the rig without pytest installed
+
     if os.environ.get("CI", "").lower() == "true":
         pytest.fail(f"{reason} (CI=true: the distributed tests must run; tests/system-deps.sh installs it)",
                     pytrace=False)
