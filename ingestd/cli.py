@@ -99,7 +99,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ingestd: {e}", file=sys.stderr)
         # 75: another daemon holds the watch dir, or an inotify limit is reached (instances free up as other
         # programs exit, so systemd's restart may succeed); 78: the watch dir itself is unusable.
-        return EX_TEMPFAIL if isinstance(e, (AlreadyRunning, WatchLimit)) else EX_CONFIG
+        # 75 too: the broker unreachable at start (distributed mode: e.temporary).
+        temporary = isinstance(e, (AlreadyRunning, WatchLimit)) or getattr(e, "temporary", False)
+        return EX_TEMPFAIL if temporary else EX_CONFIG
     except KeyboardInterrupt:
         return 130
 

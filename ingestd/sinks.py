@@ -84,7 +84,7 @@ class Sinks:
     def __init__(self, processed: str, name: str, folders: list[str], file_exist: str = REPLACE,
                  claim: bytes | None = None, tag: str | None = None) -> None:
         """tag: what makes this attempt's temp names its own; by default the worker's pid (one host). A cluster
-        node passes its claim and attempt ("c<claim>.<attempt>"): pids repeat across hosts (distributed/task.py)."""
+        node passes its claim and delivery ("c<claim>.<delivery>"): pids repeat across hosts (distributed/task.py)."""
         self.processed, self.name, self.folders = processed, name, folders
         self.file_exist, self.claim = file_exist, claim
         self.superseded: list[Superseded] = []  # what publish did to earlier results

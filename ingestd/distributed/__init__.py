@@ -9,10 +9,63 @@ from __future__ import annotations
 
 import os
 import signal
+import uuid
+
+from ingestd import durable
+from ingestd.spool import TEMP_OUTPUT_PREFIX, SpoolError
+
+CLUSTER_ID = "cluster-id"  # .ingestd/cluster-id on the shared folder, and ingestd:<cluster>:cluster-id in Redis
+
+
+class BrokerUnreachable(SpoolError):
+    """Redis cannot be reached at start: exit 75 (EX_TEMPFAIL), so systemd's Restart= tries again."""
+
+    temporary = True
+
+
+class NotTheSharedFolder(SpoolError):
+    """A node's watch_dir is not the folder the scanner serves (not mounted, another folder): exit 78."""
+
+
+def identify(state_dir: str, client: object, key: str) -> str:
+    """The scanner's side: the shared folder's cluster id (.ingestd/cluster-id, made once), also set in Redis so
+    that nodes can check they see the same folder. Raises NotTheSharedFolder when Redis names another folder."""
+    path = os.path.join(state_dir, CLUSTER_ID)
+    try:
+        ident = durable.read_small(path, 64).decode().strip()
+    except FileNotFoundError:
+        ident = ""
+    if not ident:
+        ident = uuid.uuid4().hex
+        # Durable before Redis names it: a node must never be told of an id the folder could lose.
+        durable.publish_bytes(state_dir, CLUSTER_ID, ident.encode(), TEMP_OUTPUT_PREFIX + CLUSTER_ID + f"-{os.getpid()}")
+    known = client.set(key, ident, nx=True, get=True)  # type: ignore[attr-defined]
+    if known is not None and known.decode() != ident:
+        raise NotTheSharedFolder(f"watch_dir: Redis already serves another shared folder (cluster id {known.decode()}, "
+                                 f"this folder's is {ident}): one Redis database per shared folder")
+    return ident
+
+
+def check_folder(state_dir: str, client: object, key: str) -> str | None:
+    """A node's side, at start: its watch_dir must be the scanner's shared folder (mounted, the same one). A node on
+    an unmounted mount point would otherwise find no file of any claim and ack them all as done elsewhere.
+    Returns why to wait (no scanner yet, the folder not readable yet: a boot order), None when it is the one;
+    raises NotTheSharedFolder when it is another folder."""
+    known = client.get(key)  # type: ignore[attr-defined]
+    if known is None:
+        return "no scanner has served this Redis yet (`ingestd run --broker ...` on the shared folder)"
+    try:
+        ident = durable.read_small(os.path.join(state_dir, CLUSTER_ID), 64).decode().strip()
+    except OSError as e:
+        return f"{state_dir}/{CLUSTER_ID} cannot be read ({e.strerror}): is the shared folder mounted here?"
+    if ident != known.decode():
+        raise NotTheSharedFolder(f"watch_dir: this folder's cluster id ({ident}) is not the scanner's "
+                                 f"({known.decode()}): is the right shared folder mounted here?")
+    return None
 
 
 def crash_point(step: str) -> None:
     """Test hook (tests/distributed): INGESTD_TEST_CRASH_AT=<step> kills this process with SIGKILL at that step of
-    the protocol (claim-enqueue in the scanner; publish-commit, commit-ack on a node), as kill -9 would."""
+    the protocol (claim-enqueue in the scanner; publish-commit, commit-ack on a node; child: a node's child on each file), as kill -9 would."""
     if os.environ.get("INGESTD_TEST_CRASH_AT") == step:
         os.kill(os.getpid(), signal.SIGKILL)

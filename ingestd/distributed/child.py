@@ -11,6 +11,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from ingestd import pipeline, routing
+from ingestd.distributed import crash_point
 from ingestd.errors import Phase
 from ingestd.sinks import Sinks, claim_of
 from ingestd.worker import _die_with_parent, _failure
@@ -32,6 +33,7 @@ def main(conn: Connection, routing_doc: dict[str, Any], max_line_bytes: int, pro
             path, name, tag = conn.recv()
         except (EOFError, OSError):
             return
+        crash_point("child")  # test hook: a file that kills its child every time (poison)
         claim = claim_of(path)  # the input's identity, on each result: a redo recognises its own result
         sinks = Sinks(processed, name, folders, file_exist, claim, tag)
         stats, started, phase = pipeline.Stats(), time.monotonic(), Phase.PROCESS

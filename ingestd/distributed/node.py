@@ -15,7 +15,7 @@ import dramatiq
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, disable_created_metrics
 
 from ingestd import __version__
-from ingestd.distributed import queue
+from ingestd.distributed import CLUSTER_ID, check_folder, queue
 from ingestd.distributed.ledger import Ledger
 from ingestd.distributed.task import Node
 from ingestd.log import event
@@ -64,43 +64,64 @@ def run(settings: Settings, processes: int) -> int:
     queue). Raises ConfigError for a bad listen address or an unreachable broker."""
     assert settings.broker is not None
     name = settings.node or socket.gethostname()
-    try:
-        client, broker = queue.connect(settings.broker, settings.lease_time)
-    except Exception as e:  # noqa: BLE001 - redis.RedisError and its kin: one line, exit 78
-        raise ConfigError(f"broker: cannot reach {settings.broker}: {e}") from None
+    client, broker = queue.connect(settings.broker, settings.lease_time)
     ledger = Ledger(client, settings.lease_time)
     spool = Spool(settings.watch_dir, settings.done_marker, tag=f"n{key(name)[:8]}-{os.getpid()}-",
                   seq=ledger.next_seq)
-    spool.ensure()
-    node: Node
-    metrics = _Metrics(name, lambda: len(node.current))
-    node = Node(settings, ledger, spool, name, metrics.count)
-    node.actor = queue.declare(broker, node.handle)
-    worker = dramatiq.Worker(broker, queues={queue.QUEUE}, worker_threads=processes, worker_timeout=1000)
-    worker.queue_prefetch = processes  # no more in hand than it runs: the rest stays for other nodes
-    host, port = _listen(settings)
-    try:
-        web = Web(host, port, metrics.registry, lambda: _status(name, node, processes), lambda: None)
-    except OSError as e:
-        raise ConfigError(f"listen: cannot listen on {host}:{port}: {e.strerror}") from None
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    threading.Thread(target=node.leases.run, name="leases", daemon=True).start()
+    node: Node
+    metrics = _Metrics(name, lambda: len(node.current))
+    node = Node(settings, ledger, spool, name, metrics.count)
+    waiting: list[str] = []  # why the node takes no work yet; /healthz answers 503 with it meanwhile
+    host, port = _listen(settings)
+    try:
+        web = Web(host, port, metrics.registry, lambda: _status(name, node, processes),
+                  lambda: waiting[0] if waiting else None)
+    except OSError as e:
+        raise ConfigError(f"listen: cannot listen on {host}:{port}: {e.strerror}") from None
     web.start()
-    worker.start()
     notifier = Notifier()
+    # Ready at once, waiting said in STATUS=: a node started before its scanner or its mount (a boot order) must
+    # not fail its start and be restarted every TimeoutStartSec.
     notifier.ready()
+    # Never spool.ensure(): folders made here on an unmounted mount point would hide that the share is missing.
+    while (why := check_folder(spool.state, client, ledger.k(CLUSTER_ID))) is not None:
+        if not waiting or why != waiting[0]:
+            event("node_waiting", "waiting before taking work: " + why, logging.WARNING, node=name,
+                  listen=web.address)
+            notifier.status("waiting: " + why)
+            waiting[:] = [why]
+        notifier.watchdog()
+        if stop.wait(1.0):
+            web.stop()
+            return 0
+    waiting.clear()
+    node.actor = queue.declare(broker, node.handle)
+    worker = dramatiq.Worker(broker, queues={queue.QUEUE}, worker_threads=processes, worker_timeout=1000)
+    worker.queue_prefetch = processes  # no more in hand than it runs: the rest stays for other nodes
+    threading.Thread(target=node.leases.run, name="leases", daemon=True).start()
+    worker.start()
+    notifier.status(f"working: {processes} processes")
     event("node_started", "worker node started", node=name, processes=processes, version=__version__,
-          listen=web.address, watch_dir=str(spool.root.resolve()), broker=_safe(settings.broker))
+          listen=web.address, watch_dir=str(spool.root.resolve()), broker=queue.safe_url(settings.broker))
     beat = max(0.5, settings.lease_time / 3)
+    broker_down = False
     while not stop.wait(min(beat, notifier.watchdog_interval or beat)):
         notifier.watchdog()
         try:
             ledger.beat(name, _status(name, node, processes) | {"listen": web.address})
             metrics.heartbeat.labels(name).set(time.time())
         except Exception as e:  # noqa: BLE001 - Redis away: Dramatiq reconnects; the heartbeat is only status
-            event("broker_error", "cannot reach the broker", logging.ERROR, error=repr(e))
+            if not broker_down:
+                event("broker_error", "cannot reach the broker; work resumes when it is back", logging.ERROR,
+                      error=repr(e))
+            broker_down = True
+            continue
+        if broker_down:
+            event("broker_back", "the broker is reachable again")
+            broker_down = False
     notifier.stopping()
     event("node_stopping", "worker node stopping", node=name)
     worker.stop(timeout=int(settings.stop_timeout * 1000))
@@ -124,8 +145,3 @@ def _listen(settings: Settings) -> tuple[str, int]:
         return "127.0.0.1", 9801
     return settings.host_port
 
-
-def _safe(url: str) -> str:
-    """The broker URL without its password, for logs."""
-    head, at, tail = url.rpartition("@")
-    return (head.split("//", 1)[0] + "//***@" + tail) if at else url

@@ -15,6 +15,8 @@ import dramatiq
 import redis
 from dramatiq.brokers.redis import RedisBroker
 
+from ingestd.distributed import BrokerUnreachable
+
 QUEUE = "ingestd"
 ACTOR = "ingestd_claim"
 NAMESPACE = "dramatiq"
@@ -26,13 +28,22 @@ MAINTENANCE_CHANCE = 250_000
 
 def connect(url: str, lease_time: float) -> tuple[redis.Redis, RedisBroker]:
     """A Redis client (thread-safe pool) and a Dramatiq broker on it, whose heartbeat timeout is lease_time.
-    Raises redis.RedisError when Redis cannot be reached (the first command)."""
+    Raises BrokerUnreachable when Redis cannot be reached (the first command)."""
     client = redis.Redis.from_url(url, socket_timeout=max(5.0, lease_time), socket_connect_timeout=5.0,
                                   health_check_interval=30)
     broker = RedisBroker(client=client, namespace=NAMESPACE, middleware=[], heartbeat_timeout=int(lease_time * 1000),
                          maintenance_chance=MAINTENANCE_CHANCE)
-    client.ping()
+    try:
+        client.ping()
+    except redis.RedisError as e:
+        raise BrokerUnreachable(f"broker: cannot reach {safe_url(url)}: {e}") from None
     return client, broker
+
+
+def safe_url(url: str) -> str:
+    """The broker URL without its password, for logs and messages."""
+    head, at, tail = url.rpartition("@")
+    return (head.split("//", 1)[0] + "//***@" + tail) if at else url
 
 
 def declare(broker: RedisBroker, fn: Callable[[str, str], Any]) -> dramatiq.Actor:

@@ -28,7 +28,7 @@ from prometheus_client.registry import Collector
 from redis.lock import Lock
 
 from ingestd import __version__, durable
-from ingestd.distributed import crash_point, queue
+from ingestd.distributed import CLUSTER_ID, NotTheSharedFolder, crash_point, identify, queue
 from ingestd.distributed.ledger import Ledger, claim_id
 from ingestd.log import event
 from ingestd.names import DONE_SUFFIX, display, ignored
@@ -38,17 +38,14 @@ from ingestd.spool import TEMP_OUTPUT_PREFIX, Claim, Spool
 from ingestd.web import Web
 
 REDRIVE_CHUNK = 500  # underprocess/ entries looked up in Redis per round trip
-CLAIM_TEMP = TEMP_OUTPUT_PREFIX + "c"  # a node's temps: .ingestd-tmp-c<claim>.<attempt>-... (task.py)
+CLAIM_TEMP = TEMP_OUTPUT_PREFIX + "c"  # a node's temps: .ingestd-tmp-c<claim>.<delivery>-... (task.py)
 
 
 class Scanner:
     def __init__(self, settings: Settings) -> None:
         assert settings.broker is not None
         self.s = settings
-        try:
-            self.client, self.broker = queue.connect(settings.broker, settings.lease_time)
-        except Exception as e:  # noqa: BLE001 - redis.RedisError and its kin: one line, exit 78
-            raise ConfigError(f"broker: cannot reach {settings.broker}: {e}") from None
+        self.client, self.broker = queue.connect(settings.broker, settings.lease_time)
         self.ledger = Ledger(self.client, settings.lease_time)
         self.actor = queue.declare(self.broker, _never_here)
         self.spool = Spool(settings.watch_dir, settings.done_marker, tag=f"s{os.getpid()}-", seq=self.ledger.next_seq)
@@ -71,6 +68,7 @@ class Scanner:
                 return
             if self.lock.acquire(blocking=False):
                 self.active = True
+                identify(self.spool.state, self.client, self.ledger.k(CLUSTER_ID))  # nodes check they see this folder
                 event("scanner_active", "this scanner is active: claiming and enqueueing", token=self._token())
                 self.spool.drop_claim_ghosts()  # names left twice by a link+unlink claim cut by a crash
                 self._redrive()
@@ -78,6 +76,8 @@ class Scanner:
             elif not getattr(self, "_told_standby", False):
                 event("scanner_standby", "another scanner is active: this one waits as a standby")
                 self._told_standby = True
+        except NotTheSharedFolder:
+            raise  # a configuration error: exit 78
         except Exception as e:  # noqa: BLE001 - LockError (lost), RedisError: stop claiming, try again later
             if self.active:
                 event("scanner_lost_lock", "lost the scanner lock: claiming stops", logging.ERROR, error=repr(e))
@@ -231,6 +231,7 @@ class Scanner:
         except redis.RedisError:
             nodes, depth = [], None
         return {"role": "scanner", "active": self.active, "version": __version__, "counts": counts,
+                "oldest": {"unprocessed": _oldest_age(self.spool.unprocessed)},
                 "queue_messages": depth, "nodes": nodes, "oldest_claim_age": self._oldest()}
 
     def _oldest(self) -> float | None:
@@ -267,12 +268,13 @@ class Scanner:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stop.set())
         web.start()
+        self._lead()  # before READY=1: a node started after the scanner finds the cluster id in place
         notifier = Notifier()
         notifier.ready()
         event("started", "ingestd scanner started", version=__version__, role="scanner", host=socket.gethostname(),
               watch_dir=str(self.spool.root.resolve()), listen=web.address, watch="polling")
         renew_every = self.s.lease_time / 3
-        next_lead = 0.0
+        next_lead = time.monotonic() + renew_every
         self.next_redrive = time.monotonic() + self.s.rescan_interval
         while not self.stop.is_set():
             now = time.monotonic()
@@ -311,6 +313,12 @@ class _Live(Collector):
         for folder, n in st["counts"].items():
             files.add_metric([folder], n)
         yield files
+        oldest = GaugeMetricFamily("ingestd_folder_oldest_file_age_seconds",
+                                   "Age of the oldest file waiting in unprocessed/ (by mtime), as the daemon's",
+                                   labels=["folder"])
+        for folder, age in st.get("oldest", {}).items():
+            oldest.add_metric([folder], age)
+        yield oldest
         yield GaugeMetricFamily("ingestd_cluster_active", "1 when this scanner holds the lock", value=int(st["active"]))
         live = [n for n in st["nodes"] if not n["missing"]]
         yield GaugeMetricFamily("ingestd_cluster_nodes", "Worker nodes with a recent heartbeat", value=len(live))
@@ -335,6 +343,25 @@ def _ino(path: str) -> int | None:
         return os.lstat(path).st_ino
     except (FileNotFoundError, NotADirectoryError):
         return None
+
+
+def _oldest_age(folder: str) -> float:
+    """Seconds since the oldest mtime among a folder's user files (0 when none): IngestdOldestUnprocessedTooOld
+    reads it, so a scanner that claims nothing (no lock, a full share) shows as files waiting."""
+    oldest = None
+    try:
+        with os.scandir(folder) as it:
+            for e in it:
+                if e.name.startswith("."):
+                    continue
+                try:
+                    m = e.stat(follow_symlinks=False).st_mtime
+                except OSError:
+                    continue
+                oldest = m if oldest is None else min(oldest, m)
+    except OSError:
+        return 0.0
+    return max(0.0, time.time() - oldest) if oldest is not None else 0.0
 
 
 def _count(folder: str) -> int:

@@ -21,7 +21,7 @@ from typing import Any
 import dramatiq
 
 from ingestd import durable, errors
-from ingestd.distributed import child, crash_point, queue
+from ingestd.distributed import CLUSTER_ID, child, crash_point, queue
 from ingestd.distributed.ledger import Ledger, claim_id
 from ingestd.errors import Phase
 from ingestd.log import event
@@ -161,7 +161,8 @@ class Node:
 
     def handle(self, cid: str, name: str) -> None:
         """The actor. Returns (and Dramatiq acks) once the claim is committed, failed, found done, or sent again."""
-        token = f"{self.name}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+        delivery = uuid.uuid4().hex[:12]
+        token = f"{self.name}:{os.getpid()}:{delivery}"
         if not self.ledger.take(cid, token):
             # Another live node holds it (a redelivery while it runs): look again after a lease time.
             self.again(cid, name, self.ledger.lease_ms)
@@ -170,7 +171,7 @@ class Node:
         me = threading.get_ident()
         self.current[me] = {"file": display(name), "since": time.time()}
         try:
-            self._claimed(cid, name, token, lost)
+            self._claimed(cid, name, token, lost, f"c{cid}.{delivery}")
         except Exception as e:  # noqa: BLE001 - the failure boundary: one claim's trouble never stops the node
             event("task_error", "unexpected error on a claim; it is sent again", logging.ERROR, file=display(name),
                   claim=cid, error=repr(e))
@@ -180,10 +181,15 @@ class Node:
             self.leases.drop(cid)
             self.ledger.release(cid, token)
 
-    def _claimed(self, cid: str, name: str, token: str, lost: threading.Event) -> None:
+    def _claimed(self, cid: str, name: str, token: str, lost: threading.Event, tag: str) -> None:
+        """tag names this delivery's temps: unique per delivery, never per attempt count, which a Redis that lost
+        its data starts again at 1 while an earlier holder may still be writing (its temps must not be ours)."""
         path = os.path.join(self.spool.underprocess, name)
         ino = _ino(path)
         if ino is None or claim_id(name, ino) != cid:
+            if not os.path.exists(os.path.join(self.spool.state, CLUSTER_ID)):
+                # The shared folder itself is gone from here (unmounted): nothing may be acked as done elsewhere.
+                raise RuntimeError("the shared folder is not there: is it still mounted?")
             # Committed or failed already (a redelivery, a duplicate send): only ack. Another file of that name
             # now has its own claim.
             self.ledger.finish(cid, "gone")
@@ -194,7 +200,7 @@ class Node:
             self._fail(cid, name, Failure(reason, attempts=attempts - 1), token)
             return
         try:
-            kind, payload = self._child().run((path, name, f"c{cid}.{attempts}"), lost, self.s.time_limit)
+            kind, payload = self._child().run((path, name, tag), lost, self.s.time_limit)
         except ChildLost as e:
             event("child_lost", "a child ended without finishing its file; the file is sent again",
                   logging.WARNING, file=display(name), claim=cid, why=e.why, attempts=attempts)
@@ -204,7 +210,7 @@ class Node:
             self._outcome(cid, name, payload, token, attempts)
             return
         sealed, bytes_out, bytes_in, lines_in, seconds, claim = payload
-        sinks = Sinks(self.spool.processed, name, self.folders, self.s.file_exist, claim, f"c{cid}.{attempts}")
+        sinks = Sinks(self.spool.processed, name, self.folders, self.s.file_exist, claim, tag)
         sinks.adopt(sealed, bytes_out)
         # Step 7: only the lease holder publishes, and only for the very input it leased.
         if not self._still_ours(cid, token, path, ino, lost):
@@ -233,6 +239,11 @@ class Node:
         self.ledger.finish(cid, "done")
         crash_point("commit-ack")
         self.count("processed", bytes_in=bytes_in, bytes_out=bytes_out, seconds=seconds)
+        for sup in sinks.superseded:  # file_exist: said after the commit, as on a single machine (state.py)
+            event("result_superseded", f"an earlier result of the same name was {sup.action}"
+                  + (" aside" if sup.aside else ""), logging.WARNING if sup.action == "replaced" else logging.INFO,
+                  file=display(name), output=sup.folder or "processed", action=sup.action,
+                  kept_as=display(sup.aside) if sup.aside else None, node=self.name)
         event("processed", "file processed", file=display(name), claim=cid, node=self.name, bytes_in=bytes_in,
               lines_in=lines_in, bytes_out=bytes_out, duration=round(seconds, 6), attempts=attempts,
               superseded=len(sinks.superseded))
