@@ -18,7 +18,16 @@ import sys
 import time
 from datetime import datetime
 
-from bench import cpu, distributed, drain, engine, floor, pickup, scrape_idle, throughput
+from bench import (
+    cpu,
+    distributed,
+    drain,
+    engine,
+    floor,
+    pickup,
+    scrape_idle,
+    throughput,
+)
 from bench.harness import Table, cleanup, machine, on_term, work_dir, write_results
 
 SECTIONS = ("throughput", "drain", "pickup", "engine", "cpu", "floor", "scrape", "idle", "distributed")

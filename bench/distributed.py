@@ -23,7 +23,17 @@ import shutil
 import time
 from pathlib import Path
 
-from bench.harness import KIB, Rep, Table, f_rate, fresh, note, start_daemon, stop_daemon, text_block
+from bench.harness import (
+    KIB,
+    Rep,
+    Table,
+    f_rate,
+    fresh,
+    note,
+    start_daemon,
+    stop_daemon,
+    text_block,
+)
 
 N, N_QUICK = 1000, 300  # the full run stays within make bench's 15 minutes
 NODES = (1, 2, 3)
@@ -50,7 +60,7 @@ def _drop(unprocessed: Path, n: int, payload: bytes) -> float:
 
 
 def _drained(wd: Path, n: int) -> bool:
-    vis = lambda sub: [x for x in os.listdir(wd / sub) if not x.startswith(".")]  # noqa: E731
+    vis = lambda sub: [x for x in os.listdir(wd / sub) if not x.startswith(".")]
     return not vis("unprocessed") and not vis("underprocess") and len(vis("processed")) >= n
 
 

@@ -296,7 +296,7 @@ class Netns:
             sub = random.randrange(1, 250)
             third = random.randrange(0, 64) * 4
             net = f"10.{200 + sub % 50}.{sub}.{third}"
-            if net not in subprocess.run(["ip", "-4", "addr"], capture_output=True, text=True).stdout:
+            if net not in subprocess.run(["ip", "-4", "addr"], check=False, capture_output=True, text=True).stdout:
                 break
         base = net.rsplit(".", 1)[0]
         self.host_ip, self.node_ip = f"{base}.{third + 1}", f"{base}.{third + 2}"
@@ -316,12 +316,12 @@ class Netns:
         _run(["ip", "link", "set", self.veth, "up"])
 
     def delete(self) -> None:
-        subprocess.run(["ip", "link", "del", self.veth], capture_output=True)
-        subprocess.run(["ip", "netns", "del", self.ns], capture_output=True)
+        subprocess.run(["ip", "link", "del", self.veth], check=False, capture_output=True)
+        subprocess.run(["ip", "netns", "del", self.ns], check=False, capture_output=True)
 
 
 def _run(argv: list[str]) -> None:
-    r = subprocess.run(argv, capture_output=True, text=True)
+    r = subprocess.run(argv, check=False, capture_output=True, text=True)
     if r.returncode:
         raise RuntimeError(f"{' '.join(argv)}: {r.stderr.strip()}")
 
@@ -415,6 +415,16 @@ class Rig:
         """Any command in a node's place (its mount, its namespaces): `{watch}` in argv is the mounted folder."""
         return self._start("probe", name, ["--raw", *argv], netns, mounted, None)
 
+    def holding(self, node: str) -> list[str]:
+        """Claim ids whose owner lease the node holds now (lease tokens start with the node's name)."""
+        c = self.redis.client()
+        try:
+            keys = list(c.scan_iter(match="ingestd:*:owner:*", count=1000))
+            vals = c.mget(keys) if keys else []
+        finally:
+            c.close()
+        return [k.decode().rsplit(":", 1)[1] for k, v in zip(keys, vals) if v and v.decode().startswith(node + ":")]
+
     def nodes(self) -> list[Proc]:
         return [p for p in self.procs if getattr(p, "role", "") == "node"]
 
@@ -455,8 +465,10 @@ class Rig:
                     f"underprocess={len(self.listing('underprocess'))}\n{self.tails()}")
             time.sleep(0.2)
 
-    def tails(self, n: int = 15) -> str:
-        return "\n".join(f"--- {p.name} (alive={p.alive()}):\n{p.tail(n)}" for p in self.procs)
+    def tails(self, n: int = 6) -> str:
+        """The last lines of every process's log, each cut to 240 characters (for failure messages)."""
+        return "\n".join(f"--- {p.name} (alive={p.alive()}):\n" + "\n".join(ln[:240] for ln in p.tail(n).splitlines())
+                         for p in self.procs)
 
     def events(self, name: str) -> list[dict[str, Any]]:
         return [e for p in self.procs for e in p.events(name)]
@@ -470,7 +482,7 @@ class Rig:
         assert self.listing("underprocess") == [], f"stuck in underprocess/: {self.listing('underprocess')[:10]}"
         got = self.listing("processed")
         # Temps of a killed attempt are the scanner's to drop, once unleased for 2 lease times, at a re-drive.
-        temps = lambda: [n for n in self.listing("processed", hidden=True) if n.startswith(".ingestd-tmp-")]  # noqa: E731
+        temps = lambda: [n for n in self.listing("processed", hidden=True) if n.startswith(".ingestd-tmp-")]
         try:
             wait_for(lambda: not temps(), 4 * LEASE + 10, "the temps of killed attempts dropped")
         except AssertionError:

@@ -32,16 +32,16 @@ def test_redis_killed_and_restarted_mid_run(rig: Any, tmp_path: Any) -> None:
 
 def test_partitioned_node_past_the_lease(rig: Any, tmp_path: Any) -> None:
     r = rig(netns=1)
-    files = {**_big(12 * SCALE, 2 << 20), **make_inputs(400 * SCALE)}
+    files = {**_big(12 * SCALE, 8 << 20), **make_inputs(400 * SCALE)}
     expected = reference(tmp_path, files)
     r.scanner()
     cut = r.node("cut", processes=2, netns=r.nets[0])
     r.node("node1")
     r.node("node2")
     r.drop(files)
-    wait_for(lambda: len(cut.events("processed")) >= 5, 60, "the namespaced node at work")
+    wait_for(lambda: len(cut.events("processed")) >= 5 and r.holding("cut"), 60, "the namespaced node at work")
     r.nets[0].cut()  # Redis and sshd are out of its reach; its bind mount of the folder is not
-    time.sleep(2 * LEASE + 2)
+    time.sleep(4 * LEASE)  # its leases and its Dramatiq heartbeat expire; another node redoes its files
     r.nets[0].heal()
     r.wait_drained(len(files), stall=60)
     assert cut.alive(), f"the partitioned node died:\n{cut.tail()}"
@@ -60,15 +60,15 @@ def test_partitioned_node_past_the_lease(rig: Any, tmp_path: Any) -> None:
 
 def test_frozen_node_past_the_lease(rig: Any, tmp_path: Any) -> None:
     r = rig()
-    files = {**_big(12 * SCALE, 2 << 20), **make_inputs(400 * SCALE)}
+    files = {**_big(12 * SCALE, 8 << 20), **make_inputs(400 * SCALE)}
     expected = reference(tmp_path, files)
     r.scanner()
     frozen = r.node("frozen", processes=2)
     r.node("node1")
     r.drop(files)
-    wait_for(lambda: len(frozen.events("processed")) >= 5, 60, "the node at work")
+    wait_for(lambda: len(frozen.events("processed")) >= 5 and r.holding("frozen"), 60, "the node at work")
     frozen.signal_group(signal.SIGSTOP)  # the node, its actor threads and children: a stalled machine
-    time.sleep(2 * LEASE + 2)
+    time.sleep(4 * LEASE)  # its leases and its Dramatiq heartbeat expire; another node redoes its files
     frozen.signal_group(signal.SIGCONT)
     r.wait_drained(len(files), stall=60)
     r.audit(expected)
