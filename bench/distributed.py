@@ -8,12 +8,10 @@ shared folder (the server's inodes, as an NFS client sees them; an sshfs mount c
 claim ids use inode numbers). So the figures show the protocol's cost (Redis round trips, leases, one more process
 hop per file), not a network file system's. Needs root (namespaces) and redis-server; skipped with a note if not.
 
-All nodes share this machine's cores, yet on 2 cores 2 and 3 nodes still go faster than 1 (measured 1.4x and
-2.0x): a node is not CPU-bound on 1 KiB files but waits, per file, on Redis round trips (lease, count, record,
-release, ack) and on Dramatiq's consumer, which fetches no more than `--processes` messages at a time and backs off
-(5 ms and up) whenever they are all in hand. Raising the prefetch to 4x `--processes` gave 1.6x on 1 node in one
-experiment (not in the code). More nodes add waiting consumers, until the cores saturate. On real hardware each
-node brings its own cores; the single scanner, Redis and the file server saturate first (docs/distributed.md).
+All nodes share this machine's cores, yet on 2 cores 2 and 3 nodes still go faster than 1 (measured 1.6x and
+1.85x): a node is not CPU-bound on 1 KiB files. Profiled, each actor thread waited 43% of the time for a message
+(Dramatiq's consumer holds no more than `--processes` messages and sleeps, 5 ms doubling per miss, while all are
+in hand), 20% on Redis round trips, 15% on its child, 10% in directory fsyncs. docs/benchmarks.md, section 8.
 """
 
 from __future__ import annotations

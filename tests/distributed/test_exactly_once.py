@@ -41,4 +41,4 @@ def test_three_nodes_each_file_exactly_once(rig: Any, tmp_path: Any) -> None:
     "rescan_interval, forever; nothing is processed. Real NFS keeps fileids across clients; CIFS noserverino and "
     "many FUSE file systems do not."))
 def test_three_nodes_on_sshfs_mounts(rig: Any, tmp_path: Any) -> None:
-    _run(rig, tmp_path, "sshfs", 100, stall=15)
+    _run(rig, tmp_path, "sshfs", 20, stall=12)
