@@ -123,3 +123,35 @@ def test_scanner_killed_mid_run_and_restarted(rig: Any, tmp_path: Any) -> None:
     r.scanner("scanner2")
     r.wait_drained(len(files))
     r.audit(expected)
+
+
+def test_same_names_again_with_a_node_killed_between_publish_and_commit(rig: Any, tmp_path: Any) -> None:
+    """Re-arrivals: the same 100 names again with new content (file_exist=keep). Each name ends with the second
+    result, the first set aside exactly once (NAME.superseded-...), even for the claim whose node died between
+    publish and commit: its redo recognises its own published result and does not set it aside again."""
+    r = rig()
+    first = make_inputs(100 * SCALE, seed=1)
+    second = {n: b"again " + b for n, b in make_inputs(100 * SCALE, seed=2).items()}
+    ref1, ref2 = reference(tmp_path / "r1", first), reference(tmp_path / "r2", second)
+    r.scanner()
+    r.node("node1")
+    r.drop(first)
+    r.wait_drained(len(first))
+    r.audit(ref1)
+    r.nodes()[0].stop()
+    crasher = r.node("node0", env={"INGESTD_TEST_CRASH_AT": "publish-commit"})
+    r.drop(second)
+    wait_for(lambda: not crasher.alive(), 60, "node0 killing itself at publish-commit")
+    crasher.kill()
+    r.node("node2")
+    r.wait_drained(2 * len(first), stall=45)  # 100 results + 100 set aside
+    assert r.listing("underprocess") == [] and r.listing("unprocessed") == []
+    names = r.listing("processed")
+    aside = [n for n in names if ".superseded-" in n]
+    for name in second:
+        got = (r.export / "processed" / name).read_bytes()
+        assert got == ref2[name], f"{name}: not the second arrival's result"
+        kept = [n for n in aside if n.startswith(name + ".superseded-")]
+        assert len(kept) == 1, f"{name}: earlier result set aside {len(kept)} times: {kept}"
+        assert (r.export / "processed" / kept[0]).read_bytes() == ref1[name], f"{name}: the kept one is not the first"
+    assert len(names) == 2 * len(second), f"unexpected results: {sorted(set(names) - set(second) - set(aside))[:10]}"
