@@ -51,9 +51,10 @@ def identify(state_dir: str, client: object, key: str) -> str:
     return ident
 
 
-_NUMBERING = ("watch_dir: {path} has another inode number here than where the cluster first saw it: this mount "
-              "numbers files by itself (sshfs without -o use_ino, some FUSE file systems), and claims are named "
-              "by inode numbers: mount it so that inode numbers are the server's (NFS and CephFS do)")
+_NUMBERING = ("watch_dir: {path} has another inode number here than where the cluster's first scanner saw it: "
+              "this mount numbers files by itself (sshfs, CIFS with noserverino, some FUSE file systems), and the "
+              "scanner names claims by inode numbers: run scanners where inode numbers are the server's (on the "
+              "server itself, or an NFS or CephFS client); worker nodes may use any mount")
 
 
 def check_folder(state_dir: str, client: object, key: str) -> str | None:
@@ -67,15 +68,13 @@ def check_folder(state_dir: str, client: object, key: str) -> str | None:
     path = os.path.join(state_dir, CLUSTER_ID)
     try:
         ident = durable.read_small(path, 64).decode().strip()
-        ino = os.lstat(path).st_ino
     except OSError as e:
         return f"{path} cannot be read ({e.strerror}): is the shared folder mounted here?"
-    want, _, want_ino = known.decode().partition(" ")
+    want = known.decode().split()[0]
     if ident != want:
         raise NotTheSharedFolder(f"watch_dir: this folder's cluster id ({ident}) is not the scanner's "
                                  f"({want}): is the right shared folder mounted here?")
-    if str(ino) != want_ino:
-        raise NotTheSharedFolder(_NUMBERING.format(path=path))
+    # No inode check here: a node never names claims by its own inode numbers (ledger.claim_id).
     return None
 
 

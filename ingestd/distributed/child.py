@@ -13,14 +13,14 @@ from typing import Any
 from ingestd import pipeline, routing
 from ingestd.distributed import crash_point
 from ingestd.errors import Phase
-from ingestd.sinks import Sinks, claim_of
+from ingestd.sinks import Sinks
 from ingestd.worker import _die_with_parent, _failure
 
 Sealed = tuple[dict[str, tuple[str, int, bytes]], int, int, int, float, bytes | None]  # see main
 
 
 def main(conn: Connection, routing_doc: dict[str, Any], max_line_bytes: int, processed: str, file_exist: str) -> None:
-    """Receives (path, name, tag); answers ("sealed", (sealed temps, bytes_out, bytes_in, lines_in, seconds, claim))
+    """Receives (path, name, tag, claim); answers ("sealed", (sealed temps, bytes_out, bytes_in, lines_in, seconds, claim))
     or ("outcome", messages.Rejected | messages.Retry). EOF on conn ends it."""
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)  # the node decides its warm stop; a child never dies mid-file for it
@@ -30,11 +30,10 @@ def main(conn: Connection, routing_doc: dict[str, Any], max_line_bytes: int, pro
     folders = sorted({out.path for out in table.outputs})
     while True:
         try:
-            path, name, tag = conn.recv()
+            path, name, tag, claim = conn.recv()
         except (EOFError, OSError):
             return
         crash_point("child")  # test hook: a file that kills its child every time (poison)
-        claim = claim_of(path)  # the input's identity, on each result: a redo recognises its own result
         sinks = Sinks(processed, name, folders, file_exist, claim, tag)
         stats, started, phase = pipeline.Stats(), time.monotonic(), Phase.PROCESS
         try:

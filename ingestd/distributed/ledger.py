@@ -23,10 +23,14 @@ _RENEW = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpi
 _RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
 
 
-def claim_id(name: str, ino: int) -> str:
-    """C = key(name)[:16]-inode: names a claim across nodes and Redis restarts (inodes survive link and rename;
-    st_dev differs per NFS client, so it is left out). Fixed length, safe inside temp names."""
-    return f"{key(name)[:16]}-{ino}"
+def claim_id(name: str, st: os.stat_result) -> str:
+    """C = key(name)[:16]-inode-mtime_ns, as the scanner sees the file: names a claim across nodes and Redis
+    restarts (inode and mtime survive link and rename; st_dev differs per NFS client, so it is left out; the mtime
+    tells apart a new file of the same name that got a reused inode number). Safe inside temp names.
+
+    Only the scanner computes it, on its own mount. Nodes never do: some shared file systems number inodes per
+    client (sshfs, CIFS with noserverino), so a node asks Redis which claim a name is bound to (bound())."""
+    return f"{key(name)[:16]}-{st.st_ino}-{st.st_mtime_ns}"
 
 
 class Ledger:
@@ -61,9 +65,20 @@ class Ledger:
 
     # --- claim records and attempts --------------------------------------------------------------------------
     def record(self, cid: str, name: str, ino: int, size: int, message: str) -> None:
+        """The claim's record, and the name bound to it: underprocess/NAME is now this claim's file."""
+        pipe = self.r.pipeline(transaction=True)
+        pipe.set(self.k("name", key(name)), cid)
         # The name as bytes: a name that is not UTF-8 (surrogate escapes) cannot be a Redis str.
-        self.r.hset(self.k("claim", cid), mapping={"name": os.fsencode(name), "ino": ino, "size": size, "message": message,
-                                                   "at": time.time(), "state": "queued"})
+        pipe.hset(self.k("claim", cid), mapping={"name": os.fsencode(name), "ino": ino, "size": size,
+                                                 "message": message, "at": time.time(), "state": "queued"})
+        pipe.execute()
+
+    def bound(self, names: list[str]) -> list[str | None]:
+        """The claim each name in underprocess/ is bound to (record()), or None (Redis lost it: the re-drive binds
+        it again). A claim is made only while no file of its name is in underprocess/ (a rename that refuses to
+        overwrite), so the name's binding names the file there now."""
+        found = self.r.mget([self.k("name", key(n)) for n in names]) if names else []
+        return [v.decode() if v is not None else None for v in found]
 
     def records(self, cids: list[str]) -> list[dict[bytes, bytes]]:
         pipe = self.r.pipeline(transaction=False)

@@ -138,7 +138,7 @@ class Scanner:
                 if self.s.done_marker:
                     self.spool.remove_marker(name + DONE_SUFFIX)
                 crash_point("claim-enqueue")
-                self._send(name, st.st_ino, st.st_size)
+                self._send(name, st)
         for gone in set(self.seen) - names:
             del self.seen[gone]
         return claimed
@@ -163,12 +163,12 @@ class Scanner:
             durable.unlink_quiet(src)  # link made, unlink not (or not reported): the old name is a ghost
         return True
 
-    def _send(self, name: str, ino: int, size: int) -> None:
-        cid = claim_id(name, ino)
+    def _send(self, name: str, st: os.stat_result) -> None:
+        cid = claim_id(name, st)
         mid = queue.send(self.actor, cid, name)
-        self.ledger.record(cid, name, ino, size, mid)
+        self.ledger.record(cid, name, st.st_ino, st.st_size, mid)
         self.claims.inc()
-        event("claimed", "file claimed and enqueued", file=display(name), claim=cid, size=size)
+        event("claimed", "file claimed and enqueued", file=display(name), claim=cid, size=st.st_size)
 
     # --- re-drive -------------------------------------------------------------------------------------------
     def _redrive(self) -> int:
@@ -187,15 +187,16 @@ class Scanner:
                 except FileNotFoundError:
                     continue  # committed meanwhile
                 if not e.is_dir(follow_symlinks=False):
-                    chunk.append((e.name, st, claim_id(e.name, st.st_ino)))
+                    chunk.append((e.name, st, claim_id(e.name, st)))
             cids = [c for _, _, c in chunk]
             owners = self.ledger.owners(cids)
             records = self.ledger.records(cids)
+            bound = self.ledger.bound([n for n, _, _ in chunk])
             messages = [r.get(b"message", b"").decode() for r in records]
             live = queue.alive(self.client, messages)
-            for (name, st, cid), owner, rec, ok in zip(chunk, owners, records, live):
-                if owner is not None or (rec.get(b"state") == b"queued" and ok):
-                    continue
+            for (name, st, cid), owner, rec, ok, held in zip(chunk, owners, records, live, bound):
+                if owner is not None or (held == cid and rec.get(b"state") == b"queued" and ok):
+                    continue  # in a node's hands, or waiting in the queue under its binding
                 mid = queue.send(self.actor, cid, name)
                 self.ledger.record(cid, name, st.st_ino, st.st_size, mid)
                 self.redriven.inc()
@@ -287,8 +288,8 @@ class Scanner:
         """Seconds since the oldest file now in underprocess/ was claimed (its mtime is kept by the rename, so the
         claim record's time is asked of Redis), None when none. Past REDRIVE_CHUNK files, of the first met."""
         try:
-            names = [e for e in os.scandir(self.spool.underprocess) if not e.name.startswith(".")][:REDRIVE_CHUNK]
-            cids = [claim_id(e.name, e.inode()) for e in names]
+            names = [e.name for e in os.scandir(self.spool.underprocess) if not e.name.startswith(".")][:REDRIVE_CHUNK]
+            cids = [c for c in self.ledger.bound(names) if c is not None]
             ats = [float(r[b"at"]) for r in self.ledger.records(cids) if b"at" in r]
         except (OSError, redis.RedisError, ValueError):
             return None

@@ -22,7 +22,7 @@ import dramatiq
 
 from ingestd import durable, errors
 from ingestd.distributed import CLUSTER_ID, child, crash_point, queue
-from ingestd.distributed.ledger import Ledger, claim_id
+from ingestd.distributed.ledger import Ledger
 from ingestd.errors import Phase
 from ingestd.log import event
 from ingestd.messages import Rejected, Retry
@@ -62,7 +62,7 @@ class Child:
         kid.close()
         self.conn = parent
 
-    def run(self, job: tuple[str, str, str], lost: threading.Event, time_limit: float) -> tuple[str, Any]:
+    def run(self, job: tuple[str, str, str, bytes], lost: threading.Event, time_limit: float) -> tuple[str, Any]:
         """Hand the child one file; its answer. Raises ChildLost when it dies, the lease is lost (it is killed:
         nobody may write a claim another node now owns) or time_limit (seconds, 0: none) runs out."""
         if self.proc is None or not self.proc.is_alive():
@@ -185,8 +185,9 @@ class Node:
         """tag names this delivery's temps: unique per delivery, never per attempt count, which a Redis that lost
         its data starts again at 1 while an earlier holder may still be writing (its temps must not be ours)."""
         path = os.path.join(self.spool.underprocess, name)
-        ino = _ino(path)
-        if ino is None or claim_id(name, ino) != cid:
+        # Is underprocess/NAME this claim's file? Redis says which claim the name is bound to (never this node's
+        # inode numbers, which some shared file systems number per client: ledger.claim_id).
+        if not os.path.lexists(path) or self.ledger.bound([name])[0] != cid:
             if not os.path.exists(os.path.join(self.spool.state, CLUSTER_ID)):
                 # The shared folder itself is gone from here (unmounted): nothing may be acked as done elsewhere.
                 raise RuntimeError("the shared folder is not there: is it still mounted?")
@@ -200,7 +201,8 @@ class Node:
             self._fail(cid, name, Failure(reason, attempts=attempts - 1), token)
             return
         try:
-            kind, payload = self._child().run((path, name, tag), lost, self.s.time_limit)
+            # Results carry the claim id: a redo of this claim on any node recognises them as its own (sinks.py).
+            kind, payload = self._child().run((path, name, tag, cid.encode()), lost, self.s.time_limit)
         except ChildLost as e:
             event("child_lost", "a child ended without finishing its file; the file is sent again",
                   logging.WARNING, file=display(name), claim=cid, why=e.why, attempts=attempts)
@@ -213,7 +215,7 @@ class Node:
         sinks = Sinks(self.spool.processed, name, self.folders, self.s.file_exist, claim, tag)
         sinks.adopt(sealed, bytes_out)
         # Step 7: only the lease holder publishes, and only for the very input it leased.
-        if not self._still_ours(cid, token, path, ino, lost):
+        if not self._still_ours(cid, token, path, lost):
             sinks.abort()
             self.again(cid, name, self.ledger.lease_ms)
             return
@@ -226,13 +228,13 @@ class Node:
             return
         crash_point("publish-commit")
         # Step 8: re-confirm the lease, then the commit point.
-        if not self._still_ours(cid, token, path, ino, lost):
+        if not self._still_ours(cid, token, path, lost):
             self.again(cid, name, self.ledger.lease_ms)  # published (durably): the owner's redo replaces its own
             return
         try:
             self.spool.commit(name)  # unlink(underprocess/NAME): the commit point
         except OSError:
-            if _ino(path) == ino:
+            if os.path.lexists(path):
                 raise  # truly not removed: the failure boundary sends the claim again
             # An NFS client's retried REMOVE can report an error although the first one took effect: stat decides.
         durable.fsync_dir(os.path.dirname(path))  # the commit durable before the ack: a lost ack only redelivers
@@ -248,8 +250,9 @@ class Node:
               lines_in=lines_in, bytes_out=bytes_out, duration=round(seconds, 6), attempts=attempts,
               superseded=len(sinks.superseded))
 
-    def _still_ours(self, cid: str, token: str, path: str, ino: int, lost: threading.Event) -> bool:
-        return not lost.is_set() and self.ledger.renew(cid, token) and _ino(path) == ino
+    def _still_ours(self, cid: str, token: str, path: str, lost: threading.Event) -> bool:
+        """The lease is still ours (so nobody else commits or fails this claim) and its file is still there."""
+        return not lost.is_set() and self.ledger.renew(cid, token) and os.path.lexists(path)
 
     def _outcome(self, cid: str, name: str, outcome: Rejected | Retry, token: str, attempts: int) -> None:
         if isinstance(outcome, Rejected):
@@ -282,9 +285,3 @@ class Node:
         for c in self.children:
             c.kill()
 
-
-def _ino(path: str) -> int | None:
-    try:
-        return os.lstat(path).st_ino
-    except (FileNotFoundError, NotADirectoryError):
-        return None
