@@ -5,11 +5,17 @@ interface (fileno, read, add, drop, watched, close), so the main loop polls and 
 A thread lists each watched folder (name -> inode, size, mtime, ctime), compares with the listing before, and
 queues what changed as Changes, waking the loop through an eventfd:
 
-    a name not seen before (or a new inode under a known name)  -> listed   (its history is unknown: settle it)
-    a file whose size, mtime or ctime changed                    -> attrib + listed   (settling starts again)
-    a name gone                                                  -> gone
-    a folder appearing / disappearing (or replaced)              -> dir_in / dir_gone
-    unprocessed/ itself gone or replaced                         -> lost_watch
+    a name not seen before                                 -> listed   (its history is unknown: settle it)
+    a file whose size, mtime, ctime or inode changed       -> attrib + listed   (settling starts again)
+    a name gone                                            -> gone
+    a folder appearing / disappearing                      -> dir_in / dir_gone
+    a file becoming a folder under the same name, or back  -> gone + dir_in, dir_gone + listed
+    unprocessed/ itself gone or replaced                   -> lost_watch
+
+Names, not inode numbers, say which entry is which: FUSE file systems built on libfuse's high-level API (sshfs)
+number inodes themselves, a hard link gets a new number and a forgotten node a new one on its next lookup; a
+changed number only asks for a check. A folder replaced under its name is the same folder to the daemon: its
+listing shows the old files gone and the new ones listed.
 
 The first listing of a folder reports every file in it as listed: the daemon also lists a folder when it starts
 watching it, and a name reported twice only asks for one more check, while one never reported would wait for the
@@ -49,15 +55,18 @@ class Poller:
         if not interval > 0:
             raise ValueError(f"poll interval must be > 0 seconds, not {interval!r}")
         self.folder, self.interval = folder, interval
-        fd = os.open(folder, _DIR_FLAGS)
-        try:
-            st = os.fstat(fd)
-        finally:
-            os.close(fd)
-        self._root = (st.st_dev, st.st_ino)  # a new folder under the same name is a lost watch, as with inotify
+        # Held open for the Poller's life: the kernel keeps the inode (a FUSE file system cannot renumber it), and
+        # each round compares the folder at the path with it: a new folder under the same name is a lost watch, as
+        # with inotify (IN_DELETE_SELF), and the daemon makes a new Poller.
+        self._root_fd = os.open(folder, _DIR_FLAGS)
+        st = os.fstat(self._root_fd)
+        self._root = (st.st_dev, st.st_ino)
         self._lock = threading.Lock()  # guards _dirs, _gen, _closed and the eventfd against close()
         self._dirs: dict[str, int] = {"": 0}  # watched folder (relative, "" itself) -> generation of its add()
         self._gen = 0
+        # Folders dropped since the last round: their parent's next listing reports them as new if they are there
+        # (the daemon removed an emptied folder and a producer made it again, maybe with the same inode number).
+        self._forgotten: set[str] = set()
         self._queue: collections.deque[tuple[str, int, Change]] = collections.deque()  # (folder, generation, change)
         self._fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._closed = False
@@ -113,9 +122,11 @@ class Poller:
         """Stop listing subfolder `rel` and (below=True) every watched folder under it."""
         prefix = rel + "/"
         with self._lock:
+            self._forgotten.add(rel)
             for sub in [d for d in self._dirs if d == rel or (below and d.startswith(prefix))]:
                 if sub:
                     del self._dirs[sub]
+                    self._forgotten.add(sub)
 
     def watched(self) -> set[str]:
         """Subfolders listed now (relative paths), the watched folder itself excluded."""
@@ -132,6 +143,8 @@ class Poller:
             self._closed = True
             os.close(self._fd)
         self._thread.join(timeout=1.0)
+        if not self._thread.is_alive():  # else the thread may still list it; the kernel closes it at exit
+            os.close(self._root_fd)
 
     # --- the thread ----------------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -147,6 +160,7 @@ class Poller:
         watched folder itself is gone or replaced."""
         with self._lock:
             dirs = sorted(self._dirs.items())
+            forgotten, self._forgotten = self._forgotten, set()
         out: list[tuple[str, int, Change]] = []
         failed = False
         for rel, gen in dirs:
@@ -165,7 +179,10 @@ class Poller:
                 self._emit([("", 0, Change("lost_watch"))])
                 return False
             old = self._seen.get(rel)
-            self._diff(rel, gen, old[1] if old is not None and old[0] == gen else None, now, out)
+            before = old[1] if old is not None and old[0] == gen else None
+            if before is not None and forgotten:
+                before = {n: sig for n, sig in before.items() if (f"{rel}/{n}" if rel else n) not in forgotten}
+            self._diff(rel, gen, before, now, out)
             self._seen[rel] = (gen, now)
         for rel in set(self._seen) - {rel for rel, _ in dirs}:
             del self._seen[rel]  # dropped
@@ -189,7 +206,7 @@ class Poller:
                 for entry in it:
                     try:
                         if entry.is_dir(follow_symlinks=False):
-                            found[entry.name] = (entry.inode(), -1, 0, 0)
+                            found[entry.name] = (0, -1, 0, 0)  # a folder is known by its name (see above)
                         else:
                             s = entry.stat(follow_symlinks=False)
                             found[entry.name] = (s.st_ino, s.st_size, s.st_mtime_ns, s.st_ctime_ns)
@@ -228,12 +245,12 @@ class Poller:
             was = old.get(name)
             if was is None:
                 appeared(name, sig)
-            elif was[0] != sig[0] or (was[1] < 0) != (sig[1] < 0):  # another inode (or kind) under the same name
+            elif (was[1] < 0) != (sig[1] < 0):  # a file became a folder under the same name, or back
                 vanished(name, was)
                 appeared(name, sig)
             elif was != sig:
-                # Changed in place. attrib restarts a waiting file's quiet period; listed brings back one the daemon
-                # had already taken off its list (an inode reused by a new file of the same name).
+                # Changed, or another file under the same name. attrib restarts a waiting file's quiet period; listed
+                # brings back one the daemon had already taken off its list (a new file of the same name).
                 out.append((rel, gen, Change("attrib", path(name))))
                 out.append((rel, gen, Change("listed", path(name))))
 
