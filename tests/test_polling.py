@@ -24,15 +24,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 import test_daemon
+from support import DaemonProcess, folder, wait_for
+from test_daemon import *  # test 6: every end-to-end test of the daemon (and its `start` fixture), again under polling
+
 from ingestd import settings as settings_mod
 from ingestd.polling import Poller
 from ingestd.watch import Change, Watch
 from ingestd.watchmode import REMOTE, choose, fs_magic, kind_for
-from support import DaemonProcess, folder, wait_for
-from test_daemon import *  # noqa: F403 (test 6: every end-to-end test of the daemon, again under polling)
-from test_daemon import start  # noqa: F401 (the fixture those tests use, named for linters)
 
 # These two measure inotify itself; their polling versions are below.
 del test_pickup_is_event_driven_not_polled  # noqa: F821
@@ -65,8 +64,8 @@ def poller(unprocessed: Path) -> Iterator[Poller]:
 
 def settle(p: Poller, rounds: int = 2) -> None:
     """Wait until `rounds` more listings have been made: everything done before this call has been listed."""
-    start = p.rounds
-    wait_for(lambda: p.rounds >= start + rounds, timeout=10, interval=0.01, what=f"{rounds} listings")
+    first = p.rounds
+    wait_for(lambda: p.rounds >= first + rounds, timeout=10, interval=0.01, what=f"{rounds} listings")
 
 
 def changes(p: Poller) -> list[Change]:
@@ -293,7 +292,7 @@ def test_watch_and_poll_interval_settings(tmp_path: Path) -> None:
 
 def test_run_refuses_an_unknown_watch_on_the_command_line(tmp_path: Path) -> None:
     out = subprocess.run([*test_daemon.INGESTD, "run", "--watch", "nfs", "--watch-dir", str(tmp_path / "w")],
-                         capture_output=True, text=True, timeout=30)
+                         capture_output=True, text=True, timeout=30, check=False)
     assert out.returncode == 2 and "--watch: invalid choice: 'nfs'" in out.stderr
 
 
@@ -379,7 +378,7 @@ def test_auto_is_polling_on_fuse_where_inotify_misses_another_clients_write(fuse
 @pytest.fixture
 def fuse_daemon(fuse: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[DaemonProcess]:
     """A daemon with the default watch (auto) on the FUSE mount."""
-    served, mnt = fuse
+    _, mnt = fuse
     monkeypatch.delenv("INGESTD_WATCH")
     d = DaemonProcess(mnt / "w", "--workers", "1", cwd=tmp_path)
     try:

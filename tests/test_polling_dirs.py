@@ -4,9 +4,7 @@ cp -r, kill -9) run again with the polling watcher alone (INGESTD_WATCH=polling)
 from __future__ import annotations
 
 import pytest
-
-from test_directories import *  # noqa: F403 (every folder test of the daemon, again under polling)
-from test_directories import start  # noqa: F401 (the fixture those tests use, named for linters)
+from test_directories import *  # every folder test of the daemon (and its `start` fixture), again under polling
 
 
 @pytest.fixture(autouse=True)
