@@ -30,7 +30,7 @@ test: $(VENV)/.test-deps
 
 # The benchmarks (bench/, docs/benchmarks.md): the `bench` extra adds the peer scripts' library (watchdog).
 $(VENV)/.bench-deps: $(BIN)/ingestd pyproject.toml
-	$(BIN)/pip install -q --disable-pip-version-check -e '.[bench]'
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[bench,distributed]'
 	touch $@
 
 bench: $(VENV)/.bench-deps

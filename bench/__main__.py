@@ -18,10 +18,19 @@ import sys
 import time
 from datetime import datetime
 
-from bench import cpu, drain, engine, pickup, scrape_idle, throughput
+from bench import (
+    cpu,
+    distributed,
+    drain,
+    engine,
+    floor,
+    pickup,
+    scrape_idle,
+    throughput,
+)
 from bench.harness import Table, cleanup, machine, on_term, work_dir, write_results
 
-SECTIONS = ("throughput", "drain", "pickup", "engine", "cpu", "scrape", "idle")
+SECTIONS = ("throughput", "drain", "pickup", "engine", "cpu", "floor", "scrape", "idle", "distributed")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,8 +66,12 @@ def main(argv: list[str] | None = None) -> int:
                 engine.run(work, t, args.quick)
             elif s == "cpu":
                 cpu.run(work, t, args.quick)
+            elif s == "floor":
+                floor.run(work, t, args.quick)
             elif s == "scrape" or (s == "idle" and "scrape" not in only):
                 scrape_idle.run(work, t, args.quick, args.waiting, only)
+            elif s == "distributed":
+                distributed.run(work, t, args.quick)
     finally:
         cleanup()
     load1 = os.getloadavg()

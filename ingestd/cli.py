@@ -42,6 +42,18 @@ def parser() -> argparse.ArgumentParser:
                           "elsewhere)")
     run.add_argument("--wait-lock", action="store_const", const=True,
                      help="if another ingestd runs on this watch dir, wait and take over when it stops")
+    run.add_argument("--broker", help="redis://HOST:PORT/DB: be the scanner of a cluster of worker nodes "
+                     "(docs/distributed.md; needs ingestd[distributed])")
+
+    wk = sub.add_parser("worker", help="a worker node of a cluster: processes the files a scanner claims")
+    common(wk)
+    wk.add_argument("--broker", help="redis://HOST:PORT/DB, as given to the scanner (or INGESTD_BROKER)")
+    wk.add_argument("--processes", type=int, metavar="N", help="files processed at once, each in its own child "
+                    "process (default: the number of cores)")
+    wk.add_argument("--node", help="this node's name in status and metrics (default: the host name)")
+    wk.add_argument("--listen", help="HOST:PORT for this node's /metrics and /healthz (default 127.0.0.1:9801)")
+    wk.add_argument("--log-format", choices=("auto", "json", "text"),
+                    help="log lines as JSON or text (default auto: text on a terminal, JSON otherwise)")
 
     proc = sub.add_parser("process", help="run one file through the engine")
     proc.add_argument("--input", required=True, help="input file, or - for stdin")
@@ -55,6 +67,7 @@ def parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="folder counts, files in progress, recent completions and failures")
     common(st, routing=False)
     st.add_argument("--json", action="store_true", help="machine-readable output")
+    st.add_argument("--broker", help="redis://HOST:PORT/DB: also list the cluster's worker nodes")
 
     rq = sub.add_parser("requeue", help="move failed files back to unprocessed/")
     common(rq, routing=False)
@@ -65,12 +78,14 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)  # a bad command line exits 2 here
     flags = {k: v for k, v in vars(args).items() if k in ("watch_dir", "mode", "pattern", "replacement", "config", "workers", "listen", "log_format",
-                                                            "wait_lock", "watch")}
+                                                            "wait_lock", "broker", "node", "watch")}
     try:
         settings = load(flags)
         log.setup(settings.log_format)
         if args.command == "run":
             return _run(settings, flags)
+        if args.command == "worker":
+            return _worker(settings, args.processes)
         if args.command == "process":
             from ingestd.commands import process
 
@@ -87,12 +102,39 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ingestd: {e}", file=sys.stderr)
         # 75: another daemon holds the watch dir, or an inotify limit is reached (instances free up as other
         # programs exit, so systemd's restart may succeed); 78: the watch dir itself is unusable.
-        return EX_TEMPFAIL if isinstance(e, (AlreadyRunning, WatchLimit)) else EX_CONFIG
+        # 75 too: the broker unreachable at start (distributed mode: e.temporary).
+        temporary = isinstance(e, (AlreadyRunning, WatchLimit)) or getattr(e, "temporary", False)
+        return EX_TEMPFAIL if temporary else EX_CONFIG
     except KeyboardInterrupt:
         return 130
 
 
+def _distributed() -> None:
+    """The cluster's modules need the extra: say so in one line (exit 78) instead of an ImportError."""
+    try:
+        import dramatiq  # noqa: F401
+        import redis  # noqa: F401
+    except ImportError:
+        raise ConfigError("broker: the distributed mode needs its extra: pip install 'ingestd[distributed]'") from None
+
+
+def _worker(settings: Settings, processes: int | None) -> int:
+    if not settings.broker:
+        raise ConfigError("broker: `ingestd worker` needs --broker redis://HOST:PORT/DB (or INGESTD_BROKER)")
+    if processes is not None and processes < 1:
+        raise ConfigError(f"processes: must be at least 1, not {processes}")
+    _distributed()
+    from ingestd.distributed import node
+
+    return node.run(settings, processes or settings.workers)
+
+
 def _run(settings: Settings, flags: dict[str, Any]) -> int:
+    if settings.broker:
+        _distributed()
+        from ingestd.distributed import scanner
+
+        return scanner.run(settings)
     from ingestd.daemon import Daemon
 
     # SIGHUP re-reads every source the start did (same flags, current environment and files).

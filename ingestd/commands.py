@@ -18,8 +18,9 @@ from ingestd.settings import ConfigError, Settings
 from ingestd.sinks import Sinks
 from ingestd.spool import FOLDERS, FolderError, NotAWatchDir, Spool
 
-EX_DATAERR, EX_NOINPUT, EX_CANTCREAT, EX_IOERR, EX_NOPERM = 65, 66, 73, 74, 77  # sysexits.h
+EX_DATAERR, EX_NOINPUT, EX_UNAVAILABLE, EX_CANTCREAT, EX_IOERR, EX_NOPERM = 65, 66, 69, 73, 74, 77  # sysexits.h
 PROGRESS_MIN_BYTES = 8 << 20  # below this a progress bar is just noise
+BROKER_TIMEOUT = 5.0  # seconds `status` waits for Redis to accept and to answer
 
 
 def process(settings: Settings, input_path: str, output_path: str, explain: bool) -> int:
@@ -126,12 +127,22 @@ def process(settings: Settings, input_path: str, output_path: str, explain: bool
 def status(settings: Settings, as_json: bool) -> int:
     """`ingestd status`: what the folders hold, read without a daemon (or beside one). Exit 0; 77 (EX_NOPERM) or
     74 (EX_IOERR) when a folder cannot be read, naming it; ConfigError (78) when the folder is no watch dir.
-    Times are printed in UTC with their offset, as the log writes them."""
+    Times are printed in UTC with their offset, as the log writes them.
+
+    With a broker (--broker or INGESTD_BROKER: a cluster, docs/distributed.md) the cluster's state in Redis follows
+    the folders: the worker nodes (their files in hand, heartbeat age, MISSING past three lease times), the queue
+    depth and whether a scanner holds the lock. Redis unreachable (refused, no answer within BROKER_TIMEOUT
+    seconds, a password refused): the folders are still printed, then one line on stderr, exit 69
+    (EX_UNAVAILABLE); a URL redis-py cannot parse, or the extra not installed: ConfigError (78)."""
     try:
         spool = _existing(settings)
         report = _report(settings, spool)
     except FolderError as e:
         return _refused(e)
+    unreachable = None
+    if settings.broker:
+        report |= _cluster(settings.broker, settings.lease_time)
+        unreachable = report["broker_error"]
     if as_json:
         lines = [json.dumps(report, indent=1)]
     else:
@@ -143,7 +154,49 @@ def status(settings: Settings, as_json: bool) -> int:
     except BrokenPipeError:
         # The reader took what it wanted; point stdout at /dev/null so the interpreter's final flush is quiet.
         _to_devnull(sys.stdout)
+    if unreachable:
+        print(f"ingestd: broker: cannot read the cluster's state from {report['broker']}: {unreachable}",
+              file=sys.stderr)
+        return EX_UNAVAILABLE
     return 0
+
+
+def _cluster(url: str, lease_time: float) -> dict[str, Any]:
+    """The cluster's part of `status` (the fields named as in the scanner's /api/status): broker (the URL, its
+    password hidden), scanner_active (a scanner holds the lock), queue_messages, nodes (Ledger.nodes(): node,
+    host, pid, processes, current [{file, since}], listen, heartbeat_age, missing), broker_error (None, or why
+    Redis could not be read: then the others are None). Raises ConfigError for a URL redis-py refuses or without
+    the distributed extra."""
+    try:
+        import redis
+
+        from ingestd.distributed import queue
+        from ingestd.distributed.ledger import Ledger
+    except ImportError:
+        raise ConfigError("broker: the distributed mode needs its extra: pip install 'ingestd[distributed]'") from None
+    out: dict[str, Any] = {"broker": safe_url(url), "scanner_active": None, "queue_messages": None, "nodes": None,
+                           "broker_error": None}
+    try:
+        client = redis.Redis.from_url(url, socket_timeout=BROKER_TIMEOUT, socket_connect_timeout=BROKER_TIMEOUT)
+    except ValueError as e:
+        raise ConfigError(f"broker: {safe_url(url)} is not a Redis URL redis-py can use: {e}") from None
+    try:
+        ledger = Ledger(client, lease_time)
+        out["nodes"] = ledger.nodes()
+        out["queue_messages"] = queue.depth(client)
+        out["scanner_active"] = bool(client.exists(ledger.k("scanner")))
+    except redis.RedisError as e:
+        out |= {"nodes": None, "queue_messages": None, "scanner_active": None,
+                "broker_error": str(e) or type(e).__name__}
+    finally:
+        client.close()
+    return out
+
+
+def safe_url(url: str) -> str:
+    """A broker URL without its password (user and password alike), for output and logs."""
+    head, at, tail = url.rpartition("@")
+    return head.split("//", 1)[0] + "//***@" + tail if at else url
 
 
 def _to_devnull(stream: Any) -> None:
@@ -184,7 +237,8 @@ def _text(report: dict[str, Any]) -> list[str]:
            f"daemon      {'running (' + report['daemon'] + ')' if report['daemon'] else 'not running'}",
            "folders     " + "  ".join(f"{f} {report['counts'][f]}" for f in FOLDERS),
            "in progress " + (", ".join(report["in_progress"]) or "none"),
-           *([_folders_line(report["folders_left"])] if report["folders_left"]["count"] else []),
+           *([_folders_line(report["folders_left"], "broker" in report)] if report["folders_left"]["count"] else []),
+           *(_cluster_lines(report) if "broker" in report else []),
            "recent completions (UTC):" if report["recent"] else "recent completions: none"]
     out += [f"  {when(c['finished_at'])}  {c['file']}" + (f"  FAILED: {c.get('reason')}" if c.get("result") == "failed"
                                                         else "") + ("  (recovered)" if c.get("recovered") else "")
@@ -197,11 +251,52 @@ def _text(report: dict[str, Any]) -> list[str]:
     return out
 
 
-def _folders_line(left: dict[str, Any]) -> str:
-    """Folders in unprocessed/ that recursive = false leaves alone, and what to do about them."""
+def _cluster_lines(report: dict[str, Any]) -> list[str]:
+    """broker, queue and one line per node: name, processes, heartbeat age, MISSING, its files and how long each
+    has run (by this machine's clock)."""
+    if report["broker_error"]:
+        return [f"broker      {report['broker']}: unreachable (see below)"]
+    depth = report["queue_messages"]
+    out = [f"broker      {report['broker']}, "
+           + ("a scanner is active" if report["scanner_active"] else "NO ACTIVE SCANNER (files are not claimed)"),
+           f"queue       {plural(depth, 'message')} (queued, delayed or in a node's hands)"]
+    nodes = report["nodes"]
+    if not nodes:
+        return [*out, "nodes       none (no worker node has sent a heartbeat)"]
+    missing = sum(1 for n in nodes if n.get("missing"))
+    out.append(f"nodes       {len(nodes)}" + (f" ({missing} MISSING)" if missing else ""))
+    now = datetime.now(UTC).timestamp()
+    width = max(len(str(n.get("node"))) for n in nodes)
+    for n in nodes:
+        current = [f"{c.get('file')} ({_age(now - c['since']) if isinstance(c.get('since'), (int, float)) else '?'})"
+                   for c in n.get("current") or []]
+        procs = n.get("processes")
+        out.append(f"  {n.get('node')!s:<{width}}  {procs} process{'' if procs == 1 else 'es'}, heartbeat "
+                   f"{_age(n.get('heartbeat_age'))} ago" + ("  MISSING" if n.get("missing") else "")
+                   + ": " + (", ".join(current) or "idle"))
+    return out
+
+
+def _age(seconds: Any) -> str:
+    """A short age for people: "0.4 s", "12 s", "3 min 2 s", "4 h 10 min", "2 d 3 h"; "?" when unknown."""
+    if not isinstance(seconds, (int, float)) or isinstance(seconds, bool):
+        return "?"
+    v = max(0.0, float(seconds))
+    if v < 10:
+        return f"{v:.1f} s"
+    s = int(v)
+    if s < 3600:
+        return f"{s} s" if s < 60 else f"{s // 60} min {s % 60} s"
+    return f"{s // 3600} h {s % 3600 // 60} min" if s < 86400 else f"{s // 86400} d {s % 86400 // 3600} h"
+
+
+def _folders_line(left: dict[str, Any], cluster: bool = False) -> str:
+    """Folders in unprocessed/ that recursive = false (or a cluster, which claims files only) leaves alone, and what
+    to do about them."""
     n = left["count"]
-    return (f"left alone  {n} folder{'s' if n > 1 else ''} in unprocessed/ (recursive is off: set recursive = true, "
-            f"or move the files in): " + ", ".join(left["names"]) + (", ..." if n > len(left["names"]) else ""))
+    why = "a cluster claims files only: move the files in" if cluster else \
+        "recursive is off: set recursive = true, or move the files in"
+    return (f"left alone  {n} folder{'s' if n > 1 else ''} in unprocessed/ ({why}): " + ", ".join(left["names"]) + (", ..." if n > len(left["names"]) else ""))
 
 
 def requeue(settings: Settings, names: list[str]) -> int:

@@ -81,6 +81,9 @@ def text_wanted(fmt: str) -> bool:
     return fmt == "text"
 
 
+LIBRARIES = ("dramatiq",)
+
+
 def setup(fmt: str = "auto", level: int = logging.INFO) -> None:
     handler = logging.StreamHandler(sys.stderr)
     formatter: logging.Formatter
@@ -97,6 +100,13 @@ def setup(fmt: str = "auto", level: int = logging.INFO) -> None:
     logger.handlers[:] = [handler]
     logger.setLevel(level)
     logger.propagate = False
+    # Libraries that log on their own (Dramatiq in the distributed mode: a lost Redis connection, an actor's
+    # traceback) write through the same handler, as JSON lines too; their warnings and errors only.
+    for name in LIBRARIES:
+        lib = logging.getLogger(name)
+        lib.handlers[:] = [handler]
+        lib.setLevel(logging.WARNING)
+        lib.propagate = False
 
 
 def event(name: str, message: str, level: int = logging.INFO, **fields: object) -> None:

@@ -82,12 +82,15 @@ class Sinks:
     """
 
     def __init__(self, processed: str, name: str, folders: list[str], file_exist: str = REPLACE,
-                 claim: bytes | None = None) -> None:
+                 claim: bytes | None = None, tag: str | None = None) -> None:
+        """tag: what makes this attempt's temp names its own; by default the worker's pid (one host). A cluster
+        node passes its claim and delivery ("c<claim>.<delivery>"): pids repeat across hosts (distributed/task.py)."""
         self.processed, self.name, self.folders = processed, name, folders
         self.file_exist, self.claim = file_exist, claim
         self.superseded: list[Superseded] = []  # what publish did to earlier results
-        self.temp_name = f"{TEMP_OUTPUT_PREFIX}{os.getpid()}-{key(name)}"
-        self.keep_name = f"{TEMP_OUTPUT_PREFIX}{os.getpid()}-old-{key(name)}"  # an earlier result, kept until commit
+        tag = tag or str(os.getpid())
+        self.temp_name = f"{TEMP_OUTPUT_PREFIX}{tag}-{key(name)}"
+        self.keep_name = f"{TEMP_OUTPUT_PREFIX}{tag}-old-{key(name)}"  # an earlier result, kept until commit
         self.outs: dict[str, _Out] = {}
         self.bytes_out = 0
         self.lines_out: dict[str, int] = {}
@@ -154,6 +157,18 @@ class Sinks:
                     durable.fsync(out.fd)  # data durable before the name points at it
                 os.close(out.fd)
                 out.fd = -1
+
+    def sealed(self) -> dict[str, tuple[str, int, bytes]]:
+        """After seal(): output folder -> (temp path, lines written, last byte), for adopt() in another process."""
+        return {folder: (out.temp, out.lines, out.tail) for folder, out in self.outs.items()}
+
+    def adopt(self, sealed: dict[str, tuple[str, int, bytes]], bytes_out: int) -> None:
+        """Take over temps another process sealed (durable, closed; sealed()), so this one can publish() them: on a
+        cluster node the child seals, and only the holder of the claim's lease publishes (distributed/task.py)."""
+        for folder, (temp, lines, tail) in sealed.items():
+            out = self.outs[folder] = _Out(-1, temp)
+            out.lines, out.tail = lines, tail
+        self.bytes_out = bytes_out
 
     def publish(self) -> list[str]:
         """Rename the sealed (durable) temps to their final names, all or none; returns the folders whose entries

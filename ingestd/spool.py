@@ -79,8 +79,13 @@ class Spool:
     """done_marker: the daemon claims NAME only once NAME.done exists, so a file given back to the queue
     (requeue, unclaim) gets its marker back, or it would never be claimed again."""
 
-    def __init__(self, root: Path, done_marker: bool = False) -> None:
+    def __init__(self, root: Path, done_marker: bool = False, tag: str = "",
+                 seq: Callable[[], int] | None = None) -> None:
+        """tag: makes this process's temp names its own where several hosts share the watch dir (a cluster node's
+        name and pid); seq: where failure sequence numbers come from when .ingestd/failure-seq is shared by several
+        hosts (Redis, distributed/ledger.py); by default that file."""
         self.root = Path(root)
+        self.tag, self._seq_source = tag, seq
         self.done_marker = done_marker
         self.unprocessed = str(self.root / "unprocessed")
         self.underprocess = str(self.root / "underprocess")
@@ -212,7 +217,7 @@ class Spool:
         for f in os.listdir(self.failed):
             if f.startswith(TEMP_OUTPUT_PREFIX):
                 durable.unlink_quiet(os.path.join(self.failed, f))
-        self._drop_claim_ghosts()
+        self.drop_claim_ghosts()
         requeued, quarantined = [], []
         for name in sorted(self.files(self.underprocess)):  # relative paths, mirrored folders included
             if suspects is not None and key(name) not in suspects:
@@ -236,7 +241,7 @@ class Spool:
         return requeued, quarantined
 
 
-    def _drop_claim_ghosts(self) -> None:
+    def drop_claim_ghosts(self) -> None:
         """A move between queue folders is one rename, and a power cut can keep its new name while losing the
         removal of its old one (each folder is made durable by its own fsync): the file (same inode) is then under
         both names. Processing the old name again would finish the file twice (a failure would even be kept twice,
@@ -247,17 +252,19 @@ class Spool:
         self._drop_same(self.underprocess, failed)
         self._drop_same(self.unprocessed, {**failed, **self._inodes(self.underprocess)})
 
-    def _inodes(self, folder: str) -> dict[str, tuple[int, int]]:
+    def _inodes(self, folder: str) -> dict[str, int]:
+        """name -> inode. The inode alone: the folders share one file system (ensure), and st_dev differs per NFS
+        client for the very same file (DISTRIBUTED.md §2)."""
         found = {}
         for name in self.files(folder):
             try:
                 st = os.lstat(os.path.join(folder, name))
             except FileNotFoundError:
                 continue
-            found[name] = (st.st_dev, st.st_ino)
+            found[name] = st.st_ino
         return found
 
-    def _drop_same(self, folder: str, taken: dict[str, tuple[int, int]]) -> None:
+    def _drop_same(self, folder: str, taken: dict[str, int]) -> None:
         """Unlink each entry of folder that is the very file (inode) of the same name in `taken`."""
         for name, ino in self._inodes(folder).items():
             if taken.get(name) == ino:
@@ -424,11 +431,12 @@ class Spool:
             "failed_at": datetime.fromtimestamp(now, timezone.utc).isoformat(timespec="seconds"),
             "failed_at_unix": now,
             "size": size,
-            "seq": self._next_seq(),  # the order of failures; failed_at is shown, never trusted for order
+            # the order of failures; failed_at is shown, never trusted for order
+            "seq": self._seq_source() if self._seq_source else self._next_seq(),
         }
         # The reason is durable before the file moves, so a failed file always has its sidecar.
         durable.publish_bytes(self.failed, REASON_PREFIX + key(name) + ".json",
-                              json.dumps(record, indent=1).encode() + b"\n", TEMP_OUTPUT_PREFIX + key(name))
+                              json.dumps(record, indent=1).encode() + b"\n", TEMP_OUTPUT_PREFIX + self.tag + key(name))
         durable.rename(src, os.path.join(self.failed, name))
         durable.fsync_dir(os.path.dirname(os.path.join(self.failed, name)))  # in failed/ for good before it leaves
         durable.fsync_dir(os.path.dirname(src))

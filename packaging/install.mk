@@ -8,6 +8,8 @@
 #               and outside /root and /home (the unit has ProtectHome=yes): a system Python such as
 #               /usr/bin/python3, not a pyenv or conda one under a home directory.
 #   PIP_INSTALL_FLAGS  extra pip flags, e.g. "--no-index --find-links=/srv/wheels" for an offline install
+#   EXTRAS      optional features to install with it, e.g. EXTRAS=distributed for more than one machine
+#               (docs/distributed.md: Dramatiq and redis-py)
 
 # Included before the Makefile's own rules, this fragment must not become the default goal (`make`).
 INGESTD_SAVED_GOAL := $(.DEFAULT_GOAL)
@@ -22,12 +24,15 @@ SYSTEMD_UNITDIR ?= /usr/local/lib/systemd/system
 SYSUSERSDIR ?= /usr/local/lib/sysusers.d
 TMPFILESDIR ?= /usr/local/lib/tmpfiles.d
 PIP_INSTALL_FLAGS ?=
+EXTRAS ?=
 
 # The repository this fragment belongs to (evaluated now, while it is the last makefile read).
 INGESTD_SRC := $(abspath $(dir $(lastword $(MAKEFILE_LIST)))..)
 INGESTD_PKG := $(INGESTD_SRC)/packaging/systemd
 INGESTD_VENV := $(DESTDIR)$(PREFIX)
 INGESTD_ENVFILE := $(DESTDIR)$(SYSCONFDIR)/ingestd/ingestd.env
+# ingestd-worker.service is installed disabled: only nodes of a cluster enable it (docs/distributed.md).
+INGESTD_UNITS := ingestd.service ingestd-worker.service
 # systemd is PID 1 here and we install onto the live system: apply users, folders and units now.
 INGESTD_LIVE = test -z "$(DESTDIR)" && test -d /run/systemd/system
 
@@ -52,16 +57,17 @@ install: install-check
 		--exclude='*.egg-info' --exclude=./watch_dir --exclude=./.hypothesis --exclude=./.pytest_cache \
 		--exclude=./node_modules --exclude=./.prometheus-data -cf - . | tar -C "$$src" -xf -; \
 	$(INGESTD_VENV)/bin/python -m pip install -q --disable-pip-version-check --upgrade \
-		$(PIP_INSTALL_FLAGS) "$$src"
+		$(PIP_INSTALL_FLAGS) "$$src$(if $(EXTRAS),[$(EXTRAS)])"
 ifneq ($(DESTDIR),)
 	@# A virtualenv is not relocatable: point its scripts and byte-code at $(PREFIX), where it will run.
 	grep -rlIF '$(INGESTD_VENV)' $(INGESTD_VENV)/bin $(INGESTD_VENV)/pyvenv.cfg | xargs -r sed -i 's|$(INGESTD_VENV)|$(PREFIX)|g'
 	$(INGESTD_VENV)/bin/python -m compileall -q -f -j 0 -s '$(DESTDIR)' -p / $(INGESTD_VENV)/lib
 endif
-	@# The unit, with ExecStart following PREFIX.
+	@# The units (the daemon or cluster scanner, and the cluster's worker node), with ExecStart following PREFIX.
 	install -d -m 0755 $(DESTDIR)$(SYSTEMD_UNITDIR) $(DESTDIR)$(SYSUSERSDIR) $(DESTDIR)$(TMPFILESDIR)
-	sed 's|/opt/ingestd/|$(PREFIX)/|g' $(INGESTD_PKG)/ingestd.service > $(DESTDIR)$(SYSTEMD_UNITDIR)/ingestd.service
-	chmod 0644 $(DESTDIR)$(SYSTEMD_UNITDIR)/ingestd.service
+	for unit in $(INGESTD_UNITS); do \
+		sed 's|/opt/ingestd/|$(PREFIX)/|g' $(INGESTD_PKG)/$$unit > $(DESTDIR)$(SYSTEMD_UNITDIR)/$$unit && \
+		chmod 0644 $(DESTDIR)$(SYSTEMD_UNITDIR)/$$unit || exit 1; done
 	install -m 0644 $(INGESTD_PKG)/ingestd.sysusers.conf $(DESTDIR)$(SYSUSERSDIR)/ingestd.conf
 	install -m 0644 $(INGESTD_PKG)/ingestd.tmpfiles.conf $(DESTDIR)$(TMPFILESDIR)/ingestd.conf
 	install -d -m 0755 $(DESTDIR)$(SYSCONFDIR)/ingestd
@@ -72,15 +78,16 @@ endif
 		systemd-sysusers $(SYSUSERSDIR)/ingestd.conf && \
 		systemd-tmpfiles --create $(TMPFILESDIR)/ingestd.conf && \
 		systemctl daemon-reload && \
-		systemctl try-restart ingestd.service; \
+		systemctl try-restart $(INGESTD_UNITS); \
 	else echo "install: systemd not running here (or DESTDIR set): systemd-sysusers, systemd-tmpfiles --create and systemctl daemon-reload are left to do"; fi
-	@echo "install: done. Settings: $(SYSCONFDIR)/ingestd/ingestd.env; start: systemctl enable --now ingestd"
+	@echo "install: done. Settings: $(SYSCONFDIR)/ingestd/ingestd.env; start: systemctl enable --now ingestd (a cluster worker node: ingestd-worker)"
 
 # Leaves the operator's data (/var/lib/ingestd), the ingestd user and a changed env file in place.
 uninstall:
 	@test "$$(id -u)" = 0 || { echo "uninstall: run as root (sudo make uninstall)" >&2; exit 1; }
-	if $(INGESTD_LIVE) && systemctl cat ingestd.service >/dev/null 2>&1; then systemctl disable --now ingestd.service; fi
-	rm -f $(DESTDIR)$(SYSTEMD_UNITDIR)/ingestd.service $(DESTDIR)$(SYSUSERSDIR)/ingestd.conf $(DESTDIR)$(TMPFILESDIR)/ingestd.conf
+	for unit in $(INGESTD_UNITS); do \
+		if $(INGESTD_LIVE) && systemctl cat $$unit >/dev/null 2>&1; then systemctl disable --now $$unit; fi; done
+	rm -f $(addprefix $(DESTDIR)$(SYSTEMD_UNITDIR)/,$(INGESTD_UNITS)) $(DESTDIR)$(SYSUSERSDIR)/ingestd.conf $(DESTDIR)$(TMPFILESDIR)/ingestd.conf
 	@# Only ever delete a virtualenv (never "/" by a mistyped PREFIX).
 	if test -f $(INGESTD_VENV)/pyvenv.cfg; then rm -rf $(INGESTD_VENV); fi
 	if cmp -s $(INGESTD_PKG)/ingestd.env $(INGESTD_ENVFILE); then rm -f $(INGESTD_ENVFILE); \

@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from support import RedisServer, need_redis
 
 
 def _need_root(what: str) -> None:
@@ -50,3 +51,13 @@ def ramfs(tmp_path: Path) -> Iterator[Path]:
     subprocess.run(["mount", "-t", "ramfs", "ramfs", str(root)], check=True)
     yield root
     subprocess.run(["umount", "-l", str(root)], check=False)
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A started RedisServer for the test (distributed mode), killed at teardown."""
+    need_redis()
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    yield server
+    server.kill()

@@ -196,3 +196,114 @@ def immutable(path: Path) -> Iterator[None]:
         yield
     finally:
         subprocess.run(["chattr", "-i", str(path)], check=True)
+
+
+class ClusterProcess:
+    """`ingestd ARGS...` of a cluster (the scanner, `run --broker ...`, or a node, `worker ...`) in a session of its
+    own, so stop() also reaches a node's children; its stderr JSON events are collected in .events. Environment:
+    this one without INGESTD_* and systemd's variables, plus `env`."""
+
+    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+        full = {k: v for k, v in os.environ.items() if not k.startswith("INGESTD_")
+                and k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "JOURNAL_STREAM", "MODE")}
+        self.proc = subprocess.Popen(INGESTD + list(args), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, env={**full, **(env or {})}, text=True,
+                                     errors="replace", start_new_session=True)
+        self.events: list[dict[str, Any]] = []
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self.listen = ""
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.lines.append(line)
+            with contextlib.suppress(ValueError):
+                self.events.append(json.loads(line))
+
+    def started(self, name: str, timeout: float = 20.0) -> ClusterProcess:
+        """Wait for the event `name` ("started", "node_started"); its `listen` is kept."""
+        def seen() -> Any:
+            return next((e for e in list(self.events) if e.get("event") == name), None) or self.proc.poll() is not None
+
+        ev = wait_for(seen, timeout, what=f"{name} event")
+        if ev is True:
+            raise AssertionError(f"ingestd exited {self.proc.returncode}: {''.join(self.lines)}")
+        self.listen = str(ev.get("listen", ""))
+        return self
+
+    def kill9(self) -> None:
+        """SIGKILL to the process only (a node's children end with it: PR_SET_PDEATHSIG), as a crashed machine."""
+        self.proc.kill()
+        self.proc.wait()
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """SIGTERM, then SIGKILL to the whole session (children included)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+        self._reader.join(5)
+        if self.proc.stderr is not None:
+            self.proc.stderr.close()
+
+
+class RedisServer:
+    """A real redis-server on a free loopback port, its data (AOF) in `dir`; kill() and start() again on the same
+    port and data, as a Redis restart. url: redis://127.0.0.1:PORT/0."""
+
+    def __init__(self, dir: Path) -> None:
+        import socket
+
+        self.dir = dir
+        dir.mkdir(parents=True, exist_ok=True)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        import time
+
+        import redis
+
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
+             "--save", "", "--appendonly", "yes", "--appendfsync", "everysec", "--maxmemory-policy", "noeviction",
+             "--protected-mode", "no", "--logfile", str(self.dir / "redis.log")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                redis.Redis(port=self.port, socket_connect_timeout=0.5).ping()
+                return
+            except redis.RedisError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise RuntimeError(f"redis-server did not start: see {self.dir / 'redis.log'}") from None
+                time.sleep(0.05)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def need_redis() -> None:
+    """Skip (with a reason) without redis-server or the distributed extra; under CI=true that is a failure."""
+    import importlib.util
+    import shutil
+
+    missing = [what for what, ok in (("redis-server", shutil.which("redis-server")),
+                                     ("dramatiq (pip install -e '.[distributed]')", importlib.util.find_spec("dramatiq")))
+               if not ok]
+    if not missing:
+        return
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"missing {', '.join(missing)}, and CI=true: the distributed tests must run there")
+    pytest.skip(f"missing {', '.join(missing)} (tests/system-deps.sh installs redis-server as root)")
+

@@ -20,11 +20,12 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Self
 
 import pytest
 import yaml
-from prometheus_client import generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from ingestd.metrics import Metrics
@@ -292,6 +293,24 @@ def github_anchor(heading: str) -> str:
 
 # Series that come from Prometheus itself, not from ingestd.
 PROMETHEUS_SERIES = {"up", "ALERTS", "ALERTS_FOR_STATE"}
+
+@functools.cache
+def cluster_series() -> frozenset[str]:
+    """Every sample name the distributed mode exposes (docs/distributed.md): a worker node's registry once it has
+    written a heartbeat, and the scanner's scrape-time series for a status with one live node and a queue."""
+    from ingestd.distributed.node import _Metrics
+    from ingestd.distributed.scanner import _Live
+
+    node = _Metrics("node-a", lambda: 1)
+    node.heartbeat.labels("node-a").set(1.0)  # set after each heartbeat written to Redis
+    status = {"counts": {"unprocessed": 1, "underprocess": 1, "processed": 1, "failed": 0}, "active": True,
+              "oldest": {"unprocessed": 1.0},
+              "queue_messages": 3, "oldest_claim_age": 2.0,
+              "nodes": [{"node": "node-a", "missing": False, "heartbeat_age": 1.0}]}
+    scanner = CollectorRegistry(auto_describe=True)
+    scanner.register(_Live(SimpleNamespace(status=lambda: status)))  # type: ignore[arg-type]
+    text = generate_latest(node.registry).decode() + generate_latest(scanner).decode()
+    return frozenset(s.name for fam in text_string_to_metric_families(text) for s in fam.samples)
 
 
 @functools.cache

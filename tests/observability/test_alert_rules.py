@@ -11,8 +11,8 @@ import promql_parser
 import pytest
 import yaml
 
-from obs_support import (ALERTS, ALERTS_TEST, EXAMPLE_CONFIG, PROMETHEUS_SERIES, RUNBOOK, alert_rules,
-                         exported_series, github_anchor)
+from obs_support import (ALERTS, ALERTS_TEST, EXAMPLE_CONFIG, PROMETHEUS_SERIES, RUNBOOK,
+                         alert_rules, cluster_series, exported_series, github_anchor)
 
 
 # Every runbook link: absolute under the Prometheus external label runbook_base when it is set,
@@ -117,6 +117,13 @@ def test_required_alerts_exist() -> None:
     assert 'result="failed"' in expr["IngestdFilesFailing"]
     assert "ingestd_inotify_overflows_total" in expr["IngestdInotifyOverflows"]
     assert "ingestd_claiming_paused" in expr["IngestdClaimingPaused"]
+    # More than one machine: a worker node missing (heartbeat or scrape), and claims waiting across nodes;
+    # a worker node that is down is NodeMissing's, not IngestdDown's.
+    assert "ingestd_cluster_node_heartbeat_age_seconds" in expr["IngestdNodeMissing"]
+    assert "up{" in expr["IngestdNodeMissing"] and "ingestd_node_heartbeat_timestamp_seconds" in expr["IngestdNodeMissing"]
+    assert "ingestd_node_heartbeat_timestamp_seconds" in expr["IngestdDown"]
+    assert "ingestd_cluster_active" in expr["IngestdNodeMissing"] and "ingestd_cluster_active" in expr["IngestdClusterQueueLatency"]
+    assert "ingestd_cluster_oldest_claim_age_seconds" in expr["IngestdClusterQueueLatency"]
 
 
 @pytest.mark.parametrize("rule", alert_rules(), ids=lambda r: r["alert"])
@@ -133,7 +140,7 @@ def test_alert_conventions(rule: dict) -> None:
 
 @pytest.mark.parametrize("rule", alert_rules(), ids=lambda r: r["alert"])
 def test_alerts_use_only_metrics_ingestd_exports(rule: dict) -> None:
-    known = exported_series() | PROMETHEUS_SERIES
+    known = exported_series() | PROMETHEUS_SERIES | cluster_series()
     for name in selectors(rule["expr"]):
         assert name in known, f"{rule['alert']} uses {name!r}, which ingestd does not export"
         if name.startswith("ingestd_") or name.startswith("process_"):

@@ -3,6 +3,7 @@ the rules of Grafana's dashboard linter, PromQL that parses, and provisioning fi
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from pathlib import Path
@@ -17,7 +18,8 @@ from grafana_foundation_sdk.cog.plugins import register_default_plugins
 from grafana_foundation_sdk.models import dashboard as gmodel
 from grafana_foundation_sdk.models import prometheus as gprom
 
-from obs_support import BUILTINS, DASHBOARD, GRAFANA, PROMETHEUS_SERIES, REPO, exported_series, panels, substitute
+from obs_support import (BUILTINS, DASHBOARD, GRAFANA, PROMETHEUS_SERIES, REPO, cluster_series, exported_series,
+                         panels, substitute)
 
 # Grafana's panel units (the dashboard linter's list, from grafana-data's valueFormats), those we may use.
 UNITS = {"none", "short", "percent", "percentunit", "bytes", "decbytes", "Bps", "binBps", "s", "ms", "dtdurations",
@@ -179,7 +181,7 @@ def test_target_rules(target: dict[str, Any]) -> None:
 
 
 def test_queries_use_only_metrics_ingestd_exports() -> None:
-    known = exported_series() | PROMETHEUS_SERIES
+    known = exported_series() | PROMETHEUS_SERIES | cluster_series()
     for _, t in targets(load()):
         for node, _ in walk(parsed(t["expr"])):
             if isinstance(node, promql_parser.VectorSelector):
@@ -204,6 +206,25 @@ def test_required_panels_are_there() -> None:
         "ALERTS{",                                                 # alert state
     ]:
         assert needle in exprs, needle
+
+
+def test_cluster_row_shows_nodes_rate_per_instance_and_oldest_claim() -> None:
+    """More than one machine (docs/distributed.md): a Cluster row, collapsed (it is empty on one machine),
+    with the live nodes, files/s per instance (each worker node's share) and the oldest unfinished claim."""
+    top = load()["panels"]
+    rows = [p for p in top if p["type"] == "row" and p["title"] == "Cluster"]
+    assert len(rows) == 1 and rows[0]["collapsed"] is True and rows[0]["panels"]
+    exprs = "\n".join(t["expr"] for p in rows[0]["panels"] for t in p["targets"])
+    for needle in ["ingestd_cluster_nodes{", "ingestd_cluster_queue_messages{",
+                   'sum by (instance) (rate(ingestd_files_total{job=~"$job", instance=~"$instance", result="processed"}',
+                   "ingestd_cluster_oldest_claim_age_seconds{", "ingestd_cluster_node_heartbeat_age_seconds{"]:
+        assert needle in exprs, needle
+    # Collapsed rows keep their panels' places: below every other panel, side by side, not overlapping.
+    bottom = max(p["gridPos"]["y"] + p["gridPos"]["h"] for p in top if p is not rows[0])
+    assert rows[0]["gridPos"]["y"] == bottom
+    spans = sorted((p["gridPos"]["x"], p["gridPos"]["x"] + p["gridPos"]["w"]) for p in rows[0]["panels"])
+    assert all(p["gridPos"]["y"] == bottom + 1 for p in rows[0]["panels"])
+    assert all(a[1] <= b[0] for a, b in itertools.pairwise(spans)) and spans[-1][1] <= 24
 
 
 # --- provisioning -----------------------------------------------------------------------------------

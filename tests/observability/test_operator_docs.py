@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from obs_support import GRAFANA, REPO, RUNBOOK
+from obs_support import GRAFANA, REPO, RUNBOOK, github_anchor
 
 README = REPO / "README.md"
 
@@ -90,7 +90,8 @@ def test_grafana_readme_does_not_say_debian_ships_grafana() -> None:
     assert "debian-setup.sh" in text and "merge the ingestd job" not in text
 
 
-@pytest.mark.parametrize("doc", [README, GRAFANA / "README.md", RUNBOOK], ids=lambda p: str(p.relative_to(REPO)))
+@pytest.mark.parametrize("doc", [README, GRAFANA / "README.md", RUNBOOK, REPO / "docs" / "distributed.md"],
+                         ids=lambda p: str(p.relative_to(REPO)))
 def test_files_the_operator_docs_point_at_exist(doc: Path) -> None:
     text = doc.read_text()
     links = re.findall(r"\]\(([^)#:\s]+)(?:#[^)]*)?\)", text)             # [text](relative/path)
@@ -103,6 +104,18 @@ def test_files_the_operator_docs_point_at_exist(doc: Path) -> None:
         else:
             missing.append(ref)
     assert links + paths and not missing, f"{doc.name} points at missing files: {missing}"
+
+
+@pytest.mark.parametrize("doc", [README, RUNBOOK, REPO / "docs" / "distributed.md"], ids=lambda p: str(p.relative_to(REPO)))
+def test_links_into_other_docs_name_headings_that_exist(doc: Path) -> None:
+    """A link `other.md#anchor` (or `#anchor` in the same file) lands on a heading of that file."""
+    broken = []
+    for ref, anchor in re.findall(r"\]\(([^)#:\s]*\.md)?#([^)]+)\)", doc.read_text()):
+        target = (doc.parent / ref) if ref else doc
+        headings = re.findall(r"^#+ (.+)$", target.read_text(), flags=re.MULTILINE)
+        if anchor not in {github_anchor(h) for h in headings}:
+            broken.append(f"{ref}#{anchor}")
+    assert not broken, f"{doc.name} links to headings that do not exist: {broken}"
 
 
 # README "Dropping files safely": each pattern's one-line example, run by a shell against a real daemon with the

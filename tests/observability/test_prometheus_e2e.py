@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from obs_support import (BUILTINS, DASHBOARD, Prometheus, children, fast_rules, need_binary, panels, reap,
-                         substitute)
+from obs_support import (BUILTINS, DASHBOARD, Prometheus, children, cluster_series, exported_series, fast_rules,
+                         need_binary, panels, reap, substitute)
 from support import HANG_ROUTING, DaemonProcess, folder, wait_for
 
 FOR = "3s"            # every alert's for: in the test copy of the rules
@@ -98,7 +98,8 @@ def test_stuck_file_fires_ingestd_file_stuck(stack: SimpleNamespace) -> None:
 
 def test_every_dashboard_query_returns_data(stack: SimpleNamespace) -> None:
     """Each panel's queries, with the template variables and Grafana's macros substituted, run against
-    the real Prometheus the way Grafana would run them (range or instant), and return data."""
+    the real Prometheus the way Grafana would run them (range or instant), and return data. Queries of the
+    cluster's metrics are left out: only a cluster's scanner exports them, and this stack runs none."""
     prom: Prometheus = stack.prom
     instance = stack.addr[stack.busy]
     # The alert state panel has something to show once the stuck file's alert is active.
@@ -109,9 +110,13 @@ def test_every_dashboard_query_returns_data(stack: SimpleNamespace) -> None:
     dashboard = json.loads(DASHBOARD.read_text())
     end = time.time()
     empty: list[str] = []
+    only_cluster = cluster_series() - exported_series()
     for panel in panels(dashboard):
         finite = False
-        for target in panel["targets"]:
+        targets = [t for t in panel["targets"] if not any(name in t["expr"] for name in only_cluster)]
+        if not targets:
+            continue
+        for target in targets:
             expr = substitute(target["expr"], variables)
             assert "$" not in expr, expr
             if target.get("instant"):

@@ -9,12 +9,17 @@ import re
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
+import pytest
 from support import HANG_ROUTING
 from systemd_harness import Machine, Service, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 UNIT_FILE = REPO / "packaging" / "systemd" / "ingestd.service"
+# A worker node of a cluster (docs/distributed.md); installed beside ingestd.service, disabled.
+WORKER_UNIT_FILE = REPO / "packaging" / "systemd" / "ingestd-worker.service"
+UNIT_FILES = [UNIT_FILE, WORKER_UNIT_FILE]
 
 BASE_ENV = {"INGESTD_WORKERS": "2", "INGESTD_SETTLE_TIME": "0.2"}
 
@@ -33,6 +38,7 @@ def test_make_install_layout(installed: Machine) -> None:
     assert m.run("getent", "passwd", "ingestd").stdout.split(":")[6].strip() == "/usr/sbin/nologin"
     m.run("test", "-x", "/opt/ingestd/bin/ingestd")
     m.run("test", "-f", "/usr/local/lib/systemd/system/ingestd.service")
+    m.run("test", "-f", "/usr/local/lib/systemd/system/ingestd-worker.service")
     m.run("test", "-f", "/etc/ingestd/ingestd.env")
     # tmpfiles.d made the queue before any start, owned by the service user; the drop folder setgid.
     stat = m.run("stat", "-c", "%U:%G %a %n", *(f"/var/lib/ingestd/{f}" for f in ("unprocessed", "processed"))).stdout
@@ -40,6 +46,12 @@ def test_make_install_layout(installed: Machine) -> None:
                                  "ingestd:ingestd 750 /var/lib/ingestd/processed"]
     assert m.systemctl("is-enabled", "ingestd", check=False).stdout.strip() == "disabled"
     assert m.run("systemctl", "cat", "ingestd").stdout.count("ExecStart=/opt/ingestd/bin/ingestd run") == 1
+    # The worker node unit is there for a cluster's nodes to enable, never started by the install.
+    assert m.systemctl("is-enabled", "ingestd-worker", check=False).stdout.strip() == "disabled"
+    assert m.systemctl("is-active", "ingestd-worker", check=False).stdout.strip() == "inactive"
+    assert m.run("systemctl", "cat", "ingestd-worker").stdout.count("ExecStart=/opt/ingestd/bin/ingestd worker") == 1
+    # EXTRAS=distributed brought the distributed mode's libraries into the program's virtualenv.
+    m.run("/opt/ingestd/bin/python", "-c", "import dramatiq, redis, ingestd.distributed.node")
 
 
 def test_start_is_active_only_after_ready_and_processes_files(service: Service) -> None:
@@ -256,18 +268,163 @@ RESULT = time.monotonic() - started
     assert not state[".processed"], state[".processed"]
 
 
+# --- 6. more than one machine: the scanner (ingestd.service with a broker) and a worker node, as shipped ------
+SHARED = "/srv/ingestd"  # the worker unit's default watch dir: the shared mount point (here a plain folder)
+
+_DROP_SHARED = """
+for name, text in ARG["files"].items():
+    tmp = os.path.join(ARG["watch"], "unprocessed", "." + name + ".part")
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.rename(tmp, os.path.join(ARG["watch"], "unprocessed", name))  # as docs/distributed.md tells producers
+"""
+
+
+def test_a_scanner_and_a_worker_node_as_installed_units_process_files_and_stop_warm(service: Service) -> None:
+    """docs/distributed.md's deployment on one machine: a Redis, ingestd.service with INGESTD_BROKER and the
+    drop-in the docs give, ingestd-worker.service untouched. The node's unit becomes active only on READY=1
+    (Type=notify), runs as ingestd in its sandbox, processes what the scanner claims, and stops warm."""
+    m = service.m
+    worker = "ingestd-worker.service"
+    service.reset({"INGESTD_BROKER": "redis://127.0.0.1:6399/0", "INGESTD_WATCH_DIR": SHARED,
+                   "INGESTD_LEASE_TIME": "3", "INGESTD_WORKERS": "2"},
+                  dropin=f"[Unit]\nRequiresMountsFor={SHARED}\n\n[Service]\nReadWritePaths={SHARED}\n")
+    m.systemctl("stop", worker, check=False)
+    m.systemctl("reset-failed", worker, check=False)
+    m.run("rm", "-rf", SHARED)
+    m.sh(f"install -d -o ingestd -g ingestd -m 0750 {SHARED} {SHARED}/underprocess {SHARED}/processed {SHARED}/failed"
+         f" && install -d -o ingestd -g ingestd -m 2770 {SHARED}/unprocessed")
+    m.run("systemd-run", "--unit=test-redis", "--collect", "/usr/bin/redis-server", "--port", "6399",
+          "--bind", "127.0.0.1", "--save", "", "--appendonly", "no")
+    try:
+        wait_for(lambda: m.run("redis-cli", "-p", "6399", "ping", check=False).stdout.strip() == "PONG", 20,
+                 what="redis-server up")
+        mark = m.mark()
+        m.systemctl("start", "ingestd")  # the scanner: returns once it is ready
+        m.systemctl("start", worker)  # returns only once the node sent READY=1
+        assert m.show(worker, "Type", "NotifyAccess", "ActiveState", "SubState", "Result") == {
+            "Type": "notify", "NotifyAccess": "main", "ActiveState": "active", "SubState": "running",
+            "Result": "success"}
+        pid = int(m.prop(worker, "MainPID"))
+        assert m.run("ps", "-o", "user=", "-p", str(pid)).stdout.strip() == "ingestd"
+        health = m.py("import urllib.request\n"
+                      "RESULT = urllib.request.urlopen('http://127.0.0.1:9801/healthz', timeout=5).read().decode()")
+        assert health.strip() == "ok", health  # the node's own port (the unit's default listen)
+
+        files = {f"report-{i}.txt": lines(f"report-{i}", 40) for i in range(8)}
+        m.py(_DROP_SHARED, {"watch": SHARED, "files": files})
+
+        def done() -> dict[str, Any] | None:
+            state = m.py(LIST_FOLDERS, {"watch": SHARED})
+            return state if set(files) <= set(state["processed"]) and not state["unprocessed"] \
+                and not state["underprocess"] else None
+
+        state = wait_for(done, 60, what="the node's results in processed/", interval=0.3)
+        assert {n: state["processed"][n] for n in files} == {n: t.upper() for n, t in files.items()}
+        assert state["failed"] == {}
+        # Each file processed once, by the node (the scanner processes none), logged under the unit's own name.
+        node_events = [json.loads(line) for line in m.journal("SYSLOG_IDENTIFIER=ingestd-worker", after=mark)
+                       .splitlines() if line.startswith("{")]
+        processed = sorted(e["file"] for e in node_events if e.get("event") == "processed")
+        assert processed == sorted(files), processed
+        assert not [e for e in m.events(after=mark) if e["event"] == "processed"], "the scanner processed a file"
+
+        m.systemctl("stop", worker)  # a warm stop: exit 0 within TimeoutStopSec
+        assert m.show(worker, "ActiveState", "Result") == {"ActiveState": "inactive", "Result": "success"}
+        assert any(e.get("event") == "node_stopping" for e in
+                   (json.loads(line) for line in m.journal("SYSLOG_IDENTIFIER=ingestd-worker", after=mark)
+                    .splitlines() if line.startswith("{")))
+    finally:
+        m.systemctl("stop", worker, check=False)
+        m.systemctl("stop", "ingestd", check=False)
+        m.systemctl("stop", "test-redis", check=False)
+
+
+# Inside the machine: {folder: {name: text}} of the shared folder's visible files.
+LIST_FOLDERS = """
+RESULT = {}
+for folder in ("unprocessed", "underprocess", "processed", "failed"):
+    path = os.path.join(ARG["watch"], folder)
+    RESULT[folder] = {n: open(os.path.join(path, n), errors="replace").read() for n in sorted(os.listdir(path))
+                      if not n.startswith(".") and os.path.isfile(os.path.join(path, n))}
+"""
+
+
 # --- 6. the unit itself -----------------------------------------------------------------------------------------------
-def test_security_exposure_is_at_most_2() -> None:
+@pytest.mark.parametrize("unit", UNIT_FILES, ids=lambda p: p.name)
+def test_security_exposure_is_at_most_2(unit: Path) -> None:
     proc = subprocess.run(["systemd-analyze", "security", "--offline=true", "--threshold=20", "--no-pager",
-                           str(UNIT_FILE)], capture_output=True, text=True)
-    found = re.search(r"Overall exposure level for ingestd\.service: (\d+\.\d+) (\w+)", proc.stdout)
+                           str(unit)], capture_output=True, text=True)
+    found = re.search(rf"Overall exposure level for {re.escape(unit.name)}: (\d+\.\d+) (\w+)", proc.stdout)
     assert found, proc.stdout[-2000:] + proc.stderr
     assert float(found[1]) <= 2.0 and found[2] == "OK", found[0]
     assert proc.returncode == 0, proc.stderr
 
 
-def test_systemd_analyze_verify_prints_nothing(installed: Machine) -> None:
-    proc = installed.run("systemd-analyze", "verify", "/usr/local/lib/systemd/system/ingestd.service", check=False)
+def unit_directives(path: Path) -> dict[tuple[str, str], list[str]]:
+    """(section, key) -> values in file order (a key may repeat), from a unit file; comments skipped."""
+    found: dict[tuple[str, str], list[str]] = {}
+    section = ""
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("["):
+            section = line.strip("[]")
+            continue
+        key, _, value = line.partition("=")
+        found.setdefault((section, key.strip()), []).append(value.strip())
+    return found
+
+
+# What the worker node unit may set otherwise than ingestd.service, and why.
+WORKER_DIFFERS = {
+    ("Unit", "Description"): "its own name",
+    ("Unit", "After"): "network-online.target: the broker is on another host",
+    ("Unit", "Wants"): "network-online.target",
+    ("Unit", "RequiresMountsFor"): "the shared watch dir is a network mount",
+    ("Service", "ExecStart"): "`ingestd worker`, checked below",
+    ("Service", "ExecReload"): "a node reads its routing at start only",
+    ("Service", "Environment"): "the shared watch dir and its own metrics port",
+    ("Service", "StateDirectory"): "the queue is on the shared mount, which systemd must not chown",
+    ("Service", "StateDirectoryMode"): "no StateDirectory",
+    ("Service", "ReadWritePaths"): "the shared watch dir instead, checked below",
+    ("Service", "CapabilityBoundingSet"): "none at all: a node never claims, so needs no read lease",
+    ("Service", "AmbientCapabilities"): "no capability",
+    ("Service", "SyslogIdentifier"): "its own journal name",
+}
+
+
+def test_the_worker_unit_is_hardened_and_run_as_ingestd_service() -> None:
+    """Every directive of ingestd.service (hardening, restart, watchdog, stop) holds for the worker node unit
+    too, with the same values, but for the listed differences; and those differ the way they should."""
+    daemon, worker = unit_directives(UNIT_FILE), unit_directives(WORKER_UNIT_FILE)
+    for key, values in daemon.items():
+        if key not in WORKER_DIFFERS:
+            assert worker.get(key) == values, f"{key}: the worker unit has {worker.get(key)}, ingestd.service {values}"
+    for key in worker.keys() - daemon.keys():
+        assert key in WORKER_DIFFERS, f"{key} is only in the worker unit: say why in WORKER_DIFFERS"
+
+    # The same installed program, as a node.
+    (run,) = daemon["Service", "ExecStart"]
+    assert worker["Service", "ExecStart"] == [run.removesuffix(" run") + " worker"]
+    assert worker["Service", "CapabilityBoundingSet"] == [""] and ("Service", "AmbientCapabilities") not in worker
+    # The watch dir it is told to use is the one it may write, and is mounted before it starts.
+    env = dict(e.split("=", 1) for e in worker["Service", "Environment"])
+    assert worker["Service", "ReadWritePaths"] == [env["INGESTD_WATCH_DIR"]]
+    assert worker["Unit", "RequiresMountsFor"] == [env["INGESTD_WATCH_DIR"]]
+    # Its metrics port does not collide with a scanner's on the same host.
+    from ingestd.settings import Settings
+
+    assert env["INGESTD_LISTEN"] != Settings().listen
+    # The warm stop (stop_timeout) fits inside systemd's stop timeout, with room for the hand-back.
+    assert float(worker["Service", "TimeoutStopSec"][0]) > Settings().stop_timeout
+    assert worker["Service", "KillMode"] == ["mixed"] and worker["Service", "Restart"] == ["on-failure"]
+
+
+@pytest.mark.parametrize("unit", UNIT_FILES, ids=lambda p: p.name)
+def test_systemd_analyze_verify_prints_nothing(installed: Machine, unit: Path) -> None:
+    proc = installed.run("systemd-analyze", "verify", f"/usr/local/lib/systemd/system/{unit.name}", check=False)
     assert (proc.returncode, proc.stdout, proc.stderr) == (0, "", "")
 
 
@@ -287,6 +444,8 @@ def test_make_install_destdir_stages_a_relocatable_install(wheelhouse: Path, tmp
     assert leftovers == "", f"the staging path leaked into: {leftovers}"
     unit = (stage / "usr/local/lib/systemd/system/ingestd.service").read_text()
     assert "ExecStart=/opt/ingestd-alt/bin/ingestd run" in unit and "/opt/ingestd/" not in unit
+    worker = (stage / "usr/local/lib/systemd/system/ingestd-worker.service").read_text()
+    assert "ExecStart=/opt/ingestd-alt/bin/ingestd worker" in worker and "/opt/ingestd/" not in worker
     for path in ("usr/local/lib/sysusers.d/ingestd.conf", "usr/local/lib/tmpfiles.d/ingestd.conf",
                  "etc/ingestd/ingestd.env"):
         assert (stage / path).is_file(), path
@@ -312,6 +471,7 @@ def test_make_uninstall_removes_the_install_and_keeps_data_and_settings(service:
     service.wait_processed({"keep.txt"}, 20)
     service.m.run("make", "-C", str(REPO), "-f", "packaging/install.mk", "uninstall")
     assert service.m.systemctl("cat", "ingestd", check=False).returncode != 0
+    assert service.m.systemctl("cat", "ingestd-worker", check=False).returncode != 0
     for path in ("/opt/ingestd", "/usr/local/lib/sysusers.d/ingestd.conf", "/usr/local/lib/tmpfiles.d/ingestd.conf"):
         assert service.m.run("test", "-e", path, check=False).returncode != 0, path
     assert service.m.run("test", "-L", "/etc/systemd/system/multi-user.target.wants/ingestd.service",
