@@ -76,6 +76,9 @@ class Arrivals:
             return
         if not name or ignored(name):
             return
+        if c.kind == "listed":  # found by the polling watcher's listing: its history unknown, as a scan's names
+            self.scanned([name], now)
+            return
         if self.done_marker and name.endswith(DONE_SUFFIX):
             if c.kind in ("create", "moved_in"):
                 self.markers.add(name[: -len(DONE_SUFFIX)])

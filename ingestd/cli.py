@@ -37,6 +37,9 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--listen", help="HOST:PORT for /metrics, /healthz, /api/status and / (default 127.0.0.1:9800)")
     run.add_argument("--log-format", choices=("auto", "json", "text"),
                      help="log lines as JSON or text (default auto: text on a terminal, JSON otherwise)")
+    run.add_argument("--watch", choices=("auto", "inotify", "polling"),
+                     help="how unprocessed/ is watched (default auto: polling on NFS, CIFS, FUSE, ceph, 9p; inotify "
+                          "elsewhere)")
     run.add_argument("--wait-lock", action="store_const", const=True,
                      help="if another ingestd runs on this watch dir, wait and take over when it stops")
     run.add_argument("--broker", help="redis://HOST:PORT/DB: be the scanner of a cluster of worker nodes "
@@ -75,7 +78,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)  # a bad command line exits 2 here
     flags = {k: v for k, v in vars(args).items() if k in ("watch_dir", "mode", "pattern", "replacement", "config", "workers", "listen", "log_format",
-                                                            "wait_lock", "broker", "node")}
+                                                            "wait_lock", "broker", "node", "watch")}
     try:
         settings = load(flags)
         log.setup(settings.log_format)

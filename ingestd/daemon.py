@@ -37,7 +37,8 @@ from ingestd.settings import ConfigError, Settings
 from ingestd.sinks import remove_temps
 from ingestd.spool import AlreadyRunning, Claim, Failure, Spool, SpoolError
 from ingestd.state import PauseKind, State
-from ingestd.watch import Watch, WatchLimit
+from ingestd.watch import WatchLimit
+from ingestd.watchmode import Choice, Watcher, choose, open_watch
 from ingestd.web import Web
 from ingestd.workers import Pool, Slot
 
@@ -74,7 +75,8 @@ class Daemon:
         self.next_history = 0.0
         self._withheld = False
         self.web: Web | None = None
-        self.watch: Watch | None = None
+        self.watch: Watcher | None = None
+        self.watch_choice = Choice("inotify", "not started")  # inotify or polling, and why (watchmode.choose)
         self.watch_lost = False  # unprocessed/'s watch is dead and not yet replaced: rescans come every second
         self.folders_left: set[str] = set()  # default mode: folders in unprocessed/, left as they are (logged once)
         self.folder_checks: dict[str, float] = {}  # recursive mode: subfolder -> when to see if it can be removed
@@ -103,8 +105,10 @@ class Daemon:
         if not inflight.prepare(self.spool.state, self.s.workers):  # after recovery has read the old records
             event("io_error", "cannot write .ingestd/inflight: a crash will count an attempt for every claimed file",
                   logging.WARNING)
-        # The watch goes up before the scan, so nothing arriving in between is missed.
-        self.watch = Watch(self.spool.unprocessed)
+        # The watch goes up before the scan, so nothing arriving in between is missed. Polling where inotify cannot
+        # see other machines' writes (NFS, CIFS, FUSE...: ingestd/watchmode.py), decided once, here.
+        self.watch_choice = choose(self.s.watch, self.spool.unprocessed)
+        self.watch = self._open_watch()
         self._rescan("startup")
         host, port = self.s.host_port
         try:  # bound before the workers start: a port in use fails fast, with nothing to clean up
@@ -121,7 +125,8 @@ class Daemon:
         self.notifier.ready()
         event("started", "ingestd started", version=__version__, watch_dir=str(self.spool.root.resolve()),
               listen=self.web.address, workers=self.s.workers, recovered=len(self.queue),
-              waiting=len(self.arrivals))
+              waiting=len(self.arrivals), watch=self.watch_choice.kind, watch_reason=self.watch_choice.reason,
+              poll_interval=self.s.poll_interval if self.watch_choice.kind == "polling" else None)
         if log.text_wanted("auto"):  # a person at a terminal (make run): one line saying where to look
             log.say(f"ingestd is watching {self.spool.root.resolve()}/unprocessed/ - status page "
                     f"http://{self.web.address}/ - press Ctrl-C to stop")
@@ -391,10 +396,13 @@ class Daemon:
         except OSError:
             return False
 
+    def _open_watch(self) -> Watcher:
+        return open_watch(self.watch_choice.kind, self.spool.unprocessed, self.s.poll_interval)
+
     def _rewatch(self) -> None:
         assert self.watch is not None
         old = self.watch
-        self.watch = Watch(self.spool.unprocessed)  # the new one first: a failure keeps the old
+        self.watch = self._open_watch()  # the new one first: a failure keeps the old
         self._polled.discard(old.fileno())
         self.poller.unregister(old.fileno())
         old.close()
@@ -869,7 +877,9 @@ class Daemon:
     def status(self) -> dict[str, Any]:
         return {"version": __version__, "started_at": self.state.started_at, "now": self.wall(),
                 "watch_dir": str(self.spool.root.resolve()), **self.snapshot(),
-                "failures": self.spool.failures(self.s.recent), "folders_left": self._folders_view()}
+                "failures": self.spool.failures(self.s.recent), "folders_left": self._folders_view(),
+                "watch": {"kind": self.watch_choice.kind, "reason": self.watch_choice.reason,
+                          "poll_interval": self.s.poll_interval if self.watch_choice.kind == "polling" else None}}
 
     def _folders_view(self) -> dict[str, Any]:
         """Folders left in unprocessed/ (default mode): how many, and the first `recent` names (escaped)."""

@@ -48,6 +48,8 @@ class Settings:
     broker: str | None = None  # redis://HOST:PORT/DB: run is the cluster's scanner, worker a node (docs/distributed.md)
     lease_time: float = 30.0  # seconds a node's claim lease and Dramatiq heartbeat last without renewal
     node: str = ""  # a worker node's name (default: the host name)
+    watch: str = "auto"  # auto | inotify | polling: how unprocessed/ is watched (auto: polling on NFS/CIFS/FUSE...)
+    poll_interval: float = 1.0  # seconds between two listings of the polling watcher
     routing_doc: dict[str, Any] = field(default_factory=lambda: {"mode": "uppercase"})  # picklable, for workers
 
     @property
@@ -175,6 +177,8 @@ PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "broker": _broker,
     "lease_time": _seconds(1, strict=True),
     "node": _text,
+    "watch": _choice("auto", "inotify", "polling"),
+    "poll_interval": _seconds(0.05),  # below 50 ms the listing itself would be most of an idle daemon's work
 }
 
 

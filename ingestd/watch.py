@@ -31,6 +31,7 @@ class WatchLimit(SpoolError):
 @dataclass(frozen=True, slots=True)
 class Change:
     # create | open | close | close_write | attrib | moved_in | gone | overflow | lost_watch: about a file;
+    # listed: a file found by the polling watcher's listing (ingestd/polling.py), history unknown;
     # dir_in (a folder created or moved in) | dir_gone (a folder removed or moved out): about a folder.
     kind: str
     name: str = ""  # relative to the watched folder: "a.txt", or "batch/a.txt" inside a watched subfolder

@@ -56,6 +56,7 @@ class DaemonProcess:
         else:
             full_env = {**os.environ, "INGESTD_SETTLE_TIME": "0.3", **(env or {})}
         full_env.pop("NOTIFY_SOCKET", None)
+        self.env = full_env
         self.events: list[dict[str, Any]] = []
         self.lines: list[str] = []
         # log_file (the benchmarks): stderr goes to this file and no thread reads it while the daemon runs
@@ -119,6 +120,10 @@ class DaemonProcess:
         self.refresh()
         if ev is True:
             raise AssertionError(f"daemon exited {self.proc.returncode}: {''.join(self.lines)}")
+        # INGESTD_WATCH=polling (tests/test_polling.py, or by hand for a whole module): make sure it is what runs.
+        forced = self.env.get("INGESTD_WATCH")
+        if forced in ("inotify", "polling") and "--watch" not in self.args and "watch" in ev:
+            assert ev["watch"] == forced, f"INGESTD_WATCH={forced} but the daemon runs {ev['watch']}"
         self.url = "http://" + ev["listen"]
         return self
 
