@@ -55,6 +55,8 @@ class Lease:
     fd: int = -1
     dev: int = 0
     ino: int = 0
+    size: int = -1  # the leased file's size and mtime when leased: what identifies it where inode numbers do not
+    mtime_ns: int = -1
 
     def writer_waiting(self) -> bool:
         """True once a writer has tried to open the file since the lease was taken (it now blocks in open())."""
@@ -114,4 +116,4 @@ def _take(path: str) -> Lease:
     except BaseException:
         os.close(fd)
         raise
-    return Lease(Verdict.FREE, fd, st.st_dev, st.st_ino)
+    return Lease(Verdict.FREE, fd, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)

@@ -320,7 +320,7 @@ class Spool:
     def _confirm(self, held: lease.Lease, src: str, dst: str) -> Claim:
         """Still under the lease: the name moved must be the file leased, and no writer may have knocked."""
         st = os.lstat(dst)
-        if (st.st_dev, st.st_ino) != (held.dev, held.ino):
+        if (st.st_dev, st.st_ino) != (held.dev, held.ino) and not _renumbered(held, st):
             # Replaced between our open and the rename: that file was never checked. Its arrival event brings
             # it back; the name it had goes back now (never over a newer one).
             return Claim.GONE if self._give_back(dst, src) else Claim.CLAIMED
@@ -809,6 +809,17 @@ def set_aside(folder: str, name: str, now: float, link: bool = False) -> str:
             n += 1  # taken (an earlier one this second, or a user's file): the next number
             continue
         return aside
+
+
+def _renumbered(held: lease.Lease, st: os.stat_result) -> bool:
+    """Is st (the claimed name) the leased file under another inode number? A FUSE file system on libfuse's
+    high-level API (sshfs) numbers inodes per path, and the claim's link + unlink fallback (no RENAME_NOREPLACE
+    there) gives the new name a new number. Then the leased file, unchanged since it was leased (its own
+    descriptor says so), and the claimed name must agree on size and mtime (nanoseconds where the file system
+    keeps them): a replacement in the instant between the lease and the rename that also matches both is a file
+    identical in all the daemon reads before the content."""
+    now = os.fstat(held.fd)
+    return (now.st_size, now.st_mtime_ns) == (held.size, held.mtime_ns) == (st.st_size, st.st_mtime_ns)
 
 
 def _seq_of(record: dict[str, Any]) -> int | None:

@@ -394,10 +394,6 @@ def test_a_daemon_on_fuse_polls_by_itself_and_says_why(fuse_daemon: DaemonProces
     assert fuse_daemon.status()["watch"]["kind"] == "polling"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Spool.claim on sshfs: RENAME_NOREPLACE is refused (EINVAL) and the link + unlink fallback gives the new name "
-    "another inode number (libfuse's high-level API numbers inodes itself), so Spool._confirm takes the file for a "
-    "replaced one and gives it back, for ever (the claim rework of issue 11 owns spool.py)"))
 def test_a_daemon_on_fuse_processes_another_clients_files(fuse: tuple[Path, Path],
                                                           fuse_daemon: DaemonProcess) -> None:
     """Files written by "another machine" (straight into the served folder, renamed in as producers there should)

@@ -340,7 +340,7 @@ class Scanner:
                 except Exception as e:  # noqa: BLE001 - the failure boundary: a bad turn costs a turn, never the scanner
                     event("scan_error", "a scan failed; it is tried again", logging.ERROR, error=repr(e))
             notifier.watchdog()
-            self.stop.wait(min(self.s.poll_interval if hasattr(self.s, "poll_interval") else 1.0, renew_every))
+            self.stop.wait(min(self.s.poll_interval, renew_every))
         notifier.stopping()
         if self.active:
             try:

@@ -4,7 +4,7 @@ failed/ with its sidecar.
 
 Two transports for the nodes' view of the shared folder (rig.py): `bind` (the server's inodes, as an NFS client
 sees them) and `sshfs` (the NFS-client stand-in of the issue: no inotify for others' writes, RENAME_NOREPLACE
-refused, but inodes numbered per mount). The sshfs case fails today: see its xfail reason."""
+refused, and inodes numbered per mount, which nodes never rely on: ledger.claim_id).""" 
 
 from __future__ import annotations
 
@@ -30,15 +30,11 @@ def _run(rig: Any, tmp_path: Any, transport: str, n: int, stall: float) -> None:
     assert r.events("failed") and r.events("failed")[0]["file"] == "binary.bin"
 
 
-def test_three_nodes_each_file_exactly_once(rig: Any, tmp_path: Any) -> None:
-    _run(rig, tmp_path, "bind", 2000 * SCALE, stall=45)
+def test_three_nodes_on_sshfs_mounts_each_file_exactly_once(rig: Any, tmp_path: Any) -> None:
+    """The issue's rig: every node on its own sshfs mount (inodes numbered per mount: nodes never rely on them)."""
+    _run(rig, tmp_path, "sshfs", 2000 * SCALE, stall=45)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "CODE BUG (report to lead): claim ids are key(name)-st_ino, but an sshfs mount (SFTP v3 carries no inode) "
-    "numbers inodes per mount and per path, so a node's lstat(underprocess/NAME) never matches the scanner's "
-    "inode: task._claimed acks every claim as 'gone' (no event logged), the scanner re-drives it every "
-    "rescan_interval, forever; nothing is processed. Real NFS keeps fileids across clients; CIFS noserverino and "
-    "many FUSE file systems do not."))
-def test_three_nodes_on_sshfs_mounts(rig: Any, tmp_path: Any) -> None:
-    _run(rig, tmp_path, "sshfs", 20, stall=12)
+def test_three_nodes_on_bind_mounts(rig: Any, tmp_path: Any) -> None:
+    """The server's own inode numbers, as NFS clients see them."""
+    _run(rig, tmp_path, "bind", 200 * SCALE, stall=45)
