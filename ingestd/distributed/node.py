@@ -100,7 +100,9 @@ def run(settings: Settings, processes: int) -> int:
     waiting.clear()
     node.actor = queue.declare(broker, node.handle)
     worker = dramatiq.Worker(broker, queues={queue.QUEUE}, worker_threads=processes, worker_timeout=1000)
-    worker.queue_prefetch = processes  # no more in hand than it runs: the rest stays for other nodes
+    # Dramatiq's default prefetch (2 per thread): with only one per thread each consumer sleeps between fetches
+    # while all are in hand (about 1.6x fewer small files/s, tests/distributed bench); a prefetched message is
+    # unacked, so a node's death still gives it back after lease_time.
     threading.Thread(target=node.leases.run, name="leases", daemon=True).start()
     worker.start()
     notifier.status(f"working: {processes} processes")

@@ -1,7 +1,7 @@
 """`ingestd run --broker ...`: the cluster's scanner (DISTRIBUTED.md §3, steps 1-4, 10, 11).
 
-One scanner is active at a time: it holds a lock in Redis (redis-py's Lock: a key with a TTL of lease_time, renewed
-every third of it); others wait as standbys and take over within a lease time of its loss. The lock only saves
+One scanner is active at a time: it holds a lock in Redis (redis-py's Lock: a key with a TTL of 2/3 of lease_time,
+renewed every sixth of it); others wait as standbys and take over within a lease time of its loss. The lock only saves
 work: two active scanners by accident are still safe, as a claim is a rename that refuses to overwrite, settled by
 stat and inode (never by an NFS error code: a retried RENAME may report the wrong result).
 
@@ -51,7 +51,10 @@ class Scanner:
         self.ledger = Ledger(self.client, settings.lease_time)
         self.actor = queue.declare(self.broker, _never_here)
         self.spool = Spool(settings.watch_dir, settings.done_marker, tag=f"s{os.getpid()}-", seq=self.ledger.next_seq)
-        self.lock = Lock(self.client, self.ledger.k("scanner"), timeout=settings.lease_time, thread_local=False)
+        # TTL 2/3 of lease_time, renewed (and tried by standbys) every 1/6: a standby takes over within 5/6 of
+        # lease_time after the active scanner's last renewal, inside the lease time the docs promise.
+        self.lock = Lock(self.client, self.ledger.k("scanner"), timeout=settings.lease_time * 2 / 3,
+                         thread_local=False)
         self.active = False
         self.stop = threading.Event()
         self.started_at, self.watch_dir = time.time(), str(self.spool.root.resolve())
@@ -69,7 +72,7 @@ class Scanner:
         """Take the scanner lock, or keep it; a standby waits. A renewal that fails ends claiming at once."""
         try:
             if self.active:
-                self.lock.reacquire()  # TTL back to lease_time
+                self.lock.reacquire()  # TTL back to its full 2/3 of lease_time
                 return
             if self.lock.acquire(blocking=False):
                 self.active = True
@@ -323,7 +326,7 @@ class Scanner:
         notifier.ready()
         event("started", "ingestd scanner started", version=__version__, role="scanner", host=socket.gethostname(),
               watch_dir=str(self.spool.root.resolve()), listen=web.address, watch="polling")
-        renew_every = self.s.lease_time / 3
+        renew_every = self.s.lease_time / 6
         next_lead = time.monotonic() + renew_every
         self.next_redrive = time.monotonic() + self.s.rescan_interval
         while not self.stop.is_set():

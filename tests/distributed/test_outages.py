@@ -92,7 +92,7 @@ def test_scanner_failover_within_the_lease(rig: Any, tmp_path: Any) -> None:
     r.drop(after)
     r.wait_drained(len(before) + len(after))
     r.audit(expected)
-    # The lock's TTL is lease_time and a standby tries every third of it: lease_time plus a poll, plus start-up
-    # slack on a loaded 2-core machine.
+    # The lock's TTL is 2/3 of lease_time and a standby tries every sixth of it: within 5/6 of lease_time; the
+    # second of slack is for seeing the event in its log on a loaded 2-core machine.
     print(f"failover took {took:.2f} s (lease_time {LEASE} s)")
-    assert took <= 2 * LEASE, f"the standby took {took:.1f} s to take over (lease_time {LEASE} s)"
+    assert took <= LEASE + 1.0, f"the standby took {took:.1f} s to take over (lease_time {LEASE} s)"
