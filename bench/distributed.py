@@ -4,14 +4,14 @@ same disk. N x 1 KiB files renamed into unprocessed/ at once; time from the firs
 processed/ and the queue is empty. Every output is checked against the uppercased input.
 
 The nodes are the test rig's (tests/distributed/rig.py): each in its own mount namespace with a bind mount of the
-shared folder (the server's inodes, as an NFS client sees them; an sshfs mount cannot run the protocol, whose
-claim ids use inode numbers). So the figures show the protocol's cost (Redis round trips, leases, one more process
-hop per file), not a network file system's. Needs root (namespaces) and redis-server; skipped with a note if not.
+shared folder (the server's inodes, as an NFS client sees them). So the figures show the protocol's cost (Redis
+round trips, leases, one more process hop per file), not a network file system's (sshfs on one machine would
+measure ssh's encryption on the shared cores instead). Needs root (namespaces) and redis-server; skipped with a note if not.
 
 All nodes share this machine's cores, yet on 2 cores 2 and 3 nodes still go faster than 1 (measured 1.6x and
 1.85x): a node is not CPU-bound on 1 KiB files. Profiled, each actor thread waited 43% of the time for a message
-(Dramatiq's consumer holds no more than `--processes` messages and sleeps, 5 ms doubling per miss, while all are
-in hand), 20% on Redis round trips, 15% on its child, 10% in directory fsyncs. docs/benchmarks.md, section 8.
+(with one prefetched message per thread, Dramatiq's consumer sleeps, 5 ms doubling per miss, while all are in
+hand; nodes now keep Dramatiq's default of two), 20% on Redis round trips, 15% on its child, 10% in directory fsyncs. docs/benchmarks.md, section 8.
 """
 
 from __future__ import annotations
