@@ -139,8 +139,9 @@ def test_hostile_entries_fail_with_a_reason_and_the_daemon_goes_on(start, tmp_pa
     assert reasons["sock"] == "not a regular file: socket"
     assert reasons["blob.bin"].startswith("binary content")
     assert os.readlink(w / "failed" / "link-to-secret") == str(secret)  # moved as a link, never followed
-    assert processed(w, weird) == b"OK\n"
-    assert d.event("processed", file="-n\\x0anew\\xffline <b>.txt")
+    wait_for(lambda: processed(w, weird) == b"OK\n", timeout=15, what="the weird name's result")
+    # The event comes after the commit is durable, a moment after the result appears: wait for it.
+    wait_for(lambda: d.event("processed", file="-n\\x0anew\\xffline <b>.txt"), timeout=15, what="its processed event")
     assert d.get("/healthz")[0] == 200
 
 
