@@ -20,6 +20,7 @@ RECORD_TTL = 7 * 86400  # seconds a finished claim's record and an attempt count
 NODE_STALE = 3.0  # a node whose heartbeat is older than this many lease times is missing
 
 _RENEW = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end return 0"
+_UNBIND = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
 _RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
 
 
@@ -43,6 +44,7 @@ class Ledger:
         self.prefix = f"ingestd:{cluster}:"
         self._renew = client.register_script(_RENEW)
         self._release = client.register_script(_RELEASE)
+        self._unbind = client.register_script(_UNBIND)
 
     def k(self, *parts: str) -> str:
         return self.prefix + ":".join(parts)
@@ -90,8 +92,12 @@ class Ledger:
         """The claim's work was sent again (a new Dramatiq message id): the re-drive checks that one."""
         self.r.hset(self.k("claim", cid), "message", message)
 
-    def finish(self, cid: str, state: str) -> None:
-        """done | failed | gone: kept RECORD_TTL for status and the re-drive, the attempt count dropped."""
+    def finish(self, cid: str, state: str, name: str | None = None) -> None:
+        """done | failed | gone: kept RECORD_TTL for status and the re-drive, the attempt count dropped, and the
+        name's binding (record()) dropped when it is still this claim's: one key per file name otherwise stayed for
+        ever. (Another claim of that name keeps its own binding: compare-and-delete.)"""
+        if name is not None:
+            self._unbind(keys=[self.k("name", key(name))], args=[cid])
         pipe = self.r.pipeline(transaction=False)
         pipe.hset(self.k("claim", cid), mapping={"state": state, "finished": time.time()})
         pipe.expire(self.k("claim", cid), RECORD_TTL)
