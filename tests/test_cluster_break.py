@@ -90,3 +90,103 @@ def test_redis_keeps_no_key_per_file_for_ever(cluster: Cluster, redis_server: Re
     forever = sorted(k.decode() for k in r.scan_iter("ingestd:*") if r.ttl(k) == -1)
     assert set(forever) <= {"ingestd:default:cluster-id", "ingestd:default:failure-seq", "ingestd:default:nodes"}, \
         forever
+
+
+def test_nodes_and_the_scanner_killed_again_and_again_lose_double_and_corrupt_nothing(
+        cluster: Cluster, tmp_path: Path) -> None:  # noqa: F811
+    """Many files (600 x INGESTD_TORTURE_SCALE), three nodes, one of them kill -9'd and started again every second,
+    the scanner once; then every file has exactly one result, byte-identical to `ingestd process`, nothing is left
+    in underprocess/, and no temp of any claim stays behind."""
+    import os
+    import random
+    import signal
+
+    scale = float(os.environ.get("INGESTD_TORTURE_SCALE", "1"))
+    cluster.start("run", "scanner")
+    nodes = ["n1", "n2", "n3"]
+    for n in nodes:
+        cluster.start("worker", n, INGESTD_MAX_ATTEMPTS="1000")  # kills are the machine's fault here
+    files = {f"t{i:05d}.txt": (f"row {i} ünï\n" * (1 + i % 50)).encode() for i in range(int(600 * scale))}
+    rng = random.Random(11)
+    items = list(files.items())
+    for j, (name, data) in enumerate(items):
+        cluster.drop(name, data)
+        if j % 100 == 99:
+            victim = rng.choice(nodes)
+            cluster.stop(victim, signal.SIGKILL)
+            cluster.start("worker", victim, INGESTD_MAX_ATTEMPTS="1000")
+        if j == len(items) // 2:
+            cluster.stop("scanner", signal.SIGKILL)
+            cluster.start("run", "scanner")
+    for _ in range(4):
+        time.sleep(1.0)
+        victim = rng.choice(nodes)
+        cluster.stop(victim, signal.SIGKILL)
+        cluster.start("worker", victim, INGESTD_MAX_ATTEMPTS="1000")
+    wait(lambda: len(folder(cluster, "processed")) >= len(files) and not folder(cluster, "underprocess")
+         and not folder(cluster, "unprocessed"), timeout=120, what="every file finished")
+    time.sleep(LEASE * 2 + 2.5)  # a late redelivery, or the scanner's temp clean-up (rescan 2 s), shows now
+    assert folder(cluster, "failed") == []
+    assert folder(cluster, "processed") == sorted(files)  # no .superseded- copy, no temp left
+    want = {}
+    for name, data in files.items():
+        if data not in want:
+            want[data] = expected(data, tmp_path)
+        assert (cluster.watch / "processed" / name).read_bytes() == want[data], name
+
+
+@pytest.mark.parametrize("file_exist", ["keep", "replace", "fail"])
+def test_the_same_name_arriving_again_and_again_gets_one_result_per_arrival(
+        cluster: Cluster, tmp_path: Path, file_exist: str) -> None:  # noqa: F811
+    """One name, five versions, each dropped as soon as the one before was claimed (so some are redone on a node
+    killed between publish and commit, and others queue behind one in flight): file_exist decides, and no
+    version is lost, doubled or given another's bytes."""
+    import signal
+
+    cluster.start("run", "scanner", INGESTD_FILE_EXIST=file_exist)
+    cluster.start("worker", "n1", INGESTD_FILE_EXIST=file_exist, INGESTD_TEST_CRASH_AT="publish-commit")
+    cluster.start("worker", "n2", INGESTD_FILE_EXIST=file_exist)
+    versions = [f"version {v}\n".encode() * (v + 1) for v in range(5)]
+    for data in versions:
+        wait(lambda: not (cluster.watch / "unprocessed" / "same.txt").exists(), what="the version before claimed")
+        cluster.drop("same.txt", data)
+        if cluster.procs["n1"].poll() is not None:
+            cluster.procs.pop("n1")
+            cluster.start("worker", "n1", INGESTD_FILE_EXIST=file_exist)
+    wait(lambda: len(cluster.events("processed")) + len(cluster.events("failed")) >= len(versions)
+         and not folder(cluster, "underprocess") and not folder(cluster, "unprocessed"), what="every version done")
+    time.sleep(LEASE + 1)
+    cluster.stop("n2", signal.SIGTERM)
+    processed = {n: (cluster.watch / "processed" / n).read_bytes() for n in folder(cluster, "processed")}
+    failed = {n: (cluster.watch / "failed" / n).read_bytes() for n in folder(cluster, "failed")
+              if not n.startswith(".")}
+    want = [expected(d, tmp_path) for d in versions]
+    if file_exist == "keep":
+        assert sorted(processed.values()) == sorted(want) and failed == {}
+        assert processed["same.txt"] == want[-1]
+    elif file_exist == "replace":
+        assert processed == {"same.txt": want[-1]} and failed == {}
+    else:
+        assert processed == {"same.txt": want[0]}
+        assert sorted(failed.values()) == sorted(versions[1:])
+
+
+def test_a_fifo_a_symlink_and_a_folder_in_unprocessed_neither_wedge_nor_vanish(cluster: Cluster) -> None:  # noqa: F811
+    """A FIFO would block a reader for ever, a symlink must never be followed: both end in failed/ with a reason;
+    a folder is left where it is; a good file behind them is processed."""
+    import os
+
+    cluster.start("run", "scanner")
+    cluster.start("worker", "n1", INGESTD_TIME_LIMIT="0")
+    up = cluster.watch / "unprocessed"
+    os.mkfifo(up / "pipe")
+    (tmp_outside := cluster.root / "secret").write_bytes(b"secret\n")
+    os.symlink(tmp_outside, up / "link.txt")
+    (up / "dir").mkdir()
+    cluster.drop("good.txt", b"ok\n")
+    wait(lambda: folder(cluster, "processed") == ["good.txt"] and {"pipe", "link.txt"} <= set(folder(cluster, "failed"))
+         and not folder(cluster, "underprocess"), timeout=30, what="the FIFO and the symlink failed, the file done")
+    reasons = [e["reason"] for e in cluster.events("failed")]
+    assert any("symlink" in r for r in reasons) and any("fifo" in r.lower() or "pipe" in r.lower() for r in reasons), \
+        reasons
+    assert (up / "dir").is_dir() and tmp_outside.read_bytes() == b"secret\n"
