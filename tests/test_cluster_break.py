@@ -190,3 +190,48 @@ def test_a_fifo_a_symlink_and_a_folder_in_unprocessed_neither_wedge_nor_vanish(c
     assert any("symlink" in r for r in reasons) and any("fifo" in r.lower() or "pipe" in r.lower() for r in reasons), \
         reasons
     assert (up / "dir").is_dir() and tmp_outside.read_bytes() == b"secret\n"
+
+
+def test_a_claim_sent_again_with_a_delay_is_not_sent_a_third_time_by_the_redrive(scanner) -> None:  # noqa: ANN001
+    """A node sends a claim again with a delay (its child died, the disk was full, another node held it). Dramatiq
+    parks it in the delay queue, and at its time moves it to the work queue under a new Redis id (a copy; the
+    parked one is acked). The record named the parked id: each re-drive then found it dead and sent the claim once
+    more, while it waited its turn, so a claim retried for a full disk gained one more circulating message at every
+    rescan for as long as the outage lasted. Here a real Dramatiq worker (one thread, kept busy) moves the message."""
+    import threading
+
+    import dramatiq
+
+    from ingestd.distributed import queue
+    from ingestd.distributed.ledger import claim_id
+
+    s = scanner()
+    s.active = True
+    up = Path(s.spool.underprocess)
+    (up / "a.txt").write_bytes(b"x\n")
+    cid = claim_id("a.txt", (up / "a.txt").stat())
+    assert s._redrive() == 1
+    _, broker = queue.connect(s.s.broker, s.s.lease_time)
+    busy, release, seen = threading.Event(), threading.Event(), []
+
+    def node(c: str, name: str) -> None:  # a busy node: its one thread holds the first message it gets
+        seen.append(c)
+        busy.set()
+        release.wait(30)
+
+    queue.declare(broker, node)
+    worker = dramatiq.Worker(broker, queues={queue.QUEUE}, worker_threads=1, worker_timeout=100)
+    worker.start()
+    try:
+        busy.wait(10)
+        assert seen == [cid]
+        # What Node.again does for a lost child: the claim sent again, half a second later, and recorded.
+        s.ledger.requeued(cid, queue.send(s.actor, cid, "a.txt", 500))
+        wait(lambda: s.client.hlen(f"{queue.NAMESPACE}:{queue.QUEUE}.DQ.msgs") == 0, timeout=10,
+             what="the delayed message moved to the work queue")
+        assert seen == [cid]  # the moved message waits for the busy thread (prefetched: in the node's hands)
+        assert s._redrive() == 0  # it still carries the claim: nothing to send
+    finally:
+        release.set()
+        worker.stop()
+        broker.close()

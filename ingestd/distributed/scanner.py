@@ -187,7 +187,7 @@ class Scanner:
         except FileNotFoundError:
             self.spool.ensure()
             return 0
-        sent = 0
+        lost: list[tuple[str, os.stat_result, str, bytes]] = []  # no lease, and the record names no live message
         for i in range(0, len(entries), REDRIVE_CHUNK):
             chunk = []
             for e in entries[i:i + REDRIVE_CHUNK]:
@@ -206,11 +206,19 @@ class Scanner:
             for (name, st, cid), owner, rec, ok, held in zip(chunk, owners, records, live, bound):
                 if owner is not None or (held == cid and rec.get(b"state") == b"queued" and ok):
                     continue  # in a node's hands, or waiting in the queue under its binding
-                self._enqueue(cid, name, st)
-                self.redriven.inc()
-                event("redriven", "a claimed file had no live lease or message: sent again", file=display(name),
-                      claim=cid, was=(rec.get(b"state") or b"unknown").decode())
-                sent += 1
+                lost.append((name, st, cid, rec.get(b"state") or b"unknown"))
+        sent = 0
+        # A message sent again with a delay lives on under a new id (queue.carrying): found, it is the one recorded.
+        moved = queue.carrying(self.client, {c for _, _, c, _ in lost}) if lost else {}
+        for name, st, cid, was in lost:
+            if cid in moved and self.ledger.bound([name])[0] == cid:
+                self.ledger.requeued(cid, moved[cid])
+                continue
+            self._enqueue(cid, name, st)
+            self.redriven.inc()
+            event("redriven", "a claimed file had no live lease or message: sent again", file=display(name),
+                  claim=cid, was=was.decode())
+            sent += 1
         self._drop_temps()
         return sent
 
