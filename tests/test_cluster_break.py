@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 from support import RedisServer
-from test_cluster import LEASE, Cluster, expected, folder, wait
-from test_cluster import cluster, scanner  # noqa: F401 - fixtures
+from test_cluster import LEASE, Cluster, cluster, expected, folder, scanner, wait  # noqa: F401 - fixtures
 
 from ingestd.names import key
 
@@ -43,7 +42,7 @@ def test_a_file_whose_node_died_after_publishing_is_never_both_a_result_and_fail
 
 
 def test_a_message_delivered_before_its_claim_is_recorded_is_still_processed(
-        scanner, cluster: Cluster) -> None:  # noqa: ANN001, F811
+        scanner, cluster: Cluster) -> None:  # noqa: F811
     """The scanner sent a claim's message, then recorded the name's binding: a node that took the message in
     between (the scanner paused there: SIGSTOP, a GC pause, a slow Redis) found no binding, acked the claim as
     done elsewhere, and the file waited in underprocess/ for the next rescan (30 s by default), or for ever with
@@ -55,7 +54,7 @@ def test_a_message_delivered_before_its_claim_is_recorded_is_still_processed(
     wait(lambda: cluster.events("node_started") != [], what="the node taking work")
     real = s.ledger.record
 
-    def paused(*args, **kw) -> None:  # noqa: ANN002, ANN003
+    def paused(*args, **kw) -> None:
         time.sleep(2.0)  # the scanner paused between its two Redis steps
         real(*args, **kw)
 
@@ -69,7 +68,8 @@ def test_a_message_delivered_before_its_claim_is_recorded_is_still_processed(
     assert folder(cluster, "underprocess") == []
 
 
-def test_redis_keeps_no_key_per_file_for_ever(cluster: Cluster, redis_server: RedisServer, tmp_path: Path) -> None:
+def test_redis_keeps_no_key_per_file_for_ever(cluster: Cluster, redis_server: RedisServer,  # noqa: F811
+                                              tmp_path: Path) -> None:
     """Every claim bound its name in Redis (ingestd:<cluster>:name:<key>) and nothing removed it: one key per
     distinct file name for ever (names with a timestamp: unbounded growth, noeviction makes it a full Redis).
     Fixed: finishing a claim drops its name's binding when it is still the claim's. What stays without a TTL is a
@@ -192,7 +192,7 @@ def test_a_fifo_a_symlink_and_a_folder_in_unprocessed_neither_wedge_nor_vanish(c
     assert (up / "dir").is_dir() and tmp_outside.read_bytes() == b"secret\n"
 
 
-def test_a_claim_sent_again_with_a_delay_is_not_sent_a_third_time_by_the_redrive(scanner) -> None:  # noqa: ANN001
+def test_a_claim_sent_again_with_a_delay_is_not_sent_a_third_time_by_the_redrive(scanner) -> None:  # noqa: F811
     """A node sends a claim again with a delay (its child died, the disk was full, another node held it). Dramatiq
     parks it in the delay queue, and at its time moves it to the work queue under a new Redis id (a copy; the
     parked one is acked). The record named the parked id: each re-drive then found it dead and sent the claim once

@@ -77,7 +77,7 @@ def carrying(client: redis.Redis, cids: set[str]) -> dict[str, str]:
         for mid, raw in client.hscan_iter(h, count=1000):
             try:
                 args = dramatiq.Message.decode(raw).args
-            except Exception:  # noqa: BLE001 - not ours to judge: a message we cannot read carries no claim
+            except Exception:  # noqa: BLE001, S112 - not ours to judge: a message we cannot read carries no claim
                 continue
             if args and args[0] in cids:
                 found[args[0]] = mid.decode() if isinstance(mid, bytes) else str(mid)
