@@ -235,3 +235,47 @@ def test_a_claim_sent_again_with_a_delay_is_not_sent_a_third_time_by_the_redrive
         release.set()
         worker.stop()
         broker.close()
+
+
+def test_a_redis_stall_past_the_lease_does_not_count_toward_poison(cluster: Cluster, redis_server: RedisServer,
+                                                                  tmp_path: Path) -> None:  # noqa: F811
+    """Redis stalls (SIGSTOP: a fork for a snapshot on a big dataset, a swapping host) longer than lease_time
+    while a node works on a file (here its child is held too, as a slow disk would): the node's lease runs out and
+    its child is killed. That is the machine's fault, as a full disk is: it must not count toward max_attempts, or
+    a good file ends in failed/ as poison after max_attempts stalls (here one)."""
+    import os
+    import signal
+
+    cluster.start("run", "scanner")
+    cluster.start("worker", "n1", INGESTD_MAX_ATTEMPTS="1")
+    data = b"some line of text\n" * 200_000
+    cluster.drop("a.txt", data)
+    node = cluster.procs["n1"]
+
+    def child() -> int | None:
+        for pid in os.listdir("/proc"):
+            if pid.isdigit():
+                try:
+                    with open(f"/proc/{pid}/stat") as f:
+                        ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                    with open(f"/proc/{pid}/cmdline", "rb") as f:
+                        cmd = f.read()
+                except OSError:
+                    continue
+                if ppid == node.pid and b"multiprocessing" in cmd and b"resource_tracker" not in cmd:
+                    return int(pid)
+        return None
+
+    wait(lambda: (cluster.watch / "underprocess" / "a.txt").exists() and child() is not None, what="the child")
+    kid = child()
+    assert kid is not None
+    os.kill(kid, signal.SIGSTOP)  # its file in hand, as on a slow disk
+    assert redis_server.proc is not None
+    os.kill(redis_server.proc.pid, signal.SIGSTOP)
+    time.sleep(LEASE * 4)  # past lease_time and the node's Redis socket timeout (5 s): its lease is lost
+    os.kill(redis_server.proc.pid, signal.SIGCONT)
+    wait(lambda: cluster.events("child_lost") != [], timeout=30, what="the child killed for the lost lease")
+    wait(lambda: not folder(cluster, "underprocess"), timeout=30, what="the file finished")
+    assert folder(cluster, "failed") == []
+    assert folder(cluster, "processed") == ["a.txt"]
+    assert (cluster.watch / "processed" / "a.txt").read_bytes() == expected(data, tmp_path)

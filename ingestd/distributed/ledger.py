@@ -21,6 +21,7 @@ NODE_STALE = 3.0  # a node whose heartbeat is older than this many lease times i
 
 _RENEW = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end return 0"
 _UNBIND = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
+_UNBUMP = "local n = tonumber(redis.call('get', KEYS[1])) if n and n > 0 then return redis.call('decr', KEYS[1]) end return 0"
 _RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
 
 
@@ -45,6 +46,7 @@ class Ledger:
         self._renew = client.register_script(_RENEW)
         self._release = client.register_script(_RELEASE)
         self._unbind = client.register_script(_UNBIND)
+        self._unbump = client.register_script(_UNBUMP)
 
     def k(self, *parts: str) -> str:
         return self.prefix + ":".join(parts)
@@ -112,8 +114,9 @@ class Ledger:
         return int(pipe.execute()[0])
 
     def unbump(self, cid: str) -> None:
-        """A delivery that failed for the machine's reasons (full disk...) does not count toward poison."""
-        self.r.decr(self.k("attempts", cid))
+        """A delivery that failed for the machine's reasons (full disk, a lost lease...) does not count toward poison.
+        Only a count still there goes down: one dropped by finish() meanwhile is not made again (at -1, for ever)."""
+        self._unbump(keys=[self.k("attempts", cid)])
 
     def next_seq(self) -> int:
         """The next failure sequence number, shared by every node (Spool.fail's order of failures)."""

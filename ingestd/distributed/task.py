@@ -204,6 +204,10 @@ class Node:
             # Results carry the claim id: a redo of this claim on any node recognises them as its own (sinks.py).
             kind, payload = self._child().run((path, name, tag, cid.encode()), lost, self.s.time_limit)
         except ChildLost as e:
+            if e.why == "lease_lost":
+                # Renewals stopped (Redis unreachable, this node stalled): the machine's fault, never the file's (a
+                # child working on a file does not stop them), so not an attempt toward poison.
+                self.ledger.unbump(cid)
             event("child_lost", "a child ended without finishing its file; the file is sent again",
                   logging.WARNING, file=display(name), claim=cid, why=e.why, attempts=attempts)
             self.again(cid, name, DIED_DELAY_MS)
