@@ -237,8 +237,8 @@ def test_a_claim_sent_again_with_a_delay_is_not_sent_a_third_time_by_the_redrive
         broker.close()
 
 
-def test_a_redis_stall_past_the_lease_does_not_count_toward_poison(cluster: Cluster, redis_server: RedisServer,
-                                                                  tmp_path: Path) -> None:  # noqa: F811
+def test_a_redis_stall_past_the_lease_does_not_count_toward_poison(cluster: Cluster,  # noqa: F811
+                                                                  redis_server: RedisServer, tmp_path: Path) -> None:
     """Redis stalls (SIGSTOP: a fork for a snapshot on a big dataset, a swapping host) longer than lease_time
     while a node works on a file (here its child is held too, as a slow disk would): the node's lease runs out and
     its child is killed. That is the machine's fault, as a full disk is: it must not count toward max_attempts, or
