@@ -20,6 +20,8 @@ RECORD_TTL = 7 * 86400  # seconds a finished claim's record and an attempt count
 NODE_STALE = 3.0  # a node whose heartbeat is older than this many lease times is missing
 
 _RENEW = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end return 0"
+_UNBIND = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
+_UNBUMP = "local n = tonumber(redis.call('get', KEYS[1])) if n and n > 0 then return redis.call('decr', KEYS[1]) end return 0"
 _RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
 
 
@@ -43,6 +45,8 @@ class Ledger:
         self.prefix = f"ingestd:{cluster}:"
         self._renew = client.register_script(_RENEW)
         self._release = client.register_script(_RELEASE)
+        self._unbind = client.register_script(_UNBIND)
+        self._unbump = client.register_script(_UNBUMP)
 
     def k(self, *parts: str) -> str:
         return self.prefix + ":".join(parts)
@@ -90,8 +94,12 @@ class Ledger:
         """The claim's work was sent again (a new Dramatiq message id): the re-drive checks that one."""
         self.r.hset(self.k("claim", cid), "message", message)
 
-    def finish(self, cid: str, state: str) -> None:
-        """done | failed | gone: kept RECORD_TTL for status and the re-drive, the attempt count dropped."""
+    def finish(self, cid: str, state: str, name: str | None = None) -> None:
+        """done | failed | gone: kept RECORD_TTL for status and the re-drive, the attempt count dropped, and the
+        name's binding (record()) dropped when it is still this claim's: one key per file name otherwise stayed for
+        ever. (Another claim of that name keeps its own binding: compare-and-delete.)"""
+        if name is not None:
+            self._unbind(keys=[self.k("name", key(name))], args=[cid])
         pipe = self.r.pipeline(transaction=False)
         pipe.hset(self.k("claim", cid), mapping={"state": state, "finished": time.time()})
         pipe.expire(self.k("claim", cid), RECORD_TTL)
@@ -106,8 +114,9 @@ class Ledger:
         return int(pipe.execute()[0])
 
     def unbump(self, cid: str) -> None:
-        """A delivery that failed for the machine's reasons (full disk...) does not count toward poison."""
-        self.r.decr(self.k("attempts", cid))
+        """A delivery that failed for the machine's reasons (full disk, a lost lease...) does not count toward poison.
+        Only a count still there goes down: one dropped by finish() meanwhile is not made again (at -1, for ever)."""
+        self._unbump(keys=[self.k("attempts", cid)])
 
     def next_seq(self) -> int:
         """The next failure sequence number, shared by every node (Spool.fail's order of failures)."""

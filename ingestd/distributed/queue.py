@@ -67,6 +67,23 @@ def alive(client: redis.Redis, message_ids: list[str]) -> list[bool]:
     return [bool(found[i] or found[i + 1]) for i in range(0, len(found), 2)]
 
 
+def carrying(client: redis.Redis, cids: set[str]) -> dict[str, str]:
+    """Claim id -> the Redis id of a message queued, delayed or in a node's hands that carries it, for the claims in
+    cids. A delayed message (Node.again) is moved to the work queue at its time under a new Redis id (a copy;
+    dramatiq/worker.py, handle_delayed_messages), so the id a claim's record names can be dead while its work still
+    waits. Reads every message (HSCAN): the re-drive asks only when some record's id is dead."""
+    found: dict[str, str] = {}
+    for h in (f"{NAMESPACE}:{QUEUE}.msgs", f"{NAMESPACE}:{QUEUE}.DQ.msgs"):
+        for mid, raw in client.hscan_iter(h, count=1000):
+            try:
+                args = dramatiq.Message.decode(raw).args
+            except Exception:  # noqa: BLE001, S112 - not ours to judge: a message we cannot read carries no claim
+                continue
+            if args and args[0] in cids:
+                found[args[0]] = mid.decode() if isinstance(mid, bytes) else str(mid)
+    return found
+
+
 def depth(client: redis.Redis) -> int:
     """Messages queued, delayed or in nodes' hands."""
     return int(client.hlen(f"{NAMESPACE}:{QUEUE}.msgs")) + int(client.hlen(f"{NAMESPACE}:{QUEUE}.DQ.msgs"))

@@ -168,10 +168,16 @@ class Scanner:
 
     def _send(self, name: str, st: os.stat_result) -> None:
         cid = claim_id(name, st)
-        mid = queue.send(self.actor, cid, name)
-        self.ledger.record(cid, name, st.st_ino, st.st_size, mid)
+        self._enqueue(cid, name, st)
         self.claims.inc()
         event("claimed", "file claimed and enqueued", file=display(name), claim=cid, size=st.st_size)
+
+    def _enqueue(self, cid: str, name: str, st: os.stat_result) -> None:
+        """Bind the name to its claim, then send it: a node that took the message before the binding was there
+        would ack it as done elsewhere (ledger.bound), leaving the file for the next re-drive. A crash between the
+        two leaves a record with no live message: the re-drive sends it."""
+        self.ledger.record(cid, name, st.st_ino, st.st_size, "")
+        self.ledger.requeued(cid, queue.send(self.actor, cid, name))
 
     # --- re-drive -------------------------------------------------------------------------------------------
     def _redrive(self) -> int:
@@ -181,7 +187,7 @@ class Scanner:
         except FileNotFoundError:
             self.spool.ensure()
             return 0
-        sent = 0
+        lost: list[tuple[str, os.stat_result, str, bytes]] = []  # no lease, and the record names no live message
         for i in range(0, len(entries), REDRIVE_CHUNK):
             chunk = []
             for e in entries[i:i + REDRIVE_CHUNK]:
@@ -200,12 +206,19 @@ class Scanner:
             for (name, st, cid), owner, rec, ok, held in zip(chunk, owners, records, live, bound):
                 if owner is not None or (held == cid and rec.get(b"state") == b"queued" and ok):
                     continue  # in a node's hands, or waiting in the queue under its binding
-                mid = queue.send(self.actor, cid, name)
-                self.ledger.record(cid, name, st.st_ino, st.st_size, mid)
-                self.redriven.inc()
-                event("redriven", "a claimed file had no live lease or message: sent again", file=display(name),
-                      claim=cid, was=(rec.get(b"state") or b"unknown").decode())
-                sent += 1
+                lost.append((name, st, cid, rec.get(b"state") or b"unknown"))
+        sent = 0
+        # A message sent again with a delay lives on under a new id (queue.carrying): found, it is the one recorded.
+        moved = queue.carrying(self.client, {c for _, _, c, _ in lost}) if lost else {}
+        for name, st, cid, was in lost:
+            if cid in moved and self.ledger.bound([name])[0] == cid:
+                self.ledger.requeued(cid, moved[cid])
+                continue
+            self._enqueue(cid, name, st)
+            self.redriven.inc()
+            event("redriven", "a claimed file had no live lease or message: sent again", file=display(name),
+                  claim=cid, was=was.decode())
+            sent += 1
         self._drop_temps()
         return sent
 

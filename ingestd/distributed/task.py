@@ -29,7 +29,7 @@ from ingestd.messages import Rejected, Retry
 from ingestd.names import display
 from ingestd.pipeline import Stats
 from ingestd.settings import Settings
-from ingestd.sinks import Sinks
+from ingestd.sinks import CLAIM_ATTR, Sinks
 from ingestd.spool import Failure, Spool
 from ingestd.worker import _failure
 
@@ -193,7 +193,7 @@ class Node:
                 raise RuntimeError("the shared folder is not there: is it still mounted?")
             # Committed or failed already (a redelivery, a duplicate send): only ack. Another file of that name
             # now has its own claim.
-            self.ledger.finish(cid, "gone")
+            self.ledger.finish(cid, "gone", name)
             return
         attempts = self.ledger.bump(cid)  # before the work: a node dying on it still counts
         if attempts > self.s.max_attempts:
@@ -204,6 +204,10 @@ class Node:
             # Results carry the claim id: a redo of this claim on any node recognises them as its own (sinks.py).
             kind, payload = self._child().run((path, name, tag, cid.encode()), lost, self.s.time_limit)
         except ChildLost as e:
+            if e.why == "lease_lost":
+                # Renewals stopped (Redis unreachable, this node stalled): the machine's fault, never the file's (a
+                # child working on a file does not stop them), so not an attempt toward poison.
+                self.ledger.unbump(cid)
             event("child_lost", "a child ended without finishing its file; the file is sent again",
                   logging.WARNING, file=display(name), claim=cid, why=e.why, attempts=attempts)
             self.again(cid, name, DIED_DELAY_MS)
@@ -238,7 +242,7 @@ class Node:
                 raise  # truly not removed: the failure boundary sends the claim again
             # An NFS client's retried REMOVE can report an error although the first one took effect: stat decides.
         durable.fsync_dir(os.path.dirname(path))  # the commit durable before the ack: a lost ack only redelivers
-        self.ledger.finish(cid, "done")
+        self.ledger.finish(cid, "done", name)
         crash_point("commit-ack")
         self.count("processed", bytes_in=bytes_in, bytes_out=bytes_out, seconds=seconds)
         for sup in sinks.superseded:  # file_exist: said after the commit, as on a single machine (state.py)
@@ -269,16 +273,32 @@ class Node:
             self.again(cid, name, self.ledger.lease_ms)
             return
         try:
+            self._drop_own_results(name, cid)
             self.spool.fail(name, failure, time.time())
         except OSError as e:
             event("io_error", "could not move a failed file to failed/; it is retried", logging.ERROR,
                   file=display(name), reason=errors.reason(e))
             self.again(cid, name, RETRY_DELAY_MS)
             return
-        self.ledger.finish(cid, "failed")
+        self.ledger.finish(cid, "failed", name)
         self.count("failed")
         event("failed", "file failed", logging.WARNING, file=display(name), claim=cid, node=self.name,
               reason=failure.reason, line=failure.line, attempts=failure.attempts)
+
+    def _drop_own_results(self, name: str, cid: str) -> None:
+        """Results an earlier delivery of this claim published before its node died short of the commit (they carry
+        the claim id, Sinks): a claim that ends in failed/ (poison, after that death) must leave none behind, or the
+        file would be both a result and a failed/ entry. Raises OSError (the caller sends the claim again)."""
+        for folder in self.folders:
+            target = os.path.join(self.spool.processed, folder, name) if folder else os.path.join(
+                self.spool.processed, name)
+            try:
+                mine = os.getxattr(target, CLAIM_ATTR, follow_symlinks=False) == cid.encode()
+            except OSError:  # none there (ENOENT), untagged (ENODATA), no user xattrs here
+                continue
+            if mine:
+                durable.unlink_quiet(target)
+                durable.fsync_dir(os.path.dirname(target))  # gone for good before the input is set aside
 
     def close(self) -> None:
         self.leases.stop.set()
