@@ -225,7 +225,9 @@ def _report(settings: Settings, spool: Spool) -> dict[str, Any]:
                              "recursive": settings.recursive},
             "in_progress": [display(n) for n in sorted(spool.files(spool.underprocess))],
             # The daemon's own history (ordered by its sequence) when it kept one, else what processed/ holds.
-            "recent": history.load(str(spool.root))[: settings.recent] or spool.completions(settings.recent),
+            # A cluster's folder (.ingestd/cluster-id): a single-machine daemon's old history would stand for ever.
+            "recent": (([] if os.path.exists(os.path.join(spool.state, "cluster-id"))
+                        else history.load(str(spool.root))[: settings.recent]) or spool.completions(settings.recent)),
             "failures": spool.failures(settings.recent),
         }
     except PermissionError as e:  # a folder or the state dir readable at the probe and no longer now

@@ -35,7 +35,7 @@ from ingestd.notify import Notifier
 from ingestd.pipeline import kind
 from ingestd.settings import ConfigError, Settings
 from ingestd.sinks import remove_temps
-from ingestd.spool import AlreadyRunning, Claim, Failure, Spool, SpoolError
+from ingestd.spool import AlreadyRunning, Claim, Failure, NotAWatchDir, Spool, SpoolError
 from ingestd.state import PauseKind, State
 from ingestd.watch import WatchLimit
 from ingestd.watchmode import Choice, Watcher, choose, open_watch
@@ -97,6 +97,11 @@ class Daemon:
         """Raises ConfigError/SpoolError/RuntimeError on a start-up failure; the caller then runs shutdown()."""
         faulthandler.enable()  # the watchdog's SIGABRT dumps every thread's stack into the journal
         self.spool.ensure()
+        if os.path.exists(os.path.join(self.spool.state, "cluster-id")):
+            # A cluster's shared folder: its underprocess/ files are in worker nodes' hands, not left by a crash.
+            raise NotAWatchDir(f"watch_dir: {self.spool.root} is a cluster's shared folder (.ingestd/cluster-id): run "
+                               "`ingestd run --broker redis://...` as its scanner (docs/distributed.md), not a "
+                               "single-machine daemon")
         self.spool.lock(wait=self.s.wait_lock)  # --wait-lock: a standby blocks here until the owner is gone
         self._install_signals()
         self._make_output_folders()

@@ -36,8 +36,10 @@ class Web:
     """Serves what the daemon exposes; the daemon's state is only ever read through the callables given."""
 
     def __init__(self, host: str, port: int, registry: CollectorRegistry,
-                 status: Callable[[], dict[str, Any]], health: Callable[[], str | None]) -> None:
-        page = files("ingestd").joinpath("static/index.html").read_bytes()
+                 status: Callable[[], dict[str, Any]], health: Callable[[], str | None],
+                 page: bool = True) -> None:
+        """page=False (a cluster's worker node): no status page at / (404 naming the scanner's), the rest alike."""
+        html = files("ingestd").joinpath("static/index.html").read_bytes() if page else None
 
         class Handler(BaseHTTPRequestHandler):
             server_version = "ingestd"
@@ -75,8 +77,11 @@ class Web:
                     doc = {**status(), "health": {"ok": problem is None, "problem": problem}}
                     body = json.dumps(doc, ensure_ascii=True).encode()
                     self._send(200, "application/json", body)
+                elif path in ("/", "/index.html") and html is not None:
+                    self._send(200, "text/html; charset=utf-8", html)
                 elif path in ("/", "/index.html"):
-                    self._send(200, "text/html; charset=utf-8", page)
+                    self._send(404, "text/plain; charset=utf-8",
+                               b"a worker node: /metrics and /healthz here; the status page is the scanner's\n")
                 else:
                     self._send(404, "text/plain; charset=utf-8", b"not found\n")
 

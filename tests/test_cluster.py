@@ -239,6 +239,7 @@ def test_a_scanner_and_two_nodes_finish_every_file_once_hostile_names_included(c
     cluster.start("run", "scanner")
     cluster.start("worker", "n1")
     cluster.start("worker", "n2")
+    wait(lambda: len(cluster.events("node_started")) == 2, what="both nodes working")  # or one may take it all
     files = {f"f{i:03d}.txt": f"line {i}\r\nzwei ß {i}\n".encode() for i in range(120)}
     hostile = {"new\nline.txt": b"a\n", "-dash.txt": b"b\n", "sp ace.txt": b"c\n", "\udcff-latin1.txt": b"d\n",
                "\ufeffbom.txt": b"\xef\xbb\xbfbom\n"}
@@ -391,6 +392,7 @@ def test_redis_losing_all_its_data_mid_run_loses_and_doubles_nothing(cluster: Cl
     cluster.start("run", "scanner")
     cluster.start("worker", "n1")
     cluster.start("worker", "n2")
+    wait(lambda: len(cluster.events("node_started")) == 2, what="both nodes working")  # or one may take it all
     files = {f"f{i:03d}.txt": (f"line {i}\n" * 2000).encode() for i in range(60)}
     for name, data in files.items():
         cluster.drop(name, data)

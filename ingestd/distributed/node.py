@@ -71,6 +71,8 @@ def run(settings: Settings, processes: int) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    signal.signal(signal.SIGHUP, lambda *_: event("reload_refused", "SIGHUP: a node does not reload its settings; "
+                                                  "restart it to apply changes", logging.WARNING))
     node: Node
     metrics = _Metrics(name, lambda: len(node.current))
     node = Node(settings, ledger, spool, name, metrics.count)
@@ -78,7 +80,7 @@ def run(settings: Settings, processes: int) -> int:
     host, port = _listen(settings)
     try:
         web = Web(host, port, metrics.registry, lambda: _status(name, node, processes),
-                  lambda: waiting[0] if waiting else None)
+                  lambda: waiting[0] if waiting else None, page=False)
     except OSError as e:
         raise ConfigError(f"listen: cannot listen on {host}:{port}: {e.strerror}") from None
     web.start()
@@ -110,7 +112,9 @@ def run(settings: Settings, processes: int) -> int:
           listen=web.address, watch_dir=str(spool.root.resolve()), broker=queue.safe_url(settings.broker))
     beat = max(0.5, settings.lease_time / 3)
     broker_down = False
-    while not stop.wait(min(beat, notifier.watchdog_interval or beat)):
+    first = True  # the first heartbeat at once: status lists the node as soon as it works
+    while first or not stop.wait(min(beat, notifier.watchdog_interval or beat)):
+        first = False
         notifier.watchdog()
         try:
             ledger.beat(name, _status(name, node, processes) | {"listen": web.address,
@@ -129,6 +133,9 @@ def run(settings: Settings, processes: int) -> int:
     event("node_stopping", "worker node stopping", node=name)
     worker.stop(timeout=int(settings.stop_timeout * 1000))
     node.close()
+    deadline = time.monotonic() + 5.0
+    while node.current and time.monotonic() < deadline:
+        time.sleep(0.05)  # actor threads give back the files their killed children had (their messages are sent)
     web.stop()
     try:
         ledger.leave(name)

@@ -34,7 +34,7 @@ from ingestd.log import event
 from ingestd.names import DONE_SUFFIX, display, ignored
 from ingestd.notify import Notifier
 from ingestd.settings import ConfigError, Settings
-from ingestd.spool import TEMP_OUTPUT_PREFIX, Claim, Spool
+from ingestd.spool import TEMP_OUTPUT_PREFIX, AlreadyRunning, Claim, Spool
 from ingestd.web import Web
 
 REDRIVE_CHUNK = 500  # underprocess/ entries looked up in Redis per round trip
@@ -46,6 +46,9 @@ CLAIM_TEMP = TEMP_OUTPUT_PREFIX + "c"  # a node's temps: .ingestd-tmp-c<claim>.<
 class Scanner:
     def __init__(self, settings: Settings) -> None:
         assert settings.broker is not None
+        if settings.recursive:
+            raise ConfigError("recursive: a cluster claims the files at the top of unprocessed/ only; unset it for "
+                              "`ingestd run --broker` (docs/distributed.md)")
         self.s = settings
         self.client, self.broker = queue.connect(settings.broker, settings.lease_time)
         self.ledger = Ledger(self.client, settings.lease_time)
@@ -56,6 +59,7 @@ class Scanner:
         self.lock = Lock(self.client, self.ledger.k("scanner"), timeout=settings.lease_time * 2 / 3,
                          thread_local=False)
         self.active = False
+        self.paused = False  # below min_free_bytes: no claims
         self.stop = threading.Event()
         self.started_at, self.watch_dir = time.time(), str(self.spool.root.resolve())
         self._status_lock, self._status_next = threading.Lock(), 0.0  # status(): its folder part, read at most
@@ -97,8 +101,24 @@ class Scanner:
         return t.decode() if isinstance(t, bytes) else str(t)
 
     # --- polling and claiming -------------------------------------------------------------------------------
+    def _space_low(self) -> bool:
+        """Claiming pauses below min_free_bytes free on the shared folder (as on one machine); said once each way."""
+        try:
+            v = os.statvfs(self.spool.underprocess)
+        except OSError:
+            return False
+        low = v.f_blocks > 0 and v.f_bavail * v.f_frsize < self.s.min_free_bytes  # f_blocks 0: no sizes (ramfs)
+        if low != self.paused:
+            event("paused" if low else "resumed", "claiming paused: the shared folder is below min_free_bytes free"
+                  if low else "claiming resumed: free space is back", logging.WARNING if low else logging.INFO,
+                  free_bytes=v.f_bavail * v.f_frsize, min_free_bytes=self.s.min_free_bytes)
+            self.paused = low
+        return low
+
     def poll(self) -> int:
         """One look at unprocessed/: claim each file that is complete. Returns the number claimed."""
+        if self._space_low():
+            return 0
         now = time.monotonic()
         try:
             entries = list(os.scandir(self.spool.unprocessed))
@@ -321,6 +341,11 @@ class Scanner:
     # --- the loop -------------------------------------------------------------------------------------------
     def run(self) -> int:
         self.spool.ensure()
+        holder = self.spool.holder()
+        if holder is not None:
+            # A single-machine daemon moves files here as if alone: never claim beside it (exit 75, as a second one).
+            raise AlreadyRunning(f"watch_dir: a single-machine ingestd runs on {self.spool.root} ({holder}); stop it "
+                                 "before starting a cluster's scanner there")
         registry = CollectorRegistry(auto_describe=True)
         ProcessCollector(registry=registry)
         registry.register(self.claims)
@@ -333,6 +358,9 @@ class Scanner:
             raise ConfigError(f"listen: cannot listen on {self.s.listen}: {e.strerror}") from None
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stop.set())
+        # ingestd.service's ExecReload sends SIGHUP: a scanner does not reload (restart it), but must not die of it.
+        signal.signal(signal.SIGHUP, lambda *_: event("reload_refused", "SIGHUP: a scanner does not reload its "
+                                                      "settings; restart it to apply changes", logging.WARNING))
         web.start()
         self._lead()  # before READY=1: a node started after the scanner finds the cluster id in place
         notifier = Notifier()
@@ -358,12 +386,14 @@ class Scanner:
             notifier.watchdog()
             self.stop.wait(min(self.s.poll_interval, renew_every))
         notifier.stopping()
+        event("stopping", "ingestd scanner stopping", active=self.active)
         if self.active:
             try:
                 self.lock.release()  # the standby takes over at once, not a lease time later
             except Exception:  # noqa: BLE001 - lost already: nothing to give back
                 pass
         web.stop()
+        event("stopped", "ingestd scanner stopped")
         return 0
 
 
@@ -385,6 +415,8 @@ class _Live(Collector):
         for folder, age in st.get("oldest", {}).items():
             oldest.add_metric([folder], age)
         yield oldest
+        yield GaugeMetricFamily("ingestd_claiming_paused", "1 while claiming is paused (low disk space)",
+                                value=int(getattr(self.scanner, "paused", False)))
         yield GaugeMetricFamily("ingestd_cluster_active", "1 when this scanner holds the lock", value=int(st["active"]))
         live = [n for n in st["nodes"] if not n["missing"]]
         yield GaugeMetricFamily("ingestd_cluster_nodes", "Worker nodes with a recent heartbeat", value=len(live))

@@ -50,10 +50,11 @@ class Child:
 
     _ctx = multiprocessing.get_context("spawn")  # the node has threads: fork would copy their locks mid-use
 
-    def __init__(self, args: tuple[Any, ...]) -> None:
-        self.args = args
+    def __init__(self, args: tuple[Any, ...], stopping: threading.Event) -> None:
+        self.args, self.stopping = args, stopping
         self.proc: Any = None
         self.conn: Any = None
+        self.lock = threading.Lock()  # kill() comes from its actor thread and from the node's stop at once
 
     def _start(self) -> None:
         parent, kid = self._ctx.Pipe()
@@ -64,7 +65,8 @@ class Child:
 
     def run(self, job: tuple[str, str, str, bytes], lost: threading.Event, time_limit: float) -> tuple[str, Any]:
         """Hand the child one file; its answer. Raises ChildLost when it dies, the lease is lost (it is killed:
-        nobody may write a claim another node now owns) or time_limit (seconds, 0: none) runs out."""
+        nobody may write a claim another node now owns), time_limit (seconds, 0: none) runs out, or the node stops
+        (`stopping`: a warm stop past stop_timeout gives the file back, never its fault)."""
         if self.proc is None or not self.proc.is_alive():
             self._start()
         started = time.monotonic()
@@ -75,22 +77,25 @@ class Child:
                     raise ChildLost("lease_lost")
                 if time_limit and time.monotonic() - started > time_limit:
                     raise ChildLost("time_limit")
+                if self.stopping.is_set():
+                    raise ChildLost("stopping")
                 if not self.proc.is_alive():
-                    raise ChildLost("died")
+                    raise ChildLost("stopping" if self.stopping.is_set() else "died")
             return self.conn.recv()  # type: ignore[no-any-return]
-        except (EOFError, OSError):
+        except (EOFError, OSError, AttributeError):  # AttributeError: the stop's kill() took the pipe meanwhile
             self.kill()
-            raise ChildLost("died") from None
+            raise ChildLost("stopping" if self.stopping.is_set() else "died") from None
         except ChildLost:
             self.kill()
             raise
 
     def kill(self) -> None:
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.join(5)
-            self.conn.close()
-            self.proc = self.conn = None
+        with self.lock:
+            proc, conn, self.proc, self.conn = self.proc, self.conn, None, None
+        if proc is not None:
+            proc.kill()
+            proc.join(5)
+            conn.close()
 
 
 class Leases:
@@ -144,13 +149,14 @@ class Node:
         self.actor: dramatiq.Actor | None = None
         self.current: dict[int, dict[str, Any]] = {}  # thread id -> {"file", "since"}: for status and heartbeats
         self.children: list[Child] = []
+        self.stopping = threading.Event()
         self._local = threading.local()
 
     def _child(self) -> Child:
         c = getattr(self._local, "child", None)
         if c is None:
             c = self._local.child = Child((self.s.routing_doc, self.s.max_line_bytes, self.spool.processed,
-                                           self.s.file_exist))
+                                           self.s.file_exist), self.stopping)
             self.children.append(c)
         return c
 
@@ -204,9 +210,10 @@ class Node:
             # Results carry the claim id: a redo of this claim on any node recognises them as its own (sinks.py).
             kind, payload = self._child().run((path, name, tag, cid.encode()), lost, self.s.time_limit)
         except ChildLost as e:
-            if e.why == "lease_lost":
-                # Renewals stopped (Redis unreachable, this node stalled): the machine's fault, never the file's (a
-                # child working on a file does not stop them), so not an attempt toward poison.
+            if e.why in ("lease_lost", "stopping"):
+                # Renewals stopped (Redis unreachable, this node stalled), or the node's warm stop ran out: the
+                # machine's doing, never the file's (a child working on a file does not stop renewals), so not an
+                # attempt toward poison.
                 self.ledger.unbump(cid)
             event("child_lost", "a child ended without finishing its file; the file is sent again",
                   logging.WARNING, file=display(name), claim=cid, why=e.why, attempts=attempts)
@@ -301,7 +308,8 @@ class Node:
                 durable.fsync_dir(os.path.dirname(target))  # gone for good before the input is set aside
 
     def close(self) -> None:
-        self.leases.stop.set()
+        self.stopping.set()  # actor threads give their files back (not an attempt) as their children go
         for c in self.children:
             c.kill()
+        self.leases.stop.set()
 
