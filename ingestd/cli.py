@@ -115,7 +115,7 @@ def _distributed() -> None:
         import dramatiq  # noqa: F401
         import redis  # noqa: F401
     except ImportError:
-        raise ConfigError("broker: the distributed mode needs its extra: pip install 'ingestd[distributed]'") from None
+        raise ConfigError("broker: the distributed mode needs its extra: .venv/bin/pip install -e '.[distributed]' in the ingestd checkout (docs/distributed.md)") from None
 
 
 def _worker(settings: Settings, processes: int | None) -> int:

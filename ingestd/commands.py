@@ -173,7 +173,7 @@ def _cluster(url: str, lease_time: float) -> dict[str, Any]:
         from ingestd.distributed import queue
         from ingestd.distributed.ledger import Ledger
     except ImportError:
-        raise ConfigError("broker: the distributed mode needs its extra: pip install 'ingestd[distributed]'") from None
+        raise ConfigError("broker: the distributed mode needs its extra: .venv/bin/pip install -e '.[distributed]' in the ingestd checkout (docs/distributed.md)") from None
     out: dict[str, Any] = {"broker": safe_url(url), "scanner_active": None, "queue_messages": None, "nodes": None,
                            "broker_error": None}
     try:

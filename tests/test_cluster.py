@@ -425,3 +425,41 @@ def test_a_scanner_whose_mount_numbers_inodes_by_itself_refuses_to_work(cluster:
                        text=True, timeout=60)
     assert p.returncode == 78, p.stderr
     assert "this mount numbers files by itself (sshfs" in p.stderr
+
+
+@pytest.mark.parametrize("url", ["redis://:not-the-password@127.0.0.1:{port}/0", "redis://127.0.0.1:{port}/99"])
+def test_a_broker_that_answers_no_exits_78_not_75(redis_server: RedisServer, tmp_path: Path, url: str) -> None:
+    """A wrong password or a database Redis does not have: restarting cannot help, so not 75 (systemd retries)."""
+    import redis
+
+    url = url.format(port=redis_server.port)
+    redis.Redis(port=redis_server.port).config_set("requirepass", "the-password")  # as the docs' Redis has one
+    for role in ("run", "worker"):
+        p = subprocess.run([sys.executable, "-m", "ingestd", role, "--broker", url, "--watch-dir",
+                            str(tmp_path / "w"), "--listen", "127.0.0.1:0"], capture_output=True, text=True, timeout=60)
+        assert p.returncode == 78, (role, p.stderr)
+        assert "refused" in p.stderr and "not-the-password" not in p.stderr, p.stderr
+
+
+def test_a_nodes_health_says_when_redis_is_away(cluster: Cluster, redis_server: RedisServer) -> None:
+    import urllib.error
+    import urllib.request
+
+    cluster.start("run", "scanner")
+    cluster.start("worker", "n1")
+    wait(lambda: cluster.events("node_started") != [], what="the node working")
+    url = f"http://{cluster.events('node_started')[0]['listen']}/healthz"
+    assert urllib.request.urlopen(url, timeout=10).status == 200
+    redis_server.kill()
+
+    def unhealthy() -> bool:
+        try:
+            urllib.request.urlopen(url, timeout=10)
+        except urllib.error.HTTPError as e:
+            return e.code == 503 and b"broker unreachable" in e.read()
+        return False
+
+    wait(unhealthy, 30, "503 from the node while Redis is away")
+    redis_server.start()
+    wait(lambda: urllib.request.urlopen(url, timeout=10).status == 200 if not unhealthy() else False, 30,
+         "200 again once Redis is back")

@@ -77,10 +77,11 @@ def run(settings: Settings, processes: int) -> int:
     metrics = _Metrics(name, lambda: len(node.current))
     node = Node(settings, ledger, spool, name, metrics.count)
     waiting: list[str] = []  # why the node takes no work yet; /healthz answers 503 with it meanwhile
+    broker_down = False  # the last heartbeat could not reach Redis: /healthz 503 too
     host, port = _listen(settings)
     try:
         web = Web(host, port, metrics.registry, lambda: _status(name, node, processes),
-                  lambda: waiting[0] if waiting else None, page=False)
+                  lambda: waiting[0] if waiting else ("broker unreachable" if broker_down else None), page=False)
     except OSError as e:
         raise ConfigError(f"listen: cannot listen on {host}:{port}: {e.strerror}") from None
     web.start()
@@ -111,7 +112,6 @@ def run(settings: Settings, processes: int) -> int:
     event("node_started", "worker node started", node=name, processes=processes, version=__version__,
           listen=web.address, watch_dir=str(spool.root.resolve()), broker=queue.safe_url(settings.broker))
     beat = max(0.5, settings.lease_time / 3)
-    broker_down = False
     first = True  # the first heartbeat at once: status lists the node as soon as it works
     while first or not stop.wait(min(beat, notifier.watchdog_interval or beat)):
         first = False

@@ -16,6 +16,7 @@ import redis
 from dramatiq.brokers.redis import RedisBroker
 
 from ingestd.distributed import BrokerUnreachable
+from ingestd.settings import ConfigError
 
 QUEUE = "ingestd"
 ACTOR = "ingestd_claim"
@@ -35,6 +36,9 @@ def connect(url: str, lease_time: float) -> tuple[redis.Redis, RedisBroker]:
                          maintenance_chance=MAINTENANCE_CHANCE)
     try:
         client.ping()
+    except (redis.AuthenticationError, redis.ResponseError) as e:
+        # Redis answered and said no (a wrong password, a bad database): restarting cannot help, exit 78.
+        raise ConfigError(f"broker: {safe_url(url)} refused: {e}") from None
     except redis.RedisError as e:
         raise BrokerUnreachable(f"broker: cannot reach {safe_url(url)}: {e}") from None
     return client, broker

@@ -22,7 +22,7 @@ import time
 from typing import Any
 
 import redis
-from prometheus_client import CollectorRegistry, Counter, ProcessCollector
+from prometheus_client import CollectorRegistry, Counter, ProcessCollector, disable_created_metrics
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from redis.lock import Lock
@@ -346,6 +346,7 @@ class Scanner:
             # A single-machine daemon moves files here as if alone: never claim beside it (exit 75, as a second one).
             raise AlreadyRunning(f"watch_dir: a single-machine ingestd runs on {self.spool.root} ({holder}); stop it "
                                  "before starting a cluster's scanner there")
+        disable_created_metrics()  # *_created series double the output and no dashboard reads them
         registry = CollectorRegistry(auto_describe=True)
         ProcessCollector(registry=registry)
         registry.register(self.claims)

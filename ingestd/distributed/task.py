@@ -203,7 +203,8 @@ class Node:
             return
         attempts = self.ledger.bump(cid)  # before the work: a node dying on it still counts
         if attempts > self.s.max_attempts:
-            reason = f"poison: delivered {attempts - 1} times without finishing (a node or its child died on it)"
+            reason = (f"poison: delivered {attempts - 1} times without finishing (a node or its child died on it, "
+                      "or it ran past time_limit)")
             self._fail(cid, name, Failure(reason, attempts=attempts - 1), token)
             return
         try:
@@ -249,8 +250,7 @@ class Node:
                 raise  # truly not removed: the failure boundary sends the claim again
             # An NFS client's retried REMOVE can report an error although the first one took effect: stat decides.
         durable.fsync_dir(os.path.dirname(path))  # the commit durable before the ack: a lost ack only redelivers
-        self.ledger.finish(cid, "done", name)
-        crash_point("commit-ack")
+        # Said at once after the commit point, before any Redis bookkeeping, which a partition may refuse.
         self.count("processed", bytes_in=bytes_in, bytes_out=bytes_out, seconds=seconds)
         for sup in sinks.superseded:  # file_exist: said after the commit, as on a single machine (state.py)
             event("result_superseded", f"an earlier result of the same name was {sup.action}"
@@ -260,6 +260,12 @@ class Node:
         event("processed", "file processed", file=display(name), claim=cid, node=self.name, bytes_in=bytes_in,
               lines_in=lines_in, bytes_out=bytes_out, duration=round(seconds, 6), attempts=attempts,
               superseded=len(sinks.superseded))
+        try:
+            self.ledger.finish(cid, "done", name)
+        except Exception as e:  # noqa: BLE001 - committed: a delivery of it again finds the input gone and only acks
+            event("broker_error", "a committed file's record could not be closed in Redis", logging.WARNING,
+                  file=display(name), claim=cid, error=repr(e))
+        crash_point("commit-ack")
 
     def _still_ours(self, cid: str, token: str, path: str, lost: threading.Event) -> bool:
         """The lease is still ours (so nobody else commits or fails this claim) and its file is still there."""
