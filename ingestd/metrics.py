@@ -68,6 +68,21 @@ class Metrics:
         r.register(_Live(snapshot, file_names))
 
 
+def folder_series(counts: dict[str, int], oldest: dict[str, float]) -> Iterator[Metric]:
+    """ingestd_folder_files{folder} and ingestd_folder_oldest_file_age_seconds{folder} (seconds, by mtime): the
+    daemon's, and a cluster scanner's (distributed/scanner.py) under the same names."""
+    files = GaugeMetricFamily("ingestd_folder_files", "Files in each folder of the queue", labels=["folder"])
+    for folder, n in counts.items():
+        files.add_metric([folder], n)
+    yield files
+    ages = GaugeMetricFamily("ingestd_folder_oldest_file_age_seconds",
+                             "Age of the oldest file waiting in unprocessed/ or in progress in underprocess/",
+                             labels=["folder"])
+    for folder, age in oldest.items():
+        ages.add_metric([folder], age)
+    yield ages
+
+
 class _Live(Collector):
     """Scrape-time series from the daemon's snapshot: folders, workers, recent completions.
 
@@ -84,16 +99,7 @@ class _Live(Collector):
 
     def collect(self) -> Iterator[Metric]:
         s = self.snapshot()
-        files = GaugeMetricFamily("ingestd_folder_files", "Files in each folder of the queue", labels=["folder"])
-        for folder, n in s["counts"].items():
-            files.add_metric([folder], n)
-        yield files
-        oldest = GaugeMetricFamily("ingestd_folder_oldest_file_age_seconds",
-                                   "Age of the oldest file waiting in unprocessed/ or in progress in underprocess/",
-                                   labels=["folder"])
-        for folder, age in s["oldest"].items():
-            oldest.add_metric([folder], age)
-        yield oldest
+        yield from folder_series(s["counts"], s["oldest"])
         workers = s["workers"]
         yield GaugeMetricFamily("ingestd_workers", "Worker processes", value=len(workers))
         yield GaugeMetricFamily("ingestd_workers_busy", "Workers processing a file",

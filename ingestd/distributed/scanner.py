@@ -31,6 +31,7 @@ from ingestd import __version__, durable
 from ingestd.distributed import CLUSTER_ID, NotTheSharedFolder, crash_point, identify, queue
 from ingestd.distributed.ledger import Ledger, claim_id
 from ingestd.log import event
+from ingestd.metrics import folder_series
 from ingestd.names import DONE_SUFFIX, display, ignored
 from ingestd.notify import Notifier
 from ingestd.settings import ConfigError, Settings
@@ -406,16 +407,7 @@ class _Live(Collector):
 
     def collect(self) -> Any:
         st = self.scanner.status()
-        files = GaugeMetricFamily("ingestd_folder_files", "Files in each folder of the queue", labels=["folder"])
-        for folder, n in st["counts"].items():
-            files.add_metric([folder], n)
-        yield files
-        oldest = GaugeMetricFamily("ingestd_folder_oldest_file_age_seconds",
-                                   "Age of the oldest file waiting in unprocessed/ (by mtime), as the daemon's",
-                                   labels=["folder"])
-        for folder, age in st.get("oldest", {}).items():
-            oldest.add_metric([folder], age)
-        yield oldest
+        yield from folder_series(st["counts"], st.get("oldest", {}))
         yield GaugeMetricFamily("ingestd_claiming_paused", "1 while claiming is paused (low disk space)",
                                 value=int(getattr(self.scanner, "paused", False)))
         yield GaugeMetricFamily("ingestd_cluster_active", "1 when this scanner holds the lock", value=int(st["active"]))
