@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -60,8 +61,11 @@ class Entry:
 class Arrivals:
     def __init__(self, settle_time: float, done_marker: bool = False, quiet_time: float = 0.0) -> None:
         self.settle_time, self.done_marker, self.quiet_time = settle_time, done_marker, quiet_time
-        self.entries: dict[str, Entry] = {}
-        self.ready: dict[str, None] = {}  # complete, in the order they completed
+        # OrderedDicts, not dicts: both are FIFOs read from the front (take, oldest_seen), and a dict keeps the
+        # holes its removed keys leave until it next resizes, so finding its first key walks all of them: 14 µs
+        # per take draining 100,000, quadratic in the burst (measured; an OrderedDict's linked list is O(1)).
+        self.entries: OrderedDict[str, Entry] = OrderedDict()
+        self.ready: OrderedDict[str, None] = OrderedDict()  # complete, in the order they completed
         self.markers: set[str] = set()
         self._timers: list[tuple[float, str]] = []  # (when, name); at most one live per name (Entry.due)
 
