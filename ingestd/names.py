@@ -27,6 +27,8 @@ def display(name: str) -> str:
     """Printable text for logs and pages: undecodable bytes and control characters become escapes."""
     raw = os.fsencode(name)
     text = raw.decode("utf-8", "backslashreplace")
+    if text.isprintable():
+        return text  # the usual name: one C-level check instead of one per character
     return "".join(c if c.isprintable() else _escape(c) for c in text)
 
 
