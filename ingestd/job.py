@@ -15,7 +15,6 @@ class Job:
     retries: int = 0  # environmental errors and internal errors in this run (backoff grows with them)
     not_before: float = 0.0  # monotonic: not handed out again before this (backoff)
     recovered: bool = False  # found in underprocess/ at start-up
-    fresh: bool = False  # no earlier result of that name in processed/ when it started
     # While a worker holds it:
     worker: int | None = None  # the last worker it was handed to
     started: float = 0.0  # monotonic

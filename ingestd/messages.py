@@ -41,7 +41,7 @@ class Heartbeat:
     index: int = 0  # the current file's place in the batch
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class Superseded:
     """An earlier result of the same name that a publish replaced or set aside (file_exist, sinks.py)."""
     folder: str  # output folder ("" is processed/ itself)
@@ -49,7 +49,7 @@ class Superseded:
     aside: str = ""  # the name it is kept under, in the same folder
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class Done:
     bytes_in: int
     lines_in: int
@@ -57,9 +57,10 @@ class Done:
     lines_out: dict[str, int] = field(default_factory=dict)  # output folder -> lines written
     duration: float = 0.0  # seconds, in the worker
     superseded: tuple[Superseded, ...] = ()  # earlier results replaced or set aside: logged and counted by the parent
+    fresh: bool = True  # no earlier entry of that name was in processed/ at the publish (the folder count grows)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class Rejected:
     """The input's (or a processor's) fault: the file goes to failed/ with this reason."""
     reason: str
@@ -68,7 +69,7 @@ class Rejected:
     lines_in: int = 0
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class Retry:
     """The machine's fault (full disk, EIO, a vanished output folder): the input stays claimed for a retry."""
     reason: str
@@ -79,7 +80,7 @@ class Retry:
 Outcome = Done | Rejected | Retry
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class Outcomes:
     """Results of files of a batch, once durable (their group commit is done); the final one ends the batch
     (files not reported by then were taken back by the parent, or not reached)."""

@@ -88,6 +88,7 @@ class Sinks:
         self.processed, self.name, self.folders = processed, name, folders
         self.file_exist, self.claim = file_exist, claim
         self.superseded: list[Superseded] = []  # what publish did to earlier results
+        self.fresh = True  # publish found no earlier entry named NAME in processed/ itself (a new result there)
         tag = tag or str(os.getpid())
         self.temp_name = f"{TEMP_OUTPUT_PREFIX}{tag}-{key(name)}"
         self.keep_name = f"{TEMP_OUTPUT_PREFIX}{tag}-old-{key(name)}"  # an earlier result, kept until commit
@@ -195,9 +196,13 @@ class Sinks:
         with in_phase(Phase.PUBLISH):
             reserved = {f.split("/", 1)[0] for f in self.folders if f}
             earlier: dict[str, str] = {}  # folder -> what its earlier result becomes: _OWN, KEEP or REPLACE
+            if "" not in self.folders:  # no output goes to processed/ itself: only look whether NAME is there
+                self.fresh = _lstat(os.path.join(self.processed, self.name)) is None
             for folder in self.folders:
                 target = os.path.join(self._dir(folder), self.name)
                 st = _lstat(target)
+                if not folder:
+                    self.fresh = st is None
                 isdir = st is not None and stat.S_ISDIR(st.st_mode)
                 # An input named like an output folder is refused before any rename: a directory stands there, or
                 # (that folder removed by hand) the result would take the folder's place and block its outputs.

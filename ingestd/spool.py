@@ -368,15 +368,17 @@ class Spool:
         vouch for a later file of the same name, which the producer would mark again anyway."""
         durable.unlink_quiet(os.path.join(self.unprocessed, marker))
 
-    def commit(self, name: str) -> None:
-        """Outputs are durable: now the input may go. This unlink is the commit point (see sync_commits)."""
+    def commit(self, name: str, counted: bool = True) -> None:
+        """Outputs are durable: now the input may go. This unlink is the commit point (see sync_commits).
+        counted: an attempt may have been recorded for it (bump_attempts); False skips looking for its record."""
         try:
             durable.unlink(os.path.join(self.underprocess, name))
         except FileNotFoundError:
             pass  # its owner deleted it meanwhile; the outputs stand
         if "/" in name:
             self._committed_in.add(os.path.dirname(name))
-        self.clear_attempts(name)
+        if counted or name in self._unrecorded:
+            self.clear_attempts(name)
 
     def sync_commits(self) -> None:
         """Make the commits (unlinks) so far durable; batched once per main-loop turn, as a lost commit is

@@ -90,7 +90,7 @@ class State:
         self.totals["bytes_out"] += done.bytes_out
         self.done_times.append((self.clock(), done.bytes_in))
         self.done_bytes += done.bytes_in
-        if job.fresh:  # a new result, not a replacement of an earlier same-named one
+        if done.fresh:  # a new result, not a replacement of an earlier same-named one
             self.kept["processed"] += 1
         self._remember(job.name, "processed", elapsed, None, job.recovered)
         if self.pause is not None and self.pause.kind is PauseKind.IO_ERROR:

@@ -232,7 +232,7 @@ def _group_commit(sealed: list[tuple[str, Sinks, pipeline.Stats, float]], proces
 
 def _done(sinks: Sinks, stats: pipeline.Stats, started: float) -> Done:
     return Done(stats.bytes_in, stats.lines_in, sinks.bytes_out, dict(sinks.lines_out), time.monotonic() - started,
-                tuple(sinks.superseded))
+                tuple(sinks.superseded), sinks.fresh)
 
 
 def _failure(e: BaseException, stats: pipeline.Stats, where: Phase = Phase.PROCESS) -> Outcome:

@@ -162,11 +162,11 @@ def test_an_unexpected_exception_costs_one_file_a_retry_never_the_daemon(loop, e
     real_commit = d.spool.commit
     calls = []
 
-    def commit_once_broken(name: str) -> None:
+    def commit_once_broken(name: str, **kw: bool) -> None:
         calls.append(name)
         if len(calls) == 1:
             raise RuntimeError("a bug in the commit path")
-        real_commit(name)
+        real_commit(name, **kw)
 
     monkeypatch.setattr(d.spool, "commit", commit_once_broken)
     lp.drop("a.txt", b"a\n")
@@ -185,10 +185,10 @@ def test_a_file_that_always_breaks_the_daemon_is_set_aside(loop, events, monkeyp
     d = lp.d
     real_commit = d.spool.commit
 
-    def commit(name: str) -> None:
+    def commit(name: str, **kw: bool) -> None:
         if name == "bad.txt":
             raise KeyError("always")
-        real_commit(name)
+        real_commit(name, **kw)
 
     monkeypatch.setattr(d.spool, "commit", commit)
     lp.drop("bad.txt", b"bad\n")

@@ -227,9 +227,9 @@ def install(cfg_path: str) -> None:
             _point("claim")
         return ok
 
-    def commit(self, name):
+    def commit(self, name, *args, **kwargs):
         _point("published")  # outputs are published and durable; the input is not yet removed
-        o_commit(self, name)
+        o_commit(self, name, *args, **kwargs)
         committed.append(name)
 
     def sync_commits(self):
