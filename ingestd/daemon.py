@@ -41,13 +41,14 @@ from ingestd.watchmode import Choice, Watcher, choose, open_watch
 from ingestd.web import Web
 from ingestd.workers import Pool, Slot
 
-HEARTBEAT = 5.0  # the idle main loop still turns this often, so /healthz can tell "idle" from "stuck"
+HEARTBEAT = 5.0  # seconds a main-loop turn may take (outside its wait) before /healthz calls the loop stuck
+IDLE_TURN = 60.0  # the idle loop's longest wait: a loop waiting in poll() is alive, so it wakes only for its timers
 WATCH_RETRY = 1.0  # seconds between attempts to make and watch unprocessed/ again after its watch was lost
 PROGRESS_REFRESH = 1.0  # seconds between STATUS=/page refreshes while workers are busy
 HISTORY_EVERY = 1.0  # seconds: the recent history is saved at most this often (one small fsynced file)
-MAX_INTERNAL_ERRORS = 3
+MAX_INTERNAL_ERRORS = 3  # unexpected exceptions one file may cause before it is set aside in failed/
 MAX_BATCH = 32  # files handed to one worker at once, committed as one group (one data sync for all)
-BATCH_BYTES = 4 << 20  # a batch stops growing past this many input bytes: big files travel alone  # unexpected exceptions one file may cause before it is set aside in failed/
+BATCH_BYTES = 4 << 20  # a batch stops growing past this many input bytes: big files travel alone
 
 
 class Daemon:
@@ -67,7 +68,8 @@ class Daemon:
         self.outputs: list[str] = []  # output folders under processed/ (set with the routing)
         self.stop_deadline: float | None = None
         self.abandon_reason = "stop timeout"
-        self.heartbeat = clock()
+        self.heartbeat = clock()  # monotonic: the main loop's last turn
+        self.waiting_until: float | None = None  # monotonic: while the loop waits in poll(), when that wait ends
         self.next_rescan = clock() + settings.rescan_interval
         self.next_watchdog = 0.0
         self.next_view = 0.0
@@ -178,9 +180,12 @@ class Daemon:
     def main_loop_once(self) -> bool:
         """One turn: wait, handle what woke us, hand out work, ping the watchdog. False when done."""
         assert self.watch is not None and self.pool is not None
-        ready = self.poller.poll(self._timeout_ms())
+        timeout = self._timeout_ms()
+        self.waiting_until = self.clock() + timeout / 1000  # /healthz: waiting for work is alive, not stuck
+        ready = self.poller.poll(timeout)
         now = self.clock()
         self.heartbeat = now
+        self.waiting_until = None
         for fd, _ in ready:
             if fd == self.watch.fileno():
                 with self._boundary("watch"):
@@ -249,7 +254,7 @@ class Daemon:
     def _timeout_ms(self) -> int:
         assert self.pool is not None
         now = self.clock()
-        deadlines = [self.next_rescan, now + HEARTBEAT]
+        deadlines = [self.next_rescan, now + IDLE_TURN]
         if (d := self.arrivals.next_deadline()) is not None:
             deadlines.append(d)
         if (when := self._next_folder_check()) is not None:
@@ -833,7 +838,11 @@ class Daemon:
         at least one worker must be alive (if none can be started, a restart by systemd is the way out)."""
         now = self.clock()
         limit = 2 * max(HEARTBEAT, self.notifier.watchdog_interval or 0) + 1.0
-        if now - self.heartbeat > limit:
+        waiting = self.waiting_until
+        # Waiting in poll() is idle, however long; a turn that takes too long, or a wait that overran its own
+        # timeout (poll() returns by then), is stuck. Idle, the loop so wakes only for its timers (rescan,
+        # watchdog): each wake-up costs milliseconds of a small VM's CPU (docs/benchmarks.md, 5.2).
+        if now - (waiting if waiting is not None else self.heartbeat) > limit:
             return f"main loop silent for {now - self.heartbeat:.1f}s"
         if self.pool is not None and self.pool.slots and not self.pool.alive() and self.pool.spawn_error:
             return f"no worker is running; starting one fails: {self.pool.spawn_error}"

@@ -446,3 +446,46 @@ def test_a_watch_lost_while_its_folder_cannot_be_made_is_restored_within_seconds
     lp.drop("after.txt", b"after\n")
     lp.until(lambda: lp.result("after.txt") == b"AFTER\n", timeout=5, what="a new file noticed by the new watch")
     assert len(events("watch_lost")) == 1
+
+
+def test_health_calls_a_long_wait_idle_and_a_long_turn_stuck(loop) -> None:
+    """The idle loop no longer turns every 5 s just to look alive (each wake-up costs a small VM milliseconds):
+    /healthz counts waiting in poll() as alive however long it lasts, and a turn that hangs (or a wait past its
+    own timeout) as stuck. Real poll(), real threads; only the clock is moved."""
+    import threading
+
+    lp = loop()
+    d = lp.d
+    lp.until(lambda: not d.pool.busy() and d.state.phase == "running", what="idle")
+    turn = threading.Thread(target=d.main_loop_once)
+    turn.start()
+    deadline = time.monotonic() + 5
+    while d.waiting_until is None and time.monotonic() < deadline:  # the thread is in poll() now
+        time.sleep(0.01)
+    assert d.waiting_until is not None
+    lp.clock.advance(25)  # 25 s "pass" while it waits: longer than any turn may take
+    assert d.health() is None, "an idle loop waiting for work must be healthy"
+    lp.drop("wake.txt", b"x\n")  # an event ends the wait
+    turn.join(10)
+    assert not turn.is_alive() and d.waiting_until is None
+
+    hold, entered = threading.Event(), threading.Event()
+    real = d._housekeeping
+
+    def hang(now: float) -> None:
+        entered.set()
+        hold.wait(10)
+        real(now)
+
+    d._housekeeping = hang  # type: ignore[method-assign]
+    turn = threading.Thread(target=d.main_loop_once)
+    turn.start()
+    try:
+        assert entered.wait(10)
+        assert d.health() is None, "a turn just begun is not stuck yet"
+        lp.clock.advance(12)  # the turn has now taken longer than 2 x HEARTBEAT + 1 s
+        assert (d.health() or "").startswith("main loop silent for"), d.health()
+    finally:
+        hold.set()
+        turn.join(10)
+    d._housekeeping = real  # type: ignore[method-assign]
