@@ -492,7 +492,7 @@ class Daemon:
                     job.not_before = now
                     self.queue.appendleft(job)
                 continue
-            for job in batch:
+            for job in batch if log.logger.isEnabledFor(logging.DEBUG) else ():
                 # DEBUG: one log line per file (processed or failed, which carry claimed_at); 28% of the parent's
                 # time under load was spent formatting log lines (py-spy, docs/benchmarks.md).
                 event("claimed", "claimed", logging.DEBUG, file=display(job.name), bytes=job.size, worker=slot.id,
@@ -683,12 +683,13 @@ class Daemon:
             self._back_off(self.unacked[0][0].name, oserror(e), "could not make commits durable; will retry")
             return
         acks, self.unacked = self.unacked, []
+        with self._boundary("counting commits"):  # bookkeeping only: the commits themselves are durable
+            self.state.processed_many(acks)
         for job, done, elapsed in acks:
-            with self._boundary("announcing a commit"):  # bookkeeping only: the commit itself is durable
+            with self._boundary("announcing a commit"):
                 self._announce(job, done, elapsed)
 
     def _announce(self, job: Job, done: Done, elapsed: float) -> None:
-        self.state.processed(job, done, elapsed)
         event("processed", "processed", file=display(job.name), bytes=done.bytes_in, lines=done.lines_in,
               bytes_out=done.bytes_out, duration=round(elapsed, 6), worker=job.worker,
               claimed_at=round(job.claimed_at, 6), recovered=job.recovered or None)
