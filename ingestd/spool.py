@@ -33,6 +33,7 @@ SEQ_FILE = "failure-seq"  # in .ingestd/: {"reserved_to": N}, every failure seq 
 SEQ_BLOCK = 1024  # failure seqs reserved per durable write of SEQ_FILE
 NO_SIDECAR = "unknown (no sidecar)"
 SUPERSEDED = ".superseded-"  # NAME.superseded-<unix time>[-N]: an earlier version kept aside (set_aside)
+ATTEMPTS = "attempts-"  # in .ingestd/: attempts-KEY, {"ino": N, "attempts": N} (bump_attempts)
 
 
 class Claim(enum.Enum):
@@ -100,6 +101,10 @@ class Spool:
         # Attempts that could not be written (full disk): name -> (inode, count), so a worker dying again and
         # again on a full disk still ends in quarantine instead of a crash of the daemon (see bump_attempts).
         self._unrecorded: dict[str, tuple[int, int]] = {}
+        # Keys of the attempt counts on disk at start-up (recover): a count kept through a stop (unclaim) or left
+        # by a crash inside fail() belongs to a file a later claim makes a Job of with attempts 0; commit must
+        # still clear it, or a later file of that name on the same inode inherits it (tests/test_break_hotpath.py).
+        self._stale: set[str] = set()
         # Folders under underprocess/ where commits unlinked a file since the last sync_commits (recursive mode).
         self._committed_in: set[str] = set()
 
@@ -238,6 +243,7 @@ class Spool:
             else:
                 requeued.append(name)
         self.prune(self.underprocess, self.files(self.underprocess, dirs=True)[1])  # claim folders left empty
+        self._stale = {f[len(ATTEMPTS):] for f in os.listdir(self.state) if f.startswith(ATTEMPTS)}
         return requeued, quarantined
 
 
@@ -377,7 +383,7 @@ class Spool:
             pass  # its owner deleted it meanwhile; the outputs stand
         if "/" in name:
             self._committed_in.add(os.path.dirname(name))
-        if counted or name in self._unrecorded:
+        if counted or name in self._unrecorded or (self._stale and key(name) in self._stale):
             self.clear_attempts(name)
 
     def sync_commits(self) -> None:
@@ -524,7 +530,7 @@ class Spool:
 
     # --- attempt counts (survive restarts) ---------------------------------------------------
     def _attempts_path(self, name: str) -> str:
-        return os.path.join(self.state, "attempts-" + key(name))
+        return os.path.join(self.state, ATTEMPTS + key(name))
 
     def attempts(self, name: str) -> int:
         """Crashes this very file (same inode) was in progress for; 0 if none. Counts that could not be written
@@ -557,13 +563,13 @@ class Spool:
             return n
         try:
             # Durable before the redo starts: a crash during the redo must still count.
-            durable.publish_bytes(self.state, "attempts-" + key(name), json.dumps({"ino": ino, "attempts": n}).encode(),
+            durable.publish_bytes(self.state, ATTEMPTS + key(name), json.dumps({"ino": ino, "attempts": n}).encode(),
                                   TEMP_OUTPUT_PREFIX + key(name))
         except OSError as e:
             if errors.classify(e, Phase.RECORD_ATTEMPT) is errors.Verdict.RECREATE:
                 try:
                     os.makedirs(self.state, exist_ok=True)  # .ingestd/ removed under us: make it, write again
-                    durable.publish_bytes(self.state, "attempts-" + key(name),
+                    durable.publish_bytes(self.state, ATTEMPTS + key(name),
                                           json.dumps({"ino": ino, "attempts": n}).encode(), TEMP_OUTPUT_PREFIX + key(name))
                     self._unrecorded.pop(name, None)
                     return n
@@ -578,7 +584,9 @@ class Spool:
 
     def clear_attempts(self, name: str) -> None:
         self._unrecorded.pop(name, None)
-        durable.unlink_quiet(self._attempts_path(name))
+        k = key(name)
+        self._stale.discard(k)
+        durable.unlink_quiet(os.path.join(self.state, ATTEMPTS + k))
 
     # --- looking -----------------------------------------------------------------------------
     @staticmethod

@@ -1,0 +1,79 @@
+"""Breaking the hot-path changes of issue 10 (d4b750a..1b11529): each test here failed on that code.
+
+The daemon in process, as in test_daemon_loop.py (its main loop turned by the test, an injected clock, real
+workers, real inotify), or a real daemon process where the end-to-end path matters.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from ingestd.names import key
+from ingestd.spool import Spool
+from support import HANG_ROUTING, folder
+from test_daemon_loop import Loop, events, loop  # noqa: F401 (fixtures)
+
+
+def committed(lp: Loop, name: str) -> None:
+    """Turn the loop until `name` is out of underprocess/ and its commit announced (looked at before each turn:
+    an idle turn waits up to the rescan)."""
+    def done() -> bool:
+        return not lp.d.unacked and not (lp.w / "underprocess" / name).exists()
+    if not done():
+        lp.until(done, what=f"{name} committed")
+
+
+def sidecars(watch_dir: Path) -> list[str]:
+    return sorted(f for f in os.listdir(watch_dir / ".ingestd") if f.startswith("attempts-"))
+
+
+# --- Spool.commit(counted=...): a count on disk that the Job does not know of ---------------------------------
+
+def test_a_count_kept_through_a_stop_is_cleared_when_the_file_commits_after_the_restart(loop, events) -> None:  # noqa: F811
+    """A worker killed on x.txt counts an attempt on disk; a stop then gives x.txt back to unprocessed/ with that
+    count kept (a stop is not a crash). After the restart x.txt is claimed afresh (Job.attempts 0, not recovered)
+    and commits: commit(counted=False) left attempts-KEY behind for ever, and a later file of that name on the same
+    inode (a producer that hard-links the same data in again; ext4 reuses freed inodes) started with that count:
+    quarantined as poison after fewer crashes than max_attempts."""
+    lp = loop(config=HANG_ROUTING, max_attempts=5, stall_time=30)
+    d = lp.d
+    lp.drop("x.txt", b"HANG\n")
+    lp.until(lambda: d.pool.busy(), what="a busy worker")
+    lp.clock.advance(31)
+    lp.until(lambda: events("worker_stuck"), what="worker_stuck")
+    lp.clock.advance(1)
+    lp.until(lambda: events("worker_killed"), what="worker_killed")
+    assert d.spool.attempts("x.txt") == 1
+    keep = lp.w / "keep"  # the producer's own link to the same data
+    os.link(lp.w / "underprocess" / "x.txt", keep)
+    d.shutdown()
+    assert folder(lp.w, "unprocessed") == ["x.txt"] and sidecars(lp.w), "given back with its count"
+
+    lp2 = loop(max_attempts=5)
+    lp2.until(lambda: lp2.result("x.txt") == b"HANG\n", what="x.txt processed after the restart")
+    committed(lp2, "x.txt")
+    assert sidecars(lp2.w) == [], "a committed file's attempt count must go with it"
+
+    os.link(keep, lp2.w / "unprocessed" / "x.txt")  # the same inode, under the same name, again
+    lp2.until(lambda: len(events("processed")) == 2, what="the second x.txt processed")
+    assert sidecars(lp2.w) == []
+
+
+def test_a_count_left_by_a_crash_during_set_aside_is_cleared_when_the_requeued_file_commits(tmp_path, loop, events) -> None:  # noqa: F811,E501
+    """The wider kind: any count on disk for a name that commits goes, however the Job came to be claimed. Here
+    kill -9 came between fail()'s rename into failed/ and its clear_attempts, and the user moved the file back
+    by hand (mv keeps the inode)."""
+    w = tmp_path / "w"
+    sp = Spool(w)
+    sp.ensure()
+    (w / "underprocess" / "y.txt").write_bytes(b"y\n")
+    assert sp.bump_attempts("y.txt") == 1 and sp.bump_attempts("y.txt") == 2
+    os.rename(w / "underprocess" / "y.txt", w / "failed" / "y.txt")  # fail()'s rename; then kill -9
+    os.rename(w / "failed" / "y.txt", w / "unprocessed" / "y.txt")  # the user puts it back
+    assert json.loads((w / ".ingestd" / f"attempts-{key('y.txt')}").read_text())["attempts"] == 2
+    lp = loop(max_attempts=3)
+    lp.until(lambda: lp.result("y.txt") == b"Y\n", what="y.txt processed")
+    committed(lp, "y.txt")
+    assert sidecars(w) == []
