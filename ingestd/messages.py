@@ -57,7 +57,7 @@ class Done:
     lines_out: dict[str, int] = field(default_factory=dict)  # output folder -> lines written
     duration: float = 0.0  # seconds, in the worker
     superseded: tuple[Superseded, ...] = ()  # earlier results replaced or set aside: logged and counted by the parent
-    fresh: bool = True  # no earlier entry of that name was in processed/ at the publish (the folder count grows)
+    fresh: bool = True  # the publish added processed/NAME, where none stood (the processed/ count grows)
 
 
 @dataclass(frozen=True)

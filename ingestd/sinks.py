@@ -88,7 +88,7 @@ class Sinks:
         self.processed, self.name, self.folders = processed, name, folders
         self.file_exist, self.claim = file_exist, claim
         self.superseded: list[Superseded] = []  # what publish did to earlier results
-        self.fresh = True  # publish found no earlier entry named NAME in processed/ itself (a new result there)
+        self.fresh = True  # publish added an entry NAME to processed/ itself (none stood there): its count grows
         tag = tag or str(os.getpid())
         self.temp_name = f"{TEMP_OUTPUT_PREFIX}{tag}-{key(name)}"
         self.keep_name = f"{TEMP_OUTPUT_PREFIX}{tag}-old-{key(name)}"  # an earlier result, kept until commit
@@ -196,8 +196,9 @@ class Sinks:
         with in_phase(Phase.PUBLISH):
             reserved = {f.split("/", 1)[0] for f in self.folders if f}
             earlier: dict[str, str] = {}  # folder -> what its earlier result becomes: _OWN, KEEP or REPLACE
-            if "" not in self.folders:  # no output goes to processed/ itself: only look whether NAME is there
-                self.fresh = _lstat(os.path.join(self.processed, self.name)) is None
+            # No output goes to processed/ itself: it gains no entry (a same-named file there is not ours to count;
+            # counting it as new made the status page's processed/ count grow by one per file until the rescan).
+            self.fresh = "" in self.folders
             for folder in self.folders:
                 target = os.path.join(self._dir(folder), self.name)
                 st = _lstat(target)

@@ -10,6 +10,8 @@ import json
 import os
 from pathlib import Path
 
+import pytest
+
 from ingestd.names import key
 from ingestd.spool import Spool
 from support import HANG_ROUTING, folder
@@ -77,3 +79,44 @@ def test_a_count_left_by_a_crash_during_set_aside_is_cleared_when_the_requeued_f
     lp.until(lambda: lp.result("y.txt") == b"Y\n", what="y.txt processed")
     committed(lp, "y.txt")
     assert sidecars(w) == []
+
+
+# --- Done.fresh: the processed/ count between rescans -----------------------------------------------------------
+
+ONLY_ROUTED = '[[outputs]]\nmatch = "*"\npath = "all"\n'
+BOTH = ('[[filters]]\nmatch = "*"\nretag = "errors"\npattern = "ERR"\n\n'
+        '[[outputs]]\nmatch = "errors"\npath = "errors"\n\n[[outputs]]\nmatch = "*"\npath = ""\n')
+
+
+def counted_as_on_disk(lp: Loop) -> tuple[int, int]:
+    d = lp.d
+    return d.state.kept["processed"], d.spool.counts(d.s.recursive, d.outputs)["processed"]
+
+
+@pytest.mark.parametrize("config, flags, earlier", [
+    (None, {}, False),
+    (None, {}, True),  # file_exist = keep: the earlier one stays as NAME.superseded-...
+    (None, {"file_exist": "replace"}, True),
+    (ONLY_ROUTED, {}, False),  # no default output: processed/ itself gains nothing
+    (ONLY_ROUTED, {}, True),  # ... and a same-named file standing in processed/ is not a result of this routing
+    (BOTH, {}, False),
+    (None, {"recursive": True}, False),
+    (ONLY_ROUTED, {"recursive": True}, False),
+], ids=["default", "keep", "replace", "routed", "routed-earlier", "both", "recursive", "recursive-routed"])
+def test_the_processed_count_between_rescans_is_what_a_rescan_finds(loop, config, flags, earlier) -> None:  # noqa: F811
+    """The status page and ingestd_folder_files{folder="processed"} count processed/ from each commit's
+    Done.fresh until the next rescan (30 s) counts it again from disk. With no default output (every record
+    routed to processed/all/) each file was counted as a new entry of processed/ itself, which gains none."""
+    lp = loop(config=config, **flags)
+    names = ["a.txt", "b.txt"]
+    if flags.get("recursive"):
+        (lp.w / "unprocessed" / "batch").mkdir()
+        names = ["batch/a.txt", "batch/b.txt"]
+    if earlier:
+        (lp.w / "processed" / "a.txt").write_bytes(b"an earlier result\n")
+        lp.d._rescan("test")  # the count starts from the disk
+    assert counted_as_on_disk(lp)[0] == counted_as_on_disk(lp)[1]
+    for name in names:
+        lp.drop(name, b"ok\nERR x\n")
+    lp.until(lambda: lp.d.state.totals["processed"] == len(names), what="both processed")
+    assert counted_as_on_disk(lp)[0] == counted_as_on_disk(lp)[1]
