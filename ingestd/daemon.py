@@ -276,6 +276,11 @@ class Daemon:
             deadlines.append(k)
         if self.pool.busy():
             deadlines.append(now + PROGRESS_REFRESH)  # refresh STATUS=, the page, and look for stuck workers
+        elif self.state.done_times or len(self.arrivals):
+            # The view still changes with time (the throughput window drains, a waiting file ages): shown at most
+            # HEARTBEAT old, as the idle loop once did. Nothing waiting, nothing done for a minute: it stands still,
+            # and the loop sleeps for IDLE_TURN (tests/test_break_hotpath.py).
+            deadlines.append(now + HEARTBEAT)
         return max(0, int((min(deadlines) - now) * 1000) + 1)
 
     def _sync_poller(self) -> None:

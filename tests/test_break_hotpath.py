@@ -8,14 +8,24 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from ingestd.daemon import HEARTBEAT
 from ingestd.names import key
 from ingestd.spool import Spool
+from ingestd.state import THROUGHPUT_WINDOW
 from support import HANG_ROUTING, folder
 from test_daemon_loop import Loop, events, loop  # noqa: F401 (fixtures)
+
+
+def until(lp: Loop, predicate: Callable[[], Any], what: str) -> None:
+    """Loop.until, looked at before each turn: an idle turn waits for the loop's next timer (30 s and more)."""
+    if not predicate():
+        lp.until(predicate, what=what)
 
 
 def committed(lp: Loop, name: str) -> None:
@@ -120,3 +130,38 @@ def test_the_processed_count_between_rescans_is_what_a_rescan_finds(loop, config
         lp.drop(name, b"ok\nERR x\n")
     lp.until(lambda: lp.d.state.totals["processed"] == len(names), what="both processed")
     assert counted_as_on_disk(lp)[0] == counted_as_on_disk(lp)[1]
+
+
+# --- the idle loop's long wait (IDLE_TURN) and what it shows -----------------------------------------------------
+
+def view_age_limit_ms() -> int:
+    return int(HEARTBEAT * 1000) + 1
+
+
+def test_after_a_burst_the_idle_loop_still_refreshes_the_throughput_it_shows(loop) -> None:  # noqa: F811
+    """The page, /api/status and the metrics read a view the loop publishes. After the last file the throughput
+    (a 60 s window) and the read rate still fall each second; the idle loop woke every 5 s to show that, and
+    since IDLE_TURN only at the next rescan (30 s, or 60 s): "2 files/s" stayed shown for half a minute of
+    nothing. The loop's own choice of wait is the observable here (a real 30 s wait is no test)."""
+    lp = loop()
+    d = lp.d
+    lp.drop("a.txt", b"a\n")
+    lp.until(lambda: d.state.totals["processed"] == 1, what="a.txt processed")
+    until(lp, lambda: not d.pool.busy() and not d.unacked and not d.state.history_dirty, what="idle")
+    assert d.snapshot()["throughput"]["files_per_second"] > 0
+    assert d._timeout_ms() <= view_age_limit_ms(), "a view that still changes is refreshed within HEARTBEAT"
+    lp.clock.advance(THROUGHPUT_WINDOW + 1)
+    lp.until(lambda: d.snapshot()["throughput"]["files_per_second"] == 0, what="the window drained")
+    assert d._timeout_ms() > view_age_limit_ms(), "truly idle (nothing waits, nothing done lately): the long wait"
+
+
+def test_a_file_waiting_for_its_marker_ages_on_the_page_while_the_loop_is_idle(loop) -> None:  # noqa: F811
+    """The wider kind: anything waiting without a timer of its own (done_marker: a file whose NAME.done has not
+    come) ages in the view (ingestd_folder_oldest_file_age_seconds{folder="unprocessed"}, an alert's input),
+    which froze between rescans."""
+    lp = loop(done_marker=True)
+    d = lp.d
+    lp.drop("a.txt", b"a\n")
+    until(lp, lambda: len(d.arrivals) == 1 and d.arrivals.next_deadline() is None, what="a.txt waits for a.txt.done")
+    until(lp, lambda: not d.state.history_dirty, what="idle")
+    assert d._timeout_ms() <= view_age_limit_ms()
