@@ -165,3 +165,37 @@ def test_a_file_waiting_for_its_marker_ages_on_the_page_while_the_loop_is_idle(l
     until(lp, lambda: len(d.arrivals) == 1 and d.arrivals.next_deadline() is None, what="a.txt waits for a.txt.done")
     until(lp, lambda: not d.state.history_dirty, what="idle")
     assert d._timeout_ms() <= view_age_limit_ms()
+
+
+def test_the_idle_loop_pings_the_watchdog_within_watchdog_usec(loop, monkeypatch, tmp_path) -> None:  # noqa: F811
+    """The loop no longer wakes every 5 s: its watchdog timer alone must wake it. A real NOTIFY_SOCKET (a datagram
+    socket of the test), WATCHDOG_USEC = 2 s: every gap between two pings of an idle loop stays under it (the
+    daemon aims at half of it, so the margin is a second)."""
+    import socket
+    import time
+
+    path = str(tmp_path / "notify")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    sock.setblocking(False)
+    monkeypatch.setenv("NOTIFY_SOCKET", path)
+    monkeypatch.setenv("WATCHDOG_USEC", "2000000")
+    monkeypatch.delenv("WATCHDOG_PID", raising=False)
+    try:
+        lp = loop()
+        pings: list[float] = []
+        end = time.monotonic() + 5
+        while time.monotonic() < end:
+            assert lp.d.main_loop_once()
+            while True:
+                try:
+                    msg = sock.recv(4096)
+                except BlockingIOError:
+                    break
+                if msg == b"WATCHDOG=1":
+                    pings.append(time.monotonic())
+        assert len(pings) >= 3, pings
+        gaps = [b - a for a, b in zip(pings, pings[1:])]
+        assert max(gaps) < 2.0, gaps
+    finally:
+        sock.close()
