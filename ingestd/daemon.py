@@ -35,7 +35,7 @@ from ingestd.pipeline import kind
 from ingestd.settings import ConfigError, Settings
 from ingestd.sinks import remove_temps
 from ingestd.spool import AlreadyRunning, Claim, Failure, NotAWatchDir, Spool, SpoolError
-from ingestd.state import PauseKind, State
+from ingestd.state import THROUGHPUT_WINDOW, PauseKind, State
 from ingestd.watch import WatchLimit
 from ingestd.watchmode import Choice, Watcher, choose, open_watch
 from ingestd.web import Web
@@ -276,11 +276,15 @@ class Daemon:
             deadlines.append(k)
         if self.pool.busy():
             deadlines.append(now + PROGRESS_REFRESH)  # refresh STATUS=, the page, and look for stuck workers
-        elif self.state.done_times or len(self.arrivals):
-            # The view still changes with time (the throughput window drains, a waiting file ages): shown at most
-            # HEARTBEAT old, as the idle loop once did. Nothing waiting, nothing done for a minute: it stands still,
-            # and the loop sleeps for IDLE_TURN (tests/test_break_hotpath.py).
-            deadlines.append(now + HEARTBEAT)
+        else:
+            # The view changes with time while the loop is idle: a waiting file ages (the oldest-file gauge, an
+            # alert's input), and the throughput falls as each completion leaves its window. Shown at most
+            # HEARTBEAT late, as the idle loop once did; nothing waiting and nothing done for a minute: it stands
+            # still, and the loop sleeps for IDLE_TURN (tests/test_break_hotpath.py).
+            if len(self.arrivals):
+                deadlines.append(now + HEARTBEAT)
+            elif self.state.done_times:
+                deadlines.append(max(now + HEARTBEAT, self.state.done_times[0][0] + THROUGHPUT_WINDOW))
         return max(0, int((min(deadlines) - now) * 1000) + 1)
 
     def _sync_poller(self) -> None:
