@@ -202,3 +202,79 @@ def test_the_idle_loop_pings_the_watchdog_within_watchdog_usec(loop, monkeypatch
         assert max(gaps) < 2.0, gaps
     finally:
         sock.close()
+
+
+# --- the failure boundary as a plain class (_Boundary) ---------------------------------------------------------
+
+def _broken_helper(kind: str) -> None:
+    """Raises the kind asked for, from a frame of its own (the traceback must name it)."""
+    if kind == "chained":
+        try:
+            {}["missing"]
+        except KeyError as e:
+            raise RuntimeError("wrapped") from e
+    if kind == "group":
+        raise ExceptionGroup("several", [ValueError("one"), TypeError("two")])
+    if kind == "recursion":
+        def down(n: int) -> int:
+            return down(n + 1) + 1
+        down(0)
+    raise {"stop": StopIteration("stop"), "memory": MemoryError("pretend"),
+           "unicode": UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")}[kind]
+
+
+@pytest.mark.parametrize("kind", ["chained", "group", "recursion", "stop", "memory", "unicode"])
+def test_every_kind_of_exception_costs_one_file_a_retry_with_its_whole_traceback(loop, events, monkeypatch, kind) -> None:  # noqa: F811,E501
+    lp = loop()
+    d = lp.d
+    real_commit = d.spool.commit
+    calls: list[str] = []
+
+    def commit_once_broken(name: str, **kw: bool) -> None:
+        calls.append(name)
+        if len(calls) == 1:
+            _broken_helper(kind)
+        real_commit(name, **kw)
+
+    monkeypatch.setattr(d.spool, "commit", commit_once_broken)
+    lp.drop("a.txt", b"a\n")
+    lp.until(lambda: events("internal_error"), what="internal_error")
+    err = events("internal_error")[0]
+    assert err.file == "a.txt"
+    tb = err.traceback
+    assert "_broken_helper" in tb and "commit_once_broken" in tb and "_on_outcome" in tb, tb
+    if kind == "chained":
+        assert "KeyError: 'missing'" in tb and "direct cause" in tb and "RuntimeError: wrapped" in tb
+    if kind == "group":
+        assert "ValueError: one" in tb and "TypeError: two" in tb
+    lp.clock.advance(10)  # past the file's backoff
+    lp.until(lambda: lp.result("a.txt") == b"A\n", what="a.txt retried and done")
+    committed(lp, "a.txt")
+    assert len(events("processed")) == 1 and len(events("internal_error")) == 1 and d.metrics.errors._value.get() == 1
+
+
+@pytest.mark.parametrize("exc", [KeyboardInterrupt(), SystemExit(3), GeneratorExit()])
+def test_what_is_not_an_exception_passes_the_boundary(loop, events, exc) -> None:  # noqa: F811
+    lp = loop()
+    with pytest.raises(type(exc)):
+        with lp.d._boundary("test"):
+            raise exc
+    assert not events("internal_error")
+
+
+def test_already_running_passes_the_boundary_and_ends_the_loop(loop, events, monkeypatch) -> None:  # noqa: F811
+    """Another daemon took the watch dir (made again under us): the periodic rescan's check_lock raises, and the
+    loop must end, not retry it as one file's internal error."""
+    from ingestd.spool import AlreadyRunning
+
+    lp = loop()
+    d = lp.d
+
+    def taken() -> None:
+        raise AlreadyRunning("another ingestd (pid 1) owns this watch dir")
+
+    monkeypatch.setattr(d.spool, "check_lock", taken)
+    lp.clock.advance(d.s.rescan_interval + 1)
+    with pytest.raises(AlreadyRunning):
+        d.main_loop_once()
+    assert not events("internal_error")
