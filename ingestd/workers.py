@@ -269,7 +269,9 @@ class Pool:
         return done
 
     def next_respawn(self) -> float | None:
-        times = [s.respawn_at for s in self.slots if s.dead and not s.batch]
+        # Retiring ones too: a restart after a reload that failed to spawn is retried then, and the idle loop has
+        # no other timer for it (it waited for the rescan: tests/test_break_hotpath.py).
+        times = [s.respawn_at for s in self.slots if (s.dead or s.retire) and not s.batch]
         return min(times) if times else None
 
     def next_kill(self) -> float | None:

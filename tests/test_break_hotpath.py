@@ -7,6 +7,8 @@ workers, real inotify), or a real daemon process where the end-to-end path matte
 from __future__ import annotations
 
 import json
+import signal
+import time
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +20,7 @@ from ingestd.daemon import HEARTBEAT
 from ingestd.names import key
 from ingestd.spool import Spool
 from ingestd.state import THROUGHPUT_WINDOW
+from ingestd.workers import RESPAWN_AFTER
 from support import HANG_ROUTING, folder
 from test_daemon_loop import Loop, events, loop  # noqa: F401 (fixtures)
 
@@ -277,4 +280,31 @@ def test_already_running_passes_the_boundary_and_ends_the_loop(loop, events, mon
     lp.clock.advance(d.s.rescan_interval + 1)
     with pytest.raises(AlreadyRunning):
         d.main_loop_once()
+    assert not events("internal_error")
+
+
+def test_a_worker_that_cannot_be_restarted_after_a_reload_is_retried_on_time(loop, events, tmp_path) -> None:  # noqa: F811
+    """A reload restarts every idle worker; EMFILE on the new one (a real RLIMIT_NOFILE) leaves the old one retiring
+    (alive, never handed work) with a retry RESPAWN_AFTER later. No timer of the loop's stood for that retry: the
+    idle turn every 5 s hid it, and since IDLE_TURN the files waited for the next rescan (30 s) or IDLE_TURN."""
+    import resource
+
+    from ingestd import settings as settings_mod
+
+    lp = loop(reload=lambda: settings_mod.load({"watch_dir": str(tmp_path / "w")}, environ={}, cwd=tmp_path))
+    d = lp.d
+    until(lp, lambda: d.pool.idle(), what="an idle worker")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")), hard))
+    try:
+        d._on_signal(signal.SIGHUP, None)
+        lp.until(lambda: events("reloaded"), what="reloaded")
+        assert d.pool.spawn_error and not d.pool.idle(), "the restart failed: no worker takes files"
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert d._timeout_ms() <= RESPAWN_AFTER * 1000 + 1, "the loop wakes to try the restart again"
+    lp.drop("a.txt", b"a\n")
+    t0 = time.monotonic()
+    lp.until(lambda: lp.result("a.txt") == b"A\n", timeout=10, what="a.txt processed by the restarted worker")
+    assert time.monotonic() - t0 < 10, "waited for the rescan, not for RESPAWN_AFTER"
     assert not events("internal_error")
