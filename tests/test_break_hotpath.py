@@ -187,6 +187,7 @@ def test_the_idle_loop_pings_the_watchdog_within_watchdog_usec(loop, monkeypatch
     monkeypatch.setenv("NOTIFY_SOCKET", path)
     monkeypatch.setenv("WATCHDOG_USEC", "2000000")
     monkeypatch.delenv("WATCHDOG_PID", raising=False)
+    lp = None
     try:
         lp = loop()
         pings: list[float] = []
@@ -205,6 +206,8 @@ def test_the_idle_loop_pings_the_watchdog_within_watchdog_usec(loop, monkeypatch
         assert max(gaps) < 2.0, gaps
     finally:
         sock.close()
+        if lp is not None and lp.d.notifier._n is not None and lp.d.notifier._n.socket is not None:
+            lp.d.notifier._n.socket.close()  # sdnotify's own socket: the daemon keeps it for its life
 
 
 # --- the failure boundary as a plain class (_Boundary) ---------------------------------------------------------
