@@ -104,7 +104,7 @@ class Spool:
         # Keys of the attempt counts on disk at start-up (recover): a count kept through a stop (unclaim) or left
         # by a crash inside fail() belongs to a file a later claim makes a Job of with attempts 0; commit must
         # still clear it, or a later file of that name on the same inode inherits it (tests/test_break_hotpath.py).
-        self._stale: set[str] = set()
+        self._stale: set[str] | None = set()
         # Folders under underprocess/ where commits unlinked a file since the last sync_commits (recursive mode).
         self._committed_in: set[str] = set()
 
@@ -243,7 +243,10 @@ class Spool:
             else:
                 requeued.append(name)
         self.prune(self.underprocess, self.files(self.underprocess, dirs=True)[1])  # claim folders left empty
-        self._stale = {f[len(ATTEMPTS):] for f in os.listdir(self.state) if f.startswith(ATTEMPTS)}
+        try:
+            self._stale = {f[len(ATTEMPTS):] for f in os.listdir(self.state) if f.startswith(ATTEMPTS)}
+        except OSError:
+            self._stale = None  # not known: every commit clears (one unlink each), the safe side
         return requeued, quarantined
 
 
@@ -383,7 +386,7 @@ class Spool:
             pass  # its owner deleted it meanwhile; the outputs stand
         if "/" in name:
             self._committed_in.add(os.path.dirname(name))
-        if counted or name in self._unrecorded or (self._stale and key(name) in self._stale):
+        if counted or name in self._unrecorded or self._stale is None or (self._stale and key(name) in self._stale):
             self.clear_attempts(name)
 
     def sync_commits(self) -> None:
@@ -585,7 +588,8 @@ class Spool:
     def clear_attempts(self, name: str) -> None:
         self._unrecorded.pop(name, None)
         k = key(name)
-        self._stale.discard(k)
+        if self._stale:
+            self._stale.discard(k)
         durable.unlink_quiet(os.path.join(self.state, ATTEMPTS + k))
 
     # --- looking -----------------------------------------------------------------------------
