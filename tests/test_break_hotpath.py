@@ -311,3 +311,32 @@ def test_a_worker_that_cannot_be_restarted_after_a_reload_is_retried_on_time(loo
     lp.until(lambda: lp.result("a.txt") == b"A\n", timeout=10, what="a.txt processed by the restarted worker")
     assert time.monotonic() - t0 < 10, "waited for the rescan, not for RESPAWN_AFTER"
     assert not events("internal_error")
+
+
+# --- names.display's fast path -----------------------------------------------------------------------------------
+
+def _display_per_character(name: str) -> str:
+    """display() before its fast path: every character looked at."""
+    from ingestd.names import _escape
+
+    text = os.fsencode(name).decode("utf-8", "backslashreplace")
+    return "".join(c if c.isprintable() else _escape(c) for c in text)
+
+
+def test_display_fast_path_escapes_exactly_what_the_per_character_rule_does() -> None:
+    """Every code point below U+3000 and a sample above, alone and inside a printable name, plus undecodable
+    bytes (surrogateescape): the same text as the per-character rule, and never a control character."""
+    from ingestd.names import display
+
+    points = [*range(0x3000), *range(0x3000, 0x110000, 97)]
+    names = []
+    for cp in points:
+        if 0xD800 <= cp <= 0xDFFF:
+            continue  # not in a str from the file system, except as surrogateescape below
+        c = chr(cp)
+        names += [c, f"report-{c}.txt"]
+    names += [os.fsdecode(b"bad-\xff\xfe.txt"), os.fsdecode(b"\xc3"), "line\nbreak", "tab\there", "\x1b[31mred"]
+    for name in names:
+        shown = display(name)
+        assert shown == _display_per_character(name), repr(name)
+        assert shown.isprintable(), repr(name)
