@@ -7,9 +7,9 @@ workers, real inotify), or a real daemon process where the end-to-end path matte
 from __future__ import annotations
 
 import json
+import os
 import signal
 import time
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -230,7 +230,7 @@ def _broken_helper(kind: str) -> None:
 
 
 @pytest.mark.parametrize("kind", ["chained", "group", "recursion", "stop", "memory", "unicode"])
-def test_every_kind_of_exception_costs_one_file_a_retry_with_its_whole_traceback(loop, events, monkeypatch, kind) -> None:  # noqa: F811,E501
+def test_every_kind_of_exception_costs_one_file_a_retry_with_its_whole_traceback(loop, events, monkeypatch, kind) -> None:  # noqa: F811
     lp = loop()
     d = lp.d
     real_commit = d.spool.commit
@@ -262,9 +262,8 @@ def test_every_kind_of_exception_costs_one_file_a_retry_with_its_whole_traceback
 @pytest.mark.parametrize("exc", [KeyboardInterrupt(), SystemExit(3), GeneratorExit()])
 def test_what_is_not_an_exception_passes_the_boundary(loop, events, exc) -> None:  # noqa: F811
     lp = loop()
-    with pytest.raises(type(exc)):
-        with lp.d._boundary("test"):
-            raise exc
+    with pytest.raises(type(exc)), lp.d._boundary("test"):
+        raise exc
     assert not events("internal_error")
 
 
