@@ -111,7 +111,7 @@ class Sinks:
                 os.makedirs(self._dir(folder), exist_ok=True)
                 fd = durable.create_exclusive(temp)
             if self.claim is not None:
-                # Before the data's fsync or syncfs: the claim is durable with the result, never after it. Where the
+                # Before the data's fsync: the claim is durable with the result, never after it. Where the
                 # file system keeps no user xattr the result goes untagged, and publish compares bytes instead.
                 durable.tag(fd, CLAIM_ATTR, self.claim)
         out = self.outs[folder] = _Out(fd, temp)
@@ -147,7 +147,7 @@ class Sinks:
 
     def seal(self, sync: bool) -> None:
         """Write out and close every temp output; the default output always gets one, even empty. With sync each is
-        fsynced; without, the caller makes a whole batch's temps durable at once (durable.syncfs, the group
+        fsynced; without, the caller makes a whole batch's temps durable at once (durable.sync_files, the group
         commit) before any publish(): a name must never point at data a power cut could still lose."""
         if "" in self.folders and "" not in self.outs:
             self._open("")
@@ -158,6 +158,10 @@ class Sinks:
                     durable.fsync(out.fd)  # data durable before the name points at it
                 os.close(out.fd)
                 out.fd = -1
+
+    def temps(self) -> list[str]:
+        """The temp outputs' paths (after seal(): what a group commit must make durable)."""
+        return [out.temp for out in self.outs.values()]
 
     def sealed(self) -> dict[str, tuple[str, int, bytes]]:
         """After seal(): output folder -> (temp path, lines written, last byte), for adopt() in another process."""

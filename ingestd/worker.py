@@ -64,7 +64,7 @@ class _Link:
             except OSError:
                 return
             if group is not None and group.pending() and time.monotonic() - self.since > COMMIT_STALE:
-                self.commit_due.set()  # the committer thread: heartbeats go on while a slow syncfs runs
+                self.commit_due.set()  # the committer thread: heartbeats go on while a slow sync runs
 
     def committer(self) -> None:
         """Partial group commits, off the main thread (busy with a slow file) and the heartbeat thread."""
@@ -133,7 +133,7 @@ class _Group:
             return bool(self.sealed or self.outcomes)
 
     def flush(self, final: bool) -> None:
-        """Commit what is sealed (one syncfs, the renames, one fsync per output folder), send every outcome
+        """Commit what is sealed (one data sync for all, the renames, one fsync per output folder), send every outcome
         decided so far; the final flush is sent even when empty (it ends the batch)."""
         with self.lock:
             sealed, self.sealed = self.sealed, []
@@ -146,7 +146,7 @@ class _Group:
 def run_batch(link: _Link, cursor: Any, names: tuple[str, ...], table: routing.Routing, folders: list[str],
               max_line_bytes: int, underprocess: str, processed: str, file_exist: str = "keep") -> None:
     """Each file of a batch through the engine into sealed temps, then one group commit for all of them (or for
-    those sealed so far, when one file is slow): one data sync (syncfs), the renames, one fsync per output
+    those sealed so far, when one file is slow): one data sync (durable.sync_files), the renames, one fsync per output
     folder; the outcomes go to the parent in Outcomes messages, the last one final. A batch of one file syncs
     its own temps (fsync), as a big file travels alone."""
     group = _Group(link, processed)
@@ -203,7 +203,8 @@ def _group_commit(sealed: list[tuple[str, Sinks, pipeline.Stats, float]], proces
         return outcomes
     try:
         with errors.in_phase(Phase.PUBLISH):
-            durable.syncfs(processed)  # every sealed temp of the group durable before any name points at it
+            # Every sealed temp of the group durable before any name points at it.
+            durable.sync_files([out for _, sinks, _, _ in sealed for out in sinks.temps()])
     except Exception as e:  # noqa: BLE001 - after a failed sync no temp can be trusted: all are redone
         for name, sinks, stats, _ in sealed:
             sinks.abort()

@@ -270,7 +270,7 @@ def test_the_common_path_adds_no_fsync(processed: Path, monkeypatch: pytest.Monk
     """No earlier result: the group commit's path (seal without sync, publish) calls no fsync at all, and the
     alone path exactly one per output, as before."""
     calls: list[str] = []
-    for fn in ("fsync", "fsync_dir", "syncfs"):
+    for fn in ("fsync", "fsync_dir", "sync_files"):
         orig = getattr(sinks_mod.durable, fn)
         monkeypatch.setattr(sinks_mod.durable, fn, lambda *a, _f=fn, _o=orig: (calls.append(_f), _o(*a))[1])
     s = Sinks(str(processed), "g", ["", "errors"], "keep", b"1")

@@ -30,11 +30,11 @@ from .powerloss import Epoch, materialize, violations
 CONFIG = '[[filters]]\nmatch = "*"\nprocessor = "abort_on"\n[[filters]]\nmatch = "*"\nprocessor = "uppercase"\n'
 ENV = {"INGESTD_MAX_ATTEMPTS": "2", "INGESTD_SETTLE_TIME": "0.1"}
 SRC = Path(ingestd.__file__).parent
-SYNCS = ("fsync", "fsync_dir", "syncfs")
+SYNCS = ("fsync", "fsync_dir", "sync_files")
 
 
 def fsync_sites() -> list[str]:
-    """file.py:function:line of every call of durable.fsync / fsync_dir / syncfs (the seam's callers)."""
+    """file.py:function:line of every call of durable.fsync / fsync_dir / sync_files (the seam's callers)."""
     sites = []
     for path in sorted(SRC.glob("*.py")):
         tree = ast.parse(path.read_text())

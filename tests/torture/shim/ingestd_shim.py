@@ -90,9 +90,8 @@ def install(cfg_path: str) -> None:
 
     disabled = set(CFG.get("disable", []))
     shadow = CFG.get("shadow")
-    orig = {n: getattr(durable, n) for n in ("fsync", "fsync_dir", "syncfs", "write_all", "create_exclusive",
+    orig = {n: getattr(durable, n) for n in ("fsync", "fsync_dir", "sync_files", "write_all", "create_exclusive",
                                             "rename", "rename_noreplace", "link", "unlink", "unlink_quiet")}
-    created: dict[str, int] = {}  # files this process created since its last syncfs: path -> inode
 
     def skipped() -> bool:
         """This fsync's call site is switched off for the run: journal that, and do nothing."""
@@ -119,17 +118,12 @@ def install(cfg_path: str) -> None:
         orig["fsync"](fd)
         synced(os.fstat(fd).st_ino, f"/proc/self/fd/{fd}")
 
-    def syncfs(path: str) -> None:
-        """Modelled conservatively: the data of the files this process created (still under their names) becomes
-        durable, nothing else; no directory entry (the real syncfs does more: the model never counts on it)."""
+    def sync_files(paths: list[str]) -> None:
+        """The group commit's data sync: switched off as a whole at its caller's site; otherwise the real one runs,
+        whose per-file fsyncs (this module's fsync above) journal each file's bytes as durable."""
         if skipped():
             return
-        _maybe_fail("fsync")
-        orig["syncfs"](path)
-        for p, ino in list(created.items()):
-            if _ino(p) == ino:
-                synced(ino, p)
-        created.clear()
+        orig["sync_files"](paths)
 
     def fsync_dir(path: str) -> None:
         if skipped():
@@ -148,7 +142,6 @@ def install(cfg_path: str) -> None:
         _maybe_fail("create")
         fd = orig["create_exclusive"](path, mode)
         ino = os.fstat(fd).st_ino
-        created[os.path.abspath(path)] = ino
         _journal(op="create", path=os.path.abspath(path), ino=ino)
         return fd
 
@@ -181,7 +174,7 @@ def install(cfg_path: str) -> None:
         except FileNotFoundError:
             pass
 
-    for n, fn in (("fsync", fsync), ("fsync_dir", fsync_dir), ("syncfs", syncfs), ("write_all", write_all),
+    for n, fn in (("fsync", fsync), ("fsync_dir", fsync_dir), ("sync_files", sync_files), ("write_all", write_all),
                   ("create_exclusive", create_exclusive), ("rename", rename), ("rename_noreplace", rename_noreplace),
                   ("link", link), ("unlink", unlink), ("unlink_quiet", unlink_quiet)):
         setattr(durable, n, fn)
