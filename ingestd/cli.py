@@ -102,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         # 75: another daemon holds the watch dir, or an inotify limit is reached (instances free up as other
         # programs exit, so systemd's restart may succeed); 78: the watch dir itself is unusable.
         # 75 too: the broker unreachable at start (distributed mode: e.temporary).
-        from ingestd.watch import WatchLimit  # here: inotify_simple is start-up time `process` does not need
+        # Imported here: inotify_simple is start-up time `process` does not need.
+        from ingestd.watch import WatchLimit
 
         temporary = isinstance(e, (AlreadyRunning, WatchLimit)) or getattr(e, "temporary", False)
         return EX_TEMPFAIL if temporary else EX_CONFIG
