@@ -23,6 +23,7 @@ import threading
 from collections.abc import Callable
 
 from ingestd.engine import Processor
+from ingestd.pipeline import first_long
 
 READ = 1 << 20  # bytes per pread: a block of whole lines (fits the CPU caches well enough; see bench/engine.py)
 SLICE = 256 * 1024  # non-ASCII text is decoded and mapped in slices of whole lines this large (the caches again)
@@ -245,31 +246,6 @@ def _pwrite_all(fd: int, data: bytes | memoryview, pos: int) -> None:
     while view:
         n = os.pwrite(fd, view, pos)
         view, pos = view[n:], pos + n
-
-
-def first_long(block: bytes, limit: int, end: int | None = None) -> int | None:
-    """The offset in block[:end] of the first line with more than `limit` bytes of content (its ending, LF or CR LF,
-    not counted; a CR counts when no LF follows it), or None. Jumps from line to line by the window, not by the
-    line: one memrchr per `limit` bytes when every line is short."""
-    n = len(block) if end is None else end
-    start = 0
-    while n - start > limit:
-        nl = block.rfind(b"\n", start, min(n, start + limit + 2))  # the content, a CR, and the LF
-        if nl < 0 or nl - start > limit:  # perhaps one line too long: look at each line from here
-            return _first_long_each(block, start, n, limit)
-        start = nl + 1  # every line between start and nl is within the limit
-    return None
-
-
-def _first_long_each(block: bytes, start: int, n: int, limit: int) -> int | None:
-    while start < n:
-        nl = block.find(b"\n", start, n)
-        if nl < 0:
-            return start if n - start > limit else None
-        if nl - start - (nl > start and block[nl - 1] == 13) > limit:
-            return start
-        start = nl + 1
-    return None
 
 
 def slices(block: bytes, size: int) -> list[bytes]:

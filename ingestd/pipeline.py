@@ -170,21 +170,35 @@ def _slices(block: bytes) -> Iterator[bytes]:
 
 def _check_lines(block: bytes, max_line_bytes: int, stats: Stats) -> None:
     """Rejected if a line of block has more than max_line_bytes of content (a CR before its LF not counted)."""
-    n, start = len(block), 0
-    while n - start > max_line_bytes:  # jumps from line to line by the window, not by the line: one memrchr each
-        nl = block.rfind(b"\n", start, start + max_line_bytes + 2)  # the content, a CR, and the LF
-        if nl < 0 or nl - start > max_line_bytes:  # perhaps one line too long: look at each line
-            _check_each(block, max_line_bytes, stats)
-            return
+    at = first_long(block, max_line_bytes)
+    if at is not None:
+        raise Rejected(f"line longer than max_line_bytes ({max_line_bytes} bytes)",
+                       line=stats.lines_in + block.count(b"\n", 0, at) + 1)
+
+
+def first_long(block: bytes, limit: int, end: int | None = None) -> int | None:
+    """The offset in block[:end] of the first line with more than `limit` bytes of content (its ending, LF or CR LF,
+    not counted; a CR counts when no LF follows it), or None. Jumps from line to line by the window, not by the
+    line: one memrchr per `limit` bytes when every line is short."""
+    n = len(block) if end is None else end
+    start = 0
+    while n - start > limit:
+        nl = block.rfind(b"\n", start, min(n, start + limit + 2))  # the content, a CR, and the LF
+        if nl < 0 or nl - start > limit:  # perhaps one line too long: look at each line from here
+            return _first_long_each(block, start, n, limit)
         start = nl + 1  # every line between start and nl is within the limit
+    return None
 
 
-def _check_each(block: bytes, max_line_bytes: int, stats: Stats) -> None:
-    parts = block.split(b"\n")
-    last = len(parts) - 1
-    for i, line in enumerate(parts):
-        if len(line) - (line.endswith(b"\r") and i < last) > max_line_bytes:  # a CR counts only before a LF
-            raise Rejected(f"line longer than max_line_bytes ({max_line_bytes} bytes)", line=stats.lines_in + i + 1)
+def _first_long_each(block: bytes, start: int, n: int, limit: int) -> int | None:
+    while start < n:
+        nl = block.find(b"\n", start, n)
+        if nl < 0:
+            return start if n - start > limit else None
+        if nl - start - (nl > start and block[nl - 1] == 13) > limit:
+            return start
+        start = nl + 1
+    return None
 
 
 def run(

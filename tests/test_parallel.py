@@ -169,7 +169,7 @@ def test_a_line_longer_than_a_read_within_the_limit_is_kept(monkeypatch: pytest.
 def test_first_long_agrees_with_the_line_reader() -> None:
     for block, limit, expect in [(b"", 1, None), (b"abc", 3, None), (b"abcd", 3, 0), (b"ab\r\n", 2, None),
                                  (b"ab\r", 2, 0), (b"a\nbcde\nf", 3, 2), (b"a\nb\r\nccc\r\nddd\r", 3, 10)]:
-        assert parallel.first_long(block, limit) == expect, (block, limit)
+        assert pipeline.first_long(block, limit) == expect, (block, limit)
 
 
 # --- processes ----------------------------------------------------------------------------------------------
