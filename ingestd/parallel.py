@@ -268,14 +268,24 @@ def _cut(fd: int, size: int, n: int, limit: int) -> list[_Range]:
         at = size * i // n
         if at <= starts[-1]:
             continue
-        window = os.pread(fd, min(limit + 2, size - at + 1), at - 1)  # from the byte before: is `at` a line start?
-        nl = window.find(b"\n")
-        if nl < 0:
-            continue
-        start = at + nl
-        if starts[-1] < start < size:
+        start = _next_line(fd, at - 1, min(size, at - 1 + limit + 2))  # from the byte before: is `at` a line start?
+        if start is not None and starts[-1] < start < size:
             starts.append(start)
     return [_Range(a, b) for a, b in zip(starts, [*starts[1:], size], strict=True)]
+
+
+def _next_line(fd: int, pos: int, stop: int) -> int | None:
+    """The offset after the first LF in [pos, stop) of fd, or None; read READ bytes at a time (memory bounded
+    whatever max_line_bytes is)."""
+    while pos < stop:
+        chunk = os.pread(fd, min(READ, stop - pos), pos)
+        if not chunk:
+            return None
+        nl = chunk.find(b"\n")
+        if nl >= 0:
+            return pos + nl + 1
+        pos += len(chunk)
+    return None
 
 
 def _join(out: int, ranges: list[_Range]) -> int:

@@ -231,3 +231,23 @@ def test_process_command_big_file_same_bytes_and_long_line_number(tmp_path: Path
     assert r.returncode == 65
     assert f"line longer than max_line_bytes (100 bytes) (line {lines + 1})".encode() in r.stderr
     assert os.listdir(out.parent) == []
+
+
+def test_memory_stays_bounded_whatever_max_line_bytes(tmp_path: Path) -> None:
+    """A huge max_line_bytes must not make the cut between ranges, or a block, read the file whole: 20 MiB of
+    short lines under a 1 TiB limit, two processes; the parent's Python memory stays within a few blocks."""
+    import tracemalloc
+
+    src = tmp_path / "in"
+    src.write_bytes(b"0123456789abcdef\n" * (20 * (1 << 20) // 17))
+    out = tmp_path / "out"
+    out.touch()
+    tracemalloc.start()
+    try:
+        with open(src, "rb") as f:
+            pipeline.run_mapped(f, src.stat().st_size, str.upper, 1 << 40, str(out), Stats(), workers=2)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert out.read_bytes() == src.read_bytes().upper()
+    assert peak < 8 * parallel.READ, f"peak {peak / (1 << 20):.1f} MiB"
