@@ -9,7 +9,6 @@ from typing import Any
 from ingestd import __version__, log
 from ingestd.settings import ConfigError, Settings, load
 from ingestd.spool import AlreadyRunning, SpoolError
-from ingestd.watch import WatchLimit
 
 EX_CONFIG, EX_TEMPFAIL = 78, 75  # a bad command line exits 2 (argparse)
 
@@ -103,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
         # 75: another daemon holds the watch dir, or an inotify limit is reached (instances free up as other
         # programs exit, so systemd's restart may succeed); 78: the watch dir itself is unusable.
         # 75 too: the broker unreachable at start (distributed mode: e.temporary).
+        # Imported here: inotify_simple is start-up time `process` does not need.
+        from ingestd.watch import WatchLimit
+
         temporary = isinstance(e, (AlreadyRunning, WatchLimit)) or getattr(e, "temporary", False)
         return EX_TEMPFAIL if temporary else EX_CONFIG
     except KeyboardInterrupt:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 from ingestd import errors
-from ingestd.engine import AtLine, Routing, Step
+from ingestd.engine import AtLine, Processor, Routing, Step
 from ingestd.errors import Phase, Verdict
 
 BLOCK = 64 * 1024  # the first block decides "binary" (a NUL byte), as grep and git do
@@ -170,21 +170,35 @@ def _slices(block: bytes) -> Iterator[bytes]:
 
 def _check_lines(block: bytes, max_line_bytes: int, stats: Stats) -> None:
     """Rejected if a line of block has more than max_line_bytes of content (a CR before its LF not counted)."""
-    n, start = len(block), 0
-    while n - start > max_line_bytes:  # jumps from line to line by the window, not by the line: one memrchr each
-        nl = block.rfind(b"\n", start, start + max_line_bytes + 2)  # the content, a CR, and the LF
-        if nl < 0 or nl - start > max_line_bytes:  # perhaps one line too long: look at each line
-            _check_each(block, max_line_bytes, stats)
-            return
+    at = first_long(block, max_line_bytes)
+    if at is not None:
+        raise Rejected(f"line longer than max_line_bytes ({max_line_bytes} bytes)",
+                       line=stats.lines_in + block.count(b"\n", 0, at) + 1)
+
+
+def first_long(block: bytes, limit: int, end: int | None = None) -> int | None:
+    """The offset in block[:end] of the first line with more than `limit` bytes of content (its ending, LF or CR LF,
+    not counted; a CR counts when no LF follows it), or None. Jumps from line to line by the window, not by the
+    line: one memrchr per `limit` bytes when every line is short."""
+    n = len(block) if end is None else end
+    start = 0
+    while n - start > limit:
+        nl = block.rfind(b"\n", start, min(n, start + limit + 2))  # the content, a CR, and the LF
+        if nl < 0 or nl - start > limit:  # perhaps one line too long: look at each line from here
+            return _first_long_each(block, start, n, limit)
         start = nl + 1  # every line between start and nl is within the limit
+    return None
 
 
-def _check_each(block: bytes, max_line_bytes: int, stats: Stats) -> None:
-    parts = block.split(b"\n")
-    last = len(parts) - 1
-    for i, line in enumerate(parts):
-        if len(line) - (line.endswith(b"\r") and i < last) > max_line_bytes:  # a CR counts only before a LF
-            raise Rejected(f"line longer than max_line_bytes ({max_line_bytes} bytes)", line=stats.lines_in + i + 1)
+def _first_long_each(block: bytes, start: int, n: int, limit: int) -> int | None:
+    while start < n:
+        nl = block.find(b"\n", start, n)
+        if nl < 0:
+            return start if n - start > limit else None
+        if nl - start - (nl > start and block[nl - 1] == 13) > limit:
+            return start
+        start = nl + 1
+    return None
 
 
 def run(
@@ -248,6 +262,39 @@ def run(
                 raise e.error from None
             for out, text in routed.items():
                 write(out, text.encode("utf-8", "surrogateescape"))
+
+
+def mapped(f: BinaryIO, name: str, routing: Routing) -> tuple[str, Processor] | None:
+    """(output folder, per-character function) when the regular file f can go through parallel.map_file with the
+    same result as run(): no NUL byte in its first BLOCK bytes (not binary), no BOM (run() keeps line 1's BOM out
+    of its length), and every filter its tag meets per-character (Routing.block_plan); else None."""
+    rule = routing.rule_for(name)
+    head = os.pread(f.fileno(), BLOCK, 0)
+    if b"\0" in head or head.startswith(BOM) or not routing.builtin_only(rule.tag):
+        return None
+    return routing.block_plan(rule.tag)
+
+
+def run_mapped(f: BinaryIO, size: int, fn: Processor, max_line_bytes: int, out_path: str, stats: Stats,
+               progress: Progress = lambda _: None, workers: int | None = None) -> int:
+    """The first `size` bytes of the regular file f through fn (see mapped()) into the file at out_path (written
+    over from offset 0, cut to its length): parallel.map_file on parallel.workers(size) processes unless told.
+    Returns the output's length in bytes; sets stats.bytes_in (lines are not counted: see parallel).
+
+    Raises Rejected for a line longer than max_line_bytes, with its number, as run() does; OSError as run() does."""
+    from ingestd import parallel
+
+    n = parallel.workers(size) if workers is None else workers
+    out = os.open(out_path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)  # read too: the join may move bytes in it
+    try:
+        length = parallel.map_file(f.fileno(), size, fn, max_line_bytes, out, os.path.dirname(out_path) or ".", n,
+                                   progress)
+    except parallel.TooLong as e:
+        raise Rejected(f"line longer than max_line_bytes ({max_line_bytes} bytes)", line=e.line) from None
+    finally:
+        os.close(out)
+    stats.bytes_in = size
+    return length
 
 
 def _bom_first(write: Callable[[str, bytes], None]) -> Callable[[str, bytes], None]:
