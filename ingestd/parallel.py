@@ -23,6 +23,7 @@ import threading
 from collections.abc import Callable
 
 from ingestd.engine import Processor
+from ingestd.lifeline import die_with_parent
 from ingestd.pipeline import first_long
 
 READ = 1 << 20  # bytes per pread: a block of whole lines (fits the CPU caches well enough; see bench/engine.py)
@@ -96,12 +97,14 @@ def map_file(fd: int, size: int, fn: Processor, max_line_bytes: int, out: int, s
     try:
         for r in ranges:
             r.spill = _tmpfile(spill_dir)
+        parent = os.getpid()
         for r in ranges[1:]:
             rd, wr = os.pipe()
             pid = os.fork()
             if pid == 0:  # the child: its range, its answer on the pipe, then _exit (no parent's cleanup, no atexit)
                 code = 1
                 try:
+                    die_with_parent(parent)  # `ingestd process` killed: its half-file helper goes too
                     os.close(rd)
                     msg = _answer(functools.partial(_map_range, fd, r, fn, twin, max_line_bytes, out, read))
                     os.write(wr, msg.encode())

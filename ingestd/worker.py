@@ -6,7 +6,6 @@ reads its input in underprocess/ and publishes outputs (temp file, fsync, rename
 
 from __future__ import annotations
 
-import ctypes
 import faulthandler
 import os
 import signal
@@ -17,6 +16,7 @@ from typing import Any
 
 from ingestd import durable, errors, inflight, pipeline, routing
 from ingestd.errors import Phase, Verdict
+from ingestd.lifeline import die_with_parent
 from ingestd.messages import Assign, Done, Heartbeat, Outcome, Outcomes, Ready, Rejected, Retry, Stage
 from ingestd.names import key
 from ingestd.sinks import Sinks, claim_of
@@ -89,7 +89,7 @@ def main(conn: Connection, cursor: Any, routing_doc: dict[str, Any], max_line_by
     # but only the parent decides (warm stop); a worker must not die with its file half done.
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
-    _die_with_parent()
+    die_with_parent()  # if the parent is killed (kill -9, watchdog), its workers go too, at once
     faulthandler.enable()  # a crash (SIGSEGV, SIGABRT) dumps this worker's stack
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # the parent asks when this worker seems stuck
     table = routing.build(routing_doc)
@@ -253,11 +253,3 @@ def _failure(e: BaseException, stats: pipeline.Stats, where: Phase = Phase.PROCE
     # Sinks recreates it): not the input's fault. After a failed fsync the temp is untrustworthy (Linux
     # forgets the error), so it is dropped and the whole file redone later.
     return Retry(reason, getattr(e, "errno", None), recreate=verdict is Verdict.RECREATE)
-
-
-def _die_with_parent() -> None:
-    """PR_SET_PDEATHSIG: if the parent is killed (kill -9, watchdog), its workers go too, at once."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
-    if os.getppid() == 1:  # the parent died before prctl took effect
-        os._exit(1)
