@@ -14,7 +14,8 @@ from ingestd import pipeline, routing
 from ingestd.distributed import crash_point
 from ingestd.errors import Phase
 from ingestd.sinks import Sinks
-from ingestd.worker import _die_with_parent, _failure
+from ingestd.lifeline import die_with_parent
+from ingestd.worker import _failure
 
 Sealed = tuple[dict[str, tuple[str, int, bytes]], int, int, int, float, bytes | None]  # see main
 
@@ -24,7 +25,7 @@ def main(conn: Connection, routing_doc: dict[str, Any], max_line_bytes: int, pro
     or ("outcome", messages.Rejected | messages.Retry). EOF on conn ends it."""
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)  # the node decides its warm stop; a child never dies mid-file for it
-    _die_with_parent()
+    die_with_parent()
     faulthandler.enable()
     table = routing.build(routing_doc)
     folders = sorted({out.path for out in table.outputs})
