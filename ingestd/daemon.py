@@ -451,8 +451,7 @@ class Daemon:
         if made:
             event("folders_recreated", "queue folders were missing and are made again", logging.WARNING,
                   folders=made)
-        counts = self.spool.counts(self.s.recursive, self.outputs)  # results in folders count (recursive)
-        self.state.kept = {"processed": counts["processed"], "failed": counts["failed"]}
+        self.state.kept = self.spool.kept(self.s.recursive, self.outputs)  # results in folders count (recursive)
         now = self.clock()
         if self.s.recursive:
             # Each subfolder watched before it is listed (inotify(7): watches are not recursive).

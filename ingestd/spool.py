@@ -15,6 +15,7 @@ import logging
 import os
 import socket
 import stat
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -27,6 +28,7 @@ from ingestd.log import event
 from ingestd.names import DONE_SUFFIX, STATE_DIR, TEMP_PREFIX, display, key, oserror
 
 FOLDERS = ("unprocessed", "underprocess", "processed", "failed")
+RACY_NS = 2_000_000_000  # a folder modified this close to a listing may have changed unseen in the same tick (FAT: 2 s)
 REASON_PREFIX = TEMP_PREFIX + "reason-"
 TEMP_OUTPUT_PREFIX = TEMP_PREFIX + "tmp-"
 SEQ_FILE = "failure-seq"  # in .ingestd/: {"reserved_to": N}, every failure seq handed out so far is <= N
@@ -98,6 +100,8 @@ class Spool:
         # failures(): sidecar name -> ((inode, mtime_ns, ctime_ns, size), record); replaced whole, never mutated,
         # so HTTP threads can share it without a lock.
         self._sidecars: dict[str, tuple[tuple[int, int, int, int], dict[str, Any]]] = {}
+        # kept(): processed/'s last listing: ((inode, mtime_ns, ctime_ns), wall time of the listing in ns, entries)
+        self._processed_seen: tuple[tuple[int, int, int], int, int] | None = None
         # Attempts that could not be written (full disk): name -> (inode, count), so a worker dying again and
         # again on a full disk still ends in quarantine instead of a crash of the daemon (see bump_attempts).
         self._unrecorded: dict[str, tuple[int, int]] = {}
@@ -714,6 +718,33 @@ class Spool:
         counts["underprocess"] = len(self.files(self.underprocess))
         counts["failed"] = len(self.files(self.failed, sidecar_dirs=True))
         return counts
+
+    def kept(self, recursive: bool = False, outputs: Iterable[str] = ()) -> dict[str, int]:
+        """The results the queue keeps, {"processed": n, "failed": n}, counted as counts() does; what each rescan
+        re-seeds the daemon's folder counts from. processed/ grows until consumers empty it, and listing it each
+        rescan made the idle daemon's one regular wake-up cost ~150 ms with 10,000 results on this VM: it is
+        listed again only when its entries may have changed, i.e. when its (inode, mtime, ctime) differ from the
+        last listing's, or its ctime is too close to that listing to rule out a change within the same clock tick
+        (git's "racily clean" rule). Recursive mode lists every time: a subfolder's entries do not touch it."""
+        return {"processed": self._processed_count(recursive, outputs),
+                "failed": len(self.files(self.failed, sidecar_dirs=True))}
+
+    def _processed_count(self, recursive: bool, outputs: Iterable[str]) -> int:
+        if recursive:
+            routed = set(outputs)
+            return len(self.files(self.processed, enter=lambda rel: rel not in routed))
+        try:
+            st = os.stat(self.processed)
+        except FileNotFoundError:
+            return 0
+        listed = time.time_ns()
+        sig = (st.st_ino, st.st_mtime_ns, st.st_ctime_ns)  # ctime too: utime(2) can set mtime back, never ctime
+        cached = self._processed_seen
+        if cached is not None and cached[0] == sig and st.st_ctime_ns < cached[1] - RACY_NS:
+            return cached[2]
+        n = _count(self.processed, True)
+        self._processed_seen = (sig, listed, n)
+        return n
 
     def failures(self, limit: int) -> list[dict[str, Any]]:
         """The newest `limit` failures, newest first: the sidecar records written by fail() (name, reason, line,

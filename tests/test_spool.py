@@ -11,6 +11,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -687,3 +688,51 @@ def test_a_file_named_like_its_folder_in_flight_makes_the_claim_wait(spool: Spoo
     assert state(spool.root) == {"underprocess/batch": b"F", "unprocessed/batch/a": b"A"}
     spool.commit("batch")
     assert spool.claim("batch/a", settled=True) is Claim.CLAIMED
+
+
+# --- kept(): the rescan's result counts, processed/ listed only when it may have changed -----------------------------
+def test_kept_follows_every_change_to_processed(spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Results arriving and consumers removing them, right after a listing (processed/'s ctime is then too recent to
+    prove nothing changed since: listed again), even with its mtime set back (utime cannot set ctime back); once
+    nothing touched it for longer than the racy margin, an unchanged processed/ is not listed again."""
+    import ingestd.spool as spool_mod
+
+    listings = []
+    real = spool_mod._count
+    monkeypatch.setattr(spool_mod, "_count", lambda folder, skip: listings.append(folder) or real(folder, skip))
+    p = Path(spool.processed)
+    assert spool.kept() == {"processed": 0, "failed": 0}
+    (p / "a").write_bytes(b"A\n")
+    assert spool.kept()["processed"] == 1
+    before = os.stat(p)
+    (p / "b").write_bytes(b"B\n")
+    os.utime(p, ns=(before.st_atime_ns, before.st_mtime_ns))  # its mtime as it was: the ctime still moved
+    assert spool.kept()["processed"] == 2, "a change hidden by utime was missed"
+    (p / "errors").mkdir()  # a routing output folder is not a result
+    (p / ".ingestd-tmp-1-x").write_bytes(b"")  # nor a worker's temp
+    assert spool.kept()["processed"] == 2
+    (p / "a").unlink()  # a consumer takes one
+    assert spool.kept()["processed"] == 1
+    time.sleep(spool_mod.RACY_NS / 1e9 + 0.2)  # nothing touches it for longer than the racy margin
+    assert spool.kept()["processed"] == 1  # listed once more (the last listing was racy), now trusted
+    listings.clear()
+    assert spool.kept()["processed"] == 1 and spool.kept()["processed"] == 1
+    assert listings == [], "an unchanged processed/ was listed again"
+    (p / "c").write_bytes(b"C\n")  # its mtime and ctime move: listed again
+    assert spool.kept()["processed"] == 2 and listings == [spool.processed]
+
+
+def test_kept_agrees_with_counts_for_a_processed_folder_made_again(spool: Spool) -> None:
+    """rm -rf processed/ and a new one (ext4 may give it the same inode): never the old count."""
+    p = Path(spool.processed)
+    for i in range(5):
+        (p / f"r{i}").write_bytes(b"x")
+    assert spool.kept()["processed"] == 5
+    st = os.stat(p)
+    shutil.rmtree(p)
+    p.mkdir()
+    (p / "only").write_bytes(b"x")
+    os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))  # even with the old mtime (and maybe the old inode)
+    assert spool.kept()["processed"] == 1 == spool.counts()["processed"]
+    shutil.rmtree(p)
+    assert spool.kept()["processed"] == 0
