@@ -218,16 +218,12 @@ def _map_range(fd: int, r: _Range, fn: Processor, twin: Callable[[bytes], bytes]
 def _lines_at(fd: int, pos: int, stop: int, limit: int, read: int) -> tuple[bytes, int]:
     """(bytes read at pos, how many of them are whole lines): at least one line, unless the line at pos is too
     long (_LongAt). A range's last line ends at stop."""
-    want = min(read, stop - pos)
-    block = _pread(fd, want, pos)
-    if pos + want == stop:
-        return block, want
-    cut = block.rfind(b"\n") + 1
-    if cut:
-        return block, cut
-    want = min(limit + 2, stop - pos)  # the longest line allowed: its content, a CR and its LF
-    if want > len(block):
-        block = _pread(fd, want, pos)
+    got = 0
+    # A block; if it holds no line end, the longest line allowed (its content, a CR and its LF), if that is more.
+    for want in (min(read, stop - pos), min(limit + 2, stop - pos)):
+        if want <= got:
+            break
+        block, got = _pread(fd, want, pos), want
         if pos + want == stop:
             return block, want
         cut = block.rfind(b"\n") + 1
