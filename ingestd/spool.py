@@ -249,6 +249,8 @@ class Spool:
         self.prune(self.underprocess, self.files(self.underprocess, dirs=True)[1])  # claim folders left empty
         try:
             self._stale = {f[len(ATTEMPTS):] for f in os.listdir(self.state) if f.startswith(ATTEMPTS)}
+        except FileNotFoundError:
+            pass  # a new watch dir (ensure() makes .ingestd/): no count anywhere
         except OSError:
             self._stale = None  # not known: every commit clears (one unlink each), the safe side
         return requeued, quarantined
