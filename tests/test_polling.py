@@ -252,10 +252,14 @@ def test_ten_thousand_files_all_listed_once_no_overflow(poller: Poller, unproces
     # A file caught by a listing between its creation and its write is listed again (attrib + listed): a set.
     assert {c.name for c in got if c.kind == "listed"} == {f"f{i:05}" for i in range(10_000)}
     assert {c.kind for c in got} <= {"listed", "attrib"}
+    # A file caught mid-write may echo (attrib + listed) a round late: a fresh-clone run saw that pair arrive after
+    # the unlinks below (reproduced: 1 run in 6). Harmless to the daemon (both only ask it to look again).
+    assert {c.kind for c in changes(poller)} <= {"listed", "attrib"}
     for i in range(10_000):
         (unprocessed / f"f{i:05}").unlink()
     got = changes(poller)
-    assert len(got) == 10_000 and {c.kind for c in got} == {"gone"}
+    assert sorted(c.name for c in got if c.kind == "gone") == [f"f{i:05}" for i in range(10_000)]  # each once
+    assert {c.kind for c in got} <= {"gone", "listed", "attrib"}
 
 
 def test_construction_errors_and_close(tmp_path: Path) -> None:
