@@ -712,14 +712,10 @@ class Spool:
         """Entries per folder; processed/ counts files only (its subfolders are routing outputs). recursive: the
         results of files from folders (processed/batch/a.txt) count too, at any depth, except inside the routing
         output folders named in `outputs` (paths under processed/, e.g. "errors"): those are still not counted."""
-        counts = {f: _count(getattr(self, f), f == "processed") for f in FOLDERS}
-        if recursive:
-            routed = set(outputs)
-            counts["processed"] = len(self.files(self.processed, enter=lambda rel: rel not in routed))
-        # Mirrored folders (recursive mode) hold files: count those, not the folders.
-        counts["underprocess"] = len(self.files(self.underprocess))
-        counts["failed"] = len(self.files(self.failed, sidecar_dirs=True))
-        return counts
+        # Each folder listed once; mirrored folders (recursive mode) hold files: count those, not the folders.
+        kept = self.kept(recursive, outputs)
+        return {"unprocessed": _count(self.unprocessed, False), "underprocess": len(self.files(self.underprocess)),
+                "processed": kept["processed"], "failed": kept["failed"]}
 
     def kept(self, recursive: bool = False, outputs: Iterable[str] = ()) -> dict[str, int]:
         """The results the queue keeps, {"processed": n, "failed": n}, counted as counts() does; what each rescan
