@@ -203,6 +203,11 @@ class Daemon:
                 for slot, msg in self.pool.receive(fd):
                     with self._boundary("worker message"):  # each file's outcome has a boundary of its own
                         self._on_worker(slot, msg)
+        if self.queue and not self.signals and self.state.phase == "running":
+            with self._boundary("dispatch"):
+                # A worker that just reported takes its next batch from the files claimed ahead at once: it does
+                # not wait for this turn's acks, log lines and claims (the parent and the workers overlap).
+                self._dispatch(now, claim=False)
         with self._boundary("housekeeping"):
             self._housekeeping(now)
         if self.state.phase == "stopping":
@@ -478,15 +483,18 @@ class Daemon:
         return st.st_size, st.st_mtime_ns
 
     # --- handing out work ------------------------------------------------------------------------------
-    def _dispatch(self, now: float) -> None:
+    def _dispatch(self, now: float, claim: bool = True) -> None:
+        """Hand a batch to each idle worker: jobs already claimed first, then (if `claim`) newly claimed files;
+        then, while every worker is busy, claim their next batches ahead (_claim_ahead)."""
         assert self.pool is not None
         idle = self.pool.idle()
         pause = self.state.pause
         if pause is not None and pause.kind is PauseKind.IO_ERROR and now >= pause.until:
             self.state.unpause()  # the backoff is over: try again (a new error pauses longer)
-        if not idle or self.state.paused(now) or not self._space_ok(now):
+        ahead = claim and not idle and bool(self.arrivals.ready) and bool(self.pool.busy())
+        if not (idle or ahead) or self.state.paused(now) or not self._space_ok(now):
             return
-        if not self.queue and not self.arrivals.ready:
+        if idle and not self.queue and not self.arrivals.ready:
             self._steal(len(idle))
         for slot in idle:
             # A batch each, so that many small files share one group commit; one file when few wait.
@@ -495,13 +503,13 @@ class Daemon:
             batch: list[Job] = []
             size = 0
             while len(batch) < target and size < BATCH_BYTES:
-                job = self._next_job(now)
+                job = self._next_job(now, claim)
                 if job is None:
                     break
                 batch.append(job)
                 size += job.size
             if not batch:
-                return
+                break
             if not self.pool.assign(slot, batch, now, self.wall()):
                 for job in reversed(batch):  # the worker died in between: its death is handled next turn
                     job.not_before = now
@@ -512,6 +520,26 @@ class Daemon:
                 # time under load was spent formatting log lines (py-spy, docs/benchmarks.md).
                 event("claimed", "claimed", logging.DEBUG, file=display(job.name), bytes=job.size, worker=slot.id,
                       attempts=job.attempts or None, recovered=job.recovered or None)
+        if claim:
+            self._claim_ahead(now)
+
+    def _claim_ahead(self, now: float) -> None:
+        """Every worker busy: claim the next batch of each now (up to MAX_BATCH files, BATCH_BYTES bytes a worker),
+        into the queue, so that a worker reporting its batch gets the next one in the same turn. Without it, one
+        worker on tmpfs waited for the parent's acks, log lines and claims after each batch: the two ran in series
+        (docs/benchmarks.md). A file claimed ahead is in underprocess/ as any claimed file is: a crash recovers it
+        (no attempt counted, no worker was on it), a stop returns it to unprocessed/."""
+        assert self.pool is not None
+        busy = len(self.pool.busy())
+        if not busy or self.pool.idle() or not self.arrivals.ready or self.state.paused(now):
+            return
+        files, size = len(self.queue), sum(j.size for j in self.queue)
+        while files < busy * MAX_BATCH and size < busy * BATCH_BYTES:
+            job = self._claim_next(now)
+            if job is None:
+                return
+            self.queue.append(job)
+            files, size = files + 1, size + job.size
 
     def _steal(self, idle: int) -> None:
         """Nothing waits and workers are idle: take back unstarted files from the fullest busy batches."""
@@ -527,14 +555,16 @@ class Daemon:
             for job in reversed(taken):
                 self._requeue(job)
 
-    def _next_job(self, now: float) -> Job | None:
-        """A claimed job whose backoff is over, else a newly claimed file, else None."""
-        for job in list(self.queue):
-            if job.not_before <= now:
-                self.queue.remove(job)
-                if os.path.lexists(os.path.join(self.spool.underprocess, job.name)):
-                    return job  # else it was committed or removed meanwhile: nothing left to do
+    def _next_job(self, now: float, claim: bool = True) -> Job | None:
+        """A claimed job whose backoff is over, else (if `claim`) a newly claimed file, else None."""
+        while (job := next((j for j in self.queue if j.not_before <= now), None)) is not None:
+            self.queue.remove(job)
+            if os.path.lexists(os.path.join(self.spool.underprocess, job.name)):
+                return job  # else it was committed or removed meanwhile: nothing left to do
+        return self._claim_next(now) if claim else None
 
+    def _claim_next(self, now: float) -> Job | None:
+        """The next complete arrival, claimed: a Job, or None when none can be claimed now."""
         while taken := self.arrivals.take(1, now, self._stat):  # a busy or gone name does not use up the slot
             with self._boundary("claim"):
                 claimed = self._claim(taken[0], now)

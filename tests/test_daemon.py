@@ -184,6 +184,29 @@ def test_second_sigterm_abandons_the_file_back_to_the_queue(start, tmp_path: Pat
     assert not folder(w, "underprocess") and not folder(w, "failed")
 
 
+def test_files_claimed_ahead_survive_a_kill_9_and_no_attempt_is_counted_for_them(start, tmp_path: Path) -> None:
+    """Files claimed ahead for a busy worker are in underprocess/ with no worker on them: after a crash each is
+    recovered and processed once, with no attempt counted (only the file the worker was on is charged one)."""
+    cfg = tmp_path / "hang.toml"
+    cfg.write_text(HANG_ROUTING)
+    d = start("--config", str(cfg), "--workers", "1", env={"INGESTD_STALL_TIME": "60"})
+    w = d.watch_dir
+    (w / "unprocessed" / "stuck.txt").write_bytes(b"HANG\n")
+    wait_for(lambda: folder(w, "underprocess") == ["stuck.txt"], what="claim")
+    ahead = [f"ahead-{i}.txt" for i in range(5)]
+    for name in ahead:
+        (w / "unprocessed" / name).write_bytes(b"%s\n" % name.encode())
+    wait_for(lambda: len(folder(w, "underprocess")) == 6, what="five claimed ahead")
+    d.kill()  # SIGKILL; its worker follows it (PR_SET_PDEATHSIG)
+    d2 = start("--workers", "1")
+    wait_for(lambda: len(folder(w, "processed")) == 6, what="every file after the restart")
+    for name in ahead:
+        assert processed(w, name) == name.upper().encode() + b"\n"
+        assert d2.event("recovered", file=name)["attempts"] == 0, name
+    assert d2.event("recovered", file="stuck.txt")["attempts"] == 1
+    assert not folder(w, "underprocess") and not folder(w, "failed") and d2.count("processed") == 6
+
+
 def test_a_hung_worker_is_killed_by_the_parent_and_the_file_ends_as_poison(start, tmp_path: Path) -> None:
     cfg = tmp_path / "hang.toml"
     cfg.write_text(HANG_ROUTING)

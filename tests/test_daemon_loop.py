@@ -227,7 +227,7 @@ def test_the_main_loop_sleeps_when_all_workers_are_busy(loop) -> None:
         turns += 1
     cpu = time.process_time() - cpu0
     assert cpu < 0.3, f"{cpu:.2f}s of CPU in 1.5s with all workers busy ({turns} turns)"
-    assert len(d.arrivals) == 20
+    assert len(d.arrivals) + len(d.queue) == 20  # waiting, or claimed ahead for the busy worker
 
 
 def test_a_port_in_use_fails_the_start_and_leaves_nothing_running(tmp_path: Path) -> None:
@@ -489,3 +489,70 @@ def test_health_calls_a_long_wait_idle_and_a_long_turn_stuck(loop) -> None:
         hold.set()
         turn.join(10)
     d._housekeeping = real  # type: ignore[method-assign]
+
+
+def test_files_are_claimed_ahead_for_a_busy_worker_and_handed_over_before_its_results_are_announced(loop,
+                                                                                                     events) -> None:
+    """Every worker busy: its next batch is claimed now (at most MAX_BATCH files), and when it reports, it gets
+    that batch in the same turn, before the parent acks and logs the batch it finished (the two overlap)."""
+    from ingestd.daemon import MAX_BATCH
+
+    lp = loop(config=SLOW_ROUTING)
+    d = lp.d
+    lp.drop("0-busy.txt", b"abc\n" * 300)  # ~0.6 s of slow work
+    lp.until(lambda: d.pool.busy(), what="the only worker busy")
+    names = [f"{i:02d}-next.txt" for i in range(MAX_BATCH + 5)]
+    for name in names:
+        lp.drop(name, b"next\n")
+    lp.until(lambda: len(d.queue) == MAX_BATCH, what="a batch claimed ahead")
+    assert len(folder(lp.w, "underprocess")) == MAX_BATCH + 1, "no more than one batch ahead of the worker"
+    assert len(d.arrivals) == 5 and lp.result("0-busy.txt") is None
+    seen: list[list[str]] = []
+
+    class Spy(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if getattr(record, "event", None) == "processed" and record.file == "0-busy.txt":
+                seen.append([j.name for s in d.pool.busy() for j in s.batch])
+
+    spy = Spy()
+    logging.getLogger("ingestd").addHandler(spy)
+    try:
+        lp.until(lambda: seen, what="0-busy.txt announced")
+    finally:
+        logging.getLogger("ingestd").removeHandler(spy)
+    assert seen[0] == names[:MAX_BATCH], "the worker had its next batch before the last one was announced"
+    lp.until(lambda: len(folder(lp.w, "processed")) == len(names) + 1, timeout=20, what="every file")
+    assert not folder(lp.w, "underprocess") and not d.queue and not events("internal_error")
+
+
+def test_a_stop_returns_the_files_claimed_ahead_to_the_queue_uncounted(loop, events) -> None:
+    lp = loop(config=HANG_ROUTING, stall_time=60)
+    d = lp.d
+    lp.drop("0-stuck.txt", b"HANG\n")
+    lp.until(lambda: d.pool.busy(), what="the only worker busy")
+    for i in range(5):
+        lp.drop(f"{i}-ahead.txt", b"ahead\n")
+    lp.until(lambda: len(d.queue) == 5, what="five claimed ahead")
+    d.shutdown()
+    assert folder(lp.w, "unprocessed") == ["0-ahead.txt", "0-stuck.txt", "1-ahead.txt", "2-ahead.txt",
+                                           "3-ahead.txt", "4-ahead.txt"]
+    assert not folder(lp.w, "underprocess") and not folder(lp.w, "processed")
+    assert [e.file for e in events("abandoned")] == ["0-stuck.txt"], "only the file a worker held was abandoned"
+    assert all(d.spool.attempts(f"{i}-ahead.txt") == 0 for i in range(5))
+
+
+def test_claiming_ahead_stops_while_claiming_is_paused(loop, events) -> None:
+    """A pause (an I/O error's backoff, low disk space) claims nothing, ahead or not."""
+    from ingestd.state import PauseKind
+
+    lp = loop(config=HANG_ROUTING, stall_time=60)
+    d = lp.d
+    lp.drop("0-stuck.txt", b"HANG\n")
+    lp.until(lambda: d.pool.busy(), what="the only worker busy")
+    d.state.pause_for(PauseKind.LOW_DISK, "low disk space: test", lp.clock() + 3600)
+    for i in range(3):
+        lp.drop(f"{i}-wait.txt", b"w\n")
+    lp.until(lambda: len(d.arrivals.ready) == 3, what="three complete arrivals")
+    for _ in range(5):
+        d.main_loop_once()
+    assert not d.queue and folder(lp.w, "underprocess") == ["0-stuck.txt"]
