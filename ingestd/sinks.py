@@ -89,9 +89,9 @@ class Sinks:
         self.file_exist, self.claim = file_exist, claim
         self.superseded: list[Superseded] = []  # what publish did to earlier results
         self.fresh = True  # publish added an entry NAME to processed/ itself (none stood there): its count grows
-        tag = tag or str(os.getpid())
-        self.temp_name = f"{TEMP_OUTPUT_PREFIX}{tag}-{key(name)}"
-        self.keep_name = f"{TEMP_OUTPUT_PREFIX}{tag}-old-{key(name)}"  # an earlier result, kept until commit
+        tag, k = tag or str(os.getpid()), key(name)
+        self.temp_name = f"{TEMP_OUTPUT_PREFIX}{tag}-{k}"
+        self.keep_name = f"{TEMP_OUTPUT_PREFIX}{tag}-old-{k}"  # an earlier result, kept until commit
         self.outs: dict[str, _Out] = {}
         self.bytes_out = 0
         self.lines_out: dict[str, int] = {}
@@ -102,8 +102,10 @@ class Sinks:
     def _open(self, folder: str) -> _Out:
         temp = os.path.join(self._dir(folder), self.temp_name)
         with in_phase(Phase.WRITE_OUTPUT):
-            durable.unlink_quiet(temp)  # left by an earlier attempt in this same worker process
             try:
+                fd = durable.create_exclusive(temp)
+            except FileExistsError:  # left by an earlier attempt in this same worker process (its abort failed)
+                durable.unlink_quiet(temp)
                 fd = durable.create_exclusive(temp)
             except FileNotFoundError:
                 # The output folder vanished (rmdir, rm -rf processed/): recreate it rather than retry for ever

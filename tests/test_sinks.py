@@ -294,3 +294,23 @@ def test_line_count_of_any_write_shape(processed: Path, writes: list[bytes], lin
         s.write("", w)
     s.commit()
     assert s.lines_out == {"": lines}
+
+
+def test_a_temp_left_by_an_earlier_attempt_in_this_process_is_replaced_not_written_through(processed: Path,
+                                                                                           tmp_path: Path) -> None:
+    """An earlier attempt whose abort could not remove its temp (same pid, same name: same temp name): the new
+    attempt starts a fresh file; a symlink there is removed, never followed."""
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"keep me\n")
+    for stale in ("file", "symlink"):
+        s = Sinks(str(processed), "a.txt", [""])
+        temp = processed / s.temp_name
+        if stale == "file":
+            temp.write_bytes(b"stale bytes from the earlier attempt, longer than the new ones\n")
+        else:
+            temp.symlink_to(victim)
+        s.write("", b"new\n")
+        s.commit()
+        assert (processed / "a.txt").read_bytes() == b"new\n", stale
+        assert not temp.exists() and not temp.is_symlink()
+        assert victim.read_bytes() == b"keep me\n"
