@@ -917,7 +917,9 @@ class Daemon:
             self.next_history = now + HISTORY_EVERY
         self.state.publish(self.pool.view(now), len(self.arrivals), self.arrivals.oldest_seen(),
                            self.pool.in_flight() + len(self.queue) + len(self.unacked),
-                           [s.job.started_wall for s in busy if s.job], self.health())
+                           # claimed files not in a worker's hands (claimed ahead, waiting for a retry) age too
+                           [s.job.started_wall for s in busy if s.job] + [j.claimed_at for j in self.queue],
+                           self.health())
         self.notifier.status(self.state.status_line())
         self.next_view = now + PROGRESS_REFRESH
 

@@ -556,3 +556,18 @@ def test_claiming_ahead_stops_while_claiming_is_paused(loop, events) -> None:
     for _ in range(5):
         d.main_loop_once()
     assert not d.queue and folder(lp.w, "underprocess") == ["0-stuck.txt"]
+
+
+def test_files_claimed_ahead_behind_a_stuck_worker_age_in_the_underprocess_gauge(loop) -> None:
+    """A file claimed ahead is in underprocess/: its age since the claim shows in the oldest-file gauge (the
+    stuck-work alert's input), as it showed in unprocessed/'s before it was claimed ahead."""
+    lp = loop(config=HANG_ROUTING, stall_time=60)
+    d = lp.d
+    lp.drop("0-stuck.txt", b"HANG\n")
+    lp.until(lambda: d.pool.busy(), what="the only worker busy")
+    lp.drop("1-ahead.txt", b"ahead\n")
+    lp.until(lambda: d.queue, what="one claimed ahead")
+    d.pool.busy()[0].job.started_wall = time.time()  # the stuck file as if just started: the queued one is older
+    d.queue[0].claimed_at = time.time() - 600
+    d._publish_view()
+    assert d.state.snapshot()["oldest"]["underprocess"] >= 600
