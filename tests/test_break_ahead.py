@@ -1,0 +1,57 @@
+"""Breaking the claim-ahead change of issue 10 (e77dc02, 61cbacc): files claimed ahead for busy workers.
+
+The daemon in process, as in test_daemon_loop.py (its main loop turned by the test, an injected clock, real
+workers, real inotify).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from support import HANG_ROUTING, folder
+from test_daemon_loop import Loop, events, loop  # noqa: F401 (fixtures)
+
+
+def hung(lp: Loop) -> None:
+    """Every worker blocks on a file of its own (HANG): every file dropped afterwards is claimed ahead."""
+    for i in range(lp.d.s.workers):
+        lp.drop(f"{i}-stuck.txt", b"HANG\n")
+        lp.until(lambda: len(lp.d.pool.busy()) > i, what=f"{i + 1} workers busy")
+
+
+def unstick(lp: Loop, stall_time: float) -> None:
+    """The parent finds the worker stuck and kills it; its replacement takes the files claimed ahead."""
+    lp.clock.advance(stall_time + 1)
+
+
+def outputs(lp: Loop, name: str) -> list[str]:
+    return sorted(n for n in folder(lp.w, "processed") if n == name or n.startswith(name + ".superseded-"))
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_name_claimed_again_after_its_claimed_ahead_file_was_removed_by_hand_is_processed_once(loop, events,
+                                                                                               workers) -> None:
+    """a.txt claimed ahead; someone removes it from underprocess/ by hand; a new a.txt arrives and is claimed
+    (nothing of that name is in flight any more). The queue then held two jobs named a.txt, and the stale one's
+    check (the name exists in underprocess/) passed on the new file: both went to the worker in one batch."""
+    lp = loop(config=HANG_ROUTING, stall_time=60, max_attempts=1, workers=workers)
+    d = lp.d
+    hung(lp)
+    lp.drop("a.txt", b"one\n")
+    lp.until(lambda: len(d.queue) == 1, what="a.txt claimed ahead")
+    os.unlink(lp.w / "underprocess" / "a.txt")
+    lp.drop("a.txt", b"two\n")
+    lp.until(lambda: (lp.w / "underprocess" / "a.txt").exists() and not d.arrivals.ready, what="the new a.txt claimed")
+    assert [j.name for j in d.queue] == ["a.txt"], "one job for the one a.txt in underprocess/"
+    unstick(lp, 60)
+    lp.until(lambda: lp.result("a.txt") and not (lp.w / "underprocess" / "a.txt").exists() and not d.unacked,
+             what="a.txt done")
+    assert outputs(lp, "a.txt") == ["a.txt"], "one input, one result"
+    assert lp.result("a.txt") == b"TWO\n"
+    assert [e.file for e in events("processed")].count("a.txt") == 1
+    # The two jobs went to the worker in one batch: both wrote the same temp name, the second publish found
+    # none, and the log said an output folder was missing (none was); the file was then done a second time.
+    assert not events("folders_recreated") and not events("io_error") and not events("internal_error")
