@@ -510,10 +510,17 @@ class Daemon:
                 size += job.size
             if not batch:
                 break
-            if not self.pool.assign(slot, batch, now, self.wall()):
-                for job in reversed(batch):  # the worker died in between: its death is handled next turn
-                    job.not_before = now
-                    self.queue.appendleft(job)
+            assigned = False
+            try:
+                assigned = self.pool.assign(slot, batch, now, self.wall())
+            finally:
+                # Not handed over (the worker died in between: its death is handled next turn; or a bug, which the
+                # boundary reports): back to the queue, or the batch stayed in underprocess/ in no one's hands.
+                if not assigned:
+                    for job in reversed(batch):
+                        job.not_before = now
+                        self.queue.appendleft(job)
+            if not assigned:
                 continue
             for job in batch if log.logger.isEnabledFor(logging.DEBUG) else ():
                 # DEBUG: one log line per file (processed or failed, which carry claimed_at); 28% of the parent's

@@ -55,3 +55,34 @@ def test_a_name_claimed_again_after_its_claimed_ahead_file_was_removed_by_hand_i
     # The two jobs went to the worker in one batch: both wrote the same temp name, the second publish found
     # none, and the log said an output folder was missing (none was); the file was then done a second time.
     assert not events("folders_recreated") and not events("io_error") and not events("internal_error")
+
+
+def test_an_unexpected_error_handing_over_files_claimed_ahead_loses_none_of_them(loop, events) -> None:
+    """The failure boundary around a dispatch: an exception in the hand-off (here Pool.assign, once) left the jobs
+    it had taken from the queue in no one's hands: never processed until a restart, not returned by a stop, and
+    not counted on the page (underprocess 3 files, the page said 0)."""
+    lp = loop(config=HANG_ROUTING, stall_time=60, max_attempts=1)
+    d = lp.d
+    hung(lp)
+    names = [f"{i}-ahead.txt" for i in range(3)]
+    for name in names:
+        lp.drop(name, b"ahead\n")
+    lp.until(lambda: len(d.queue) == 3, what="three claimed ahead")
+    real = d.pool.assign
+    calls = []
+
+    def assign(*args):  # type: ignore[no-untyped-def]
+        calls.append(args)
+        if len(calls) == 1:
+            raise RuntimeError("injected: the hand-off failed")
+        return real(*args)
+
+    d.pool.assign = assign  # type: ignore[method-assign]
+    unstick(lp, 60)
+    lp.until(lambda: calls, what="a hand-off to the replacement worker")
+    assert events("internal_error"), "the boundary caught it"
+    d._publish_view()
+    assert d.snapshot()["counts"]["underprocess"] == len(folder(lp.w, "underprocess")), "the page counts them"
+    lp.until(lambda: all(lp.result(n) for n in names), timeout=20, what="every file claimed ahead")
+    assert [lp.result(n) for n in names] == [b"AHEAD\n"] * 3
+    assert not folder(lp.w, "underprocess")
