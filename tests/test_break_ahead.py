@@ -7,12 +7,13 @@ workers, real inotify).
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
 
 from support import HANG_ROUTING, folder
-from test_daemon_loop import Loop, events, loop  # noqa: F401 (fixtures)
+from test_daemon_loop import SLOW_ROUTING, Loop, events, loop  # noqa: F401 (fixtures)
 
 
 def hung(lp: Loop) -> None:
@@ -86,3 +87,36 @@ def test_an_unexpected_error_handing_over_files_claimed_ahead_loses_none_of_them
     lp.until(lambda: all(lp.result(n) for n in names), timeout=20, what="every file claimed ahead")
     assert [lp.result(n) for n in names] == [b"AHEAD\n"] * 3
     assert not folder(lp.w, "underprocess")
+
+
+def test_a_worker_killed_between_batches_charges_no_attempt_to_the_batch_it_never_started(loop, events) -> None:
+    """The worker reports its batch and is handed the files claimed ahead at once; it is killed (kill -9, the OOM
+    killer) before it reads that hand-off. Its cursor said file 0 of the new batch from the moment of the
+    hand-off, so the death blamed that file, which no worker had opened: an attempt, and with max_attempts = 1
+    an innocent file set aside as poison."""
+    lp = loop(config=SLOW_ROUTING, max_attempts=1)
+    d = lp.d
+    lp.drop("0-busy.txt", b"abc\n" * 300)  # ~0.6 s of slow work
+    lp.until(lambda: d.pool.busy(), what="the only worker busy")
+    names = [f"{i}-ahead.txt" for i in range(3)]
+    for name in names:
+        lp.drop(name, b"ahead\n")
+    lp.until(lambda: len(d.queue) == 3, what="three claimed ahead")
+    real = d.pool.assign
+    killed: list[int] = []
+
+    def assign(slot, jobs, *args):  # type: ignore[no-untyped-def]
+        if killed:
+            return real(slot, jobs, *args)
+        os.kill(slot.pid, signal.SIGSTOP)  # between its batches: it has not read the hand-off
+        ok = real(slot, jobs, *args)
+        os.kill(slot.pid, signal.SIGKILL)
+        killed.append(slot.pid)
+        return ok
+
+    d.pool.assign = assign  # type: ignore[method-assign]
+    lp.until(lambda: events("worker_died"), what="the worker's death")
+    lp.until(lambda: all(lp.result(n) for n in names), timeout=20, what="every file claimed ahead")
+    assert not folder(lp.w, "failed")
+    assert [e.file for e in events("worker_died")] == [None], "no file was blamed"
+    assert all(d.spool.attempts(n) == 0 for n in names)
