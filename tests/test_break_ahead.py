@@ -20,7 +20,7 @@ def hung(lp: Loop) -> None:
     """Every worker blocks on a file of its own (HANG): every file dropped afterwards is claimed ahead."""
     for i in range(lp.d.s.workers):
         lp.drop(f"{i}-stuck.txt", b"HANG\n")
-        lp.until(lambda: len(lp.d.pool.busy()) > i, what=f"{i + 1} workers busy")
+        lp.until(lambda: sum(s.cursor[0] == 0 for s in lp.d.pool.busy()) > i, what=f"{i + 1} workers on their file")
 
 
 def unstick(lp: Loop, stall_time: float) -> None:
