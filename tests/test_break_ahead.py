@@ -120,3 +120,75 @@ def test_a_worker_killed_between_batches_charges_no_attempt_to_the_batch_it_neve
     assert not folder(lp.w, "failed")
     assert [e.file for e in events("worker_died")] == [None], "no file was blamed"
     assert all(d.spool.attempts(n) == 0 for n in names)
+
+
+def test_files_claimed_ahead_before_a_reload_are_processed_with_the_new_routing(loop, tmp_path: Path,
+                                                                                 events) -> None:
+    """SIGHUP while the worker is busy and files are claimed ahead: the worker retires when it reports, so the
+    early hand-off must not give it the next batch (old routing); its replacement takes them."""
+    from ingestd import settings as settings_mod
+
+    reverse = tmp_path / "reverse.toml"
+    reverse.write_text('[[filters]]\nmatch = "*"\nprocessor = "reverse"\n')
+    new = settings_mod.load({"watch_dir": str(tmp_path / "w"), "config": str(reverse)}, environ={}, cwd=tmp_path)
+    lp = loop(config=SLOW_ROUTING, reload=lambda: new)
+    d = lp.d
+    lp.drop("0-busy.txt", b"abc\n" * 300)  # ~0.6 s of slow work
+    lp.until(lambda: d.pool.busy(), what="the only worker busy")
+    lp.drop("1-ahead.txt", b"abc\n")
+    lp.until(lambda: len(d.queue) == 1, what="1-ahead.txt claimed ahead")
+    d._on_signal(signal.SIGHUP, None)
+    lp.until(lambda: lp.result("1-ahead.txt"), timeout=20, what="1-ahead.txt done")
+    assert lp.result("0-busy.txt") == b"ABC\n" * 300
+    assert lp.result("1-ahead.txt") == b"cba\n", "claimed ahead, but started after the reload"
+    assert not events("internal_error")
+
+
+def test_a_stop_gives_a_file_claimed_ahead_its_done_marker_back(loop, events) -> None:
+    lp = loop(config=HANG_ROUTING, stall_time=60, done_marker=True)
+    d = lp.d
+    lp.drop("0-stuck.txt", b"HANG\n")
+    lp.drop("0-stuck.txt.done", b"")
+    lp.until(lambda: d.pool.busy(), what="the only worker busy")
+    lp.drop("a.txt", b"a\n")
+    lp.drop("a.txt.done", b"")
+    lp.until(lambda: len(d.queue) == 1, what="a.txt claimed ahead")
+    assert folder(lp.w, "unprocessed") == []
+    d.shutdown()
+    assert folder(lp.w, "unprocessed") == ["0-stuck.txt", "0-stuck.txt.done", "a.txt", "a.txt.done"]
+    assert not folder(lp.w, "underprocess")
+
+
+def test_a_stop_returns_a_file_claimed_ahead_from_a_folder_removed_meanwhile(loop, events) -> None:
+    """Recursive mode: sub/a.txt claimed ahead empties unprocessed/sub/, which is removed after settle_time; a stop
+    then gives sub/a.txt back into a folder made again."""
+    lp = loop(config=HANG_ROUTING, stall_time=600, recursive=True)
+    d = lp.d
+    hung(lp)
+    (lp.w / "unprocessed" / "sub").mkdir()
+    lp.drop("sub/a.txt", b"a\n")
+    lp.until(lambda: len(d.queue) == 1, what="sub/a.txt claimed ahead")
+    lp.clock.advance(5)
+    lp.until(lambda: not (lp.w / "unprocessed" / "sub").exists(), what="the emptied folder removed")
+    d.shutdown()
+    assert (lp.w / "unprocessed" / "sub" / "a.txt").read_bytes() == b"a\n"
+    assert folder(lp.w, "underprocess") == []
+
+
+@pytest.mark.xfail(strict=True, reason="not fixed (reported): files claimed ahead show in no age series; which "
+                   "series should carry them (unprocessed, as before the change, or underprocess since their claim) "
+                   "is the lead's call, and either changes what the alerts read")
+def test_files_waiting_behind_a_busy_worker_still_show_their_age(loop) -> None:
+    """Before claim-ahead, files waiting while every worker was busy stayed in unprocessed/, and their wait showed
+    in ingestd_folder_oldest_file_age_seconds{folder="unprocessed"} (IngestdOldestUnprocessedTooOld: 30 min, the
+    page's "oldest"). Claimed ahead, they wait in underprocess/ in no worker's hands: the unprocessed age is 0, and
+    the underprocess age is only the current file's. Up to MAX_BATCH late files per worker page no one."""
+    lp = loop(config=HANG_ROUTING, stall_time=3600)
+    d = lp.d
+    hung(lp)
+    for i in range(3):
+        lp.drop(f"{i}-late.txt", b"late\n")
+    lp.until(lambda: len(d.queue) + len(d.arrivals.ready) == 3, what="three waiting for the worker")
+    lp.clock.advance(2000)  # the monotonic clock the unprocessed age is measured on
+    d._publish_view()
+    assert d.snapshot()["oldest"]["unprocessed"] >= 2000
