@@ -995,10 +995,17 @@ class Daemon:
 
     def _unclaim(self, job: Job) -> None:
         try:
-            self.spool.unclaim(job.name)
+            returned = self.spool.unclaim(job.name)
         except OSError as e:  # it stays in underprocess/; recovery takes it at the next start
             event("io_error", "could not return a file to the queue", logging.ERROR, file=display(job.name),
                   reason=oserror(e))
+            return
+        if not returned:
+            # Refused (a newer file of that name waits in unprocessed/, or the move failed): it stays in
+            # underprocess/, where `ingestd status` lists it as in progress with no daemon running; say why.
+            event("kept_claimed", "file left in underprocess/ (a newer file of that name waits in unprocessed/, or "
+                  "it could not be moved back); the next start processes it first", logging.WARNING,
+                  file=display(job.name))
 
     def _restore_signals(self) -> None:
         for sig, handler in self._old_handlers.items():

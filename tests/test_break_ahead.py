@@ -193,3 +193,27 @@ def test_files_waiting_behind_a_busy_worker_still_show_their_age(loop) -> None: 
     lp.clock.advance(2000)  # the monotonic clock the unprocessed age is measured on
     d._publish_view()
     assert d.snapshot()["oldest"]["unprocessed"] >= 2000
+
+
+def test_a_stop_that_cannot_return_a_file_claimed_ahead_says_so_and_the_next_start_keeps_the_order(
+        loop, events) -> None:  # noqa: F811
+    """a.txt claimed ahead, then a newer a.txt arrives (it waits: the name is in flight). A stop cannot give the
+    older one back (never over a newer file): it stayed in underprocess/ without a word, listed by `ingestd status`
+    as in progress with no daemon running. Now said; the next start processes the older first, then the newer."""
+    lp = loop(config=HANG_ROUTING, stall_time=60)
+    d = lp.d
+    hung(lp)
+    lp.drop("a.txt", b"older\n")
+    lp.until(lambda: len(d.queue) == 1, what="a.txt claimed ahead")
+    lp.drop("a.txt", b"newer\n")
+    lp.until(lambda: (lp.w / "unprocessed" / "a.txt").exists(), what="the newer a.txt waiting")
+    d.shutdown()
+    assert [e.file for e in events("kept_claimed")] == ["a.txt"]
+    assert folder(lp.w, "underprocess") == ["a.txt"] and "a.txt" in folder(lp.w, "unprocessed")
+    os.unlink(lp.w / "unprocessed" / "0-stuck.txt")
+    lp2 = loop()
+    lp2.until(lambda: len(events("processed")) == 2, timeout=20, what="both a.txt processed")
+    assert lp2.result("a.txt") == b"NEWER\n"
+    kept = [n for n in folder(lp2.w, "processed") if n.startswith("a.txt.superseded-")]
+    assert len(kept) == 1 and (lp2.w / "processed" / kept[0]).read_bytes() == b"OLDER\n"
+    assert d.spool.attempts("a.txt") == 0
