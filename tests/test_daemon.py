@@ -199,7 +199,9 @@ def test_files_claimed_ahead_survive_a_kill_9_and_no_attempt_is_counted_for_them
     wait_for(lambda: len(folder(w, "underprocess")) == 6, what="five claimed ahead")
     d.kill()  # SIGKILL; its worker follows it (PR_SET_PDEATHSIG)
     d2 = start("--workers", "1")
-    wait_for(lambda: len(folder(w, "processed")) == 6, what="every file after the restart")
+    # Committed too: the outputs are published before the parent unlinks the inputs (and announces them).
+    wait_for(lambda: len(folder(w, "processed")) == 6 and not folder(w, "underprocess") and d2.count("processed") == 6,
+             what="every file after the restart")
     for name in ahead:
         assert processed(w, name) == name.upper().encode() + b"\n"
         assert d2.event("recovered", file=name)["attempts"] == 0, name
