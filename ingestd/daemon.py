@@ -99,6 +99,7 @@ class Daemon:
         self._old_handlers: dict[int, Any] = {}
         self._backed_off = False  # this worker message already paused claiming once
         self._on_tty = log.text_wanted("auto")  # stderr is a terminal: a SIGHUP may be its hang-up
+        self._records_ok = True  # .ingestd/inflight was written at start: a crash charges only the files worked on
 
     # --- startup -------------------------------------------------------------------------------
     def startup(self) -> None:
@@ -115,7 +116,8 @@ class Daemon:
         self._make_output_folders()
         self.state.restore(history.load(str(self.spool.root)))
         self._recover()
-        if not inflight.prepare(self.spool.state, self.s.workers):  # after recovery has read the old records
+        self._records_ok = inflight.prepare(self.spool.state, self.s.workers)  # after recovery read the old ones
+        if not self._records_ok:
             event("io_error", "cannot write .ingestd/inflight: a crash will count an attempt for every claimed file",
                   logging.WARNING)
         # The watch goes up before the scan, so nothing arriving in between is missed. Polling where inotify cannot
@@ -537,6 +539,8 @@ class Daemon:
         (docs/benchmarks.md). A file claimed ahead is in underprocess/ as any claimed file is: a crash recovers it
         (no attempt counted, no worker was on it), a stop returns it to unprocessed/."""
         assert self.pool is not None
+        if not self._records_ok:
+            return  # a crash would charge every claimed file an attempt: files no worker holds wait unclaimed
         busy = len(self.pool.busy())
         if not busy or self.pool.idle() or not self.arrivals.ready or self.state.paused(now):
             return

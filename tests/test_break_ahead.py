@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from pathlib import Path
 
 import pytest
 
 from support import HANG_ROUTING, folder
+from test_daemon import start  # noqa: F401 (fixture)
 from test_daemon_loop import SLOW_ROUTING, Loop, events, loop  # noqa: F401 (fixtures)
 
 
@@ -217,3 +219,33 @@ def test_a_stop_that_cannot_return_a_file_claimed_ahead_says_so_and_the_next_sta
     kept = [n for n in folder(lp2.w, "processed") if n.startswith("a.txt.superseded-")]
     assert len(kept) == 1 and (lp2.w / "processed" / kept[0]).read_bytes() == b"OLDER\n"
     assert d.spool.attempts("a.txt") == 0
+
+
+def test_without_trustworthy_inflight_records_nothing_is_claimed_ahead(start, tmp_path: Path) -> None:  # noqa: F811
+    """.ingestd/inflight cannot be written (a full disk at start; here a folder in its place): a crash counts an
+    attempt for every file in underprocess/, the safe side (docs/queue.md). Files claimed ahead were then charged
+    for a crash no worker of theirs was in: with max_attempts = 1, three files no worker had opened went to
+    failed/ as poison. Before claim-ahead they waited in unprocessed/, uncharged; so they must again."""
+    from support import wait_for
+
+    cfg = tmp_path / "hang.toml"
+    cfg.write_text(HANG_ROUTING)
+    w = tmp_path / "w"
+    (w / ".ingestd" / "inflight").mkdir(parents=True)
+    d = start("--config", str(cfg), "--workers", "1", env={"INGESTD_STALL_TIME": "60", "INGESTD_MAX_ATTEMPTS": "1"})
+    assert d.event("io_error"), "the start says a crash will count every claimed file"
+    (w / "unprocessed" / "stuck.txt").write_bytes(b"HANG\n")
+    wait_for(lambda: folder(w, "underprocess") == ["stuck.txt"], what="stuck.txt claimed")
+    ahead = [f"ahead-{i}.txt" for i in range(3)]
+    for name in ahead:
+        (w / "unprocessed" / name).write_bytes(b"ahead\n")
+    wait_for(lambda: d.status()["counts"]["unprocessed"] == 3 or len(folder(w, "underprocess")) == 4,
+             what="the three seen")
+    time.sleep(1.0)  # turns enough for a claim ahead (settle_time 0.3 s)
+    d.kill()  # SIGKILL; its worker follows it
+    d2 = start("--workers", "1", env={"INGESTD_MAX_ATTEMPTS": "1"})
+    wait_for(lambda: all((w / "processed" / n).exists() or (w / "failed" / n).exists() for n in ahead),
+             timeout=15, what="the three done, one way or the other")
+    assert folder(w, "failed") == ["stuck.txt"], "only the file a worker was on is charged"
+    assert all((w / "processed" / n).read_bytes() == b"AHEAD\n" for n in ahead)
+    assert d2.count("failed") == 1
