@@ -99,6 +99,7 @@ class Daemon:
         self._old_handlers: dict[int, Any] = {}
         self._backed_off = False  # this worker message already paused claiming once
         self._on_tty = log.text_wanted("auto")  # stderr is a terminal: a SIGHUP may be its hang-up
+        self._records_ok = True  # .ingestd/inflight was written at start: a crash charges only the files worked on
 
     # --- startup -------------------------------------------------------------------------------
     def startup(self) -> None:
@@ -115,7 +116,8 @@ class Daemon:
         self._make_output_folders()
         self.state.restore(history.load(str(self.spool.root)))
         self._recover()
-        if not inflight.prepare(self.spool.state, self.s.workers):  # after recovery has read the old records
+        self._records_ok = inflight.prepare(self.spool.state, self.s.workers)  # after recovery read the old ones
+        if not self._records_ok:
             event("io_error", "cannot write .ingestd/inflight: a crash will count an attempt for every claimed file",
                   logging.WARNING)
         # The watch goes up before the scan, so nothing arriving in between is missed. Polling where inotify cannot
@@ -510,10 +512,17 @@ class Daemon:
                 size += job.size
             if not batch:
                 break
-            if not self.pool.assign(slot, batch, now, self.wall()):
-                for job in reversed(batch):  # the worker died in between: its death is handled next turn
-                    job.not_before = now
-                    self.queue.appendleft(job)
+            assigned = False
+            try:
+                assigned = self.pool.assign(slot, batch, now, self.wall())
+            finally:
+                # Not handed over (the worker died in between: its death is handled next turn; or a bug, which the
+                # boundary reports): back to the queue, or the batch stayed in underprocess/ in no one's hands.
+                if not assigned:
+                    for job in reversed(batch):
+                        job.not_before = now
+                        self.queue.appendleft(job)
+            if not assigned:
                 continue
             for job in batch if log.logger.isEnabledFor(logging.DEBUG) else ():
                 # DEBUG: one log line per file (processed or failed, which carry claimed_at); 28% of the parent's
@@ -530,6 +539,8 @@ class Daemon:
         (docs/benchmarks.md). A file claimed ahead is in underprocess/ as any claimed file is: a crash recovers it
         (no attempt counted, no worker was on it), a stop returns it to unprocessed/."""
         assert self.pool is not None
+        if not self._records_ok:
+            return  # a crash would charge every claimed file an attempt: files no worker holds wait unclaimed
         busy = len(self.pool.busy())
         if not busy or self.pool.idle() or not self.arrivals.ready or self.state.paused(now):
             return
@@ -569,10 +580,18 @@ class Daemon:
             with self._boundary("claim"):
                 claimed = self._claim(taken[0], now)
                 if claimed is not None:
+                    self._drop_stale(claimed.name)
                     return claimed
             if self.state.paused(now):
                 return None  # the claim failed with an I/O error: claiming is paused
         return None
+
+    def _drop_stale(self, name: str) -> None:
+        """NAME was just claimed, so no file of that name was in underprocess/: a queued job of that name (claimed
+        ahead or waiting for a retry, its file removed by hand) is stale. Kept, its check (the name exists) passed
+        on the new file, and both went to one worker, which redid the file (tests/test_break_ahead.py)."""
+        for job in [j for j in self.queue if j.name == name] if self.queue else ():
+            self.queue.remove(job)
 
     def _claim(self, r: Ready, now: float) -> Job | None:
         """Claim r.name: a Job, or None if it was not claimed (the arrivals model is told why)."""
@@ -982,10 +1001,17 @@ class Daemon:
 
     def _unclaim(self, job: Job) -> None:
         try:
-            self.spool.unclaim(job.name)
+            returned = self.spool.unclaim(job.name)
         except OSError as e:  # it stays in underprocess/; recovery takes it at the next start
             event("io_error", "could not return a file to the queue", logging.ERROR, file=display(job.name),
                   reason=oserror(e))
+            return
+        if not returned:
+            # Refused (a newer file of that name waits in unprocessed/, or the move failed): it stays in
+            # underprocess/, where `ingestd status` lists it as in progress with no daemon running; say why.
+            event("kept_claimed", "file left in underprocess/ (a newer file of that name waits in unprocessed/, or "
+                  "it could not be moved back); the next start processes it first", logging.WARNING,
+                  file=display(job.name))
 
     def _restore_signals(self) -> None:
         for sig, handler in self._old_handlers.items():

@@ -34,7 +34,7 @@ class Slot:
     id: int
     process: BaseProcess
     conn: Connection
-    cursor: Any  # multiprocessing Array("i", 2) with a lock: [index of the file it is on, index to stop before]
+    cursor: Any  # multiprocessing Array("i", 2) with a lock: [index of the file it is on (-1 before the first), index to stop before]
     batch: list[Job] = field(default_factory=list)  # what it holds, in order; empty when idle
     index: int = 0  # the batch's file it is on (from its heartbeats)
     done: set[str] = field(default_factory=set)  # names of its batch already reported (committed ahead)
@@ -159,7 +159,9 @@ class Pool:
     def assign(self, slot: Slot, jobs: list[Job], now: float, wall: float) -> bool:
         """Hand a batch to an idle worker. False if the worker died meanwhile (nothing is taken)."""
         with slot.cursor.get_lock():
-            slot.cursor[0], slot.cursor[1] = 0, len(jobs)
+            # -1: no file started yet. 0 blamed the batch's first file for a death before the worker read this
+            # hand-off (killed between batches), a file no worker had opened (tests/test_break_ahead.py).
+            slot.cursor[0], slot.cursor[1] = -1, len(jobs)
         try:
             slot.conn.send(Assign(tuple(j.name for j in jobs)))
         except OSError:  # BrokenPipeError: it died between the poll and this hand-off
@@ -189,7 +191,7 @@ class Pool:
         worker can have them: a slow or stuck file holds up only itself, not the rest of its batch. The lock
         makes the cut exact: the worker checks it before starting each file (worker.run_batch)."""
         with slot.cursor.get_lock():
-            started = slot.cursor[0] + 1
+            started = max(0, slot.cursor[0]) + 1  # the first file is never taken: the worker may be starting it
             rest = min(slot.cursor[1], len(slot.batch)) - started
             if rest < 1:
                 return []
