@@ -178,25 +178,6 @@ def test_a_stop_returns_a_file_claimed_ahead_from_a_folder_removed_meanwhile(loo
     assert folder(lp.w, "underprocess") == []
 
 
-@pytest.mark.xfail(strict=True, reason="not fixed (reported): files claimed ahead show in no age series; which "
-                   "series should carry them (unprocessed, as before the change, or underprocess since their claim) "
-                   "is the lead's call, and either changes what the alerts read")
-def test_files_waiting_behind_a_busy_worker_still_show_their_age(loop) -> None:  # noqa: F811
-    """Before claim-ahead, files waiting while every worker was busy stayed in unprocessed/, and their wait showed
-    in ingestd_folder_oldest_file_age_seconds{folder="unprocessed"} (IngestdOldestUnprocessedTooOld: 30 min, the
-    page's "oldest"). Claimed ahead, they wait in underprocess/ in no worker's hands: the unprocessed age is 0, and
-    the underprocess age is only the current file's. Up to MAX_BATCH late files per worker page no one."""
-    lp = loop(config=HANG_ROUTING, stall_time=3600)
-    d = lp.d
-    hung(lp)
-    for i in range(3):
-        lp.drop(f"{i}-late.txt", b"late\n")
-    lp.until(lambda: len(d.queue) + len(d.arrivals.ready) == 3, what="three waiting for the worker")
-    lp.clock.advance(2000)  # the monotonic clock the unprocessed age is measured on
-    d._publish_view()
-    assert d.snapshot()["oldest"]["unprocessed"] >= 2000
-
-
 def test_a_stop_that_cannot_return_a_file_claimed_ahead_says_so_and_the_next_start_keeps_the_order(
         loop, events) -> None:  # noqa: F811
     """a.txt claimed ahead, then a newer a.txt arrives (it waits: the name is in flight). A stop cannot give the
