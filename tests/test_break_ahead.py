@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from support import HANG_ROUTING, folder
 from test_daemon import start  # noqa: F401 (fixture)
 from test_daemon_loop import SLOW_ROUTING, Loop, events, loop  # noqa: F401 (fixtures)
