@@ -539,7 +539,7 @@ class Daemon:
         (docs/benchmarks.md). A file claimed ahead is in underprocess/ as any claimed file is: a crash recovers it
         (no attempt counted, no worker was on it), a stop returns it to unprocessed/."""
         assert self.pool is not None
-        if not self._records_ok:
+        if not (self._records_ok and self.pool.records_ok):
             return  # a crash would charge every claimed file an attempt: files no worker holds wait unclaimed
         busy = len(self.pool.busy())
         if not busy or self.pool.idle() or not self.arrivals.ready or self.state.paused(now):

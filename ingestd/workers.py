@@ -64,6 +64,7 @@ class Pool:
         self.slots: list[Slot] = []
         self._by_fd: dict[int, Slot] = {}
         self.spawn_error: str | None = None  # the last failed respawn, until one succeeds
+        self.records_ok = True  # every worker so far could keep its .ingestd/inflight record (False stays False)
 
     def start(self, timeout: float = 60.0) -> None:
         """Spawn every worker and wait until each says it is ready, so READY=1 means work starts at once.
@@ -114,6 +115,7 @@ class Pool:
                     slot.ready = True
                     if not msg.marker_ok:  # its record would lie after a crash: make recovery count every file
                         inflight.set_record(self.spool.state, slot.id, inflight.UNKNOWN)
+                        self.records_ok = False
                 elif isinstance(msg, Heartbeat):
                     self._beat(slot, msg)
                 else:

@@ -229,3 +229,24 @@ def test_without_trustworthy_inflight_records_nothing_is_claimed_ahead(start, tm
     assert folder(w, "failed") == ["stuck.txt"], "only the file a worker was on is charged"
     assert all((w / "processed" / n).read_bytes() == b"AHEAD\n" for n in ahead)
     assert d2.count("failed") == 1
+
+
+def test_a_worker_that_cannot_keep_its_inflight_record_stops_claiming_ahead(loop) -> None:  # noqa: F811
+    """The same safe side for one worker: a respawned worker that cannot open its record (its Ready says so) makes
+    a crash count every claimed file, so from then on nothing is claimed ahead for it to be charged."""
+    lp = loop(config=HANG_ROUTING, stall_time=60)
+    d = lp.d
+    record = lp.w / ".ingestd" / "inflight"
+    record.unlink()
+    record.mkdir()  # the next worker's open(O_WRONLY) fails: EISDIR
+    old = d.pool.slots[0]
+    old.process.kill()
+    lp.until(lambda: d.pool.slots[0] is not old and d.pool.slots[0].ready, what="a new worker")
+    assert not d.pool.records_ok
+    hung(lp)
+    for i in range(3):
+        lp.drop(f"a{i}.txt", b"a\n")
+    lp.until(lambda: len(d.arrivals.ready) == 3, what="three complete arrivals")
+    for _ in range(5):
+        d.main_loop_once()
+    assert not d.queue and folder(lp.w, "underprocess") == ["0-stuck.txt"]
