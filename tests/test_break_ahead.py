@@ -14,7 +14,13 @@ from pathlib import Path
 import pytest
 from support import HANG_ROUTING, folder
 from test_daemon import start  # noqa: F401 (fixture)
-from test_daemon_loop import SLOW_ROUTING, Loop, events, loop  # noqa: F401 (fixtures)
+from test_daemon_loop import (  # noqa: F401 (fixtures)
+    SLOW_ROUTING,
+    Loop,
+    assert_nothing_claimed_ahead,
+    events,
+    loop,
+)
 
 
 def hung(lp: Loop) -> None:
@@ -244,9 +250,4 @@ def test_a_worker_that_cannot_keep_its_inflight_record_stops_claiming_ahead(loop
     lp.until(lambda: d.pool.slots[0] is not old and d.pool.slots[0].ready, what="a new worker")
     assert not d.pool.records_ok
     hung(lp)
-    for i in range(3):
-        lp.drop(f"a{i}.txt", b"a\n")
-    lp.until(lambda: len(d.arrivals.ready) == 3, what="three complete arrivals")
-    for _ in range(5):
-        d.main_loop_once()
-    assert not d.queue and folder(lp.w, "underprocess") == ["0-stuck.txt"]
+    assert_nothing_claimed_ahead(lp, ["0-stuck.txt"])

@@ -550,12 +550,18 @@ def test_claiming_ahead_stops_while_claiming_is_paused(loop, events) -> None:
     lp.drop("0-stuck.txt", b"HANG\n")
     lp.until(lambda: d.pool.busy(), what="the only worker busy")
     d.state.pause_for(PauseKind.LOW_DISK, "low disk space: test", lp.clock() + 3600)
+    assert_nothing_claimed_ahead(lp, ["0-stuck.txt"])
+
+
+def assert_nothing_claimed_ahead(lp: Loop, held: list[str]) -> None:
+    """Three files dropped while every worker is busy with `held`: complete, yet after five turns still unclaimed."""
+    d = lp.d
     for i in range(3):
         lp.drop(f"{i}-wait.txt", b"w\n")
     lp.until(lambda: len(d.arrivals.ready) == 3, what="three complete arrivals")
     for _ in range(5):
         d.main_loop_once()
-    assert not d.queue and folder(lp.w, "underprocess") == ["0-stuck.txt"]
+    assert not d.queue and folder(lp.w, "underprocess") == held
 
 
 def test_files_claimed_ahead_behind_a_stuck_worker_age_in_the_underprocess_gauge(loop) -> None:
