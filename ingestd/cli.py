@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any
 
-from ingestd import __version__, log
+from ingestd import __version__
 from ingestd.settings import ConfigError, Settings, load
-from ingestd.spool import AlreadyRunning, SpoolError
 
-EX_CONFIG, EX_TEMPFAIL = 78, 75  # a bad command line exits 2 (argparse)
+# sysexits.h; a bad command line exits 2 (argparse).
+EX_DATAERR, EX_NOINPUT, EX_UNAVAILABLE, EX_CANTCREAT, EX_IOERR, EX_NOPERM = 65, 66, 69, 73, 74, 77
+EX_TEMPFAIL, EX_CONFIG = 75, 78
 
 
 def mode_options(sp: argparse.ArgumentParser) -> None:
@@ -80,15 +82,19 @@ def main(argv: list[str] | None = None) -> int:
                                                             "wait_lock", "broker", "node", "watch")}
     try:
         settings = load(flags)
+        if args.command == "process":
+            # Imported for `process` alone, and no log set up: it writes no log (its errors are one line on
+            # stderr each), and its start-up is timed against `tr` (docs/benchmarks.md).
+            from ingestd.manual import process
+
+            return process(settings, args.input, args.output, args.explain)
+        from ingestd import log
+
         log.setup(settings.log_format)
         if args.command == "run":
             return _run(settings, flags)
         if args.command == "worker":
             return _worker(settings, args.processes)
-        if args.command == "process":
-            from ingestd.commands import process
-
-            return process(settings, args.input, args.output, args.explain)
         from ingestd import commands
 
         if args.command == "status":
@@ -97,7 +103,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"ingestd: {e}", file=sys.stderr)
         return EX_CONFIG
-    except SpoolError as e:
+    except Exception as e:
+        # Imported here, as the other failures below: spool is start-up time `process` does not need.
+        from ingestd.spool import AlreadyRunning, SpoolError
+
+        if not isinstance(e, SpoolError):
+            raise
         print(f"ingestd: {e}", file=sys.stderr)
         # 75: another daemon holds the watch dir, or an inotify limit is reached (instances free up as other
         # programs exit, so systemd's restart may succeed); 78: the watch dir itself is unusable.
@@ -109,6 +120,16 @@ def main(argv: list[str] | None = None) -> int:
         return EX_TEMPFAIL if temporary else EX_CONFIG
     except KeyboardInterrupt:
         return 130
+
+
+def plural(n: int, word: str) -> str:
+    """ "1 record", "2 records" (English plurals of the nouns the commands count)."""
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def to_devnull(stream: Any) -> None:
+    """After EPIPE on a standard stream: later writes and the interpreter's final flush go to /dev/null."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
 
 
 def _distributed() -> None:

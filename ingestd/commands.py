@@ -1,4 +1,4 @@
-"""The one-shot commands: process (one file through the engine), status, requeue."""
+"""The watch dir's one-shot commands: status and requeue (`ingestd process` is manual.py)."""
 
 from __future__ import annotations
 
@@ -7,143 +7,15 @@ import json
 import os
 import sys
 from datetime import UTC, datetime
-from typing import Any, BinaryIO
+from typing import Any
 
-from ingestd import history, pipeline
-from ingestd.engine import Step
+from ingestd import history
+from ingestd.cli import EX_IOERR, EX_NOPERM, EX_UNAVAILABLE, plural, to_devnull
 from ingestd.names import DONE_SUFFIX, display, ignored, oserror
 from ingestd.settings import ConfigError, Settings
-from ingestd.sinks import Sinks
 from ingestd.spool import FOLDERS, FolderError, NotAWatchDir, Spool
 
-EX_DATAERR, EX_NOINPUT, EX_UNAVAILABLE, EX_CANTCREAT, EX_IOERR, EX_NOPERM = 65, 66, 69, 73, 74, 77  # sysexits.h
-PROGRESS_MIN_BYTES = 8 << 20  # below this a progress bar is just noise
 BROKER_TIMEOUT = 5.0  # seconds `status` waits for Redis to accept and to answer
-
-
-def process(settings: Settings, input_path: str, output_path: str, explain: bool) -> int:
-    """One input through the same engine as the daemon. A file output is published atomically;
-    records routed to another output go to that folder beside it, as they would under processed/."""
-    table = settings.routing
-    folders = sorted({o.path for o in table.outputs})
-    try:
-        src: BinaryIO = pipeline.whole_head(sys.stdin.buffer) if input_path == "-" else open(input_path, "rb")  # noqa: SIM115
-    except OSError as e:
-        print(f"ingestd: cannot read {input_path}: {e.strerror}", file=sys.stderr)
-        return EX_NOINPUT
-    name = "-" if input_path == "-" else os.path.basename(input_path)
-    stats = pipeline.Stats()
-    size = os.fstat(src.fileno()).st_size if input_path != "-" else 0
-    bar = _bar(size, name) if size >= PROGRESS_MIN_BYTES and sys.stderr.isatty() else None
-    progress = (lambda done: bar.update(done - bar.n)) if bar else (lambda done: None)
-    sinks = None
-    if output_path != "-":
-        base = os.path.dirname(os.path.abspath(output_path))
-        # Routed outputs go to folders beside the main one, made by Sinks at their first record only: no empty
-        # sibling folders for outputs no line reached.
-        sinks = Sinks(base, os.path.basename(output_path), folders)
-    default = "" if "" in folders else folders[0]
-    out = sys.stdout.buffer
-    tails: dict[str, bytes] = {}  # the last byte written for each output stdout does not carry
-
-    def write(folder: str, data: bytes) -> None:
-        if sinks is not None:
-            sinks.write(folder, data)
-        elif folder == default:
-            out.write(data)
-        else:
-            # One write may carry a whole block of lines (the engine's block paths) or a BOM alone: count the line
-            # endings in it, and at the end a last record without one (tails), so the count is the same either way.
-            routed[folder] = routed.get(folder, 0) + data.count(b"\n")
-            if data or folder not in tails:
-                tails[folder] = data[-1:]
-
-    n = 0
-    explaining = [True]  # emptied when the reader of stderr goes away
-    routed: dict[str, int] = {}  # records per output folder that stdout does not carry
-
-    def where(folder: str) -> str:
-        """Where a record for this output goes: the file it is written to, or why it is not written."""
-        if sinks is not None:
-            return os.path.join(os.path.dirname(output_path), folder, os.path.basename(output_path))
-        return "stdout" if folder == default else f"not written ({folder}/ output; stdout carries only {default or 'processed'}/)"
-
-    def show(step: Step) -> None:
-        nonlocal n
-        n += 1
-        acted = f"filters [{', '.join(step.acted)}]" if step.acted else "no filter acted"
-        if step.output is None:
-            fate = "dropped" if step.acted and not step.acted[-1].startswith("retag->") else "dropped (no output matches)"
-        else:
-            fate = f"{where(step.output)}: {step.text!r}"
-        if not explaining:
-            return
-        try:
-            print(f"line {n}: tag={step.tag}, {acted} -> {fate}", file=sys.stderr)
-        except BrokenPipeError:  # `--explain 2>&1 >out | head`: the reader of the explanation has gone; go on
-            explaining.clear()
-            _to_devnull(sys.stderr)
-
-    # A regular file into a file through per-character filters only (--mode uppercase): mapped in blocks on every
-    # core (pipeline.run_mapped), the same bytes as line by line.
-    fast = pipeline.mapped(src, name, table) if sinks is not None and input_path != "-" and not explain else None
-    try:
-        with src:
-            if fast is not None and sinks is not None:
-                folder, fn = fast
-                pipeline.run_mapped(src, size, fn, settings.max_line_bytes, _temp_of(sinks, folder), stats, progress)
-            else:
-                pipeline.run(src, name, table, settings.max_line_bytes, write, stats, progress,
-                             show if explain else None)
-        if sinks is not None:
-            sinks.commit()
-        else:
-            out.flush()
-    except BrokenPipeError if sinks is None else ():
-        # `ingestd process --output - | head -1`: the reader took what it wanted, as with `seq | head`. Quiet, and
-        # exit 0 as `status` does; stdout points at /dev/null so the interpreter's final flush is quiet too.
-        _to_devnull(sys.stdout)
-        return 0
-    except pipeline.Rejected as e:
-        if sinks is not None:
-            sinks.abort()
-        at = f" (line {e.line})" if e.line else ""
-        print(f"ingestd: {input_path}: {e.reason}{at}", file=sys.stderr)
-        return EX_DATAERR
-    except OSError as e:
-        if sinks is not None:
-            sinks.abort()
-        print(f"ingestd: cannot write {output_path}: {e.strerror}", file=sys.stderr)
-        return EX_CANTCREAT
-    finally:
-        if bar:
-            bar.close()
-    for folder, tail in tails.items():
-        routed[folder] += tail != b"\n"  # a last record without an ending (or an empty one)
-    dropped = sum(routed.values())
-    if dropped:
-        kinds = ", ".join(f"{k}/ {v}" for k, v in sorted(routed.items()))
-        print(f"ingestd: {plural(dropped, 'record')} routed to other outputs ({kinds}) "
-              f"{'was' if dropped == 1 else 'were'} not written to stdout; give --output FILE to keep them "
-              "in folders beside it", file=sys.stderr)
-    return 0
-
-
-def _temp_of(sinks: Sinks, folder: str) -> str:
-    """The temp file of one output, created now (empty) if no record reached it yet: `process`'s mapped path
-    writes it with pwrite rather than through Sinks.write, and commit() then seals and publishes it as usual.
-    Sinks keeps these private; a public Sinks.temp_path(folder) is proposed to its owner (the branch's report)."""
-    out = sinks.outs.get(folder) or sinks._open(folder)
-    return out.temp
-
-
-def _bar(size: int, name: str) -> Any:
-    """A progress bar on stderr (tqdm, imported only then: it costs start-up time), without tqdm's monitor thread
-    (parallel.map_file forks only a single-threaded process)."""
-    from tqdm import tqdm  # type: ignore[import-untyped]
-
-    tqdm.monitor_interval = 0
-    return tqdm(total=size, unit="B", unit_scale=True, file=sys.stderr, desc=name, leave=False)
 
 
 def status(settings: Settings, as_json: bool) -> int:
@@ -175,7 +47,7 @@ def status(settings: Settings, as_json: bool) -> int:
         sys.stdout.flush()  # inside the try: a reader that has gone (`| head`) must not cost a traceback at exit
     except BrokenPipeError:
         # The reader took what it wanted; point stdout at /dev/null so the interpreter's final flush is quiet.
-        _to_devnull(sys.stdout)
+        to_devnull(sys.stdout)
     if unreachable:
         print(f"ingestd: broker: cannot read the cluster's state from {report['broker']}: {unreachable}",
               file=sys.stderr)
@@ -219,11 +91,6 @@ def safe_url(url: str) -> str:
     """A broker URL without its password (user and password alike), for output and logs."""
     head, at, tail = url.rpartition("@")
     return head.split("//", 1)[0] + "//***@" + tail if at else url
-
-
-def _to_devnull(stream: Any) -> None:
-    """After EPIPE on a standard stream: later writes and the interpreter's final flush go to /dev/null."""
-    os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
 
 
 def _report(settings: Settings, spool: Spool) -> dict[str, Any]:
@@ -386,11 +253,6 @@ def _existing(settings: Settings, writable: tuple[str, ...] = ()) -> Spool:
 def _refused(e: FolderError) -> int:
     print(f"ingestd: {e}", file=sys.stderr)
     return EX_NOPERM if e.errno in (errno.EACCES, errno.EPERM) else EX_IOERR
-
-
-def plural(n: int, word: str) -> str:
-    """ "1 record", "2 records" (English plurals of the nouns this module counts)."""
-    return f"{n} {word}{'' if n == 1 else 's'}"
 
 
 def when(ts: float | None) -> str:

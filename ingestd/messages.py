@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from ingestd.sinks import Superseded  # made by a publish (file_exist), carried to the parent in Done
+
 
 class Stage(StrEnum):
     READ = "read"  # reading the input and writing temp outputs
@@ -39,14 +41,6 @@ class Heartbeat:
     lines: int  # input lines of the current file read so far
     stage: Stage
     index: int = 0  # the current file's place in the batch
-
-
-@dataclass(frozen=True)
-class Superseded:
-    """An earlier result of the same name that a publish replaced or set aside (file_exist, sinks.py)."""
-    folder: str  # output folder ("" is processed/ itself)
-    action: str  # "kept" (set aside under `aside`) or "replaced" (gone: file_exist = replace)
-    aside: str = ""  # the name it is kept under, in the same folder
 
 
 @dataclass(frozen=True)

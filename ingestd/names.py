@@ -9,6 +9,8 @@ import os
 TEMP_PREFIX = ".ingestd-"  # our own temp outputs and sidecars; never a user's file
 STATE_DIR = ".ingestd"  # per-watch-dir state (lock, attempt counts), hidden
 DONE_SUFFIX = ".done"  # done_marker: NAME.done vouches that NAME is complete
+TEMP_OUTPUT_PREFIX = TEMP_PREFIX + "tmp-"  # a temp output or sidecar, before its rename publishes it
+SUPERSEDED = ".superseded-"  # NAME.superseded-<unix time>[-N]: an earlier version kept aside (spool.set_aside)
 
 
 def ignored(name: str) -> bool:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -248,6 +247,8 @@ def load(
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
+    import tomllib  # here, not at the top: only a config file needs it, and `ingestd process`'s start-up counts
+
     try:
         with path.open("rb") as f:
             return tomllib.load(f)

@@ -15,19 +15,27 @@ import os
 import re
 import stat
 import time
+from dataclasses import dataclass
 
 from ingestd import durable
 from ingestd.errors import Phase, in_phase
-from ingestd.messages import Superseded
-from ingestd.names import display, key
+from ingestd.names import SUPERSEDED, TEMP_OUTPUT_PREFIX, display, key
 from ingestd.pipeline import Rejected
-from ingestd.spool import SUPERSEDED, TEMP_OUTPUT_PREFIX, set_aside
 
 FLUSH_BYTES = 1 << 20
 KEEP, REPLACE, FAIL = "keep", "replace", "fail"  # file_exist: what an earlier result of the same name becomes
 FILE_EXIST = (KEEP, REPLACE, FAIL)
 CLAIM_ATTR = "user.ingestd.claim"  # on each result: the identity of the input that produced it (claim_of)
 _OWN = "own"  # the earlier result is this very input's (a redo): replaced, never counted
+
+
+@dataclass(frozen=True)
+class Superseded:
+    """An earlier result of the same name that a publish replaced or set aside (file_exist); the worker sends
+    them to the parent in messages.Done."""
+    folder: str  # output folder ("" is processed/ itself)
+    action: str  # "kept" (set aside under `aside`) or "replaced" (gone: file_exist = replace)
+    aside: str = ""  # the name it is kept under, in the same folder
 
 
 def claim_of(path: str) -> bytes | None:
@@ -303,6 +311,8 @@ class Sinks:
                             continue
                         if (found.st_dev, found.st_ino) == (st.st_dev, st.st_ino):
                             return e.path
+        from ingestd.spool import set_aside  # here: `ingestd process` (its start-up is timed) seldom needs it
+
         return os.path.join(d, set_aside(d, self.name, now, link=True))
 
     def _roll_back(self, done: list[str], seconds: dict[str, str]) -> None:

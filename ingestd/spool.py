@@ -25,16 +25,14 @@ from typing import Any
 from ingestd import durable, errors, inflight, lease
 from ingestd.errors import Phase
 from ingestd.log import event
-from ingestd.names import DONE_SUFFIX, STATE_DIR, TEMP_PREFIX, display, key, oserror
+from ingestd.names import DONE_SUFFIX, STATE_DIR, SUPERSEDED, TEMP_OUTPUT_PREFIX, TEMP_PREFIX, display, key, oserror
 
 FOLDERS = ("unprocessed", "underprocess", "processed", "failed")
 RACY_NS = 2_000_000_000  # a folder modified this close to a listing may have changed unseen in the same tick (FAT: 2 s)
 REASON_PREFIX = TEMP_PREFIX + "reason-"
-TEMP_OUTPUT_PREFIX = TEMP_PREFIX + "tmp-"
 SEQ_FILE = "failure-seq"  # in .ingestd/: {"reserved_to": N}, every failure seq handed out so far is <= N
 SEQ_BLOCK = 1024  # failure seqs reserved per durable write of SEQ_FILE
 NO_SIDECAR = "unknown (no sidecar)"
-SUPERSEDED = ".superseded-"  # NAME.superseded-<unix time>[-N]: an earlier version kept aside (set_aside)
 ATTEMPTS = "attempts-"  # in .ingestd/: attempts-KEY, {"ino": N, "attempts": N} (bump_attempts)
 
 

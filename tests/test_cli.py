@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -27,6 +28,33 @@ def test_process_file_to_file_is_published_atomically(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "out.txt").read_bytes() == b"ONE\r\nTWO\n\xff\xfe THREE"
     assert sorted(os.listdir(tmp_path)) == ["in.txt", "out.txt"]  # no temp left behind
+
+
+# What `ingestd process` must not import: its start-up is timed against `tr` (docs/benchmarks.md, 4.1), and each of
+# these costs milliseconds there (the daemon's folders and log, the worker messages, TOML without a config file).
+NOT_FOR_PROCESS = ("ingestd.spool", "ingestd.log", "ingestd.messages", "ingestd.daemon", "ingestd.commands", "logging",
+                   "tomllib", "socket", "json", "datetime", "inotify_simple", "prometheus_client")
+
+
+@pytest.mark.parametrize("existing", [False, True], ids=["new output", "output replaced"])
+def test_process_imports_only_what_it_needs(tmp_path: Path, existing: bool) -> None:
+    src, out = tmp_path / "in.txt", tmp_path / "out.txt"
+    src.write_bytes(b"a\n" * 1000)
+    if existing:
+        out.write_bytes(b"an earlier result\n")  # replaced in place: file_exist does not apply to `process`
+    code = ("import sys; from ingestd.cli import main; rc = main(sys.argv[1:]); "
+            "print(' '.join(sorted(sys.modules))); sys.exit(rc)")
+    r = subprocess.run([sys.executable, "-c", code, "process", "--input", str(src), "--output", str(out), "--mode",
+                        "uppercase"], capture_output=True, timeout=60, env=_clean_env())
+    assert r.returncode == 0, r.stderr
+    assert out.read_bytes() == b"A\n" * 1000
+    loaded = set(r.stdout.decode().split())
+    assert "ingestd.manual" in loaded  # the check itself saw the command's modules
+    assert not loaded & set(NOT_FOR_PROCESS), sorted(loaded & set(NOT_FOR_PROCESS))
+
+
+def _clean_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("INGESTD_") and k != "MODE"}
 
 
 def test_process_stdin_to_stdout_with_each_mode() -> None:
