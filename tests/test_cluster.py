@@ -248,8 +248,9 @@ def test_a_scanner_and_two_nodes_finish_every_file_once_hostile_names_included(c
         cluster.drop(name, data)
     cluster.drop("blob.bin", b"\x00\x01\x02binary")
     wait(lambda: len(folder(cluster, "processed")) == len(files) and folder(cluster, "failed") == sorted(
-        ["blob.bin", f".ingestd-reason-{key('blob.bin')}.json"]) and not folder(cluster, "underprocess"),
-        what="every file processed or failed")
+        ["blob.bin", f".ingestd-reason-{key('blob.bin')}.json"]) and not folder(cluster, "underprocess")
+        and len(cluster.events("processed")) >= len(files),  # each logged after its commit: the log lags the folders
+        what="every file processed (and logged) or failed")
     for name, data in files.items():
         assert (cluster.watch / "processed" / name).read_bytes() == expected(data, tmp_path), name
     done = [e["file"] for e in cluster.events("processed")]
