@@ -111,6 +111,11 @@ def process(settings: Settings, input_path: str, output_path: str, explain: bool
             sinks.abort()
         print(f"ingestd: cannot write {output_path}: {e.strerror}", file=sys.stderr)
         return EX_CANTCREAT
+    except KeyboardInterrupt:
+        # Ctrl-C: cli.main exits 130; the unpublished temp goes, as on any other failure (it was left behind).
+        if sinks is not None:
+            sinks.abort()
+        raise
     finally:
         if bar:
             bar.close()
