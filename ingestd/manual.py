@@ -5,6 +5,7 @@ Imports only what that needs: it is timed against `tr` (docs/benchmarks.md), so 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from typing import Any, BinaryIO
 
@@ -20,6 +21,7 @@ PROGRESS_MIN_BYTES = 8 << 20  # below this a progress bar is just noise
 def process(settings: Settings, input_path: str, output_path: str, explain: bool) -> int:
     """One input through the same engine as the daemon. A file output is published atomically;
     records routed to another output go to that folder beside it, as they would under processed/."""
+    _exit_on_signal(signal.SIGTERM, signal.SIGHUP)
     table = settings.routing
     folders = sorted({o.path for o in table.outputs})
     try:
@@ -111,8 +113,9 @@ def process(settings: Settings, input_path: str, output_path: str, explain: bool
             sinks.abort()
         print(f"ingestd: cannot write {output_path}: {e.strerror}", file=sys.stderr)
         return EX_CANTCREAT
-    except KeyboardInterrupt:
-        # Ctrl-C: cli.main exits 130; the unpublished temp goes, as on any other failure (it was left behind).
+    except BaseException:
+        # Ctrl-C (cli.main exits 130), SIGTERM or SIGHUP (_exit_on_signal), a bug: the unpublished temp goes, as on
+        # any other failure (a Ctrl-C left it behind); what raised goes on up.
         if sinks is not None:
             sinks.abort()
         raise
@@ -128,6 +131,19 @@ def process(settings: Settings, input_path: str, output_path: str, explain: bool
               f"{'was' if dropped == 1 else 'were'} not written to stdout; give --output FILE to keep them "
               "in folders beside it", file=sys.stderr)
     return 0
+
+
+def _exit_on_signal(*signums: int) -> None:
+    """Each of these signals, where it would kill the process (SIG_DFL), raises SystemExit(128 + signum) instead,
+    the shell's code for a death by that signal, so that `process` cleans up (its temp output) on the way out. One
+    that is ignored (`nohup` ignores SIGHUP) stays ignored."""
+    for signum in signums:
+        if signal.getsignal(signum) is signal.SIG_DFL:
+            signal.signal(signum, _raise_exit)
+
+
+def _raise_exit(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _temp_of(sinks: Sinks, folder: str) -> str:

@@ -6,29 +6,67 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import time
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from support import INGESTD, wait_for
 
 
-def test_ctrl_c_during_process_to_a_file_exits_130_and_leaves_no_temp(tmp_path: Path) -> None:
-    """Ctrl-C (SIGINT to the foreground group) while `ingestd process --output FILE` is mid-file: exit 130, as
-    cli.main promises, and the unpublished temp output is dropped, as on every other failure (Sinks.abort);
-    it was left behind in the output folder (a hidden .ingestd-tmp-* as large as the output so far)."""
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 128 + signal.SIGTERM),
+                                         (signal.SIGHUP, 128 + signal.SIGHUP)], ids=["SIGINT", "SIGTERM", "SIGHUP"])
+def test_a_signal_during_process_to_a_file_leaves_no_temp(tmp_path: Path, sig: int, code: int) -> None:
+    """Ctrl-C (SIGINT to the foreground group), a kill (SIGTERM) or a hang-up (SIGHUP) while `ingestd process
+    --output FILE` is mid-file: the shell's exit code for that signal (130, 143, 129), and the unpublished temp output
+    is dropped, as on every other failure (Sinks.abort). A Ctrl-C left it behind in the output folder (a hidden
+    .ingestd-tmp-* as large as the output so far); SIGTERM and SIGHUP killed the process before any clean-up."""
+    p, out = _hanging_process(tmp_path)
+    try:
+        os.killpg(p.pid, sig)
+        _, err = p.communicate(timeout=20)
+    finally:
+        _reap(p)
+    assert p.returncode == code, err
+    assert b"Traceback" not in err, err
+    assert os.listdir(out) == []  # no temp left, nothing published
+
+
+def test_an_ignored_hangup_stays_ignored_by_process(tmp_path: Path) -> None:
+    """`nohup ingestd process ...`: SIGHUP is ignored when the command starts, and must stay so (the clean-up
+    handler is installed only where a signal would have killed it)."""
+    p, out = _hanging_process(tmp_path, preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    try:
+        os.killpg(p.pid, signal.SIGHUP)
+        time.sleep(0.5)
+        assert p.poll() is None, p.communicate()[1]  # still at work
+        os.killpg(p.pid, signal.SIGINT)
+        _, err = p.communicate(timeout=20)
+    finally:
+        _reap(p)
+    assert p.returncode == 130, err
+    assert os.listdir(out) == []
+
+
+def _hanging_process(tmp_path: Path, **kw: Any) -> tuple[subprocess.Popen[bytes], Path]:
+    """`ingestd process` through the `hang_on` plug-in (tests/plugins), stopped on its second line, its temp output
+    already made in tmp_path/out; in a session of its own."""
     src, out = tmp_path / "in.txt", tmp_path / "out"
     src.write_bytes(b"first\nHANG here\nlast\n")
     out.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith("INGESTD_") and k != "MODE"}
     p = subprocess.Popen([*INGESTD, "process", "--input", str(src), "--output", str(out / "r.txt"), "--mode",
-                          "hang_on"], stderr=subprocess.PIPE, env=env, start_new_session=True)
+                          "hang_on"], stderr=subprocess.PIPE, env=env, start_new_session=True, **kw)
     try:
         wait_for(lambda: os.listdir(out), timeout=20, what="the temp output of the first line")  # now hanging
-        os.killpg(p.pid, signal.SIGINT)
-        _, err = p.communicate(timeout=20)
-    finally:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
-    assert p.returncode == 130, err
-    assert b"Traceback" not in err, err
-    assert os.listdir(out) == []  # no temp left, nothing published
+    except BaseException:
+        _reap(p)
+        raise
+    return p, out
+
+
+def _reap(p: subprocess.Popen[bytes]) -> None:
+    if p.poll() is None:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
