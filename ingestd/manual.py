@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 from ingestd import pipeline
 from ingestd.cli import EX_CANTCREAT, EX_DATAERR, EX_NOINPUT, plural, to_devnull
@@ -24,6 +24,13 @@ def process(settings: Settings, input_path: str, output_path: str, explain: bool
     _exit_on_signal(signal.SIGTERM, signal.SIGHUP)
     table = settings.routing
     folders = sorted({o.path for o in table.outputs})
+    # `<&-` / `>&-`: the interpreter gives None for a closed standard stream; say so instead of a traceback.
+    if input_path == "-" and sys.stdin is None:
+        print("ingestd: cannot read - (stdin is closed): give --input FILE", file=sys.stderr)
+        return EX_NOINPUT
+    if output_path == "-" and sys.stdout is None:
+        print("ingestd: cannot write - (stdout is closed): give --output FILE", file=sys.stderr)
+        return EX_CANTCREAT
     try:
         src: BinaryIO = pipeline.whole_head(sys.stdin.buffer) if input_path == "-" else open(input_path, "rb")  # noqa: SIM115
     except OSError as e:
@@ -32,7 +39,7 @@ def process(settings: Settings, input_path: str, output_path: str, explain: bool
     name = "-" if input_path == "-" else os.path.basename(input_path)
     stats = pipeline.Stats()
     size = os.fstat(src.fileno()).st_size if input_path != "-" else 0
-    bar = _bar(size, name) if size >= PROGRESS_MIN_BYTES and sys.stderr.isatty() else None
+    bar = _bar(size, name) if size >= PROGRESS_MIN_BYTES and sys.stderr is not None and sys.stderr.isatty() else None
     progress = (lambda done: bar.update(done - bar.n)) if bar else (lambda done: None)
     sinks = None
     if output_path != "-":
@@ -41,7 +48,7 @@ def process(settings: Settings, input_path: str, output_path: str, explain: bool
         # sibling folders for outputs no line reached.
         sinks = Sinks(base, os.path.basename(output_path), folders)
     default = "" if "" in folders else folders[0]
-    out = sys.stdout.buffer
+    out = cast(BinaryIO, sys.stdout and sys.stdout.buffer)  # None only with --output FILE, where it is not used
     tails: dict[str, bytes] = {}  # the last byte written for each output stdout does not carry
 
     def write(folder: str, data: bytes) -> None:

@@ -70,3 +70,30 @@ def _reap(p: subprocess.Popen[bytes]) -> None:
     if p.poll() is None:
         os.killpg(p.pid, signal.SIGKILL)
         p.wait()
+
+
+@pytest.mark.parametrize(("closed", "args", "code"), [
+    ("<&-", ["--input", "-", "--output", "OUT"], 66),
+    (">&-", ["--input", "IN", "--output", "-"], 73),
+    (">&- 2>&-", ["--input", "IN", "--output", "-"], 73),
+    ("<&- >&- 2>&-", ["--input", "IN", "--output", "OUT"], 0),
+], ids=["stdin closed, --input -", "stdout closed, --output -", "stdout and stderr closed", "all closed, files given"])
+def test_process_with_a_closed_standard_stream(tmp_path: Path, closed: str, args: list[str], code: int) -> None:
+    """A standard stream closed by the caller (`<&-`, `>&-`, `2>&-`; Python then has None for it): a clear error
+    naming the stream when the command needs it (66 for stdin, 73 for stdout), the work done when it does not.
+    It was an AttributeError traceback either way."""
+    src, out = tmp_path / "in.txt", tmp_path / "out.txt"
+    src.write_bytes(b"a\n" * 10)
+    argv = " ".join({"IN": str(src), "OUT": str(out)}.get(a, a) for a in args)
+    err = tmp_path / "err.txt"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INGESTD_") and k != "MODE"}
+    cmd = " ".join(INGESTD) + f" process {argv} --mode uppercase"
+    # The closing runs inside a child shell; its own stderr (2>) collects what reaches it when stderr is open.
+    r = subprocess.run(["sh", "-c", f"exec 2>{err}; {cmd} {closed}"], env=env, timeout=60)
+    assert r.returncode == code, err.read_text()
+    text = err.read_text()
+    assert "Traceback" not in text, text
+    if code and "2>&-" not in closed:
+        assert ("stdin is closed" if code == 66 else "stdout is closed") in text, text
+    if code == 0:
+        assert out.read_bytes() == b"A\n" * 10
