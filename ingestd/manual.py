@@ -20,7 +20,12 @@ PROGRESS_MIN_BYTES = 8 << 20  # below this a progress bar is just noise
 
 def process(settings: Settings, input_path: str, output_path: str, explain: bool) -> int:
     """One input through the same engine as the daemon. A file output is published atomically;
-    records routed to another output go to that folder beside it, as they would under processed/."""
+    records routed to another output go to that folder beside it, as they would under processed/.
+
+    Returns the exit code (sysexits.h): 0; 65 the input rejected (binary, a line over max_line_bytes, a processor
+    that raised); 66 the input unreadable (or stdin closed); 73 an output unwritable (or stdout closed). Stopped
+    by Ctrl-C (KeyboardInterrupt goes on up: cli.main exits 130), SIGTERM or SIGHUP (SystemExit(143 / 129)), or
+    any exception: no output is published and no temp is left."""
     _exit_on_signal(signal.SIGTERM, signal.SIGHUP)
     table = settings.routing
     folders = sorted({o.path for o in table.outputs})
