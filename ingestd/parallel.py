@@ -24,16 +24,12 @@ from collections.abc import Callable
 
 from ingestd.engine import Processor
 from ingestd.lifeline import die_with_parent
-from ingestd.pipeline import first_long
+from ingestd.pipeline import ASCII_TWINS, first_long, map_text
 
 READ = 1 << 20  # bytes per pread: a block of whole lines (fits the CPU caches well enough; see bench/engine.py)
-SLICE = 256 * 1024  # non-ASCII text is decoded and mapped in slices of whole lines this large (the caches again)
+SLICE = 256 * 1024  # non-ASCII text is decoded and mapped in slices of whole lines this large (pipeline.map_text)
 MIN_SPLIT = 8 << 20  # below this a second process costs more (fork, join) than it saves
 MAX_WORKERS = 4
-
-# On a pure-ASCII block these str methods give the same bytes as their bytes twins, which change only a-z / A-Z
-# (Python docs, bytes.upper: "ASCII characters ... converted"), with no decode and no encode.
-ASCII_TWINS: dict[object, Callable[[bytes], bytes]] = {str.upper: bytes.upper, str.lower: bytes.lower}
 
 
 class TooLong(Exception):
@@ -196,10 +192,7 @@ def _map_range(fd: int, r: _Range, fn: Processor, twin: Callable[[bytes], bytes]
         if twin is not None and block.isascii():
             pieces: list[bytes | memoryview] = [memoryview(twin(block))[:cut]]  # the bytes after cut: mapped, unused
         else:
-            whole = block[:cut] if cut < len(block) else block
-            size = SLICE
-            pieces = [fn(p.decode("utf-8", "surrogateescape")).encode("utf-8", "surrogateescape")  # type: ignore[union-attr]
-                      for p in slices(whole, size)]
+            pieces = list(map_text(block[:cut] if cut < len(block) else block, fn, twin, SLICE))
         pos += cut
         for piece in pieces:
             if not spilling and done + len(piece) <= pos:
@@ -245,18 +238,6 @@ def _pwrite_all(fd: int, data: bytes | memoryview, pos: int) -> None:
     while view:
         n = os.pwrite(fd, view, pos)
         view, pos = view[n:], pos + n
-
-
-def slices(block: bytes, size: int) -> list[bytes]:
-    """block cut after a newline about every `size` bytes (whole lines: lower() looks around a Σ within its line)."""
-    if len(block) <= size:
-        return [block]
-    out, start, n = [], 0, len(block)
-    while start < n:
-        cut = block.rfind(b"\n", start, start + size) + 1 or block.find(b"\n", start + size) + 1 or n
-        out.append(block[start:cut])
-        start = cut
-    return out
 
 
 def _cut(fd: int, size: int, n: int, limit: int) -> list[_Range]:

@@ -156,16 +156,30 @@ def blocks(f: BinaryIO, max_line_bytes: int, stats: Stats, progress: Progress) -
 SLICE = 256 * 1024  # non-ASCII text is case-mapped in slices of whole lines this large: faster than 1 MiB here
 
 
-def _slices(block: bytes) -> Iterator[bytes]:
-    """block cut after a newline about every SLICE bytes (whole lines: lower() looks around a Σ within its line)."""
-    if len(block) <= SLICE:
-        yield block
-        return
-    start, n = 0, len(block)
+def map_text(block: bytes, fn: Processor, twin: Callable[[bytes], bytes] | None, size: int) -> list[bytes]:
+    """fn, a per-character processor (engine.Routing.block_plan), on the UTF-8 text of block (whole lines): the
+    same bytes as line by line, in pieces to write in order. A pure-ASCII block goes whole through twin, fn's bytes
+    twin (ASCII_TWINS) if it has one: no decode, no encode. Any other block is cut into slices of whole lines of
+    about `size` bytes (decoded text kept within the CPU caches); a slice that is pure ASCII still goes through
+    twin (text with a few non-ASCII characters), the others are decoded (surrogateescape: undecodable bytes pass
+    through unchanged), mapped and encoded. Whatever fn raises is raised."""
+    if twin is not None and block.isascii():
+        return [twin(block)]
+    return [twin(p) if twin is not None and p.isascii()
+            else fn(p.decode("utf-8", "surrogateescape")).encode("utf-8", "surrogateescape")  # type: ignore[union-attr]
+            for p in slices(block, size)]
+
+
+def slices(block: bytes, size: int) -> list[bytes]:
+    """block cut after a newline about every `size` bytes (whole lines: lower() looks around a Σ within its line)."""
+    if len(block) <= size:
+        return [block]
+    out, start, n = [], 0, len(block)
     while start < n:
-        cut = block.rfind(b"\n", start, start + SLICE) + 1 or block.find(b"\n", start + SLICE) + 1 or n
-        yield block[start:cut]
+        cut = block.rfind(b"\n", start, start + size) + 1 or block.find(b"\n", start + size) + 1 or n
+        out.append(block[start:cut])
         start = cut
+    return out
 
 
 def _check_lines(block: bytes, max_line_bytes: int, stats: Stats) -> None:
@@ -244,11 +258,8 @@ def run(
         twin = ASCII_TWINS.get(fn)
         with _processor_errors(stats, per_line=False):
             for block in blocks(f, max_line_bytes, stats, progress):
-                if twin is not None and block.isascii():
-                    write(out, twin(block))  # no decode, no encode: the same bytes for ASCII
-                    continue
-                for piece in _slices(block):  # str of up to 4 bytes a character: kept within the CPU caches
-                    write(out, fn(piece.decode("utf-8", "surrogateescape")).encode("utf-8", "surrogateescape"))  # type: ignore[union-attr]
+                for piece in map_text(block, fn, twin, SLICE):
+                    write(out, piece)
         return
     # Built-in line-level filters (retag, grep, drop, redact): each line routed on its own, or the block searched
     # whole where provably the same, read, decoded and written a block at a time (Routing.route_block).

@@ -129,6 +129,33 @@ def test_random_text_same_bytes(monkeypatch: pytest.MonkeyPatch, parts: list[byt
     same_both_ways(b"".join(parts), ROUTINGS[name], limit)
 
 
+@pytest.mark.parametrize("fn", [str.upper, str.lower], ids=["upper", "lower"])
+@pytest.mark.parametrize("size", [1, 4, 9, 30, 1 << 20])
+def test_map_text_sends_ascii_slices_of_a_mixed_block_through_the_bytes_twin(fn: object, size: int) -> None:
+    """Text with a few non-ASCII lines (the usual log): the slices without any are mapped as bytes (no decode,
+    no encode) and the whole is the same as line by line, a final Σ, a length-changing ß, \r\n and an undecodable
+    byte included."""
+    lines = [b"plain ascii line\n", "ΟΔΟΣ straße ŉ\r\n".encode(), b"more ascii\r\n", b"bad \xff byte\n",
+             b"ascii again\n", b"last, no newline"]
+    block = b"".join(lines)
+    expected = b"".join(fn(ln.decode("utf-8", "surrogateescape")).encode("utf-8", "surrogateescape")  # type: ignore[operator]
+                        for ln in lines)
+    twin = pipeline.ASCII_TWINS[fn]
+    seen: list[bytes] = []
+
+    def spy(b: bytes) -> bytes:
+        seen.append(b)
+        return twin(b)
+
+    assert b"".join(pipeline.map_text(block, fn, spy, size)) == expected  # type: ignore[arg-type]
+    pieces = pipeline.slices(block, size)
+    assert b"".join(pieces) == block
+    assert seen == [p for p in pieces if p.isascii()]  # each ASCII slice, and only those, took the twin
+    if size <= 30:
+        assert seen  # the block is mixed, and some of its slices are pure ASCII
+    assert pipeline.map_text(b"all ascii\n" * 3, fn, spy, 4) == [twin(b"all ascii\n" * 3)]  # type: ignore[arg-type]
+
+
 def test_processor_error_names_the_same_line_both_ways(tmp_path: Path) -> None:
     """A processor that raises on line 3: the block path reports line 3, as the per-line path does."""
     plugin = tmp_path / "boom"
