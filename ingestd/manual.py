@@ -7,6 +7,9 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, BinaryIO, cast
 
 from ingestd import pipeline
@@ -26,7 +29,11 @@ def process(settings: Settings, input_path: str, output_path: str, explain: bool
     that raised); 66 the input unreadable (or stdin closed); 73 an output unwritable (or stdout closed). Stopped
     by Ctrl-C (KeyboardInterrupt goes on up: cli.main exits 130), SIGTERM or SIGHUP (SystemExit(143 / 129)), or
     any exception: no output is published and no temp is left."""
-    _exit_on_signal(signal.SIGTERM, signal.SIGHUP)
+    with _exit_on_signal(signal.SIGTERM, signal.SIGHUP):
+        return _process(settings, input_path, output_path, explain)
+
+
+def _process(settings: Settings, input_path: str, output_path: str, explain: bool) -> int:
     table = settings.routing
     folders = sorted({o.path for o in table.outputs})
     # `<&-` / `>&-`: the interpreter gives None for a closed standard stream; say so instead of a traceback.
@@ -145,13 +152,23 @@ def process(settings: Settings, input_path: str, output_path: str, explain: bool
     return 0
 
 
-def _exit_on_signal(*signums: int) -> None:
-    """Each of these signals, where it would kill the process (SIG_DFL), raises SystemExit(128 + signum) instead,
-    the shell's code for a death by that signal, so that `process` cleans up (its temp output) on the way out. One
-    that is ignored (`nohup` ignores SIGHUP) stays ignored."""
-    for signum in signums:
-        if signal.getsignal(signum) is signal.SIG_DFL:
-            signal.signal(signum, _raise_exit)
+@contextmanager
+def _exit_on_signal(*signums: int) -> Iterator[None]:
+    """For the block: each of these signals, where it would kill the process (SIG_DFL), raises SystemExit(128 +
+    signum) instead, the shell's code for a death by that signal, so that `process` cleans up (its temp output) on
+    the way out. One that is ignored (`nohup` ignores SIGHUP) stays ignored; outside the main thread (where Python
+    cannot set handlers) nothing changes; afterwards the caller's handlers are back (cli.main called in-process)."""
+    main = threading.current_thread() is threading.main_thread()
+    before = {s: signal.getsignal(s) for s in signums} if main else {}
+    try:
+        for signum, handler in before.items():
+            if handler is signal.SIG_DFL:
+                signal.signal(signum, _raise_exit)
+        yield
+    finally:
+        for signum, handler in before.items():
+            if handler is signal.SIG_DFL:
+                signal.signal(signum, handler)
 
 
 def _raise_exit(signum: int, _frame: object) -> None:

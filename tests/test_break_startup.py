@@ -97,3 +97,39 @@ def test_process_with_a_closed_standard_stream(tmp_path: Path, closed: str, args
         assert ("stdin is closed" if code == 66 else "stdout is closed") in text, text
     if code == 0:
         assert out.read_bytes() == b"A\n" * 10
+
+
+def test_process_called_in_process_gives_back_the_callers_signal_handlers(tmp_path: Path) -> None:
+    """cli.main(["process", ...]) inside another program (a test, a script): its clean-up handlers for SIGTERM and
+    SIGHUP are its own for the call only; afterwards the caller's dispositions are back. From a thread other than
+    the main one (where Python cannot set handlers) it works and changes nothing."""
+    import threading
+
+    from ingestd.cli import main
+
+    src = tmp_path / "in.txt"
+    src.write_bytes(b"a\n")
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)}
+    env = {k: v for k, v in os.environ.items() if k.startswith("INGESTD_") or k == "MODE"}
+    for k in env:
+        os.environ.pop(k)
+    try:
+        assert main(["process", "--input", str(src), "--output", str(tmp_path / "a.txt"), "--mode", "uppercase"]) == 0
+        assert {s: signal.getsignal(s) for s in before} == before
+        codes: list[int | BaseException] = []
+
+        def call() -> None:
+            try:
+                codes.append(main(["process", "--input", str(src), "--output", str(tmp_path / "b.txt"), "--mode",
+                                   "uppercase"]))
+            except BaseException as e:  # noqa: BLE001 - reported below
+                codes.append(e)
+
+        t = threading.Thread(target=call)
+        t.start()
+        t.join(30)
+        assert codes == [0]
+        assert {s: signal.getsignal(s) for s in before} == before
+    finally:
+        os.environ.update(env)
+    assert (tmp_path / "a.txt").read_bytes() == (tmp_path / "b.txt").read_bytes() == b"A\n"
