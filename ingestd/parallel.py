@@ -20,7 +20,7 @@ import functools
 import os
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from ingestd.engine import Processor
 from ingestd.lifeline import die_with_parent
@@ -190,9 +190,9 @@ def _map_range(fd: int, r: _Range, fn: Processor, twin: Callable[[bytes], bytes]
         if long is not None:
             raise _LongAt(pos + long)
         if twin is not None and block.isascii():
-            pieces: list[bytes | memoryview] = [memoryview(twin(block))[:cut]]  # the bytes after cut: mapped, unused
+            pieces: Sequence[bytes | memoryview] = [memoryview(twin(block))[:cut]]  # the bytes after cut: unused
         else:
-            pieces = list(map_text(block[:cut] if cut < len(block) else block, fn, twin, SLICE))
+            pieces = map_text(block[:cut] if cut < len(block) else block, fn, twin, SLICE)
         pos += cut
         for piece in pieces:
             if not spilling and done + len(piece) <= pos:
