@@ -31,6 +31,11 @@ processor = "uppercase"
 """
 
 
+def clean_env() -> dict[str, str]:
+    """This environment without ingestd's own settings (INGESTD_*, MODE): a command under test gets only its flags."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("INGESTD_") and k != "MODE"}
+
+
 def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02, what: str = "") -> Any:
     """Poll until predicate() is truthy; fail with `what` after timeout seconds."""
     deadline = time.monotonic() + timeout

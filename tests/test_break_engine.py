@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import DaemonProcess, wait_for
+from support import DaemonProcess, clean_env, wait_for
 
 from ingestd import pipeline, routing
 from ingestd.pipeline import Stats
@@ -156,7 +156,7 @@ def test_random_routings_agree_with_the_readme(monkeypatch: pytest.MonkeyPatch, 
 # has written so far: a BOM arriving in two writes was taken for text (so `drop ^#` kept the BOM-prefixed header),
 # and a NUL byte after the first write let a binary input through as text (exit 0 instead of 65).
 def _slow_pipe(first: bytes, rest: bytes, *args: str) -> subprocess.CompletedProcess[bytes]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("INGESTD_") and k != "MODE"}
+    env = clean_env()
     p = subprocess.Popen([sys.executable, "-m", "ingestd", "process", "--input", "-", "--output", "-", *args],
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     assert p.stdin is not None
@@ -220,7 +220,7 @@ def test_records_routed_elsewhere_are_counted_the_same_on_every_path(tmp_path: P
                                                                      explain: bool) -> None:
     cfg = tmp_path / "r.toml"
     cfg.write_text(ROUTE_ERRORS)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("INGESTD_") and k != "MODE"}
+    env = clean_env()
     r = subprocess.run([sys.executable, "-m", "ingestd", "process", "--input", "-", "--output", "-", "--config",
                         str(cfg), *(["--explain"] if explain else [])], input=data, capture_output=True, env=env, check=False,
                        timeout=60)

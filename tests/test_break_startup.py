@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from support import INGESTD, wait_for
+from support import INGESTD, clean_env, wait_for
 
 
 @pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 128 + signal.SIGTERM),
@@ -55,7 +55,7 @@ def _hanging_process(tmp_path: Path, **kw: Any) -> tuple[subprocess.Popen[bytes]
     src, out = tmp_path / "in.txt", tmp_path / "out"
     src.write_bytes(b"first\nHANG here\nlast\n")
     out.mkdir()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("INGESTD_") and k != "MODE"}
+    env = clean_env()
     p = subprocess.Popen([*INGESTD, "process", "--input", str(src), "--output", str(out / "r.txt"), "--mode",
                           "hang_on"], stderr=subprocess.PIPE, env=env, start_new_session=True, **kw)
     try:
@@ -86,10 +86,10 @@ def test_process_with_a_closed_standard_stream(tmp_path: Path, closed: str, args
     src.write_bytes(b"a\n" * 10)
     argv = " ".join({"IN": str(src), "OUT": str(out)}.get(a, a) for a in args)
     err = tmp_path / "err.txt"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("INGESTD_") and k != "MODE"}
+    env = clean_env()
     cmd = " ".join(INGESTD) + f" process {argv} --mode uppercase"
     # The closing runs inside a child shell; its own stderr (2>) collects what reaches it when stderr is open.
-    r = subprocess.run(["sh", "-c", f"exec 2>{err}; {cmd} {closed}"], env=env, timeout=60)
+    r = subprocess.run(["sh", "-c", f"exec 2>{err}; {cmd} {closed}"], env=env, timeout=60, check=False)
     assert r.returncode == code, err.read_text()
     text = err.read_text()
     assert "Traceback" not in text, text
@@ -99,7 +99,8 @@ def test_process_with_a_closed_standard_stream(tmp_path: Path, closed: str, args
         assert out.read_bytes() == b"A\n" * 10
 
 
-def test_process_called_in_process_gives_back_the_callers_signal_handlers(tmp_path: Path) -> None:
+def test_process_called_in_process_gives_back_the_callers_signal_handlers(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """cli.main(["process", ...]) inside another program (a test, a script): its clean-up handlers for SIGTERM and
     SIGHUP are its own for the call only; afterwards the caller's dispositions are back. From a thread other than
     the main one (where Python cannot set handlers) it works and changes nothing."""
@@ -110,26 +111,22 @@ def test_process_called_in_process_gives_back_the_callers_signal_handlers(tmp_pa
     src = tmp_path / "in.txt"
     src.write_bytes(b"a\n")
     before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)}
-    env = {k: v for k, v in os.environ.items() if k.startswith("INGESTD_") or k == "MODE"}
-    for k in env:
-        os.environ.pop(k)
-    try:
-        assert main(["process", "--input", str(src), "--output", str(tmp_path / "a.txt"), "--mode", "uppercase"]) == 0
-        assert {s: signal.getsignal(s) for s in before} == before
-        codes: list[int | BaseException] = []
+    for k in set(os.environ) - set(clean_env()):
+        monkeypatch.delenv(k)
+    assert main(["process", "--input", str(src), "--output", str(tmp_path / "a.txt"), "--mode", "uppercase"]) == 0
+    assert {s: signal.getsignal(s) for s in before} == before
+    codes: list[int | BaseException] = []
 
-        def call() -> None:
-            try:
-                codes.append(main(["process", "--input", str(src), "--output", str(tmp_path / "b.txt"), "--mode",
-                                   "uppercase"]))
-            except BaseException as e:  # noqa: BLE001 - reported below
-                codes.append(e)
+    def call() -> None:
+        try:
+            codes.append(main(["process", "--input", str(src), "--output", str(tmp_path / "b.txt"), "--mode",
+                               "uppercase"]))
+        except BaseException as e:  # noqa: BLE001 - reported below
+            codes.append(e)
 
-        t = threading.Thread(target=call)
-        t.start()
-        t.join(30)
-        assert codes == [0]
-        assert {s: signal.getsignal(s) for s in before} == before
-    finally:
-        os.environ.update(env)
+    t = threading.Thread(target=call)
+    t.start()
+    t.join(30)
+    assert codes == [0]
+    assert {s: signal.getsignal(s) for s in before} == before
     assert (tmp_path / "a.txt").read_bytes() == (tmp_path / "b.txt").read_bytes() == b"A\n"

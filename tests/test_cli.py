@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from support import INGESTD, DaemonProcess, folder, wait_for
+from support import INGESTD, DaemonProcess, clean_env, folder, wait_for
 
 
 def ingestd(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None, input: bytes | None = None
             ) -> subprocess.CompletedProcess[bytes]:
-    full = {k: v for k, v in os.environ.items() if not k.startswith("INGESTD_") and k != "MODE"}
+    full = clean_env()
     return subprocess.run([*INGESTD, *args], capture_output=True, cwd=cwd, env={**full, **(env or {})}, input=input,
                           timeout=60)
 
@@ -45,16 +45,12 @@ def test_process_imports_only_what_it_needs(tmp_path: Path, existing: bool) -> N
     code = ("import sys; from ingestd.cli import main; rc = main(sys.argv[1:]); "
             "print(' '.join(sorted(sys.modules))); sys.exit(rc)")
     r = subprocess.run([sys.executable, "-c", code, "process", "--input", str(src), "--output", str(out), "--mode",
-                        "uppercase"], capture_output=True, timeout=60, env=_clean_env())
+                        "uppercase"], capture_output=True, timeout=60, env=clean_env(), check=False)
     assert r.returncode == 0, r.stderr
     assert out.read_bytes() == b"A\n" * 1000
     loaded = set(r.stdout.decode().split())
     assert "ingestd.manual" in loaded  # the check itself saw the command's modules
     assert not loaded & set(NOT_FOR_PROCESS), sorted(loaded & set(NOT_FOR_PROCESS))
-
-
-def _clean_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith("INGESTD_") and k != "MODE"}
 
 
 def test_process_stdin_to_stdout_with_each_mode() -> None:

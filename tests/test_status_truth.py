@@ -18,7 +18,7 @@ import pytest
 
 from ingestd.names import key
 from ingestd.spool import REASON_PREFIX, SEQ_BLOCK, SEQ_FILE, Failure, Spool
-from support import INGESTD, DaemonProcess, folder, wait_for
+from support import INGESTD, DaemonProcess, clean_env, folder, wait_for
 from torture.lib import readable_copy
 
 NOBODY = 65534
@@ -26,7 +26,7 @@ NOW = 1_700_000_000.0  # 2023-11-14 22:13:20 UTC
 
 
 def cli(*args: str, env: dict[str, str] | None = None, **kw: Any) -> subprocess.CompletedProcess[str]:
-    full = {k: v for k, v in os.environ.items() if not k.startswith("INGESTD_") and k != "MODE"}
+    full = clean_env()
     return subprocess.run([*INGESTD, *args], capture_output=True, text=True, env={**full, **(env or {})}, timeout=60,
                           check=False, **kw)
 
