@@ -19,6 +19,7 @@ from ingestd.settings import Settings
 from ingestd.sinks import Sinks
 
 PROGRESS_MIN_BYTES = 8 << 20  # below this a progress bar is just noise
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # held back while outputs are published or dropped
 
 
 def process(settings: Settings, input_path: str, output_path: str, explain: bool) -> int:
@@ -28,7 +29,9 @@ def process(settings: Settings, input_path: str, output_path: str, explain: bool
     Returns the exit code (sysexits.h): 0; 65 the input rejected (binary, a line over max_line_bytes, a processor
     that raised); 66 the input unreadable (or stdin closed); 73 an output unwritable (or stdout closed). Stopped
     by Ctrl-C (KeyboardInterrupt goes on up: cli.main exits 130), SIGTERM or SIGHUP (SystemExit(143 / 129)), or
-    any exception: no output is published and no temp is left."""
+    any exception: no output is published and no temp is left (a signal during the publish takes effect once it
+    is done: the output is then published whole). The caller's signal handlers are as they were once it returns
+    (a program may call it: cli.main(["process", ...]), from any thread)."""
     with _exit_on_signal(signal.SIGTERM, signal.SIGHUP):
         return _process(settings, input_path, output_path, explain)
 
@@ -113,7 +116,11 @@ def _process(settings: Settings, input_path: str, output_path: str, explain: boo
                 pipeline.run(src, name, table, settings.max_line_bytes, write, stats, progress,
                              show if explain else None)
         if sinks is not None:
-            sinks.commit()
+            # Held for the publish: a signal between its renames and the removal of an earlier result's hidden
+            # second name left that name behind (a helper's finding); it takes effect once the output is published
+            # whole. fsync cannot be interrupted anyway, so holding them across the data sync costs nothing.
+            with _held(*STOP_SIGNALS):
+                sinks.commit()
         else:
             out.flush()
     except BrokenPipeError if sinks is None else ():
@@ -122,21 +129,18 @@ def _process(settings: Settings, input_path: str, output_path: str, explain: boo
         to_devnull(sys.stdout)
         return 0
     except pipeline.Rejected as e:
-        if sinks is not None:
-            sinks.abort()
+        _abort(sinks)
         at = f" (line {e.line})" if e.line else ""
         print(f"ingestd: {input_path}: {e.reason}{at}", file=sys.stderr)
         return EX_DATAERR
     except OSError as e:
-        if sinks is not None:
-            sinks.abort()
+        _abort(sinks)
         print(f"ingestd: cannot write {output_path}: {e.strerror}", file=sys.stderr)
         return EX_CANTCREAT
     except BaseException:
         # Ctrl-C (cli.main exits 130), SIGTERM or SIGHUP (_exit_on_signal), a bug: the unpublished temp goes, as on
         # any other failure (a Ctrl-C left it behind); what raised goes on up.
-        if sinks is not None:
-            sinks.abort()
+        _abort(sinks)
         raise
     finally:
         if bar:
@@ -169,6 +173,25 @@ def _exit_on_signal(*signums: int) -> Iterator[None]:
         for signum, handler in before.items():
             if handler is signal.SIG_DFL:
                 signal.signal(signum, handler)
+
+
+def _abort(sinks: Sinks | None) -> None:
+    """Drop the temp outputs with the stop signals held: a second one (Ctrl-C pressed again, `kill` twice) while
+    they were removed left one behind; it takes effect once they are gone."""
+    if sinks is not None:
+        with _held(*STOP_SIGNALS):
+            sinks.abort()
+
+
+@contextmanager
+def _held(*signums: int) -> Iterator[None]:
+    """These signals held back (blocked, so pending) in this thread for the block, delivered as it ends
+    (pthread_sigmask(2))."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, signums)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _raise_exit(signum: int, _frame: object) -> None:

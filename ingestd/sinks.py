@@ -120,11 +120,11 @@ class Sinks:
                 # (errors.classify: ENOENT on an output is RECREATE).
                 os.makedirs(self._dir(folder), exist_ok=True)
                 fd = durable.create_exclusive(temp)
+            out = self.outs[folder] = _Out(fd, temp)  # held at once: abort() drops it if tagging fails
             if self.claim is not None:
                 # Before the data's fsync: the claim is durable with the result, never after it. Where the
                 # file system keeps no user xattr the result goes untagged, and publish compares bytes instead.
                 durable.tag(fd, CLAIM_ATTR, self.claim)
-        out = self.outs[folder] = _Out(fd, temp)
         return out
 
     def write(self, folder: str, data: bytes) -> None:
@@ -336,7 +336,9 @@ class Sinks:
                     pass
 
     def abort(self) -> None:
-        """Drop every unpublished temp file; the input stays where it is."""
+        """Drop every unpublished temp file; the input stays where it is. Also this Sinks' temp name in each output
+        folder it holds none in: an exception (a signal's, in `ingestd process`) just after open(2) made one left
+        it unheld; the name is this attempt's own (its tag), so it is no one else's."""
         for out in self.outs.values():
             if out.fd >= 0:
                 os.close(out.fd)
@@ -344,6 +346,12 @@ class Sinks:
                 durable.unlink_quiet(out.temp)
             except OSError:
                 pass  # EIO/EROFS: recovery or remove_temps drops it later; the first error is the one to report
+        for folder in self.folders:
+            if folder not in self.outs:
+                try:
+                    durable.unlink_quiet(os.path.join(self._dir(folder), self.temp_name))
+                except OSError:
+                    pass  # as above
         self.outs.clear()
 
 

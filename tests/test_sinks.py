@@ -314,3 +314,20 @@ def test_a_temp_left_by_an_earlier_attempt_in_this_process_is_replaced_not_writt
         assert (processed / "a.txt").read_bytes() == b"new\n", stale
         assert not temp.exists() and not temp.is_symlink()
         assert victim.read_bytes() == b"keep me\n"
+
+
+def test_a_temp_whose_claim_tag_fails_is_held_and_dropped_by_abort(processed: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The claim tag (fsetxattr) fails right after the temp was created (EIO): the temp is already held, so abort
+    closes and removes it. It was made but not yet held, so it stayed behind, its descriptor open."""
+    def broken_tag(fd: int, name: str, value: bytes) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(sinks_mod.durable, "tag", broken_tag)
+    s = Sinks(str(processed), "a.txt", [""], claim=b"1-b2-m3")
+    with pytest.raises(OSError):
+        s.write("", b"x\n")
+    fds = len(os.listdir("/proc/self/fd"))
+    s.abort()
+    assert listing(processed) == {}  # no temp left
+    assert len(os.listdir("/proc/self/fd")) == fds - 1  # its descriptor closed too
