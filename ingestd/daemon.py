@@ -12,7 +12,6 @@ import collections
 import dataclasses
 import errno
 import faulthandler
-import heapq
 import logging
 import os
 import select
@@ -41,8 +40,10 @@ from ingestd.spool import (
     NotAWatchDir,
     Spool,
     SpoolError,
+    identity,
 )
 from ingestd.state import THROUGHPUT_WINDOW, PauseKind, State
+from ingestd.sweep import Sweep
 from ingestd.watch import WatchLimit
 from ingestd.watchmode import Choice, Watcher, choose, open_watch
 from ingestd.web import Web
@@ -87,10 +88,7 @@ class Daemon:
         self.watch_choice = Choice("inotify", "not started")  # inotify or polling, and why (watchmode.choose)
         self.watch_lost = False  # unprocessed/'s watch is dead and not yet replaced: rescans come every second
         self.folders_left: set[str] = set()  # default mode: folders in unprocessed/, left as they are (logged once)
-        self.folder_checks: dict[str, float] = {}  # recursive mode: subfolder -> when to see if it can be removed
-        # The same checks as a heap of (when, subfolder), stale entries skipped: scanning the dict each turn made
-        # 10,000 one-file folders take 6x the time of 10,000 files (quadratic).
-        self._folder_heap: list[tuple[float, str]] = []
+        self.sweep = Sweep()  # recursive mode: the emptied subfolders to look at, and when
         self._watch_refused = False  # a subfolder's watch was refused (said once)
         self.pool: Pool | None = None
         self.poller = select.poll()
@@ -235,7 +233,7 @@ class Daemon:
         finally:
             self._sync_poller()  # whatever maintain got to: a closed fd must never stay in the poller
         self.arrivals.tick(now, self._stat)  # due settle/grace timers run now, not only when a worker is free
-        if self.folder_checks:
+        if self.sweep:
             self._clean_folders(now)
         if now >= self.next_rescan:
             self._rescan("periodic")
@@ -271,7 +269,7 @@ class Daemon:
         deadlines = [self.next_rescan, now + IDLE_TURN]
         if (d := self.arrivals.next_deadline()) is not None:
             deadlines.append(d)
-        if (when := self._next_folder_check()) is not None:
+        if (when := self.sweep.next()) is not None:
             deadlines.append(when)
         if self.pool.idle() and self.state.phase == "running":
             if self.state.pause is not None and self.state.pause.until > now:
@@ -328,8 +326,8 @@ class Daemon:
                 return  # the rest was read from the dead watch: the rescan has looked at the folder itself
             elif c.kind == "dir_in":
                 self._folder_in(c.name, now)
-            elif c.kind == "dir_gone":
-                self._folder_gone(c.name)
+            elif c.kind in ("dir_gone", "dir_moved_out"):
+                self._folder_gone(c.name, now, moved=c.kind == "dir_moved_out")
             else:
                 self.arrivals.change(c, now)
 
@@ -347,22 +345,33 @@ class Daemon:
         # No removal check here: a folder is removed only once the daemon emptied it (a claim from it, see
         # _claim); a producer's `mkdir batch`, then a pause past settle_time before its first file, had its
         # folder removed under it (ENOENT: tests/test_break_dirs.py).
-        files = self.spool.files(self.spool.unprocessed, enter=self._enter, root=rel)
+        files, subdirs = self.spool.files(self.spool.unprocessed, dirs=True, enter=self._enter, root=rel)
         self.arrivals.scanned(files, now)
+        self._returned([rel, *subdirs], now)
 
-    def _folder_gone(self, rel: str, empty: bool = False) -> None:
-        """A folder left unprocessed/. empty: we removed it (rmdir), so nothing was below it: no scan of every
-        watch, waiting name and check for its subfolders (that made many one-file folders quadratic)."""
+    def _returned(self, folders: list[str], now: float) -> None:
+        """Folders the daemon emptied that moved away and are back, under any name (`mv big big2`; out and in
+        again): checked for removal like any emptied folder. A stat each, only while one is awaited."""
+        for rel in folders:
+            if not self.sweep.awaited():
+                return
+            ident = identity(os.path.join(self.spool.unprocessed, rel))
+            if ident is not None and self.sweep.returned(ident, now):
+                self._check_folder_at(rel, now + self.s.settle_time)
+
+    def _folder_gone(self, rel: str, now: float, empty: bool = False, moved: bool = False) -> None:
+        """A folder left unprocessed/: removed, or moved away (`moved`: inotify's IN_MOVED_FROM; the polling
+        watcher cannot tell). empty: we removed it (rmdir), so nothing was below it: no scan of every watch,
+        waiting name and check for its subfolders (that made many one-file folders quadratic)."""
         if rel in self.folders_left:
             self._note_folders(self.folders_left - {rel})
         if self.watch is not None:
             self.watch.drop(rel, below=not empty)
-        self.folder_checks.pop(rel, None)
         if empty:
+            self.sweep.removed(rel)
             return
+        self.sweep.gone(rel, now, moved)
         self.arrivals.forget_under(rel)
-        for sub in [f for f in self.folder_checks if f.startswith(rel + "/")]:
-            del self.folder_checks[sub]
 
     def _enter(self, rel: str) -> bool:
         """Watch a subfolder before it is listed (recursive mode). A watch the kernel refuses (the user's inotify
@@ -387,37 +396,39 @@ class Daemon:
         self.metrics.folders_left.set(len(found))
 
     def _check_folder_at(self, rel: str, when: float) -> None:
-        if rel and self.folder_checks.get(rel, float("inf")) > when:
-            self.folder_checks[rel] = when
-            heapq.heappush(self._folder_heap, (when, rel))
-
-    def _next_folder_check(self) -> float | None:
-        heap = self._folder_heap
-        while heap and self.folder_checks.get(heap[0][1]) != heap[0][0]:
-            heapq.heappop(heap)  # superseded by an earlier check, or its folder is gone
-        return heap[0][0] if heap else None
+        """Look at the subfolder `rel` by `when` (monotonic): removed then if empty and quiet. The folder's
+        identity is taken when its check is first scheduled, so a rename after that still finds it."""
+        if rel and self.sweep.at(rel, when):
+            ident = identity(os.path.join(self.spool.unprocessed, rel))
+            if ident is not None:
+                self.sweep.identify(rel, ident)
 
     def _clean_folders(self, now: float) -> None:
         """Recursive mode: remove subfolders of unprocessed/ the daemon emptied (only claims schedule a check)
-        once empty and quiet (settle_time without a change); then their parents."""
-        due = []
-        while (when := self._next_folder_check()) is not None and when <= now:
-            rel = heapq.heappop(self._folder_heap)[1]
-            del self.folder_checks[rel]
-            due.append(rel)
+        once empty and quiet (settle_time without a change); then their parents. A check whose folder is gone,
+        or is another folder now (moved away, a new one made under its name), never removes what is there."""
+        due = self.sweep.due(now)
         if not due:
             return
-        removed = self.spool.prune(self.spool.unprocessed, due, quiet=self.s.settle_time, now=self.wall())
-        for rel in due:
-            if rel in removed:
+        removed = self.spool.prune(self.spool.unprocessed, [d.rel for d in due], quiet=self.s.settle_time,
+                                   now=self.wall(), expect={d.rel: d.ident for d in due if d.ident})
+        for d in due:
+            if d.rel in removed:
                 event("folder_removed", "an emptied folder of unprocessed/ was removed", logging.DEBUG,
-                      folder=display(rel))
-                self._folder_gone(rel, empty=True)
-                parent = os.path.dirname(rel)
+                      folder=display(d.rel))
+                self._folder_gone(d.rel, now, empty=True)
+                parent = os.path.dirname(d.rel)
                 if parent:
                     self._check_folder_at(parent, now + self.s.settle_time)
-            elif self._empty(rel):
-                self._check_folder_at(rel, now + self.s.settle_time)  # empty but changed lately: look again
+                continue
+            path = os.path.join(self.spool.unprocessed, d.rel)
+            ident = identity(path)
+            if not os.path.isdir(path) or (d.ident is not None and ident != d.ident):
+                self.sweep.missing(d, now + self.s.settle_time)  # its IN_MOVED_FROM may be unread yet
+            elif self._empty(d.rel):
+                self.sweep.at(d.rel, now + self.s.settle_time)  # empty but changed lately: look again
+                if ident is not None:
+                    self.sweep.identify(d.rel, ident)
 
     def _empty(self, rel: str) -> bool:
         try:
@@ -467,6 +478,7 @@ class Daemon:
             # says so; a crash or stop came before their removal).
             files, subdirs = self.spool.files(self.spool.unprocessed, dirs=True, enter=self._enter)
             self.arrivals.scanned(files, now)
+            self._returned(subdirs, now)  # a folder moved back while events overflowed
             if reason == "startup":
                 mirrors = (self.spool.underprocess, self.spool.processed, self.spool.failed)
                 for rel in subdirs:
