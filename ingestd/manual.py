@@ -46,6 +46,11 @@ def _process(settings: Settings, input_path: str, output_path: str, explain: boo
     if output_path == "-" and sys.stdout is None:
         print("ingestd: cannot write - (stdout is closed): give --output FILE", file=sys.stderr)
         return EX_CANTCREAT
+    if output_path != "-" and not os.path.isdir(os.path.dirname(os.path.abspath(output_path))):
+        # As cp(1) and a shell's `>`: a typo in the folder is an error, never a tree of folders made silently.
+        print(f"ingestd: cannot write {output_path}: its folder {os.path.dirname(os.path.abspath(output_path))} "
+              "does not exist", file=sys.stderr)
+        return EX_CANTCREAT
     try:
         src: BinaryIO = pipeline.whole_head(sys.stdin.buffer) if input_path == "-" else open(input_path, "rb")  # noqa: SIM115
     except OSError as e:

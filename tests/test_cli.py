@@ -204,6 +204,18 @@ def test_process_exit_codes(tmp_path: Path) -> None:
     assert r.returncode == 73 and b"cannot write /proc/nope/out" in r.stderr
 
 
+def test_process_refuses_an_output_in_a_folder_that_does_not_exist(tmp_path: Path) -> None:
+    """Found: `--output /missing/dir/x` made /missing/dir silently (a typo became a tree of folders); cp(1) and
+    the shell's `>` refuse. Routed outputs' sibling folders are still made, beside an existing main folder."""
+    (tmp_path / "text").write_bytes(b"fine\n")
+    r = ingestd("process", "--input", str(tmp_path / "text"), "--output", str(tmp_path / "typo" / "deep" / "out"))
+    assert r.returncode == 73 and b"does not exist" in r.stderr and not (tmp_path / "typo").exists()
+    r = ingestd("process", "--input", str(tmp_path / "text"), "--output", str(tmp_path / "text" / "out"))
+    assert r.returncode == 73  # a file where the folder should be
+    assert ingestd("process", "--input", str(tmp_path / "text"), "--output", "rel-out", cwd=tmp_path).returncode == 0
+    assert (tmp_path / "rel-out").read_bytes() == b"FINE\n"  # a bare name: the current folder
+
+
 @pytest.mark.parametrize(("args", "env", "message"), [
     (["--workers", "0"], {}, "workers: must be an integer >= 1, not '0'"),
     (["--listen", "nowhere"], {}, "listen: must be HOST:PORT"),
