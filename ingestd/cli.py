@@ -77,6 +77,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    _open_standard_fds()
     args = parser().parse_args(argv)  # a bad command line exits 2 here
     flags = {k: v for k, v in vars(args).items() if k in ("watch_dir", "mode", "pattern", "replacement", "config", "workers", "listen", "log_format",
                                                             "wait_lock", "broker", "node", "watch")}
@@ -125,6 +126,25 @@ def main(argv: list[str] | None = None) -> int:
 def plural(n: int, word: str) -> str:
     """ "1 record", "2 records" (English plurals of the nouns the commands count)."""
     return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def _open_standard_fds() -> None:
+    """Give a closed fd 0, 1 or 2 (`ingestd run 2>&-`) /dev/null, as OpenSSH's sanitise_stdfd() and systemd's
+    services do. Left closed, the next open(2) takes its number (open(2): "the lowest-numbered file descriptor
+    not currently open"), and whatever writes to stderr there (a worker's fatal error, a library's warning)
+    writes into that file: a queued file or an output. sys.stdin and sys.stdout stay None, so `process` still
+    says a closed stream is closed; a closed stderr gets a sys.stderr on /dev/null: logging needs one."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)  # the lowest free number: this fd, or one below it was also closed
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+            os.set_inheritable(fd, True)  # a standard fd: the workers get it too (os.open's are close-on-exec)
+    if sys.stderr is None:
+        sys.stderr = open(2, "w", closefd=False, errors="backslashreplace")  # noqa: SIM115 (for the process's life)
 
 
 def to_devnull(stream: Any) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -419,3 +421,35 @@ def test_closing_the_terminal_stops_the_daemon_but_a_sighup_otherwise_reloads(tm
     second = subprocess.run([*INGESTD, "status", "--watch-dir", str(tmp_path / "w")], capture_output=True, text=True,
                             timeout=30)
     assert "not running" in second.stdout, second.stdout
+
+
+def test_closed_standard_fds_get_dev_null_never_a_data_file(tmp_path: Path) -> None:
+    """Found: `ingestd status 2>&-` and `ingestd run 2>&-` exited 1 with nothing said (logging needs a stderr).
+    The wider kind: with fd 2 closed, the next open(2) takes number 2, so whatever writes to stderr (a worker's
+    fatal error) would write into a queued file or an output. Now each closed standard fd is /dev/null, in the
+    daemon and in its workers, and the commands work."""
+    w = tmp_path / "w"
+    for f in ("unprocessed", "underprocess", "processed", "failed"):
+        (w / f).mkdir(parents=True)
+    cmd = " ".join(shlex.quote(a) for a in INGESTD)
+    r = subprocess.run(["sh", "-c", f"{cmd} status --watch-dir {shlex.quote(str(w))} 2>&- <&-"],
+                       capture_output=True, env=clean_env(), timeout=60)
+    assert r.returncode == 0 and b"daemon      not running" in r.stdout
+    (tmp_path / "in.txt").write_bytes(b"a\n")
+    r = subprocess.run(["sh", "-c", f"{cmd} process --input in.txt --output out.txt 2>&- <&- >&-"],
+                       cwd=tmp_path, env=clean_env(), timeout=60)
+    assert r.returncode == 0 and (tmp_path / "out.txt").read_bytes() == b"A\n"
+    p = subprocess.Popen(["sh", "-c", f"exec {cmd} run --watch-dir {shlex.quote(str(w))} --listen 127.0.0.1:0 "
+                          "--workers 2 2>&- <&- >&-"], env=clean_env(), start_new_session=True)
+    try:
+        (w / "unprocessed" / "f.txt").write_bytes(b"hello\n")
+        wait_for(lambda: (w / "processed" / "f.txt").exists(), timeout=20, what="processed with stderr closed")
+        assert (w / "processed" / "f.txt").read_bytes() == b"HELLO\n"
+        pids = [p.pid, *(int(c) for c in Path(f"/proc/{p.pid}/task/{p.pid}/children").read_text().split())]
+        assert len(pids) >= 3  # the daemon and its two workers
+        for pid in pids:
+            for fd in (0, 1, 2):
+                assert os.readlink(f"/proc/{pid}/fd/{fd}") == "/dev/null", (pid, fd)
+    finally:
+        os.killpg(p.pid, signal.SIGTERM)
+        assert p.wait(30) == 0
