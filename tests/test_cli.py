@@ -439,8 +439,8 @@ def test_closed_standard_fds_get_dev_null_never_a_data_file(tmp_path: Path) -> N
     r = subprocess.run(["sh", "-c", f"{cmd} process --input in.txt --output out.txt 2>&- <&- >&-"],
                        cwd=tmp_path, env=clean_env(), timeout=60)
     assert r.returncode == 0 and (tmp_path / "out.txt").read_bytes() == b"A\n"
-    p = subprocess.Popen(["sh", "-c", f"exec {cmd} run --watch-dir {shlex.quote(str(w))} --listen 127.0.0.1:0 "
-                          "--workers 2 2>&- <&- >&-"], env=clean_env(), start_new_session=True)
+    run = f"exec {cmd} run --watch-dir {shlex.quote(str(w))} --listen 127.0.0.1:0 --workers 2 2>&- <&- >&-"
+    p = subprocess.Popen(["sh", "-c", run], env=clean_env(), start_new_session=True)
     try:
         (w / "unprocessed" / "f.txt").write_bytes(b"hello\n")
         wait_for(lambda: (w / "processed" / "f.txt").exists(), timeout=20, what="processed with stderr closed")
