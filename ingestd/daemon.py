@@ -571,7 +571,7 @@ class Daemon:
             busy = self.pool.busy()
             if not busy:
                 return
-            victim = max(busy, key=lambda s: len(s.batch) - s.cursor[0])
+            victim = max(busy, key=lambda s: len(s.batch) - s.on)
             taken = self.pool.steal(victim)
             if not taken:
                 return

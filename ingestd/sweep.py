@@ -18,7 +18,7 @@ from __future__ import annotations
 import heapq
 from typing import NamedTuple
 
-Ident = tuple[int, ...]  # which folder: spool.identity()
+Ident = tuple[int, int, int]  # (st_dev, st_ino, generation): spool.identity()
 
 DEPARTED_TTL = 300.0  # seconds an emptied folder that moved away is still known if it comes back
 DEPARTED_MAX = 10_000  # at most this many remembered (the oldest forgotten first): memory stays bounded

@@ -27,6 +27,10 @@ from ingestd.spool import Spool
 _ctx = multiprocessing.get_context("spawn")
 KILL_GRACE = 0.5  # seconds between asking a stuck worker for its stack (SIGUSR1) and killing it
 RESPAWN_AFTER = 1.0  # seconds before a failed worker spawn is tried again
+# Seconds the parent waits for a worker's cursor lock, held by a running worker for a few microseconds per file.
+# Never longer: a POSIX semaphore is not released by a holder's death (sem_overview(7)), so a worker killed or
+# stopped inside it would otherwise block the parent's main loop for ever.
+LOCK_WAIT = 0.01
 
 
 @dataclass(slots=True, eq=False)
@@ -34,7 +38,9 @@ class Slot:
     id: int
     process: BaseProcess
     conn: Connection
-    cursor: Any  # multiprocessing Array("i", 2) with a lock: [index of the file it is on (-1 before the first), index to stop before]
+    # multiprocessing Array("i", 2) with a lock: [index of the file it is on (-1 before the first), index to stop
+    # before]; the parent reads it through `on`, never `cursor[i]`, which takes the lock
+    cursor: Any
     batch: list[Job] = field(default_factory=list)  # what it holds, in order; empty when idle
     index: int = 0  # the batch's file it is on (from its heartbeats)
     done: set[str] = field(default_factory=set)  # names of its batch already reported (committed ahead)
@@ -53,9 +59,16 @@ class Slot:
         return self.process.pid
 
     @property
+    def on(self) -> int:
+        """The index in its batch of the file it is on, as the worker last wrote it (-1 before the first). Read
+        without the lock (one aligned int): `cursor[0]` takes it, and a worker killed or stopped while holding
+        it blocked every reader, the status page's included."""
+        return int(self.cursor.get_obj()[0])
+
+    @property
     def job(self) -> Job | None:
         """The file it is on now (None when idle)."""
-        return self.batch[min(max(0, self.cursor[0]), len(self.batch) - 1)] if self.batch else None
+        return self.batch[min(max(0, self.on), len(self.batch) - 1)] if self.batch else None
 
 
 class Pool:
@@ -159,11 +172,20 @@ class Pool:
         return sum(len(s.batch) - len(s.done) for s in self.slots)
 
     def assign(self, slot: Slot, jobs: list[Job], now: float, wall: float) -> bool:
-        """Hand a batch to an idle worker. False if the worker died meanwhile (nothing is taken)."""
-        with slot.cursor.get_lock():
+        """Hand a batch to an idle worker. False if the worker died meanwhile, or its cursor lock is held (an idle
+        worker holds it only if it was stopped or killed inside it: condemned, so it is replaced); nothing is
+        taken then."""
+        lock = slot.cursor.get_lock()
+        if not lock.acquire(timeout=LOCK_WAIT):
+            self.condemn(slot, "stalled", "its cursor lock stays held (stopped or killed while holding it)", now)
+            return False
+        try:
             # -1: no file started yet. 0 blamed the batch's first file for a death before the worker read this
             # hand-off (killed between batches), a file no worker had opened (tests/test_break_ahead.py).
-            slot.cursor[0], slot.cursor[1] = -1, len(jobs)
+            raw = slot.cursor.get_obj()
+            raw[0], raw[1] = -1, len(jobs)
+        finally:
+            lock.release()
         try:
             slot.conn.send(Assign(tuple(j.name for j in jobs)))
         except OSError:  # BrokenPipeError: it died between the poll and this hand-off
@@ -176,7 +198,7 @@ class Pool:
     def release(self, slot: Slot) -> tuple[list[Job], int]:
         """Take back its batch: (jobs not yet reported, index of the file it was on, as the worker last wrote it;
         None when the jobs reported ahead make that index meaningless for the rest)."""
-        jobs, index = slot.batch, slot.cursor[0]
+        jobs, index = slot.batch, slot.on
         current = jobs[index] if 0 <= index < len(jobs) else None
         left = [j for j in jobs if j.name not in slot.done]
         slot.batch, slot.index, slot.done = [], 0, set()
@@ -191,14 +213,21 @@ class Pool:
     def steal(self, slot: Slot) -> list[Job]:
         """Take back the back half of the files a busy worker has not started (all if one is left), so an idle
         worker can have them: a slow or stuck file holds up only itself, not the rest of its batch. The lock
-        makes the cut exact: the worker checks it before starting each file (worker.run_batch)."""
-        with slot.cursor.get_lock():
-            started = max(0, slot.cursor[0]) + 1  # the first file is never taken: the worker may be starting it
-            rest = min(slot.cursor[1], len(slot.batch)) - started
+        makes the cut exact: the worker checks it before starting each file (worker.run_batch). Nothing is taken
+        while the lock stays held (LOCK_WAIT): a worker stopped inside it is found by its missing heartbeats."""
+        lock = slot.cursor.get_lock()
+        if not lock.acquire(timeout=LOCK_WAIT):
+            return []
+        try:
+            raw = slot.cursor.get_obj()
+            started = max(0, raw[0]) + 1  # the first file is never taken: the worker may be starting it
+            rest = min(raw[1], len(slot.batch)) - started
             if rest < 1:
                 return []
             cut = started + rest // 2
-            slot.cursor[1] = cut
+            raw[1] = cut
+        finally:
+            lock.release()
         taken, slot.batch = slot.batch[cut:], slot.batch[:cut]
         return taken
 

@@ -27,7 +27,7 @@ def hung(lp: Loop) -> None:
     """Every worker blocks on a file of its own (HANG): every file dropped afterwards is claimed ahead."""
     for i in range(lp.d.s.workers):
         lp.drop(f"{i}-stuck.txt", b"HANG\n")
-        lp.until(lambda n=i + 1: sum(s.cursor[0] == 0 for s in lp.d.pool.busy()) >= n,  # type: ignore[misc]
+        lp.until(lambda n=i + 1: sum(s.on == 0 for s in lp.d.pool.busy()) >= n,  # type: ignore[misc]
                  what=f"{i + 1} workers on their file")
 
 

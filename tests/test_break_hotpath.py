@@ -56,7 +56,7 @@ def test_a_count_kept_through_a_stop_is_cleared_when_the_file_commits_after_the_
     d = lp.d
     lp.drop("x.txt", b"HANG\n")
     # On the file, not only handed it: a worker killed before it starts a batch blames no file (workers.assign).
-    lp.until(lambda: d.pool.busy() and d.pool.busy()[0].cursor[0] == 0, what="the worker on x.txt")
+    lp.until(lambda: d.pool.busy() and d.pool.busy()[0].on == 0, what="the worker on x.txt")
     lp.clock.advance(31)
     lp.until(lambda: events("worker_stuck"), what="worker_stuck")
     lp.clock.advance(1)
