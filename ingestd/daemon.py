@@ -25,6 +25,7 @@ from typing import Any
 
 from ingestd import __version__, history, inflight, log
 from ingestd.arrivals import Arrivals, Ready
+from ingestd.inode import folder_id
 from ingestd.job import Job
 from ingestd.log import event
 from ingestd.messages import Done, Outcome, Outcomes, Rejected, Retry, ToParent
@@ -40,7 +41,6 @@ from ingestd.spool import (
     NotAWatchDir,
     Spool,
     SpoolError,
-    identity,
 )
 from ingestd.state import THROUGHPUT_WINDOW, PauseKind, State
 from ingestd.sweep import Sweep
@@ -355,7 +355,7 @@ class Daemon:
         for rel in folders:
             if not self.sweep.awaited():
                 return
-            ident = identity(os.path.join(self.spool.unprocessed, rel))
+            ident = folder_id(os.path.join(self.spool.unprocessed, rel))
             if ident is not None and self.sweep.returned(ident, now):
                 self._check_folder_at(rel, now + self.s.settle_time)
 
@@ -399,7 +399,7 @@ class Daemon:
         """Look at the subfolder `rel` by `when` (monotonic): removed then if empty and quiet. The folder's
         identity is taken when its check is first scheduled, so a rename after that still finds it."""
         if rel and self.sweep.at(rel, when):
-            ident = identity(os.path.join(self.spool.unprocessed, rel))
+            ident = folder_id(os.path.join(self.spool.unprocessed, rel))
             if ident is not None:
                 self.sweep.identify(rel, ident)
 
@@ -422,7 +422,7 @@ class Daemon:
                     self._check_folder_at(parent, now + self.s.settle_time)
                 continue
             path = os.path.join(self.spool.unprocessed, d.rel)
-            ident = identity(path)
+            ident = folder_id(path)
             if not os.path.isdir(path) or (d.ident is not None and ident != d.ident):
                 self.sweep.missing(d, now + self.s.settle_time)  # its IN_MOVED_FROM may be unread yet
             elif self._empty(d.rel):

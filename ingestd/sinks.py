@@ -9,7 +9,6 @@ underprocess/) is recognised by the claim identity each result carries, and repl
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import re
@@ -19,6 +18,7 @@ from dataclasses import dataclass
 
 from ingestd import durable
 from ingestd.errors import Phase, in_phase
+from ingestd.inode import born
 from ingestd.names import SUPERSEDED, TEMP_OUTPUT_PREFIX, display, key
 from ingestd.pipeline import Rejected
 
@@ -49,25 +49,14 @@ def claim_of(path: str) -> bytes | None:
     their birth times differ. The mtime tells apart one inode rewritten in place and linked in again (a producer
     that keeps its file and links it in each day). All three stay the same through the claim rename, a claim
     lost in a power cut and claimed again, and a redo: a redo of the same input is recognised."""
-    buf = ctypes.create_string_buffer(256)  # struct statx
-    # AT_FDCWD, AT_SYMLINK_NOFOLLOW, STATX_MTIME | STATX_INO | STATX_BTIME (<linux/stat.h>)
-    if _statx is not None and _statx(-100, os.fsencode(path), 0x100, 0x940, buf) == 0:
-        raw = buf.raw  # offsets of stx_mask, stx_ino, stx_btime, stx_mtime in struct statx
-        if int.from_bytes(raw[0:4], "little") & 0x840 == 0x840:
-            return b"%d-b%d-m%d" % (int.from_bytes(raw[32:40], "little"), _ns(raw, 80), _ns(raw, 112))
+    b = born(path)
+    if b is not None:
+        return b"%d-b%d-m%d" % (b.ino, b.btime_ns, b.mtime_ns)
     try:
         st = os.lstat(path)
     except OSError:
         return None
     return b"%d-c%d-m%d" % (st.st_ino, st.st_ctime_ns, st.st_mtime_ns)
-
-
-def _ns(raw: bytes, at: int) -> int:
-    """A struct statx_timestamp (s64 seconds, u32 nanoseconds) in nanoseconds."""
-    return int.from_bytes(raw[at:at + 8], "little", signed=True) * 1_000_000_000 + int.from_bytes(raw[at + 8:at + 12], "little")
-
-
-_statx = getattr(ctypes.CDLL(None, use_errno=True), "statx", None)  # glibc >= 2.28
 
 
 class _Out:

@@ -15,7 +15,6 @@ import logging
 import os
 import socket
 import stat
-import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from typing import Any
 
 from ingestd import durable, errors, inflight, lease
 from ingestd.errors import Phase
+from ingestd.inode import folder_id
 from ingestd.log import event
 from ingestd.names import DONE_SUFFIX, STATE_DIR, SUPERSEDED, TEMP_OUTPUT_PREFIX, TEMP_PREFIX, display, key, oserror
 
@@ -35,31 +35,6 @@ SEQ_FILE = "failure-seq"  # in .ingestd/: {"reserved_to": N}, every failure seq 
 SEQ_BLOCK = 1024  # failure seqs reserved per durable write of SEQ_FILE
 NO_SIDECAR = "unknown (no sidecar)"
 ATTEMPTS = "attempts-"  # in .ingestd/: attempts-KEY, {"ino": N, "attempts": N} (bump_attempts)
-
-
-FolderId = tuple[int, int, int]  # (st_dev, st_ino, generation number) of a folder: see identity()
-
-# ioctl_iflags(2)'s FS_IOC_GETVERSION: _IOR('v', 1, long) on 64-bit Linux (linux/fs.h).
-FS_IOC_GETVERSION = 0x80087601
-
-
-def identity(path: str) -> FolderId | None:
-    """Which folder `path` is, (st_dev, st_ino, generation), even after its inode number was given to another:
-    the file system gives an inode a new generation number at each reuse (the rule NFS file handles rely on;
-    FS_IOC_GETVERSION). ext4, XFS and btrfs keep one; tmpfs does not: None there, and for anything that is not
-    a folder this process can open (symlinks never followed). No error raised."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        st = os.fstat(fd)
-        generation = int.from_bytes(fcntl.ioctl(fd, FS_IOC_GETVERSION, bytes(8)), sys.byteorder)
-    except OSError:  # ENOTTY, EOPNOTSUPP: no generation numbers on this file system
-        return None
-    finally:
-        os.close(fd)
-    return st.st_dev, st.st_ino, generation
 
 
 class Claim(enum.Enum):
@@ -682,11 +657,11 @@ class Spool:
         return (found, subdirs) if dirs else found
 
     def prune(self, root: str, folders: list[str], quiet: float = 0.0, now: float | None = None,
-              expect: dict[str, FolderId] | None = None) -> list[str]:
+              expect: dict[str, tuple[int, int]] | None = None) -> list[str]:
         """Remove the empty ones of `folders` (relative to root), deepest first; returns those removed. With
         quiet > 0 a folder must also be unchanged (mtime and ctime) for `quiet` seconds of wall time by `now`, so
         a producer between its mkdir and its first file (cp -r) keeps it, and, where `expect` gives a folder's
-        identity(), still be that folder (not another made under its name since). rmdir(2) itself refuses a
+        inode.folder_id(), still be that folder (not another made under its name since). rmdir(2) itself refuses a
         folder that is not empty (a file arriving meanwhile), so nothing is ever lost here. Hidden folders are
         never touched."""
         removed = []
@@ -701,7 +676,7 @@ class Spool:
                     continue
                 if not stat.S_ISDIR(st.st_mode) or (now or 0) - max(st.st_mtime, st.st_ctime) < quiet:
                     continue
-                if expect and rel in expect and identity(path) != expect[rel]:
+                if expect and rel in expect and folder_id(path) != expect[rel]:
                     continue
             if root == self.unprocessed and os.path.isdir(os.path.join(self.underprocess, rel)):
                 # Claims from this folder are durable before their old folder's removal can be.

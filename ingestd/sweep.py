@@ -7,18 +7,18 @@ spool.prune removes). A producer's own empty folder (`mkdir batch`, a pause, the
 A folder keeps that standing when it is renamed, or moved out and back in, after the daemon emptied it
 (`mv big big2`, `mv big2 /tmp/x; mv /tmp/x big3`): inotify reports a move as IN_MOVED_FROM of one name and
 IN_MOVED_TO of another, linked by a cookie only when both ends are watched (inotify(7)), so the sweep knows an
-emptied folder by its identity for DEPARTED_TTL seconds after it moved away. The identity is spool.identity():
-the inode number with its generation number, since ext4 gives a freed inode number to the very next mkdir (a
-producer's folder made just after an emptied one was moved out and removed had its number, and was removed by
-the first version of this). A file system without generation numbers (tmpfs) gives no identity, and a renamed
-emptied folder stays there, as a folder emptied by hand does. A folder that was deleted is forgotten at once."""
+emptied folder by its identity for DEPARTED_TTL seconds after it moved away: inode.folder_id(), the inode
+number with the birth time, since ext4 gives a freed inode number to the very next mkdir (a producer's folder
+made just after an emptied one was moved out and removed had its number, and st_ino alone took it for the
+emptied one). Where the file system keeps no birth time there is no identity, and a renamed emptied folder
+stays there, as a folder emptied by hand does. A folder that was deleted is forgotten at once."""
 
 from __future__ import annotations
 
 import heapq
 from typing import NamedTuple
 
-Ident = tuple[int, int, int]  # (st_dev, st_ino, generation): spool.identity()
+Ident = tuple[int, int]  # (inode number, birth time ns): inode.folder_id()
 
 DEPARTED_TTL = 300.0  # seconds an emptied folder that moved away is still known if it comes back
 DEPARTED_MAX = 10_000  # at most this many remembered (the oldest forgotten first): memory stays bounded

@@ -3,7 +3,7 @@
 Found by CI: test_break_dirs' renamed-tree test left big3/d0, big3/d2 and d1moved/e0..e2 in unprocessed/ for
 ever when the daemon had claimed every file under the tree's earlier names (big/, big2/): the removal check was
 scheduled under the old name, found nothing there, and was dropped. Now the daemon knows an emptied folder by
-its identity (st_dev, st_ino) across a rename (ingestd/sweep.py). The other side, that nothing else is ever
+its identity (inode number and birth time) across a rename (ingestd/sweep.py, ingestd/inode.py). The other side, that nothing else is ever
 removed: a folder deleted after the daemon emptied it, then a producer's `mkdir` (which the file system may give
 the same inode number), and a new folder made under an emptied folder's name, both stay."""
 
@@ -114,6 +114,7 @@ def test_a_producers_folder_is_never_removed_after_an_emptied_one_went(start, tm
     """The other side: nothing but a folder the daemon emptied is removed.
     1. An emptied folder deleted by hand (rm -rf), then a producer's mkdir: the file system often reuses the
        freed inode number, which must not pass for the emptied folder (a deletion is forgotten at once).
+       Found before it landed: with (st_dev, st_ino) as the identity, case 3 removed the producer's folder.
     2. An emptied folder moved out, and a new folder made under its name before the check: another folder.
     3. Same, with the emptied folder moved away for good and its inode freed outside: the producer's new
        folder may get its number; it stays."""
