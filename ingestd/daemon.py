@@ -25,7 +25,7 @@ from typing import Any
 
 from ingestd import __version__, history, inflight, log
 from ingestd.arrivals import Arrivals, Ready
-from ingestd.inode import folder_id
+from ingestd.inode import born, folder_id
 from ingestd.job import Job
 from ingestd.log import event
 from ingestd.messages import Done, Outcome, Outcomes, Rejected, Retry, ToParent
@@ -55,6 +55,7 @@ WATCH_RETRY = 1.0  # seconds between attempts to make and watch unprocessed/ aga
 PROGRESS_REFRESH = 1.0  # seconds between STATUS=/page refreshes while workers are busy
 HISTORY_EVERY = 1.0  # seconds: the recent history is saved at most this often (one small fsynced file)
 MAX_INTERNAL_ERRORS = 3  # unexpected exceptions one file may cause before it is set aside in failed/
+FOLDER_RECHECK = 1.0  # seconds at least between two looks at an emptied folder that is still there
 MAX_BATCH = 32  # files handed to one worker at once, committed as one group (one data sync for all)
 BATCH_BYTES = 4 << 20  # a batch stops growing past this many input bytes: big files travel alone
 
@@ -326,8 +327,8 @@ class Daemon:
                 return  # the rest was read from the dead watch: the rescan has looked at the folder itself
             elif c.kind == "dir_in":
                 self._folder_in(c.name, now)
-            elif c.kind in ("dir_gone", "dir_moved_out"):
-                self._folder_gone(c.name, now, moved=c.kind == "dir_moved_out")
+            elif c.kind == "dir_gone":
+                self._folder_gone(c.name, now)
             else:
                 self.arrivals.change(c, now)
 
@@ -359,10 +360,10 @@ class Daemon:
             if ident is not None and self.sweep.returned(ident, now):
                 self._check_folder_at(rel, now + self.s.settle_time)
 
-    def _folder_gone(self, rel: str, now: float, empty: bool = False, moved: bool = False) -> None:
-        """A folder left unprocessed/: removed, or moved away (`moved`: inotify's IN_MOVED_FROM; the polling
-        watcher cannot tell). empty: we removed it (rmdir), so nothing was below it: no scan of every watch,
-        waiting name and check for its subfolders (that made many one-file folders quadratic)."""
+    def _folder_gone(self, rel: str, now: float, empty: bool = False) -> None:
+        """A folder left unprocessed/: removed, or moved away. empty: we removed it (rmdir), so nothing was below
+        it: no scan of every watch, waiting name and check for its subfolders (that made many one-file folders
+        quadratic)."""
         if rel in self.folders_left:
             self._note_folders(self.folders_left - {rel})
         if self.watch is not None:
@@ -370,7 +371,7 @@ class Daemon:
         if empty:
             self.sweep.removed(rel)
             return
-        self.sweep.gone(rel, now, moved)
+        self.sweep.gone(rel, now)
         self.arrivals.forget_under(rel)
 
     def _enter(self, rel: str) -> bool:
@@ -396,12 +397,11 @@ class Daemon:
         self.metrics.folders_left.set(len(found))
 
     def _check_folder_at(self, rel: str, when: float) -> None:
-        """Look at the subfolder `rel` by `when` (monotonic): removed then if empty and quiet. The folder's
-        identity is taken when its check is first scheduled, so a rename after that still finds it."""
-        if rel and self.sweep.at(rel, when):
-            ident = folder_id(os.path.join(self.spool.unprocessed, rel))
-            if ident is not None:
-                self.sweep.identify(rel, ident)
+        """Look at the subfolder `rel` by `when` (monotonic): removed then if empty and quiet. Its identity is
+        taken now (a statx; at each claim from it: a folder replaced under its name is the one emptied now), so
+        a rename after that still finds it."""
+        if rel:
+            self.sweep.at(rel, when, folder_id(os.path.join(self.spool.unprocessed, rel)))
 
     def _clean_folders(self, now: float) -> None:
         """Recursive mode: remove subfolders of unprocessed/ the daemon emptied (only claims schedule a check)
@@ -424,11 +424,14 @@ class Daemon:
             path = os.path.join(self.spool.unprocessed, d.rel)
             ident = folder_id(path)
             if not os.path.isdir(path) or (d.ident is not None and ident != d.ident):
-                self.sweep.missing(d, now + self.s.settle_time)  # its IN_MOVED_FROM may be unread yet
+                # Moved away, its events lost in an overflow or not read yet: remembered, and a rescan soon (not
+                # in 30 s) lists the tree, where it may be under its new name.
+                self.sweep.missing(d, now)
+                self.next_rescan = min(self.next_rescan, now + FOLDER_RECHECK)
             elif self._empty(d.rel):
-                self.sweep.at(d.rel, now + self.s.settle_time)  # empty but changed lately: look again
-                if ident is not None:
-                    self.sweep.identify(d.rel, ident)
+                # Empty but changed lately, or rmdir refused (EPERM: an append-only parent; EBUSY: a mount
+                # point): look again, never sooner than FOLDER_RECHECK (with settle_time 0 this spun a core).
+                self.sweep.at(d.rel, now + max(self.s.settle_time, FOLDER_RECHECK), ident)
 
     def _empty(self, rel: str) -> bool:
         try:
@@ -475,19 +478,33 @@ class Daemon:
             # Each subfolder watched before it is listed (inotify(7): watches are not recursive).
             # Folders emptied by hand or copied in empty stay: only the daemon's claims schedule a removal, and at
             # start-up the folders a run before this one emptied (a mirror in underprocess/, processed/ or failed/
-            # says so; a crash or stop came before their removal).
+            # made after the folder itself says so; a crash or stop came before their removal).
             files, subdirs = self.spool.files(self.spool.unprocessed, dirs=True, enter=self._enter)
             self.arrivals.scanned(files, now)
             self._returned(subdirs, now)  # a folder moved back while events overflowed
             if reason == "startup":
-                mirrors = (self.spool.underprocess, self.spool.processed, self.spool.failed)
                 for rel in subdirs:
-                    if any(os.path.isdir(os.path.join(f, rel)) for f in mirrors):
+                    if self._emptied_before(rel):
                         self._check_folder_at(rel, now + self.s.settle_time)
         else:
             files, folders = Spool.split(self.spool.unprocessed)
             self.arrivals.scanned(files, now)
             self._note_folders(set(folders))
+
+    def _emptied_before(self, rel: str) -> bool:
+        """At start-up: did a run before this one empty the subfolder `rel` of unprocessed/ (a crash or stop came
+        before its removal)? Yes when a mirror of it in underprocess/, processed/ or failed/ was made after the
+        folder itself (birth times): the daemon made the mirror for files it took from this very folder. A
+        producer's new folder named like an earlier batch, whose results are still in processed/, was born after
+        their mirror: never removed (it was, once). No birth time: not known, kept."""
+        src = born(os.path.join(self.spool.unprocessed, rel))
+        if src is None:
+            return False
+        for folder in (self.spool.underprocess, self.spool.processed, self.spool.failed):
+            mirror = born(os.path.join(folder, rel))
+            if mirror is not None and stat.S_ISDIR(mirror.mode) and mirror.btime_ns > src.btime_ns:
+                return True
+        return False
 
     def _stat(self, name: str) -> tuple[int, int] | None:
         try:

@@ -32,8 +32,7 @@ class WatchLimit(SpoolError):
 class Change:
     # create | open | close | close_write | attrib | moved_in | gone | overflow | lost_watch: about a file;
     # listed: a file found by the polling watcher's listing (ingestd/polling.py), history unknown;
-    # dir_in (a folder created or moved in) | dir_gone (a folder removed; the polling watcher: or moved out) |
-    # dir_moved_out (a folder renamed or moved out: IN_MOVED_FROM): about a folder.
+    # dir_in (a folder created or moved in) | dir_gone (a folder removed or moved out): about a folder.
     kind: str
     name: str = ""  # relative to the watched folder: "a.txt", or "batch/a.txt" inside a watched subfolder
 
@@ -111,7 +110,7 @@ class Watch:
                 if not rel:
                     yield Change("lost_watch")
                 elif m & flags.IGNORED and self._wds.get(rel) == ev.wd:
-                    # A subfolder's watch ended (removed); its parent's IN_DELETE/IN_MOVED_FROM says so.
+                    # A subfolder's watch ended (removed); its parent's IN_DELETE/IN_MOVED_FROM says dir_gone.
                     self._wds.pop(rel, None)
                     self._dirs.pop(ev.wd, None)
                 continue
@@ -121,9 +120,7 @@ class Watch:
             if m & flags.ISDIR:
                 if m & (flags.CREATE | flags.MOVED_TO):
                     yield Change("dir_in", name)
-                elif m & flags.MOVED_FROM:
-                    yield Change("dir_moved_out", name)
-                elif m & flags.DELETE:
+                elif m & (flags.MOVED_FROM | flags.DELETE):
                     yield Change("dir_gone", name)
             elif m & flags.CREATE:
                 yield Change("create", name)

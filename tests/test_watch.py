@@ -106,7 +106,7 @@ def test_rsync_style_dot_temp_then_rename(folder: Path, watch: Watch) -> None:
 
 def test_symlink_gives_create_and_a_folder_gives_dir_in(folder: Path, watch: Watch, tmp_path: Path) -> None:
     """A folder is never a file to claim (issue 9): mkdir, a folder moved in, and a symlink to a folder (a file
-    entry, never followed) each say what they are; a folder moved out says dir_moved_out, one removed dir_gone."""
+    entry, never followed) each say what they are; a folder removed or moved out says dir_gone."""
     (folder / "s").symlink_to("/etc/passwd")
     (folder / "sub").mkdir()
     (tmp_path / "outside").mkdir()
@@ -115,7 +115,7 @@ def test_symlink_gives_create_and_a_folder_gives_dir_in(folder: Path, watch: Wat
     os.rename(folder / "moved", tmp_path / "back")
     (folder / "sub").rmdir()
     assert drain(watch) == [Change("create", "s"), Change("dir_in", "sub"), Change("dir_in", "moved"),
-                            Change("create", "dirlink"), Change("dir_moved_out", "moved"), Change("dir_gone", "sub")]
+                            Change("create", "dirlink"), Change("dir_gone", "moved"), Change("dir_gone", "sub")]
 
 
 def test_subfolders_are_watched_only_when_added_and_events_carry_the_relative_path(
