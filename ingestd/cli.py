@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         return commands.requeue(settings, args.names)
     except ConfigError as e:
         print(f"ingestd: {e}", file=sys.stderr)
-        return EX_CONFIG
+        return EX_TEMPFAIL if e.temporary else EX_CONFIG
     except Exception as e:
         # Imported here, as the other failures below: spool is start-up time `process` does not need.
         from ingestd.spool import AlreadyRunning, SpoolError

@@ -46,7 +46,7 @@ from ingestd.state import THROUGHPUT_WINDOW, PauseKind, State
 from ingestd.sweep import Sweep
 from ingestd.watch import WatchLimit
 from ingestd.watchmode import Choice, Watcher, choose, open_watch
-from ingestd.web import Web
+from ingestd.web import Web, cannot_listen
 from ingestd.workers import Pool, Slot
 
 HEARTBEAT = 5.0  # seconds a main-loop turn may take (outside its wait) before /healthz calls the loop stuck
@@ -128,7 +128,7 @@ class Daemon:
         try:  # bound before the workers start: a port in use fails fast, with nothing to clean up
             self.web = Web(host, port, self.metrics.registry, self.status, self.health)
         except OSError as e:
-            raise ConfigError(f"listen: cannot listen on {self.s.listen}: {e.strerror}") from None
+            raise cannot_listen(self.s.listen, e) from None
         self.pool = Pool(self.s, self.spool, self.clock)
         self.pool.start()
         self._sync_poller()

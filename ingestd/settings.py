@@ -14,7 +14,10 @@ from ingestd.engine import Routing
 
 
 class ConfigError(Exception):
-    """A bad setting. The message is one line naming the setting and what is allowed (exit 78)."""
+    """A bad setting. The message is one line naming the setting and what is allowed (exit 78; exit 75 when
+    `temporary`: the setting is right but cannot be used yet, so systemd's restart may succeed)."""
+
+    temporary = False
 
 
 @dataclass(frozen=True, slots=True)

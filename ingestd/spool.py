@@ -145,11 +145,16 @@ class Spool:
         .ingestd/lock only carries the holder's label ("pid N on HOST") for `status` and the refusal message."""
         fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            os.close(fd)
             holder = self._label() or "unknown"
-            raise AlreadyRunning(f"watch_dir: another ingestd is running on {self.root} ({holder})") from None
+            if not wait:
+                os.close(fd)
+                raise AlreadyRunning(f"watch_dir: another ingestd is running on {self.root} ({holder})") from None
+            # --wait-lock: said once, so a standby is not mistaken for a hung start.
+            event("standby", "another ingestd holds the watch dir: waiting to take over when it ends",
+                  watch_dir=self.root, holder=holder)
+            fcntl.flock(fd, fcntl.LOCK_EX)
         try:
             label = os.open(os.path.join(self.state, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
             try:

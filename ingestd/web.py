@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import socket
@@ -30,6 +31,17 @@ class _Server(ThreadingHTTPServer):
 
 class _Server6(_Server):
     address_family = socket.AF_INET6
+
+
+def cannot_listen(address: str, e: OSError) -> Exception:
+    """The error for a listen address that cannot be bound, as a ConfigError: temporary (exit 75: systemd
+    restarts it, and it comes up once the port is free) when the port is taken (EADDRINUSE: another program, or
+    another instance), exit 78 otherwise (EADDRNOTAVAIL: no such address here; EACCES: a privileged port)."""
+    from ingestd.settings import ConfigError
+
+    err = ConfigError(f"listen: cannot listen on {address}: {e.strerror}")
+    err.temporary = e.errno == errno.EADDRINUSE
+    return err
 
 
 class Web:

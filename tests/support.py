@@ -31,6 +31,11 @@ processor = "uppercase"
 """
 
 
+# Where a command under test runs unless a test says otherwise: a folder without a .env, so a developer's .env in
+# the checkout (`make run` reads it) never reaches the daemons the tests and benchmarks start.
+NEUTRAL_CWD = "/"
+
+
 def clean_env() -> dict[str, str]:
     """This environment without ingestd's own settings (INGESTD_*, MODE): a command under test gets only its flags."""
     return {k: v for k, v in os.environ.items() if not k.startswith("INGESTD_") and k != "MODE"}
@@ -79,7 +84,7 @@ class DaemonProcess:
             self.proc = subprocess.Popen([*(command or INGESTD), *self.args], stderr=stderr,
                                          stdout=subprocess.DEVNULL,
                                          preexec_fn=preexec_fn, start_new_session=new_session,
-                                         env=full_env, cwd=cwd, text=True, errors="replace")
+                                         env=full_env, cwd=cwd or NEUTRAL_CWD, text=True, errors="replace")
         finally:
             if self.log_file is not None:
                 stderr.close()
@@ -213,7 +218,7 @@ class ClusterProcess:
                 and k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "JOURNAL_STREAM", "MODE")}
         self.proc = subprocess.Popen(INGESTD + list(args), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE, env={**full, **(env or {})}, text=True,
-                                     errors="replace", start_new_session=True)
+                                     errors="replace", start_new_session=True, cwd=NEUTRAL_CWD)
         self.events: list[dict[str, Any]] = []
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)

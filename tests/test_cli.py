@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from support import INGESTD, DaemonProcess, clean_env, folder, wait_for
+from support import INGESTD, NEUTRAL_CWD, DaemonProcess, clean_env, folder, wait_for
 
 
 def ingestd(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None, input: bytes | None = None
             ) -> subprocess.CompletedProcess[bytes]:
     full = clean_env()
-    return subprocess.run([*INGESTD, *args], capture_output=True, cwd=cwd, env={**full, **(env or {})}, input=input,
+    return subprocess.run([*INGESTD, *args], capture_output=True, cwd=cwd or NEUTRAL_CWD, env={**full, **(env or {})}, input=input,
                           timeout=60)
 
 
@@ -47,7 +47,7 @@ def test_process_imports_only_what_it_needs(tmp_path: Path, existing: bool) -> N
     code = ("import sys; from ingestd.cli import main; rc = main(sys.argv[1:]); "
             "print(' '.join(sorted(sys.modules))); sys.exit(rc)")
     r = subprocess.run([sys.executable, "-c", code, "process", "--input", str(src), "--output", str(out), "--mode",
-                        "uppercase"], capture_output=True, timeout=60, env=clean_env(), check=False)
+                        "uppercase"], capture_output=True, timeout=60, env=clean_env(), check=False, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert out.read_bytes() == b"A\n" * 1000
     loaded = set(r.stdout.decode().split())

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from support import RedisServer
+from support import NEUTRAL_CWD, RedisServer
 
 from ingestd.names import key
 from ingestd.sinks import Sinks
@@ -185,7 +185,7 @@ class Cluster:
         if role == "worker":
             cmd += ["--node", name, "--processes", "2"]
         self.procs[name] = subprocess.Popen(cmd, env={**self.env, **env}, stdout=log, stderr=log,
-                                            start_new_session=True)
+                                            start_new_session=True, cwd=NEUTRAL_CWD)
 
     def stop(self, name: str, sig: int = signal.SIGKILL) -> None:
         p = self.procs.pop(name)

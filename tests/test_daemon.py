@@ -367,8 +367,11 @@ def _cpu_seconds(pid: int) -> float:
 
 
 @pytest.mark.parametrize("where", ["in use", "not on this host"])
-def test_a_listen_address_that_cannot_be_bound_exits_78_at_once(tmp_path: Path, where: str) -> None:
-    """The message, then exit 78 (no restart loop) within seconds: no worker is left holding the process."""
+def test_a_listen_address_that_cannot_be_bound_exits_at_once(tmp_path: Path, where: str) -> None:
+    """The message, then an exit within seconds: no worker is left holding the process. A port in use exits 75
+    (EX_TEMPFAIL: systemd restarts it, and it comes up once the port is free; found: 78 kept the unit down for
+    good, RestartPreventExitStatus=78, after a port clash at boot); an address not on this host exits 78 (a
+    setting to fix: no restart loop)."""
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -376,7 +379,7 @@ def test_a_listen_address_that_cannot_be_bound_exits_78_at_once(tmp_path: Path, 
         t0 = time.monotonic()
         out = subprocess.run([*INGESTD, "run", "--watch-dir", str(tmp_path / "w"), "--listen", listen],
                              capture_output=True, text=True, timeout=30)
-    assert out.returncode == 78, out.stderr
+    assert out.returncode == (75 if where == "in use" else 78), out.stderr
     assert time.monotonic() - t0 < 10
     assert f"listen: cannot listen on {listen}" in out.stderr
 

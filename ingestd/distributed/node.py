@@ -22,9 +22,9 @@ from ingestd.log import event
 from ingestd.metrics import LATENCY_BUCKETS
 from ingestd.names import key
 from ingestd.notify import Notifier
-from ingestd.settings import ConfigError, Settings
+from ingestd.settings import Settings
 from ingestd.spool import Spool
-from ingestd.web import Web
+from ingestd.web import Web, cannot_listen
 
 
 class _Metrics:
@@ -83,7 +83,7 @@ def run(settings: Settings, processes: int) -> int:
         web = Web(host, port, metrics.registry, lambda: _status(name, node, processes),
                   lambda: waiting[0] if waiting else ("broker unreachable" if broker_down else None), page=False)
     except OSError as e:
-        raise ConfigError(f"listen: cannot listen on {host}:{port}: {e.strerror}") from None
+        raise cannot_listen(f"{host}:{port}", e) from None
     web.start()
     notifier = Notifier()
     # Ready at once, waiting said in STATUS=: a node started before its scanner or its mount (a boot order) must

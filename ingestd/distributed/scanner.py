@@ -36,7 +36,7 @@ from ingestd.names import DONE_SUFFIX, display, ignored
 from ingestd.notify import Notifier
 from ingestd.settings import ConfigError, Settings
 from ingestd.spool import TEMP_OUTPUT_PREFIX, AlreadyRunning, Claim, Spool
-from ingestd.web import Web
+from ingestd.web import Web, cannot_listen
 
 REDRIVE_CHUNK = 500  # underprocess/ entries looked up in Redis per round trip
 STATUS_DISK_EVERY = 1.0  # seconds: status() reads the folders at most this often (the page polls every second)...
@@ -357,7 +357,7 @@ class Scanner:
         try:
             web = Web(host, port, registry, self.status, self.health)
         except OSError as e:
-            raise ConfigError(f"listen: cannot listen on {self.s.listen}: {e.strerror}") from None
+            raise cannot_listen(self.s.listen, e) from None
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stop.set())
         # ingestd.service's ExecReload sends SIGHUP: a scanner does not reload (restart it), but must not die of it.

@@ -98,8 +98,9 @@ class Proc:
         self.name, self.argv, self.log = name, argv, log
         full = {**os.environ, **(env or {})}
         with open(log, "ab") as out:
+            # cwd "/": no .env there (a developer's .env in the checkout must not reach the rig's processes).
             self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         env=full, start_new_session=True)
+                                         env=full, start_new_session=True, cwd="/")
         self.pid = self.proc.pid
 
     def alive(self) -> bool:

@@ -57,6 +57,9 @@ def test_standby_with_wait_lock_takes_over_after_kill9(tmp_path: Path) -> None:
             expected[f"y{i:02d}.txt"] = data.upper()
         wait_for(lambda: len(ls(w, "processed")) >= 5, timeout=30, what="the owner at work")
         assert standby.proc.poll() is None and not standby.event("started")  # waiting, not serving
+        # ... and says so (found: a standby wrote nothing until it took over, like a hung start).
+        wait_for(lambda: standby.event("standby"), what="the standby event")
+        assert f"pid {owner.proc.pid}" in standby.event("standby")["holder"]
         kill_tree(owner)
         left = set(ls(w, "unprocessed")) | set(ls(w, "underprocess"))  # what the owner did not finish
         standby.started(timeout=30)
