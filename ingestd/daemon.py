@@ -44,7 +44,7 @@ from ingestd.spool import (
 )
 from ingestd.state import THROUGHPUT_WINDOW, PauseKind, State
 from ingestd.sweep import Sweep
-from ingestd.watch import WatchLimit
+from ingestd.watch import Change, WatchLimit
 from ingestd.watchmode import Choice, Watcher, choose, open_watch
 from ingestd.web import Web, cannot_listen
 from ingestd.workers import Pool, Slot
@@ -55,6 +55,12 @@ WATCH_RETRY = 1.0  # seconds between attempts to make and watch unprocessed/ aga
 PROGRESS_REFRESH = 1.0  # seconds between STATUS=/page refreshes while workers are busy
 HISTORY_EVERY = 1.0  # seconds: the recent history is saved at most this often (one small fsynced file)
 MAX_INTERNAL_ERRORS = 3  # unexpected exceptions one file may cause before it is set aside in failed/
+# Folders a listing enters between two reads of the watch (recursive mode). Listing a folder opens it: an IN_OPEN
+# and an IN_CLOSE_NOWRITE on its own watch and on its parent's, so ~4,100 watched folders filled the kernel's
+# queue (fs.inotify.max_queued_events, 16,384) by themselves, and each overflow's rescan overflowed again:
+# nothing was claimed (tests/test_break_sweep.py). Read as it goes, the listing's own events (dropped at once by
+# Watch.read) never pile up; the others wait, in order, in Daemon._deferred.
+DRAIN_EVERY = 256
 FOLDER_RECHECK = 1.0  # seconds at least between two looks at an emptied folder that is still there
 MAX_BATCH = 32  # files handed to one worker at once, committed as one group (one data sync for all)
 BATCH_BYTES = 4 << 20  # a batch stops growing past this many input bytes: big files travel alone
@@ -91,6 +97,8 @@ class Daemon:
         self.folders_left: set[str] = set()  # default mode: folders in unprocessed/, left as they are (logged once)
         self.sweep = Sweep()  # recursive mode: the emptied subfolders to look at, and when
         self._watch_refused = False  # a subfolder's watch was refused (said once)
+        self._deferred: collections.deque[Change] = collections.deque()  # read during a listing, not yet handled
+        self._entered = 0  # folders entered by listings (DRAIN_EVERY)
         self.pool: Pool | None = None
         self.poller = select.poll()
         self._polled: set[int] = set()
@@ -211,6 +219,9 @@ class Daemon:
                 self._dispatch(now, claim=False)
         with self._boundary("housekeeping"):
             self._housekeeping(now)
+        if self._deferred:  # read by a rescan's listing: not in the kernel's queue any more, so poll() cannot say
+            with self._boundary("watch"):
+                self._on_watch(now)
         if self.state.phase == "stopping":
             if not self.pool.busy() or (self.stop_deadline is not None and now >= self.stop_deadline):
                 return False
@@ -312,8 +323,11 @@ class Daemon:
 
     # --- arrivals ------------------------------------------------------------------------------------
     def _on_watch(self, now: float) -> None:
+        """Handle what the watch says, and what listings read from it meanwhile (_deferred), in order."""
         assert self.watch is not None
-        for c in self.watch.read():
+        self._deferred.extend(self.watch.read())
+        while self._deferred:
+            c = self._deferred.popleft()
             if c.kind == "overflow":
                 self.metrics.overflows.inc()
                 event("overflow", "inotify queue overflowed: rescanning", logging.WARNING)
@@ -324,7 +338,8 @@ class Daemon:
                     event("watch_lost", "unprocessed/ went away: recreating it", logging.ERROR)
                 self.watch_lost = True
                 self._rescan("overflow")  # makes the folder again and watches it; retried each second until it can
-                return  # the rest was read from the dead watch: the rescan has looked at the folder itself
+                self._deferred.clear()  # read from the dead watch: the rescan has looked at the folder itself
+                return
             elif c.kind == "dir_in":
                 self._folder_in(c.name, now)
             elif c.kind == "dir_gone":
@@ -378,6 +393,9 @@ class Daemon:
         """Watch a subfolder before it is listed (recursive mode). A watch the kernel refuses (the user's inotify
         watches used up) is said once and the folder is still listed: the periodic rescan finds what it misses."""
         assert self.watch is not None
+        self._entered += 1
+        if self._entered % DRAIN_EVERY == 0:
+            self._deferred.extend(self.watch.read())  # handled after the listing (_on_watch), in order
         try:
             return self.watch.add(rel)
         except (WatchLimit, OSError) as e:

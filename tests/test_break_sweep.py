@@ -8,7 +8,8 @@ daemon then reads one IN_Q_OVERFLOW and rescans.
 Each test marked FAULT failed before its fix (the docstring says what it found; fixed by the commits after
 16ec7f7: birth-time identity, the sweep remembering every folder that left its name, an identity taken at each
 claim, a rescan soon after a check finds its folder gone, start-up checks only for folders born before their
-mirror, a floor on re-checks); the two still open are xfail(strict=True) with what they need."""
+mirror, a floor on re-checks, listings that read the watch as they go); the one still open is
+xfail(strict=True) with what it needs."""
 
 from __future__ import annotations
 
@@ -300,10 +301,6 @@ def test_a_big_tree_moved_in_while_an_emptied_folder_is_awaited_is_processed(sta
     _healthy(d)
 
 
-@pytest.mark.xfail(strict=True, reason="open (older than the sweep): listing ~4,100+ watched folders makes "
-                   "16,384 inotify events of its own (each folder's IN_OPEN/IN_CLOSE_NOWRITE on two watches), so "
-                   "each overflow rescan overflows again and restarts every settle time: needs the rescan to read "
-                   "the queue while it lists, or overflow rescans backed off with settle clocks kept")
 def test_a_tree_of_4500_folders_is_processed(start) -> None:
     """FAULT (pre-existing: a356e4d, before this commit, does the same). The same self-inflicted overflow loop
     without any awaited folder: listing ~4,100 or more watched folders makes >= 16,384 events (IN_OPEN and
