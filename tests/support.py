@@ -36,6 +36,20 @@ processor = "uppercase"
 NEUTRAL_CWD = "/"
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system, seconds) the process has used so far, from /proc/PID/stat."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_used(pid: int, seconds: float = 2.0, after: float = 0.5) -> float:
+    """CPU seconds the process uses over `seconds`, measured from `after` seconds from now (its last event done)."""
+    time.sleep(after)
+    before = cpu_seconds(pid)
+    time.sleep(seconds)
+    return cpu_seconds(pid) - before
+
+
 def clean_env() -> dict[str, str]:
     """This environment without ingestd's own settings (INGESTD_*, MODE): a command under test gets only its flags."""
     return {k: v for k, v in os.environ.items() if not k.startswith("INGESTD_") and k != "MODE"}

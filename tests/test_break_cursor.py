@@ -47,6 +47,17 @@ class Wedged(BaseException):
     """Not an Exception: the daemon's failure boundaries must not catch it."""
 
 
+def stuck_with_its_lock_held(lp: Loop) -> Any:
+    """A worker hung on stuck.txt (HANG_ROUTING), then its cursor lock taken by a process killed holding it."""
+    pool = lp.d.pool
+    assert pool is not None
+    lp.drop("stuck.txt", b"HANG\n")
+    lp.until(lambda: pool.busy() and pool.busy()[0].on == 0, what="a worker on its file")
+    slot = pool.busy()[0]
+    kill_holding(slot.cursor)
+    return slot
+
+
 @pytest.fixture
 def deadline() -> Iterator[None]:
     """A blocked semaphore wait ends in an exception after 20 s (SIGALRM), so a wedge fails the test instead of
@@ -78,14 +89,11 @@ def test_an_idle_worker_dead_with_its_lock_is_replaced_and_the_file_processed(lo
     assert d.pool.slots[0] is not slot
 
 
-def test_taking_back_files_from_a_worker_whose_lock_is_held_gives_nothing_at_once(loop, deadline) -> None:  # noqa: F811
+def test_taking_back_files_from_a_worker_whose_lock_is_held_gives_nothing_at_once(
+        loop, deadline) -> None:  # noqa: F811
     lp: Loop = loop(config=HANG_ROUTING, workers=1, stall_time=60)
     d = lp.d
-    assert d.pool is not None
-    lp.drop("stuck.txt", b"HANG\n")
-    lp.until(lambda: d.pool.busy() and d.pool.busy()[0].on == 0, what="the worker on its file")  # type: ignore[union-attr]
-    slot = d.pool.busy()[0]
-    kill_holding(slot.cursor)
+    slot = stuck_with_its_lock_held(lp)
     started = time.monotonic()
     assert d.pool.steal(slot) == []
     assert time.monotonic() - started < LOCK_WAIT + 0.5
@@ -94,16 +102,13 @@ def test_taking_back_files_from_a_worker_whose_lock_is_held_gives_nothing_at_onc
     lp.until(lambda: lp.clock.advance(61) or slot.dead, what="the stuck worker killed")
 
 
-def test_the_other_worker_and_the_status_view_go_on_while_a_lock_stays_held(loop, deadline) -> None:  # noqa: F811
+def test_the_other_worker_and_the_status_view_go_on_while_a_lock_stays_held(
+        loop, deadline) -> None:  # noqa: F811
     """The wider kind: every reader of a worker's cursor in the parent (the file it is on, for /api/status and the
     status page; the choice of whom to take files back from) reads it without the lock."""
     lp: Loop = loop(config=HANG_ROUTING, workers=2, stall_time=60)
     d = lp.d
-    assert d.pool is not None
-    lp.drop("stuck.txt", b"HANG\n")
-    lp.until(lambda: d.pool.busy() and d.pool.busy()[0].on == 0, what="a worker on its file")  # type: ignore[union-attr]
-    stuck = d.pool.busy()[0]
-    kill_holding(stuck.cursor)
+    stuck = stuck_with_its_lock_held(lp)
     for i in range(20):
         lp.drop(f"f{i}.txt", b"x%d\n" % i)
     lp.until(lambda: all(lp.result(f"f{i}.txt") == b"X%d\n" % i for i in range(20)), what="the rest by the other")

@@ -22,8 +22,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support import DaemonProcess, wait_for
+from support import DaemonProcess, cpu_used, wait_for
 from test_directories import RECURSIVE, tree
+from test_folder_moves import _emptied, replace_emptied_folders
 
 SLOW = {**RECURSIVE, "INGESTD_SETTLE_TIME": "1"}
 QUEUED = Path("/proc/sys/fs/inotify/max_queued_events")
@@ -68,19 +69,6 @@ def _gone(start) -> None:
             d.kill()
 
 
-def _emptied(d: DaemonProcess, files: dict[str, bytes]) -> Path:
-    """Move the files' top folders in whole (made beside the watch dir) and wait until each file is claimed."""
-    u = d.watch_dir / "unprocessed"
-    stage = d.watch_dir.parent / "stage"
-    for rel, data in files.items():
-        (stage / rel).parent.mkdir(parents=True, exist_ok=True)
-        (stage / rel).write_bytes(data)
-    for top in os.listdir(stage):
-        (stage / top).rename(u / top)
-    wait_for(lambda: not any((u / rel).exists() for rel in files), what="every file claimed")
-    return u
-
-
 @contextlib.contextmanager
 def _overflowed(d: DaemonProcess, noise: int = 64) -> Iterator[None]:
     """The daemon stopped; its inotify queue filled with hidden files' events first (so that what the body does is
@@ -112,9 +100,15 @@ def _healthy(d: DaemonProcess) -> None:
     assert not [e for e in d.events if e.get("event") == "internal_error"]
 
 
-def _cpu(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def _all_processed(d: DaemonProcess, n: int, name: str) -> None:
+    """Wait (25 s) for the n results of _one_file_folders(d, n, name); the daemon healthy after."""
+    p = d.watch_dir / "processed" / name
+    try:
+        wait_for(lambda: p.is_dir() and len(os.listdir(p)) == n, timeout=25, interval=0.5, what=f"all {n} processed")
+    except AssertionError as e:
+        done = len(os.listdir(p)) if p.is_dir() else 0
+        raise AssertionError(f"{e}: {done} processed, {_overflows(d)} overflows") from None
+    _healthy(d)
 
 
 def _one_file_folders(d: DaemonProcess, n: int, name: str) -> int:
@@ -150,7 +144,7 @@ def test_an_emptied_folder_renamed_while_inotify_events_were_lost_is_removed(sta
 
 def test_an_emptied_folder_replaced_and_refilled_while_events_were_lost_is_removed(start) -> None:
     """FAULT. batch (A) is emptied; while events are lost (overflow) it is rm -rf'd and a producer makes batch
-    (B, often A's inode number with a new generation) with a file. The daemon claims batch/x.txt from B, but
+    (B, often A's inode number with a new birth time) with a file. The daemon claims batch/x.txt from B, but
     Sweep.at() keeps the identity it has for "batch" (A's: at() only asks for one when none is known), so each
     check finds "another folder" (prune's expect), misses twice and is forgotten: B, emptied by the daemon, stays
     for ever. Fix (daemon._check_folder_at): at a claim, the folder the file came from is the folder to remove:
@@ -171,7 +165,7 @@ def test_polling_watcher_an_emptied_folder_renamed_is_removed(start) -> None:
     """FAULT. INGESTD_WATCH=polling on ext4: a rename is dir_gone + dir_in (the poller cannot tell a move from a
     deletion), and _folder_gone(moved=False) forgets the check instead of remembering its identity, so batch2
     stays for ever (README: removed under whatever name it has then, on ext4/XFS/btrfs; nothing says inotify
-    only). Fix (daemon._on_watch / sweep.gone): remember the identity on dir_gone too: with the generation
+    only). Fix (daemon._on_watch / sweep.gone): remember the identity on dir_gone too: with the birth time
     number a deleted folder's identity never comes back, so remembering it is harmless (bounded by DEPARTED_MAX
     and the TTL); "a deleted folder is forgotten at once" is not needed for safety."""
     files = {"batch/a.txt": b"a\n", "batch/deep/b.txt": b"b\n"}
@@ -292,13 +286,7 @@ def test_a_big_tree_moved_in_while_an_emptied_folder_is_awaited_is_processed(sta
     _emptied(d, {"batch/a.txt": b"a\n"})
     (u / "batch").rename(tmp_path / "away")  # awaited for 300 s
     n = _one_file_folders(d, 2500, "big")
-    p = d.watch_dir / "processed" / "big"
-    try:
-        wait_for(lambda: p.is_dir() and len(os.listdir(p)) == n, timeout=25, interval=0.5, what=f"all {n} processed")
-    except AssertionError as e:
-        done = len(os.listdir(p)) if p.is_dir() else 0
-        raise AssertionError(f"{e}: {done} processed, {_overflows(d)} overflows") from None
-    _healthy(d)
+    _all_processed(d, n, "big")
 
 
 def test_a_tree_of_4500_folders_is_processed(start) -> None:
@@ -311,13 +299,7 @@ def test_a_tree_of_4500_folders_is_processed(start) -> None:
     since the last listing, so the queue drains between rescans; or list with fewer events."""
     d = start()
     n = _one_file_folders(d, 4500, "big")
-    p = d.watch_dir / "processed" / "big"
-    try:
-        wait_for(lambda: p.is_dir() and len(os.listdir(p)) == n, timeout=25, interval=0.5, what=f"all {n} processed")
-    except AssertionError as e:
-        done = len(os.listdir(p)) if p.is_dir() else 0
-        raise AssertionError(f"{e}: {done} processed, {_overflows(d)} overflows") from None
-    _healthy(d)
+    _all_processed(d, n, "big")
 
 
 def test_settle_time_0_a_folder_that_cannot_be_removed_does_not_spin(start) -> None:
@@ -335,10 +317,7 @@ def test_settle_time_0_a_folder_that_cannot_be_removed_does_not_spin(start) -> N
     try:
         (u / "outer" / "batch" / "a.txt").write_bytes(b"a\n")
         wait_for(lambda: "outer/batch/a.txt" in tree(d.watch_dir / "processed"), what="a processed")
-        time.sleep(0.5)
-        c0 = _cpu(d.proc.pid)
-        time.sleep(2)
-        used = _cpu(d.proc.pid) - c0
+        used = cpu_used(d.proc.pid)
         assert used < 0.5, f"the daemon used {used:.2f} s of CPU in 2 s, idle"
     finally:
         os.system(f"chattr -a {u / 'outer'}")
@@ -378,18 +357,12 @@ def test_renames_read_late_swaps_chains_and_a_deep_tree_all_go_and_a_producers_f
 
 def test_ext4_lost_events_never_cost_a_producers_folder(start, tmp_path) -> None:
     """HELD (the identity's job). While events are lost: an emptied folder rm -rf'd and made again (the freed
-    inode number, a new generation), one moved out and made again, one moved out and deleted outside, and a
+    inode number, a new birth time), one moved out and made again, one moved out and deleted outside, and a
     producer's mkdir: every new folder stays."""
     d = start(queue=16)
     u = _emptied(d, {"gone/a.txt": b"a\n", "swapped/b.txt": b"b\n", "exiled/c.txt": b"c\n"})
     with _overflowed(d):
-        shutil.rmtree(u / "gone")
-        (u / "gone").mkdir()
-        (u / "swapped").rename(tmp_path / "swapped-away")
-        (u / "swapped").mkdir()
-        (u / "exiled").rename(tmp_path / "exiled")
-        (tmp_path / "exiled").rmdir()
-        (u / "producer").mkdir()
+        replace_emptied_folders(u, tmp_path)
     wait_for(lambda: _overflows(d), what="the overflow read")
     time.sleep(3.5)
     assert _visible(u) == ["gone", "producer", "swapped"]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from support import HANG_ROUTING, INGESTD, DaemonProcess, folder, wait_for
+from support import HANG_ROUTING, INGESTD, DaemonProcess, cpu_seconds, folder, wait_for
 
 
 @pytest.fixture
@@ -343,9 +343,9 @@ def test_idle_daemon_uses_almost_no_cpu_and_stays_healthy(start) -> None:
     time.sleep(0.5)
     pids = [d.proc.pid, *_children(d.proc.pid)]
     assert len(pids) >= 3, "the parent, its two workers (and multiprocessing's resource tracker)"
-    before, cpu_before = _wakeups(pids), _cpu_seconds(d.proc.pid)
+    before, cpu_before = _wakeups(pids), cpu_seconds(d.proc.pid)
     time.sleep(12)  # longer than /healthz's main-loop limit: an idle loop must still count as alive
-    woke, used = _wakeups(pids) - before, _cpu_seconds(d.proc.pid) - cpu_before
+    woke, used = _wakeups(pids) - before, cpu_seconds(d.proc.pid) - cpu_before
     assert woke <= 3, f"idle daemon woke {woke} times in 12 s (no timer is due: the rescan is every 30 s)"
     assert used < 0.5, f"idle daemon used {used:.3f}s CPU in 12s"
     assert d.get("/healthz") == (200, b"ok\n")
@@ -359,11 +359,6 @@ def _wakeups(pids: list[int]) -> int:
     """Voluntary context switches of every thread of these processes: one per sleep ended by a wake-up."""
     return sum(int(line.split()[1]) for pid in pids for t in Path(f"/proc/{pid}/task").iterdir()
                for line in (t / "status").read_text().splitlines() if line.startswith("voluntary_ctxt"))
-
-
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @pytest.mark.parametrize("where", ["in use", "not on this host"])

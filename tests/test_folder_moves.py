@@ -3,42 +3,24 @@
 Found by CI: test_break_dirs' renamed-tree test left big3/d0, big3/d2 and d1moved/e0..e2 in unprocessed/ for
 ever when the daemon had claimed every file under the tree's earlier names (big/, big2/): the removal check was
 scheduled under the old name, found nothing there, and was dropped. Now the daemon knows an emptied folder by
-its identity (inode number and birth time) across a rename (ingestd/sweep.py, ingestd/inode.py). The other side, that nothing else is ever
-removed: a folder deleted after the daemon emptied it, then a producer's `mkdir` (which the file system may give
+its identity (inode number and birth time) across a rename (ingestd/sweep.py, ingestd/inode.py). The other
+side, that nothing else is ever removed: a folder deleted after the daemon emptied it, then a producer's `mkdir` (which the file system may give
 the same inode number), and a new folder made under an emptied folder's name, both stay."""
 
 from __future__ import annotations
 
 import os
 import shutil
-import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 from support import DaemonProcess, wait_for
+from test_break_dirs import start  # noqa: F401 (fixture)
 from test_directories import RECURSIVE, tree
 
 # Settle time 1 s: a folder's removal check comes 1 s after the claim that emptied it, long enough for each test
 # to rename the folder first, once it has seen the claim.
 SLOW = {**RECURSIVE, "INGESTD_SETTLE_TIME": "1"}
-
-
-@pytest.fixture
-def start(tmp_path: Path) -> Iterator:
-    procs: list[DaemonProcess] = []
-
-    def _start(env: dict[str, str] = SLOW) -> DaemonProcess:
-        d = DaemonProcess(tmp_path / "w", env=env, cwd=tmp_path, new_session=True)
-        procs.append(d)
-        return d.started()
-
-    yield _start
-    for d in procs:
-        if d.proc.poll() is None:
-            os.killpg(d.proc.pid, signal.SIGKILL)
-            d.kill()
 
 
 def _emptied(d: DaemonProcess, files: dict[str, bytes]) -> Path:
@@ -57,14 +39,27 @@ def _emptied(d: DaemonProcess, files: dict[str, bytes]) -> Path:
     return u
 
 
+def replace_emptied_folders(u: Path, outside: Path) -> None:
+    """The emptied gone/, swapped/ and exiled/ of unprocessed/ `u`: gone/ deleted and made again (ext4 often gives
+    it the freed inode number), swapped/ moved to `outside` and made again, exiled/ moved out and deleted there;
+    then a producer's new producer/. Every folder left in `u` is one the daemon did not empty."""
+    shutil.rmtree(u / "gone")
+    (u / "gone").mkdir()
+    (u / "swapped").rename(outside / "swapped-away")
+    (u / "swapped").mkdir()
+    (u / "exiled").rename(outside / "exiled")
+    (outside / "exiled").rmdir()
+    (u / "producer").mkdir()
+
+
 def _processed(d: DaemonProcess, files: dict[str, bytes]) -> None:
     want = {rel: data.upper() for rel, data in files.items()}
     wait_for(lambda: tree(d.watch_dir / "processed") == want, what="each file processed once, under its path")
 
 
-def test_an_emptied_folder_renamed_before_its_removal_goes_under_its_new_name(start) -> None:
+def test_an_emptied_folder_renamed_before_its_removal_goes_under_its_new_name(start) -> None:  # noqa: F811
     files = {"batch/a.txt": b"a\n", "batch/deep/b.txt": b"b\n"}
-    d = start()
+    d = start(env=SLOW)
     u = _emptied(d, files)
     (u / "batch").rename(u / "batch2")
     _processed(d, files)
@@ -72,9 +67,9 @@ def test_an_emptied_folder_renamed_before_its_removal_goes_under_its_new_name(st
     assert d.proc.poll() is None
 
 
-def test_an_emptied_folder_moved_out_and_back_goes(start, tmp_path: Path) -> None:
+def test_an_emptied_folder_moved_out_and_back_goes(start, tmp_path: Path) -> None:  # noqa: F811
     files = {"tree/x/a.txt": b"a\n", "tree/y/b.txt": b"b\n", "tree/y/z/c.txt": b"c\n"}
-    d = start()
+    d = start(env=SLOW)
     u = _emptied(d, files)
     (u / "tree").rename(tmp_path / "away")
     time.sleep(1.5)  # past the removal checks under the old name
@@ -84,10 +79,10 @@ def test_an_emptied_folder_moved_out_and_back_goes(start, tmp_path: Path) -> Non
     assert not (tmp_path / "away").exists()
 
 
-def test_an_emptied_subfolder_moved_to_the_top_goes_and_its_old_parent_stays(start) -> None:
+def test_an_emptied_subfolder_moved_to_the_top_goes_and_its_old_parent_stays(start) -> None:  # noqa: F811
     """outer/ was emptied by the user's mv, not by a claim: it stays, like any folder emptied by hand."""
     files = {"outer/inner/a.txt": b"a\n", "outer/inner/deeper/b.txt": b"b\n"}
-    d = start()
+    d = start(env=SLOW)
     u = _emptied(d, files)
     (u / "outer" / "inner").rename(u / "lifted")
     _processed(d, files)
@@ -96,10 +91,10 @@ def test_an_emptied_subfolder_moved_to_the_top_goes_and_its_old_parent_stays(sta
     assert os.listdir(u) == ["outer"] and not os.listdir(u / "outer")
 
 
-def test_a_folder_with_files_left_is_kept_after_a_rename_until_they_are_claimed(start) -> None:
+def test_a_folder_with_files_left_is_kept_after_a_rename_until_they_are_claimed(start) -> None:  # noqa: F811
     """A renamed folder still holding a file the daemon has not claimed (one that is still being written) is not
     removed: its file is processed under the new name, then the folder goes."""
-    d = start()
+    d = start(env=SLOW)
     u = _emptied(d, {"job/a.txt": b"a\n"})
     with open(u / "job" / "late.txt", "wb") as f:  # held open: not complete, so not claimed
         f.write(b"late\n")
@@ -110,7 +105,7 @@ def test_a_folder_with_files_left_is_kept_after_a_rename_until_they_are_claimed(
     wait_for(lambda: not os.listdir(u), timeout=10, what="job2 removed once emptied")
 
 
-def test_a_producers_folder_is_never_removed_after_an_emptied_one_went(start, tmp_path: Path) -> None:
+def test_a_producers_folder_is_never_removed_after_an_emptied_one_went(start, tmp_path: Path) -> None:  # noqa: F811
     """The other side: nothing but a folder the daemon emptied is removed.
     1. An emptied folder deleted by hand (rm -rf), then a producer's mkdir: the file system often reuses the
        freed inode number, which must not pass for the emptied folder (a deletion is forgotten at once).
@@ -118,15 +113,9 @@ def test_a_producers_folder_is_never_removed_after_an_emptied_one_went(start, tm
     2. An emptied folder moved out, and a new folder made under its name before the check: another folder.
     3. Same, with the emptied folder moved away for good and its inode freed outside: the producer's new
        folder may get its number; it stays."""
-    d = start()
+    d = start(env=SLOW)
     u = _emptied(d, {"gone/a.txt": b"a\n", "swapped/b.txt": b"b\n", "exiled/c.txt": b"c\n"})
-    shutil.rmtree(u / "gone")
-    (u / "gone").mkdir()
-    (u / "swapped").rename(tmp_path / "swapped-away")
-    (u / "swapped").mkdir()
-    (u / "exiled").rename(tmp_path / "exiled")
-    (tmp_path / "exiled").rmdir()
-    (u / "producer").mkdir()
+    replace_emptied_folders(u, tmp_path)
     time.sleep(3.5)  # three settle times and more: well past every check
     assert sorted(os.listdir(u)) == ["gone", "producer", "swapped"]
     (u / "gone" / "late.txt").write_bytes(b"late\n")  # the producer goes on: no ENOENT
