@@ -202,8 +202,10 @@ class Daemon:
         now = self.clock()
         self.heartbeat = now
         self.waiting_until = None
+        watched = False
         for fd, _ in ready:
             if fd == self.watch.fileno():
+                watched = True
                 with self._boundary("watch"):
                     self._on_watch(now)
             elif fd == self._wake_r:
@@ -212,6 +214,9 @@ class Daemon:
                 for slot, msg in self.pool.receive(fd):
                     with self._boundary("worker message"):  # each file's outcome has a boundary of its own
                         self._on_worker(slot, msg)
+        if self._deferred and not watched:  # read by a listing: no longer in the kernel's queue, poll() cannot say
+            with self._boundary("watch"):
+                self._on_watch(now)
         if self.queue and not self.signals and self.state.phase == "running":
             with self._boundary("dispatch"):
                 # A worker that just reported takes its next batch from the files claimed ahead at once: it does
@@ -219,9 +224,6 @@ class Daemon:
                 self._dispatch(now, claim=False)
         with self._boundary("housekeeping"):
             self._housekeeping(now)
-        if self._deferred:  # read by a rescan's listing: not in the kernel's queue any more, so poll() cannot say
-            with self._boundary("watch"):
-                self._on_watch(now)
         if self.state.phase == "stopping":
             if not self.pool.busy() or (self.stop_deadline is not None and now >= self.stop_deadline):
                 return False
@@ -278,6 +280,8 @@ class Daemon:
     def _timeout_ms(self) -> int:
         assert self.pool is not None
         now = self.clock()
+        if self._deferred:
+            return 0  # changes read by a listing wait in memory: the next turn handles them
         deadlines = [self.next_rescan, now + IDLE_TURN]
         if (d := self.arrivals.next_deadline()) is not None:
             deadlines.append(d)
@@ -323,10 +327,12 @@ class Daemon:
 
     # --- arrivals ------------------------------------------------------------------------------------
     def _on_watch(self, now: float) -> None:
-        """Handle what the watch says, and what listings read from it meanwhile (_deferred), in order."""
+        """Handle what the watch says, and what listings read from it before (_deferred), in order. What the
+        listings done here read waits for the next turn: a producer moving folders in faster than they are
+        listed held one turn for the whole burst (no claims, signals or watchdog pings in between)."""
         assert self.watch is not None
         self._deferred.extend(self.watch.read())
-        while self._deferred:
+        for _ in range(len(self._deferred)):
             c = self._deferred.popleft()
             if c.kind == "overflow":
                 self.metrics.overflows.inc()
@@ -461,6 +467,13 @@ class Daemon:
     def _open_watch(self) -> Watcher:
         return open_watch(self.watch_choice.kind, self.spool.unprocessed, self.s.poll_interval)
 
+    def _watch_replaced(self) -> bool:
+        """unprocessed/ is now another folder than the one the inotify watch was opened on (removed and made again
+        while an overflow dropped the watch's own IN_DELETE_SELF: deaf for good, every file left to the 30 s
+        rescan; tests/test_break_round5.py)."""
+        ident = getattr(self.watch, "ident", None)  # the polling watcher lists by path: never stale
+        return ident is not None and folder_id(self.spool.unprocessed) not in (None, ident)
+
     def _rewatch(self) -> None:
         assert self.watch is not None
         old = self.watch
@@ -479,8 +492,12 @@ class Daemon:
             made = self.spool.ensure()  # a folder removed by hand (rm -rf failed/) comes back
             self._make_output_folders(self.outputs)
             self.spool.check_lock()  # a watch dir made again is locked again; AlreadyRunning ends this daemon
-            if self.watch_lost or self.spool.unprocessed in made:  # a new folder under the old name: the old
-                self._rewatch()                                   # watch sees nothing
+            known = self.watch_lost or self.spool.unprocessed in made
+            if known or self._watch_replaced():  # a new folder under the old name: the old watch sees nothing
+                if not known:
+                    event("watch_lost", "unprocessed/ was removed and made again while events were lost: "
+                          "watching the new one", logging.ERROR)
+                self._rewatch()
                 self.watch_lost = False
         except AlreadyRunning:
             raise

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from inotify_simple import INotify, flags
 
+from ingestd.inode import folder_id
 from ingestd.spool import SpoolError
 
 # IN_ATTRIB: chmod/utime/chown by path after the close (shutil.copy2) must restart the quiet period.
@@ -55,6 +56,9 @@ class Watch:
             self._ino.close()
             raise _limit(e, folder) from None
         self._dirs[wd], self._wds[""] = "", wd
+        # Which folder is watched (inode, birth time): a rescan compares it with the folder now at that path, the
+        # only sign left when the folder was removed and made again while an overflow dropped its IN_DELETE_SELF.
+        self.ident = folder_id(folder)
 
     def add(self, rel: str) -> bool:
         """Watch the subfolder `rel` ("batch", "batch/deep") too. Call it before listing that folder, so a file
