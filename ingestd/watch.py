@@ -113,10 +113,13 @@ class Watch:
             if m & (flags.IGNORED | flags.DELETE_SELF | flags.MOVE_SELF | flags.UNMOUNT):
                 if not rel:
                     yield Change("lost_watch")
-                elif m & flags.IGNORED and self._wds.get(rel) == ev.wd:
-                    # A subfolder's watch ended (removed); its parent's IN_DELETE/IN_MOVED_FROM says dir_gone.
-                    self._wds.pop(rel, None)
+                elif m & flags.IGNORED:
+                    # A subfolder's watch ended (removed); its parent's IN_DELETE/IN_MOVED_FROM says dir_gone. The
+                    # watch is dead whatever its name maps to now (a folder made again under it has a watch of its
+                    # own, added before this event was read): kept, its entry leaked once per replacement.
                     self._dirs.pop(ev.wd, None)
+                    if self._wds.get(rel) == ev.wd:
+                        self._wds.pop(rel, None)
                 continue
             if not ev.name:
                 continue  # about the watched folder itself (our own listing opens it): nothing to claim

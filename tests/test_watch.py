@@ -145,6 +145,23 @@ def test_subfolders_are_watched_only_when_added_and_events_carry_the_relative_pa
     assert watch.watched() == set()
 
 
+def test_a_subfolder_replaced_under_its_name_leaves_no_dead_watch_behind(folder: Path, watch: Watch) -> None:
+    """A folder removed and made again under the same name gets its new watch before the old one's IN_IGNORED
+    is read (the listing adds it at once). The dead watch's entry was kept for good: one leaked per replacement,
+    for the life of a daemon whose producers reuse a batch folder's name."""
+    for _ in range(50):
+        (folder / "batch").mkdir()
+        assert watch.add("batch")
+        os.rmdir(folder / "batch")
+    (folder / "batch").mkdir()
+    assert watch.add("batch")
+    drain(watch)
+    assert watch.watched() == {"batch"}
+    assert len(watch._dirs) == 2  # the folder itself and batch/: nothing for the 50 removed ones
+    (folder / "batch" / "f").write_bytes(b"x")
+    assert Change("close_write", "batch/f") in drain(watch)
+
+
 def test_non_utf8_name_round_trips(folder: Path, watch: Watch) -> None:
     name = os.fsdecode(b"caf\xe9\n")
     (folder / name).write_bytes(b"")
