@@ -10,6 +10,8 @@ import errno
 import os
 import stat
 
+from ingestd.names import display
+
 _libc = ctypes.CDLL(None, use_errno=True)
 _RENAME_NOREPLACE = 1
 _AT_FDCWD = -100
@@ -156,14 +158,16 @@ def makedirs(root: str, rel: str) -> None:
 
     Raises NotADirectoryError when a component exists and is not a folder (a file named like the folder), and any
     other OSError from mkdir(2) or fsync(2). root must exist."""
-    path = root
+    path, shown = root, os.path.basename(root)
     for part in rel.split("/"):
-        parent, path = path, os.path.join(path, part)
+        parent, path, shown = path, os.path.join(path, part), os.path.join(shown, part)
         try:
             os.mkdir(path, 0o755)
         except FileExistsError:
             if not stat.S_ISDIR(os.lstat(path).st_mode):
-                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), path) from None
+                # Named for a person: which entry blocks the folder (a bare "Not a directory" named none).
+                raise NotADirectoryError(errno.ENOTDIR, f"{display(shown)} is a file where a folder is needed",
+                                         path) from None
             continue
         fsync_dir(parent)  # the new folder's name durable before anything is renamed into it
 

@@ -211,7 +211,10 @@ class Sinks:
                 # An input named like an output folder is refused before any rename: a directory stands there, or
                 # (that folder removed by hand) the result would take the folder's place and block its outputs.
                 if folder in self.outs and (isdir or (not folder and self.name.split("/", 1)[0] in reserved)):
-                    raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), target)
+                    where = display(os.path.join(os.path.basename(self.processed), folder, self.name))
+                    why = f"{where} is a folder" if isdir else f"{display(self.name.split('/', 1)[0])} names an " \
+                        "output folder of the routing"
+                    raise IsADirectoryError(errno.EISDIR, f"{why}, so its result cannot take that name", target)
                 if folder in self.outs and "/" in self.name:  # recursive mode: processed/batch/a.txt keeps its path
                     durable.makedirs(self._dir(folder), os.path.dirname(self.name))
                 if st is not None and not isdir:  # a folder of that name is not a result of ours

@@ -193,8 +193,8 @@ def test_a_failed_folder_set_aside_for_a_file_of_its_name_keeps_its_reasons(star
 
 
 @pytest.mark.xfail(strict=True, reason="a result and a folder of results cannot share a name in processed/: the "
-                   "newcomer fails with a raw errno reason ('cannot publish: Not a directory (ENOTDIR)', or 'Is a "
-                   "directory (EISDIR)') instead of file_exist setting the earlier result aside; needs a decision "
+                   "newcomer fails ('cannot publish: processed/fb is a file where a folder is needed (ENOTDIR)', or "
+                   "'processed/fb is a folder ... (EISDIR)') instead of file_exist setting the earlier result aside; needs a decision "
                    "on setting a whole folder of results aside (sinks.py)")
 def test_a_result_named_like_a_folder_of_results_follows_file_exist(start, tmp_path: Path) -> None:
     d = start(env=RECURSIVE)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from support import immutable
 
+from ingestd import errors
 from ingestd import sinks as sinks_mod
 from ingestd.sinks import Sinks
 from ingestd.spool import TEMP_OUTPUT_PREFIX
@@ -237,9 +238,37 @@ def test_a_commit_refused_by_a_directory_renames_nothing(processed: Path) -> Non
     with pytest.raises(OSError) as e:
         s.commit()
     assert e.value.errno == errno.EISDIR
+    assert errors.reason(e.value).startswith("processed/errors/in is a folder, so its result cannot take that name")
     s.abort()
     assert listing(processed) == {}
     assert (processed / "errors" / "in").is_dir()
+
+
+def test_a_refusal_by_a_name_collision_says_which_entry_blocks(processed: Path) -> None:
+    """Found by a new user: an input named like an output folder of the routing, or (recursive mode) a file in
+    processed/ where a folder of results must be made, failed with a bare "Is a directory (EISDIR)" or "Not a
+    directory (ENOTDIR)" naming nothing. The reason now names the entry that stands in the way."""
+    (processed / "errors").mkdir(exist_ok=True)
+    for expect in ("processed/errors is a folder", "errors names an output folder of the routing"):
+        s = Sinks(str(processed), "errors", ["", "errors"])
+        s.write("", b"x\n")
+        with pytest.raises(OSError) as e:
+            s.commit()
+        s.abort()
+        assert e.value.errno == errno.EISDIR
+        assert errors.reason(e.value) == f"{expect}, so its result cannot take that name (EISDIR)"
+        if (processed / "errors").exists():
+            (processed / "errors").rmdir()  # then removed by hand: the name is still the routing's
+    assert listing(processed) == {}
+    (processed / "batch").write_bytes(b"a result named batch\n")
+    s = Sinks(str(processed), "batch/a.txt", [""])
+    s.write("", b"x\n")
+    with pytest.raises(OSError) as e:
+        s.commit()
+    s.abort()
+    assert e.value.errno == errno.ENOTDIR
+    assert errors.reason(e.value) == "processed/batch is a file where a folder is needed (ENOTDIR)"
+    assert (processed / "batch").read_bytes() == b"a result named batch\n"
 
 
 def test_a_commit_refused_midway_puts_back_what_it_renamed(processed: Path) -> None:
