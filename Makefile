@@ -34,10 +34,10 @@ $(VENV)/.bench-deps: $(BIN)/ingestd pyproject.toml
 	touch $@
 
 bench: $(VENV)/.bench-deps
-	$(BIN)/python -m bench
+	$(BIN)/python -m bench $(BENCH_ARGS)
 
 bench-quick: $(VENV)/.bench-deps
-	$(BIN)/python -m bench --quick
+	$(BIN)/python -m bench --quick $(BENCH_ARGS)
 
 torture-long: $(VENV)/.test-deps
 	INGESTD_TORTURE_SCALE=10 $(BIN)/python -m pytest tests/torture
