@@ -46,10 +46,11 @@ def _process(settings: Settings, input_path: str, output_path: str, explain: boo
     if output_path == "-" and sys.stdout is None:
         print("ingestd: cannot write - (stdout is closed): give --output FILE", file=sys.stderr)
         return EX_CANTCREAT
-    if output_path != "-" and not os.path.isdir(os.path.dirname(os.path.abspath(output_path))):
-        # As cp(1) and a shell's `>`: a typo in the folder is an error, never a tree of folders made silently.
-        print(f"ingestd: cannot write {output_path}: its folder {os.path.dirname(os.path.abspath(output_path))} "
-              "does not exist", file=sys.stderr)
+    folder = os.path.dirname(output_path) or "."
+    if output_path != "-" and not os.path.isdir(folder):
+        # As cp(1) and a shell's `>`: a typo in the folder is an error, never a tree of folders made silently. The
+        # path as given, resolved by the kernel: abspath() collapses "missing/.." without asking whether it exists.
+        print(f"ingestd: cannot write {output_path}: its folder {folder} does not exist", file=sys.stderr)
         return EX_CANTCREAT
     try:
         src: BinaryIO = pipeline.whole_head(sys.stdin.buffer) if input_path == "-" else open(input_path, "rb")  # noqa: SIM115
@@ -63,7 +64,7 @@ def _process(settings: Settings, input_path: str, output_path: str, explain: boo
     progress = (lambda done: bar.update(done - bar.n)) if bar else (lambda done: None)
     sinks = None
     if output_path != "-":
-        base = os.path.dirname(os.path.abspath(output_path))
+        base = os.path.realpath(folder)  # where the kernel puts it: "link/.." is the link target's parent
         # Routed outputs go to folders beside the main one, made by Sinks at their first record only: no empty
         # sibling folders for outputs no line reached.
         sinks = Sinks(base, os.path.basename(output_path), folders)

@@ -218,6 +218,23 @@ def test_process_refuses_an_output_in_a_folder_that_does_not_exist(tmp_path: Pat
     assert (tmp_path / "rel-out").read_bytes() == b"FINE\n"  # a bare name: the current folder
 
 
+def test_process_resolves_the_output_folder_as_the_kernel_does(tmp_path: Path) -> None:
+    """Found by a new user: `--output missing/../out.txt` was accepted and wrote ./out.txt (abspath collapses
+    "missing/.." without asking), where cp(1) and `>` refuse (no such folder). The kind: the folder is the path as
+    the kernel resolves it, so "link/../out.txt" goes beside the link's target, not beside the link."""
+    (tmp_path / "text").write_bytes(b"fine\n")
+    r = ingestd("process", "--input", "text", "--output", "missing/../out.txt", cwd=tmp_path)
+    assert r.returncode == 73 and b"its folder missing/.. does not exist" in r.stderr, r.stderr
+    assert not (tmp_path / "out.txt").exists()
+    (tmp_path / "real" / "deep").mkdir(parents=True)
+    (tmp_path / "here").mkdir()
+    (tmp_path / "here" / "link").symlink_to(tmp_path / "real" / "deep")
+    r = ingestd("process", "--input", "text", "--output", "here/link/../out.txt", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "real" / "out.txt").read_bytes() == b"FINE\n"  # where `cp text here/link/../out.txt` writes
+    assert not (tmp_path / "here" / "out.txt").exists()
+
+
 @pytest.mark.parametrize(("args", "env", "message"), [
     (["--workers", "0"], {}, "workers: must be an integer >= 1, not '0'"),
     (["--listen", "nowhere"], {}, "listen: must be HOST:PORT"),
