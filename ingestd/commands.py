@@ -127,7 +127,7 @@ def _text(report: dict[str, Any]) -> list[str]:
     out = [f"watch dir   {report['watch_dir']}",
            f"daemon      {'running (' + report['daemon'] + ')' if report['daemon'] else 'not running'}",
            "folders     " + "  ".join(f"{f} {report['counts'][f]}" for f in FOLDERS),
-           "in progress " + (", ".join(report["in_progress"]) or "none"),
+           _claimed_line(report),
            *([_folders_line(report["folders_left"], "broker" in report)] if report["folders_left"]["count"] else []),
            *(_cluster_lines(report) if "broker" in report else []),
            "recent completions (UTC):" if report["recent"] else "recent completions: none"]
@@ -140,6 +140,15 @@ def _text(report: dict[str, Any]) -> list[str]:
         out.append(f"  {when(f.get('failed_at_unix'))}  {f['name']}: {f['reason']}{line}, "
                    f"attempts {f.get('attempts') or '?'}")
     return out
+
+
+def _claimed_line(report: dict[str, Any]) -> str:
+    """The files in underprocess/: in progress while a daemon (or a cluster's nodes) holds them; with no daemon
+    running, left there by a crash or a stop that could not give them back, and taken first at the next start."""
+    names = ", ".join(report["in_progress"]) or "none"
+    if report["daemon"] or "broker" in report or not report["in_progress"]:
+        return "in progress " + names
+    return f"left claimed {names} (no daemon is running: its next start takes them first)"
 
 
 def _cluster_lines(report: dict[str, Any]) -> list[str]:

@@ -277,7 +277,9 @@ def test_status_and_requeue_without_a_daemon(tmp_path: Path) -> None:
     assert r.returncode == 0
     assert "daemon      not running" in out
     assert "unprocessed 0  underprocess 1  processed 1  failed 1" in out
-    assert "in progress busy.txt" in out and "done.txt" in out and "bad.bin: unknown (no sidecar)" in out
+    # Not "in progress": no daemon holds it (found by a new user: a crashed daemon's file looked like work going on).
+    assert "left claimed busy.txt (no daemon is running: its next start takes them first)" in out
+    assert "in progress" not in out and "done.txt" in out and "bad.bin: unknown (no sidecar)" in out
     doc = json.loads(ingestd("status", "--watch-dir", str(w), "--json").stdout)
     assert doc["counts"] == {"unprocessed": 0, "underprocess": 1, "processed": 1, "failed": 1}
     r = ingestd("requeue", "--watch-dir", str(w), "nothere")
@@ -393,6 +395,8 @@ def test_second_sigterm_is_said_as_such_never_as_a_stop_timeout(tmp_path: Path) 
     d = DaemonProcess(tmp_path / "w", "--config", str(tmp_path / "hang.toml"), "--workers", "1").started()
     (d.watch_dir / "unprocessed" / "stuck.txt").write_bytes(b"HANG\n")
     wait_for(lambda: folder(d.watch_dir, "underprocess") == ["stuck.txt"], what="claim")
+    out = ingestd("status", "--watch-dir", str(d.watch_dir)).stdout.decode()
+    assert "in progress stuck.txt" in out and "left claimed" not in out, out  # a daemon holds it: in progress
     d.signal(signal.SIGTERM)
     wait_for(lambda: d.event("stopping"))
     d.signal(signal.SIGTERM)
