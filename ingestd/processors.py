@@ -77,6 +77,28 @@ def names() -> list[str]:
     return sorted({*BUILTIN, *(ep.name for ep in entry_points(group=GROUP))})
 
 
+def options(name: str) -> dict[str, bool] | None:
+    """The options processor `name`'s factory takes (by its signature), each mapped to whether it is required;
+    None when it takes any (**kwargs) or cannot be found. For error messages only (it loads a plug-in)."""
+    import inspect
+
+    factory = BUILTIN.get(name)
+    if factory is None:
+        from importlib.metadata import entry_points
+
+        found = entry_points(group=GROUP, name=name)
+        if not found:
+            return None
+        factory = next(iter(found)).load()
+    try:
+        params = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    return {p.name: p.default is p.empty for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
 def make(name: str, options: dict[str, object]) -> Processor:
     """Build one processor; KeyError for an unknown name, TypeError/re.error for bad options.
 

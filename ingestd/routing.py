@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import re
+from collections.abc import Iterable
 from typing import Any
 
 from ingestd import processors
@@ -119,6 +120,9 @@ def _filter(where: str, t: dict[str, Any]) -> Filter:
     if "retag" in t:
         _only(where, t, {"match", "retag", "pattern"})
         return Filter(match, "retag", retag=_str(where, t, "retag"), pattern=_regex(where, pattern))
+    if "processor" not in t:  # a typo (procesor = ...) would otherwise read as an option of no processor
+        raise RoutingError(f"{where}.processor: a filter needs a processor (or retag)"
+                           + _did_you_mean([k for k in t if k != "match"], ("processor", "retag")))
     name = _str(where, t, "processor")
     options = {k: v for k, v in t.items() if k not in ("match", "processor")}
     try:
@@ -128,10 +132,33 @@ def _filter(where: str, t: dict[str, Any]) -> Filter:
     except REGEX_ERRORS as e:
         raise RoutingError(f"{where}.pattern: invalid regular expression: {e or type(e).__name__}") from None
     except TypeError as e:
+        # The factory's own words name a Python function ("_grep() missing 1 required positional argument"):
+        # said in the config's terms where its signature tells which key is wrong.
+        takes = processors.options(name)  # None: it takes any option (**kwargs), so the signature cannot tell
+        unknown = sorted(set(options) - set(takes)) if takes is not None else []
+        missing = sorted(k for k, required in takes.items() if required and k not in options) if takes else []
+        if unknown:
+            raise RoutingError(f"{where}: processor {name!r} takes no option {unknown[0]!r} (its options: "
+                               f"{', '.join(sorted(takes or ())) or 'none'})"
+                               + _did_you_mean(unknown[:1], [*sorted(takes or ()), "match", "processor"])) from None
+        if missing:
+            raise RoutingError(f"{where}: processor {name!r} needs option {missing[0]!r}") from None
         raise RoutingError(f"{where}: bad options for processor {name!r}: {e}") from None
     except Exception as e:  # noqa: BLE001 - a plug-in factory may raise anything: a config error (exit 78), never a crash
         raise RoutingError(f"{where}: processor {name!r} cannot be built: {type(e).__name__}: {e}") from None
     return Filter(match, name, processor=proc, per_char=name in processors.PER_CHAR)
+
+
+def _did_you_mean(given: list[str], known: Iterable[str]) -> str:
+    """": did you mean 'processor' for 'procesor'?" for the first given key close to a known one (difflib), or "".
+    Only on the error path: difflib is not imported at start-up."""
+    import difflib
+
+    for key in given:
+        close = difflib.get_close_matches(key, list(known), n=1)
+        if close:
+            return f": did you mean {close[0]!r} for {key!r}?"
+    return ""
 
 
 def _regex(where: str, pattern: object) -> re.Pattern[str] | None:
