@@ -67,7 +67,7 @@ def _process(settings: Settings, input_path: str, output_path: str, explain: boo
         base = os.path.realpath(folder)  # where the kernel puts it: "link/.." is the link target's parent
         # Routed outputs go to folders beside the main one, made by Sinks at their first record only: no empty
         # sibling folders for outputs no line reached.
-        sinks = Sinks(base, os.path.basename(output_path), folders)
+        sinks = Sinks(base, os.path.basename(output_path), folders, shown=os.path.dirname(output_path))
     default = "" if "" in folders else folders[0]
     out = cast(BinaryIO, sys.stdout and sys.stdout.buffer)  # None only with --output FILE, where it is not used
     tails: dict[str, bytes] = {}  # the last byte written for each output stdout does not carry

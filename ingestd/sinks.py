@@ -79,10 +79,12 @@ class Sinks:
     """
 
     def __init__(self, processed: str, name: str, folders: list[str], file_exist: str = REPLACE,
-                 claim: bytes | None = None, tag: str | None = None) -> None:
+                 claim: bytes | None = None, tag: str | None = None, shown: str | None = None) -> None:
         """tag: what makes this attempt's temp names its own; by default the worker's pid (one host). A cluster
-        node passes its claim and delivery ("c<claim>.<delivery>"): pids repeat across hosts (distributed/task.py)."""
+        node passes its claim and delivery ("c<claim>.<delivery>"): pids repeat across hosts (distributed/task.py).
+        shown: how `processed` is named in a refusal's reason (default its last part: "processed")."""
         self.processed, self.name, self.folders = processed, name, folders
+        self.shown = os.path.basename(processed) if shown is None else shown
         self.file_exist, self.claim = file_exist, claim
         self.superseded: list[Superseded] = []  # what publish did to earlier results
         self.fresh = True  # publish added an entry NAME to processed/ itself (none stood there): its count grows
@@ -211,7 +213,7 @@ class Sinks:
                 # An input named like an output folder is refused before any rename: a directory stands there, or
                 # (that folder removed by hand) the result would take the folder's place and block its outputs.
                 if folder in self.outs and (isdir or (not folder and self.name.split("/", 1)[0] in reserved)):
-                    where = display(os.path.join(os.path.basename(self.processed), folder, self.name))
+                    where = display(os.path.join(self.shown, folder, self.name))
                     why = f"{where} is a folder" if isdir else f"{display(self.name.split('/', 1)[0])} names an " \
                         "output folder of the routing"
                     raise IsADirectoryError(errno.EISDIR, f"{why}, so its result cannot take that name", target)

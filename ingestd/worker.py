@@ -6,6 +6,7 @@ reads its input in underprocess/ and publishes outputs (temp file, fsync, rename
 
 from __future__ import annotations
 
+import errno
 import faulthandler
 import os
 import signal
@@ -248,6 +249,8 @@ def _failure(e: BaseException, stats: pipeline.Stats, where: Phase = Phase.PROCE
         # The input's fault (its name cannot be published, it is too large for RLIMIT_FSIZE, a bug met on
         # this input): retrying cannot help, and would pause the whole queue.
         prefix = "cannot publish: " if phase in (Phase.WRITE_OUTPUT, Phase.PUBLISH) else ""
+        if prefix and getattr(e, "errno", None) in (errno.EISDIR, errno.ENOTDIR):  # a name collision (sinks.py)
+            reason += "; move that entry away (or rename the input), then `ingestd requeue` it"
         return Rejected(prefix + reason, None, stats.bytes_in, stats.lines_in)
     # RETRY (full disk, read-only folder, EIO, EMFILE...) or RECREATE (an output folder vanished: the retry's
     # Sinks recreates it): not the input's fault. After a failed fsync the temp is untrustworthy (Linux

@@ -269,6 +269,28 @@ def test_a_refusal_by_a_name_collision_says_which_entry_blocks(processed: Path) 
     assert e.value.errno == errno.ENOTDIR
     assert errors.reason(e.value) == "processed/batch is a file where a folder is needed (ENOTDIR)"
     assert (processed / "batch").read_bytes() == b"a result named batch\n"
+    # What failed/'s sidecar says: the daemon's reason adds what to do (the user saw the cause, not the remedy).
+    from ingestd import pipeline, worker
+    from ingestd.messages import Rejected
+    outcome = worker._failure(e.value, pipeline.Stats(), errors.Phase.PUBLISH)
+    assert isinstance(outcome, Rejected), outcome
+    assert outcome.reason == ("cannot publish: processed/batch is a file where a folder is needed (ENOTDIR); move "
+                              "that entry away (or rename the input), then `ingestd requeue` it")
+
+
+def test_process_names_its_output_as_given_when_a_folder_stands_there(tmp_path: Path) -> None:
+    """Found by a new user: `ingestd process --output sub` (sub a folder) said "u18/sub is a folder": the last
+    part of the output's folder, not the path typed. `process` names the path as given, and no requeue hint."""
+    import subprocess
+    import sys
+    (tmp_path / "in").write_bytes(b"x\n")
+    (tmp_path / "sub").mkdir()
+    for out in ("sub", str(tmp_path / "sub")):
+        r = subprocess.run([sys.executable, "-m", "ingestd", "process", "--input", "in", "--output", out],
+                           cwd=tmp_path, capture_output=True)
+        assert r.returncode == 73
+        assert r.stderr.decode() == f"ingestd: cannot write {out}: {out} is a folder, so its result cannot take " \
+                                    "that name\n", r.stderr
 
 
 def test_a_commit_refused_midway_puts_back_what_it_renamed(processed: Path) -> None:
