@@ -26,7 +26,7 @@ class Settings:
     mode: str = "uppercase"
     pattern: str | None = None  # the regular expression of mode grep, drop, redact
     replacement: str | None = None  # what mode redact puts in place of a match (the processor's default if unset)
-    workers: int = os.cpu_count() or 1
+    workers: int = len(os.sched_getaffinity(0)) or 1  # the cores this process may run on (taskset, a cpuset)
     listen: str = "127.0.0.1:9800"
     config: Path | None = None
     max_attempts: int = 3  # crashes a file may be in progress for before it is quarantined

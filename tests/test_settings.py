@@ -450,3 +450,14 @@ def test_every_error_names_where_the_value_came_from(where: str, expected: str, 
         msg = bad({"config": toml(tmp_path, 'workers = "abc"\n')}, cwd)
         assert "ingestd.toml" in msg
     assert msg.startswith("workers: must be an integer >= 1, not 'abc' ") and expected in msg, msg
+
+
+def test_default_workers_are_the_cores_this_process_may_use() -> None:
+    """Found by a new user's question: the default was os.cpu_count(), the machine's cores, so a daemon confined
+    to one core (taskset, a container's cpuset) ran as many workers as the host has, all on that core."""
+    import subprocess
+    import sys
+    code = ("import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
+            "from ingestd.settings import Settings; print(Settings().workers)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert r.stdout.strip() == "1"
