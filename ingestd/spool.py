@@ -514,6 +514,9 @@ class Spool:
         durable.fsync_dir(self.failed)  # the older file is safe under its new name before the newer arrives
         if folder:
             durable.fsync_dir(os.path.join(self.failed, folder))  # likewise its new name in its own folder
+        # Said, as processed/'s result_superseded is: a requeue of the earlier one now goes by its new name.
+        event("failure_set_aside", "an earlier failure of this name was set aside", logging.INFO,
+              file=display(name), kept_as=display(aside), files=len(moved) if moved != [""] else None)
 
     def requeue(self, names: list[str] | None = None) -> tuple[list[str], list[str]]:
         """Move failed files back to unprocessed/ (never over a waiting file). Returns (moved, refused)."""

@@ -6,6 +6,7 @@ import contextlib
 import ctypes
 import errno
 import json
+import logging
 import os
 import shutil
 import socket
@@ -599,6 +600,21 @@ def test_a_file_in_folders_keeps_its_relative_path_through_claim_commit_and_fail
     assert spool.counts()["failed"] == 1
     assert spool.requeue() == (["batch/b"], [])
     assert state(root) == {"unprocessed/batch/b": b"B"} and folders_under(root / "failed") == []
+
+
+def test_a_folder_of_failures_set_aside_for_a_file_of_its_name_is_said(spool: Spool,
+                                                                         caplog: pytest.LogCaptureFixture) -> None:
+    """Found by a new user: failed/batch/ (a folder of failures, recursive mode) was renamed
+    batch.superseded-<time> for a failing file named batch, without a word (processed/'s set-asides are logged)."""
+    caplog.set_level(logging.INFO, logger="ingestd")
+    populate(spool.root, {"underprocess/batch/c.txt": b"c"})
+    spool.fail("batch/c.txt", Failure("bad c"), NOW)
+    populate(spool.root, {"underprocess/batch": b"b"})
+    spool.fail("batch", Failure("bad b"), NOW)
+    said = [r for r in caplog.records if getattr(r, "event", None) == "failure_set_aside"]
+    assert [(r.file, r.kept_as, r.files) for r in said] == [("batch", f"batch.superseded-{int(NOW)}", 1)]
+    assert {f["name"]: f["reason"] for f in spool.failures(10)} == {
+        "batch": "bad b", f"batch.superseded-{int(NOW)}/c.txt": "bad c"}
 
 
 def test_the_same_relative_path_failed_twice_is_set_aside_in_its_folder(spool: Spool) -> None:
