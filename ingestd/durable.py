@@ -153,12 +153,13 @@ def publish_bytes(directory: str, name: str, data: bytes, temp: str) -> None:
     fsync_dir(directory)  # make the rename itself durable
 
 
-def makedirs(root: str, rel: str) -> None:
+def makedirs(root: str, rel: str, shown: str | None = None) -> None:
     """Make root/rel's missing folders (rel: a relative path, "a/b"); each new folder is made durable in its parent.
 
     Raises NotADirectoryError when a component exists and is not a folder (a file named like the folder), and any
-    other OSError from mkdir(2) or fsync(2). root must exist."""
-    path, shown = root, os.path.basename(root)
+    other OSError from mkdir(2) or fsync(2). root must exist; shown: how the error names it (default: its last
+    part, "processed")."""
+    path, shown = root, os.path.basename(root) if shown is None else shown
     for part in rel.split("/"):
         parent, path, shown = path, os.path.join(path, part), os.path.join(shown, part)
         try:

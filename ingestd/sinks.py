@@ -218,7 +218,7 @@ class Sinks:
                         "output folder of the routing"
                     raise IsADirectoryError(errno.EISDIR, f"{why}, so its result cannot take that name", target)
                 if folder in self.outs and "/" in self.name:  # recursive mode: processed/batch/a.txt keeps its path
-                    durable.makedirs(self._dir(folder), os.path.dirname(self.name))
+                    durable.makedirs(self._dir(folder), os.path.dirname(self.name), os.path.join(self.shown, folder))
                 if st is not None and not isdir:  # a folder of that name is not a result of ours
                     earlier[folder] = self._judge(folder, target, st)
             now = time.time()
