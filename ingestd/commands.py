@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -13,7 +14,7 @@ from ingestd import history
 from ingestd.cli import EX_IOERR, EX_NOPERM, EX_UNAVAILABLE, plural, to_devnull
 from ingestd.names import DONE_SUFFIX, display, ignored, oserror
 from ingestd.settings import ConfigError, Settings
-from ingestd.spool import FOLDERS, FolderError, NotAWatchDir, Spool
+from ingestd.spool import FOLDERS, RECURSIVE_NOTE, FolderError, NotAWatchDir, Spool
 
 BROKER_TIMEOUT = 5.0  # seconds `status` waits for Redis to accept and to answer
 
@@ -30,6 +31,11 @@ def status(settings: Settings, as_json: bool) -> int:
     (EX_UNAVAILABLE); a URL redis-py cannot parse, or the extra not installed: ConfigError (78)."""
     try:
         spool = _existing(settings)
+        holder = spool.holder()
+        if holder is not None and not settings.broker:
+            # A running daemon's own setting decides what waits (its .env may differ from this shell's): its
+            # folders counted as it counts them, never "set recursive = true" to a daemon that has it.
+            settings = dataclasses.replace(settings, recursive=holder.endswith(", " + RECURSIVE_NOTE))
         report = _report(settings, spool)
     except FolderError as e:
         return _refused(e)

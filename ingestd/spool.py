@@ -34,6 +34,7 @@ REASON_PREFIX = TEMP_PREFIX + "reason-"
 SEQ_FILE = "failure-seq"  # in .ingestd/: {"reserved_to": N}, every failure seq handed out so far is <= N
 SEQ_BLOCK = 1024  # failure seqs reserved per durable write of SEQ_FILE
 NO_SIDECAR = "unknown (no sidecar)"
+RECURSIVE_NOTE = "recursive"  # the lock label's note of a daemon that takes folders (status counts as it does)
 ATTEMPTS = "attempts-"  # in .ingestd/: attempts-KEY, {"ino": N, "attempts": N} (bump_attempts)
 
 
@@ -95,6 +96,7 @@ class Spool:
         self.failed = str(self.root / "failed")
         self.state = str(self.root / STATE_DIR)
         self._lock_fd: int | None = None
+        self._note = ""  # the lock label's note (lock), kept for check_lock
         self._seq = self._seq_limit = 0  # failure seqs: the last handed out, the end of the reserved block
         # failures(): sidecar name -> ((inode, mtime_ns, ctime_ns, size), record); replaced whole, never mutated,
         # so HTTP threads can share it without a lock.
@@ -138,11 +140,12 @@ class Spool:
             )
         return made
 
-    def lock(self, wait: bool = False) -> None:
+    def lock(self, wait: bool = False, note: str = "") -> None:
         """One daemon per watch dir: an flock(2) on the watch dir itself, held for the process's life and released
         by the kernel on death. The directory, not a file in it: a lock file can be deleted and recreated under a
         running daemon, and a second daemon would then lock the new file and start beside it.
-        .ingestd/lock only carries the holder's label ("pid N on HOST") for `status` and the refusal message."""
+        .ingestd/lock only carries the holder's label ("pid N on HOST", then ", NOTE": RECURSIVE_NOTE when it
+        takes folders) for `status` and the refusal message."""
         fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -159,14 +162,14 @@ class Spool:
             label = os.open(os.path.join(self.state, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
             try:
                 os.ftruncate(label, 0)
-                os.pwrite(label, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+                os.pwrite(label, f"pid {os.getpid()} on {socket.gethostname()}{', ' + note if note else ''}".encode(), 0)
             finally:
                 os.close(label)
         except OSError:
             # Only a label for `status`; the flock is the lock. A full disk (ENOSPC) must not stop a start,
             # or a restart on a full disk could never pause and resume by itself (tests/torture/test_errors.py).
             pass
-        self._lock_fd = fd
+        self._lock_fd, self._note = fd, note
 
     def check_lock(self) -> None:
         """After the watch dir was removed and made again (rm -rf; ensure() remakes it), the flock is on a directory
@@ -183,7 +186,7 @@ class Spool:
             return
         old, self._lock_fd = self._lock_fd, None
         try:
-            self.lock(wait=False)
+            self.lock(wait=False, note=self._note)
         finally:
             os.close(old)
 

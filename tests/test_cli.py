@@ -474,3 +474,24 @@ def test_closed_standard_fds_get_dev_null_never_a_data_file(tmp_path: Path) -> N
     finally:
         os.killpg(p.pid, signal.SIGTERM)
         assert p.wait(30) == 0
+
+
+def test_status_counts_as_the_running_daemon_does_whatever_its_own_settings(tmp_path: Path) -> None:
+    """Found by a new user: a daemon started with INGESTD_RECURSIVE=true, and `ingestd status` from a shell without
+    it said "left alone 1 folder ... (recursive is off: set recursive = true ...)" and counted 0 waiting: its own
+    settings, not the daemon's. The daemon's lock label says how it counts, and status follows it."""
+    d = DaemonProcess(tmp_path / "w", "--workers", "1", env={"INGESTD_RECURSIVE": "true"}).started()
+    try:
+        held = d.watch_dir / "unprocessed" / "held"
+        held.mkdir()
+        with open(held / "open.txt", "wb") as f:  # held open for writing: waits, inside its folder
+            f.write(b"x\n")
+            f.flush()
+            wait_for(lambda: d.event("busy"), what="the open file seen and left waiting")
+            doc = json.loads(ingestd("status", "--watch-dir", str(d.watch_dir), "--json").stdout)
+            assert doc["counts"]["unprocessed"] == 1, doc
+            assert doc["folders_left"] == {"count": 0, "names": [], "recursive": True}, doc
+            assert "recursive is off" not in ingestd("status", "--watch-dir", str(d.watch_dir)).stdout.decode()
+    finally:
+        d.stop()
+    assert "recursive is off" in ingestd("status", "--watch-dir", str(d.watch_dir)).stdout.decode()  # no daemon
