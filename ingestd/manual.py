@@ -4,6 +4,7 @@ Imports only what that needs: it is timed against `tr` (docs/benchmarks.md), so 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -46,6 +47,19 @@ def _process(settings: Settings, input_path: str, output_path: str, explain: boo
     if output_path == "-" and sys.stdout is None:
         print("ingestd: cannot write - (stdout is closed): give --output FILE", file=sys.stderr)
         return EX_CANTCREAT
+    given = output_path  # as typed: what messages name
+    through = False  # --output names a FIFO, a device, a socket: written through as `>` does, never replaced
+    if output_path != "-" and os.path.exists(output_path) and not os.path.isdir(output_path) \
+            and not os.path.isfile(output_path):
+        through = True  # (links followed: /dev/stdout too) a rename over /dev/null, as root, replaced /dev/null
+    elif output_path != "-" and os.path.islink(output_path):
+        # As cp(1) and `>`: a symlink is written through, its target replaced (atomically, as any output); a
+        # rename over the link replaced the link and left its target as it was (tests/test_break_round7.py).
+        if not os.path.exists(output_path):
+            print(f"ingestd: cannot write {given}: a symlink to nothing (not written through, as cp(1) does)",
+                  file=sys.stderr)
+            return EX_CANTCREAT
+        output_path = os.path.realpath(output_path)
     folder = os.path.dirname(output_path) or "."
     if output_path != "-" and not os.path.isdir(folder):
         # As cp(1) and a shell's `>`: a typo in the folder is an error, never a tree of folders made silently. The
@@ -63,13 +77,20 @@ def _process(settings: Settings, input_path: str, output_path: str, explain: boo
     bar = _bar(size, name) if size >= PROGRESS_MIN_BYTES and sys.stderr is not None and sys.stderr.isatty() else None
     progress = (lambda done: bar.update(done - bar.n)) if bar else (lambda done: None)
     sinks = None
-    if output_path != "-":
+    out = cast(BinaryIO, sys.stdout and sys.stdout.buffer)  # None only with --output FILE, where it is not used
+    if through:
+        try:
+            out = open(output_path, "wb")  # noqa: SIM115 - closed below; a FIFO blocks here until read, as with `>`
+        except OSError as e:
+            src.close()
+            print(f"ingestd: cannot write {given}: {e.strerror}", file=sys.stderr)
+            return EX_CANTCREAT
+    elif output_path != "-":
         base = os.path.realpath(folder)  # where the kernel puts it: "link/.." is the link target's parent
         # Routed outputs go to folders beside the main one, made by Sinks at their first record only: no empty
         # sibling folders for outputs no line reached.
-        sinks = Sinks(base, os.path.basename(output_path), folders, shown=os.path.dirname(output_path))
+        sinks = Sinks(base, os.path.basename(output_path), folders, shown=os.path.dirname(given))
     default = "" if "" in folders else folders[0]
-    out = cast(BinaryIO, sys.stdout and sys.stdout.buffer)  # None only with --output FILE, where it is not used
     tails: dict[str, bytes] = {}  # the last byte written for each output stdout does not carry
 
     def write(folder: str, data: bytes) -> None:
@@ -141,7 +162,7 @@ def _process(settings: Settings, input_path: str, output_path: str, explain: boo
         return EX_DATAERR
     except OSError as e:
         _abort(sinks)
-        print(f"ingestd: cannot write {output_path}: {e.strerror}", file=sys.stderr)
+        print(f"ingestd: cannot write {given}: {e.strerror}", file=sys.stderr)
         return EX_CANTCREAT
     except BaseException:
         # Ctrl-C (cli.main exits 130), SIGTERM or SIGHUP (_exit_on_signal), a bug: the unpublished temp goes, as on
@@ -151,6 +172,9 @@ def _process(settings: Settings, input_path: str, output_path: str, explain: boo
     finally:
         if bar:
             bar.close()
+        if through:
+            with contextlib.suppress(OSError):  # flushed above; a reader gone meanwhile is no error, as for stdout
+                out.close()
     for folder, tail in tails.items():
         routed[folder] += tail != b"\n"  # a last record without an ending (or an empty one)
     dropped = sum(routed.values())
