@@ -128,6 +128,17 @@ def test_plugin_raising_typeerror_at_import_is_a_config_error(tmp_path: Path) ->
 FAST = {"INGESTD_RESCAN_INTERVAL": "3600", "INGESTD_SETTLE_TIME": "0.3", "INGESTD_WORKERS": "1"}
 
 
+def _known_then_stopped(d, path: Path, data: bytes):  # noqa: ANN001, ANN202
+    """A file held open for writing (the lease says busy, so the arrivals model knows its name), then the daemon
+    stopped (SIGSTOP): what happens next is read by it in one go when it is continued. Returns the open file."""
+    f = open(path, "wb")  # noqa: SIM115 - the caller closes it
+    f.write(data)
+    f.flush()
+    time.sleep(0.5)
+    os.kill(d.proc.pid, signal.SIGSTOP)
+    return f
+
+
 @pytest.mark.parametrize("watch", ["inotify", "polling"])
 def test_delete_and_recreate_while_daemon_stopped_is_claimed_once_and_whole(start, tmp_path: Path,  # noqa: F811
                                                                              watch: str) -> None:
@@ -138,11 +149,7 @@ def test_delete_and_recreate_while_daemon_stopped_is_claimed_once_and_whole(star
     w = tmp_path / "w"
     u = w / "unprocessed"
     # A first file held open: it waits (the kernel's lease says busy), so its name is known to the arrivals model.
-    f = open(u / "x.txt", "wb")  # noqa: SIM115
-    f.write(b"first\n")
-    f.flush()
-    time.sleep(0.5)
-    os.kill(d.proc.pid, signal.SIGSTOP)
+    f = _known_then_stopped(d, u / "x.txt", b"first\n")
     try:
         f.close()
         os.unlink(u / "x.txt")
@@ -169,11 +176,7 @@ def test_flapping_name_does_not_spin_or_double(start, tmp_path: Path) -> None:  
     d = start(env=FAST)
     w = tmp_path / "w"
     u = w / "unprocessed"
-    held = open(u / "f.txt", "wb")  # noqa: SIM115 - known to the model (busy) before the flapping
-    held.write(b"0\n")
-    held.flush()
-    time.sleep(0.5)
-    os.kill(d.proc.pid, signal.SIGSTOP)
+    held = _known_then_stopped(d, u / "f.txt", b"0\n")  # known to the model (busy) before the flapping
     try:
         held.close()
         for i in range(2000):
