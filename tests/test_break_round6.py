@@ -165,8 +165,8 @@ def test_folders_churned_during_an_overflow_miss_nothing(tmp_path: Path) -> None
     instance, restored at once): IN_IGNORED events dropped or not, the rescan after the overflow re-adds watches
     whose descriptors may be old ones. Then files written into every folder after the overflow must be seen by
     events (rescan_interval 3600). Held."""
-    from test_break_sweep import QUEUED
     from support import DaemonProcess
+    from test_break_sweep import QUEUED
 
     d = DaemonProcess(tmp_path / "w", env=NO_RESCAN, cwd=tmp_path, new_session=True)
     old = QUEUED.read_text()

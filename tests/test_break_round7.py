@@ -26,7 +26,7 @@ INGESTD = [sys.executable, "-m", "ingestd"]
 
 
 def _process(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*INGESTD, "process", *args], cwd=tmp_path, env={**clean_env(), **(env or {})},
+    return subprocess.run([*INGESTD, "process", *args], check=False, cwd=tmp_path, env={**clean_env(), **(env or {})},
                           capture_output=True, text=True, timeout=60)
 
 
@@ -128,7 +128,7 @@ def test_plugin_raising_typeerror_at_import_is_a_config_error(tmp_path: Path) ->
 FAST = {"INGESTD_RESCAN_INTERVAL": "3600", "INGESTD_SETTLE_TIME": "0.3", "INGESTD_WORKERS": "1"}
 
 
-def _known_then_stopped(d, path: Path, data: bytes):  # noqa: ANN001, ANN202
+def _known_then_stopped(d, path: Path, data: bytes):
     """A file held open for writing (the lease says busy, so the arrivals model knows its name), then the daemon
     stopped (SIGSTOP): what happens next is read by it in one go when it is continued. Returns the open file."""
     f = open(path, "wb")  # noqa: SIM115 - the caller closes it
@@ -199,6 +199,6 @@ def test_status_with_a_binary_lock_label_does_not_crash(start, tmp_path: Path) -
     lock = tmp_path / "w" / ".ingestd" / "lock"
     assert lock.read_text().endswith(", recursive")
     lock.write_bytes(os.urandom(4096) + b", recursive" + b"\xff" * (1 << 20))
-    r = subprocess.run([*INGESTD, "status", "--watch-dir", str(tmp_path / "w")], cwd=NEUTRAL_CWD, env=clean_env(),
+    r = subprocess.run([*INGESTD, "status", "--watch-dir", str(tmp_path / "w")], check=False, cwd=NEUTRAL_CWD, env=clean_env(),
                        capture_output=True, text=True, timeout=30)
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr

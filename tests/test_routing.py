@@ -101,17 +101,17 @@ def test_good_redact_replacement_with_group_reference() -> None:
 
 @pytest.mark.parametrize(("filt", "expected"), [
     ({"processor": "grep"}, "filters[0]: processor 'grep' needs option 'pattern'"),
-    ({"processor": "uppercase", "pattern": "x"}, "filters[0]: processor 'uppercase' takes no option 'pattern' "
-                                                 "(its options: none)"),
+    ({"processor": "uppercase", "pattern": "x"}, ("filters[0]: processor 'uppercase' takes no option 'pattern' "
+                                                 "(its options: none)")),
     ({"processor": "grep", "pattern": 5}, "filters[0]: bad options for processor 'grep'"),
-    ({"processor": "grep", "pattern": "x", "colour": 1}, "filters[0]: processor 'grep' takes no option 'colour' "
-                                                         "(its options: pattern)"),
+    ({"processor": "grep", "pattern": "x", "colour": 1}, ("filters[0]: processor 'grep' takes no option 'colour' "
+                                                         "(its options: pattern)")),
     ({"match": "*"}, "filters[0].processor: a filter needs a processor (or retag)"),
     # Found by a new user: a typo in a key was reported as the key it should have been, never named.
-    ({"match": "*", "procesor": "uppercase"}, "filters[0].processor: a filter needs a processor (or retag): did you "
-                                              "mean 'processor' for 'procesor'?"),
-    ({"processor": "redact", "patern": "x"}, "filters[0]: processor 'redact' takes no option 'patern' (its options: "
-                                             "pattern, replacement): did you mean 'pattern' for 'patern'?"),
+    ({"match": "*", "procesor": "uppercase"}, ("filters[0].processor: a filter needs a processor (or retag): did you "
+                                              "mean 'processor' for 'procesor'?")),
+    ({"processor": "redact", "patern": "x"}, ("filters[0]: processor 'redact' takes no option 'patern' (its options: "
+                                             "pattern, replacement): did you mean 'pattern' for 'patern'?")),
     ({"processor": ""}, "filters[0].processor: a non-empty string is required"),
     ({"processor": "uppercase", "match": ""}, "filters[0].match: a non-empty string is required"),
     ({"retag": "x", "processor": "uppercase"}, "filters[0]: unknown key 'processor'"),
