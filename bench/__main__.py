@@ -36,7 +36,8 @@ SECTIONS = ("throughput", "drain", "pickup", "engine", "cpu", "floor", "scrape",
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench", description=(__doc__ or "").split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer files, no repeats: checks that it works")
-    ap.add_argument("--dir", default="/tmp", help="where to make the temporary working folder (a real disk)")
+    ap.add_argument("--dir", default="/var/tmp", help="where to make the temporary working folder (a real disk: "
+                    "/var/tmp, which the FHS keeps across reboots, where /tmp may be tmpfs)")
     ap.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
     ap.add_argument("--waiting", type=int, default=100_000, help="files waiting for the scrape and idle figures")
     ap.add_argument("--keep", action="store_true", help="keep the working folder (for a post-mortem)")
