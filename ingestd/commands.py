@@ -35,7 +35,7 @@ def status(settings: Settings, as_json: bool) -> int:
         if holder is not None and not settings.broker:
             # A running daemon's own setting decides what waits (its .env may differ from this shell's): its
             # folders counted as it counts them, never "set recursive = true" to a daemon that has it.
-            settings = dataclasses.replace(settings, recursive=holder.endswith(", " + RECURSIVE_NOTE))
+            settings = dataclasses.replace(settings, recursive=Spool.noted(holder, RECURSIVE_NOTE))
         report = _report(settings, spool)
     except FolderError as e:
         return _refused(e)

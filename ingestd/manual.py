@@ -64,7 +64,7 @@ def _process(settings: Settings, input_path: str, output_path: str, explain: boo
     if output_path != "-" and not os.path.isdir(folder):
         # As cp(1) and a shell's `>`: a typo in the folder is an error, never a tree of folders made silently. The
         # path as given, resolved by the kernel: abspath() collapses "missing/.." without asking whether it exists.
-        print(f"ingestd: cannot write {output_path}: its folder {folder} does not exist", file=sys.stderr)
+        print(f"ingestd: cannot write {given}: its folder {folder} does not exist", file=sys.stderr)
         return EX_CANTCREAT
     try:
         src: BinaryIO = pipeline.whole_head(sys.stdin.buffer) if input_path == "-" else open(input_path, "rb")  # noqa: SIM115

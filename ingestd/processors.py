@@ -83,15 +83,7 @@ def options(name: str) -> dict[str, bool] | None:
     import inspect
 
     try:  # a plug-in may raise anything on import or from its signature: then the caller's own words stand
-        factory = BUILTIN.get(name)
-        if factory is None:
-            from importlib.metadata import entry_points
-
-            found = entry_points(group=GROUP, name=name)
-            if not found:
-                return None
-            factory = next(iter(found)).load()
-        params = list(inspect.signature(factory).parameters.values())
+        params = list(inspect.signature(_factory(name)).parameters.values())
     except Exception:  # noqa: BLE001 - for an error message only: never a second error (tests/test_break_round7.py)
         return None
     if any(p.kind is p.VAR_KEYWORD for p in params):
@@ -104,6 +96,11 @@ def make(name: str, options: dict[str, object]) -> Processor:
 
     A built-in cannot be shadowed by a plug-in of the same name.
     """
+    return _factory(name)(**options)
+
+
+def _factory(name: str) -> Factory:
+    """The built-in of that name, else the installed plug-in's (its entry point loaded); KeyError if neither."""
     factory = BUILTIN.get(name)
     if factory is None:
         from importlib.metadata import entry_points
@@ -112,4 +109,4 @@ def make(name: str, options: dict[str, object]) -> Processor:
         if not found:
             raise KeyError(name)
         factory = next(iter(found)).load()
-    return factory(**options)
+    return factory

@@ -216,6 +216,11 @@ class Spool:
             os.close(fd)
         return None
 
+    @staticmethod
+    def noted(holder: str | None, note: str) -> bool:
+        """Whether a holder's label (holder()) carries `note`, as lock() writes it (", NOTE" at its end)."""
+        return holder is not None and holder.endswith(", " + note)
+
     def recover(self, max_attempts: int, now: float) -> tuple[list[str], list[str]]:
         """After a crash: drop stale temp outputs, return in-flight files to the queue, quarantine poison files.
 
