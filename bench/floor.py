@@ -2,8 +2,8 @@
 
 Each step is one the parent must take per file for a guarantee or a feature the brief asks for (the kernel's
 completeness check, the claim rename, the commit unlink, one JSON log line, the metrics, the hand-off to a
-worker), timed alone in a tight loop on the same folder: nothing else runs. Their sum is the least the parent
-can spend per file; issue 10's tmpfs target (0.5x the bare loop) leaves it twice the bare loop's time per file.
+worker, the watch's events), timed alone in a tight loop on the same folder: nothing else runs. Their sum is
+the least the parent can spend per file; issue 10's tmpfs target (0.5x the bare loop) leaves it twice the bare loop's time per file.
 """
 
 from __future__ import annotations
@@ -38,6 +38,38 @@ def _echo(conn: multiprocessing.connection.Connection) -> None:  # type: ignore[
         if msg is None:
             return
         conn.send(("done", msg))
+
+
+def _events(src: Path, watched: Path, names: list[str]) -> float:
+    """Microseconds per file to read and parse the three inotify events each claimed file raises on the watched
+    folder (its arrival's IN_MOVED_TO, the read lease's IN_OPEN, the claim's IN_MOVED_FROM; the lease's close
+    comes after the rename, on the unwatched folder), best of three. The files of `src` are moved through the new
+    folder `watched` and back, untimed, 1,000 at a time (below the kernel's default queue of 16,384 events); only
+    ingestd.watch.Watch.read() is timed."""
+    from ingestd.watch import Watch
+
+    chunk, best = 1_000, float("inf")
+    watched.mkdir()
+    watch = Watch(str(watched))
+    try:
+        for _ in range(3):
+            took = 0.0
+            for at in range(0, len(names), chunk):
+                for name in names[at:at + chunk]:
+                    a, b = os.path.join(src, name), os.path.join(watched, name)
+                    os.rename(a, b)  # IN_MOVED_TO: it arrives
+                    fd = os.open(b, os.O_RDONLY)  # IN_OPEN: the lease's open
+                    os.rename(b, a)  # IN_MOVED_FROM: the claim
+                    os.close(fd)
+                t0 = time.perf_counter()
+                got = sum(1 for _ in watch.read())
+                took += time.perf_counter() - t0
+                if got != 3 * len(names[at:at + chunk]):
+                    raise RuntimeError(f"floor: {got} events read for {len(names[at:at + chunk])} files, not 3 each")
+            best = min(best, took)
+    finally:
+        watch.close()
+    return best / len(names) * 1e6
 
 
 def run(work: Path, t: Table, quick: bool) -> dict[str, float]:
@@ -148,6 +180,7 @@ def run(work: Path, t: Table, quick: bool) -> dict[str, float]:
         durable.unlink(a)  # the commit: unlink(underprocess/NAME)
 
     figures["commit (unlink; a link to make it, halved)"] = _per_file(commit, n) / 2
+    figures["the watch's 3 events of a file, read and parsed"] = _events(src, base / "watched", names)
     bare_us = figures.pop("bare loop (whole durable work of a file)")
     floor = sum(figures.values())
     for j, (k, v) in enumerate(figures.items(), 1):
