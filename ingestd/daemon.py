@@ -380,7 +380,7 @@ class Daemon:
                 self._note_folders({*self.folders_left, rel})
             return
         # No removal check here: a folder is removed only once the daemon emptied it (a claim from it, see
-        # _claim); a producer's `mkdir batch`, then a pause past settle_time before its first file, had its
+        # _claim); a producer's `mkdir batch`, then a pause past the quiet time before its first file, had its
         # folder removed under it (ENOENT: tests/test_break_dirs.py).
         files, subdirs = self.spool.files(self.spool.unprocessed, dirs=True, enter=self._enter, root=rel)
         self.arrivals.scanned(files, now)
@@ -394,7 +394,7 @@ class Daemon:
                 return
             ident = folder_id(os.path.join(self.spool.unprocessed, rel))
             if ident is not None and self.sweep.returned(ident, now):
-                self._check_folder_at(rel, now + self.s.settle_time)
+                self._check_folder_at(rel, now + self.s.folder_quiet_time)
 
     def _folder_gone(self, rel: str, now: float, empty: bool = False) -> None:
         """A folder left unprocessed/: removed, or moved away. empty: we removed it (rmdir), so nothing was below
@@ -444,12 +444,12 @@ class Daemon:
 
     def _clean_folders(self, now: float) -> None:
         """Recursive mode: remove subfolders of unprocessed/ the daemon emptied (only claims schedule a check)
-        once empty and quiet (settle_time without a change); then their parents. A check whose folder is gone,
+        once empty and quiet (folder_quiet_time without a change); then their parents. A check whose folder is gone,
         or is another folder now (moved away, a new one made under its name), never removes what is there."""
         due = self.sweep.due(now)
         if not due:
             return
-        removed = self.spool.prune(self.spool.unprocessed, [d.rel for d in due], quiet=self.s.settle_time,
+        removed = self.spool.prune(self.spool.unprocessed, [d.rel for d in due], quiet=self.s.folder_quiet_time,
                                    now=self.wall(), expect={d.rel: d.ident for d in due if d.ident})
         for d in due:
             if d.rel in removed:
@@ -458,7 +458,7 @@ class Daemon:
                 self._folder_gone(d.rel, now, empty=True)
                 parent = os.path.dirname(d.rel)
                 if parent:
-                    self._check_folder_at(parent, now + self.s.settle_time)
+                    self._check_folder_at(parent, now + self.s.folder_quiet_time)
                 continue
             path = os.path.join(self.spool.unprocessed, d.rel)
             ident = folder_id(path)
@@ -469,8 +469,8 @@ class Daemon:
                 self.next_rescan = min(self.next_rescan, now + FOLDER_RECHECK)
             elif self._empty(d.rel):
                 # Empty but changed lately, or rmdir refused (EPERM: an append-only parent; EBUSY: a mount
-                # point): look again, never sooner than FOLDER_RECHECK (with settle_time 0 this spun a core).
-                self.sweep.at(d.rel, now + max(self.s.settle_time, FOLDER_RECHECK), ident)
+                # point): look again, never sooner than FOLDER_RECHECK (with a quiet time of 0 this spun a core).
+                self.sweep.at(d.rel, now + max(self.s.folder_quiet_time, FOLDER_RECHECK), ident)
 
     def _empty(self, rel: str) -> bool:
         try:
@@ -535,7 +535,7 @@ class Daemon:
             if reason == "startup":
                 for rel in subdirs:
                     if self._emptied_before(rel):
-                        self._check_folder_at(rel, now + self.s.settle_time)
+                        self._check_folder_at(rel, now + self.s.folder_quiet_time)
         else:
             files, folders = Spool.split(self.spool.unprocessed)
             self.arrivals.scanned(files, now)
@@ -736,7 +736,7 @@ class Daemon:
             return None
         job = Job(name, st.st_size, self.wall(), complete_at=r.complete_at)  # from here on it must not be lost
         if "/" in name:  # its folder may be empty now: removed once quiet
-            self._check_folder_at(os.path.dirname(name), now + self.s.settle_time)
+            self._check_folder_at(os.path.dirname(name), now + self.s.folder_quiet_time)
         with self._boundary("after a claim"):
             if self.s.done_marker:
                 self.spool.remove_marker(name + DONE_SUFFIX)

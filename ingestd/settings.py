@@ -32,6 +32,9 @@ class Settings:
     max_attempts: int = 3  # crashes a file may be in progress for before it is quarantined
     settle_time: float = 1.0  # seconds a file of unknown history must stay unchanged before a claim
     quiet_time: float = 0.02  # seconds a name must have had no event (close, chmod, utime...) before a claim
+    # recursive: seconds a subfolder the daemon emptied must stay empty and unchanged before it is removed. Not
+    # settle_time: a producer pausing longer than that between two files of its folder found the folder gone
+    folder_quiet_time: float = 300.0
     rescan_interval: float = 30.0  # safety-net full scan, seconds
     max_line_bytes: int = 1 << 20
     recent: int = 10  # completions kept for metrics and status
@@ -161,6 +164,7 @@ PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "max_attempts": _int(1),
     "settle_time": _seconds(0),
     "quiet_time": _seconds(0),
+    "folder_quiet_time": _seconds(0),
     "rescan_interval": _seconds(1),  # the safety-net scan; below a second it only burns CPU when idle
     "max_line_bytes": _int(1),
     "recent": _int(1),

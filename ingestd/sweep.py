@@ -1,7 +1,7 @@
 """Which emptied subfolders of unprocessed/ to look at, and when (recursive mode): bookkeeping only, no I/O.
 
 A folder is removed only once the daemon emptied it: a claim took a file from it (daemon._claim), and the
-removal waits until the folder has been empty and unchanged for settle_time (daemon._clean_folders looks, and
+removal waits until the folder has been empty and unchanged for folder_quiet_time (daemon._clean_folders looks, and
 spool.prune removes). A producer's own empty folder (`mkdir batch`, a pause, then its files) is never touched.
 
 A folder keeps that standing when it is renamed, or moved out and back in, after the daemon emptied it

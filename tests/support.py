@@ -78,7 +78,8 @@ class DaemonProcess:
         if exact_env:  # the benchmarks: exactly the environment given, no test defaults
             full_env = dict(env or {})
         else:
-            full_env = {**os.environ, "INGESTD_SETTLE_TIME": "0.3", **(env or {})}
+            # folder_quiet_time as short: the recursive tests see emptied folders removed in a moment, not 5 min
+            full_env = {**os.environ, "INGESTD_SETTLE_TIME": "0.3", "INGESTD_FOLDER_QUIET_TIME": "0.3", **(env or {})}
         full_env.pop("NOTIFY_SOCKET", None)
         self.env = full_env
         self.events: list[dict[str, Any]] = []

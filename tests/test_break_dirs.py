@@ -356,15 +356,29 @@ def test_inotify_watches_used_up_inside_a_tree_the_rescans_finish_the_job(tmp_pa
             d.kill()
 
 
-@pytest.mark.xfail(strict=True, reason="a folder the daemon emptied is removed once quiet for settle_time: a "
-                   "producer that pauses longer than that between two files of one folder, after the daemon took "
-                   "the earlier ones, finds the folder gone (documented in README: raise settle_time). A fix needs "
-                   "a policy: e.g. a separate, longer folder_quiet_time, or never removing source folders")
 def test_a_producer_pausing_between_files_of_a_folder_keeps_it(start, tmp_path: Path) -> None:
-    d = start(env=RECURSIVE)  # settle_time 0.3 s
+    """Was a strict xfail: an emptied folder was removed once quiet for settle_time (1 s by default), so a producer
+    pausing longer between two files of its folder found it gone (ENOENT). Now folder_quiet_time (5 minutes by
+    default, the tests' own short value unset here) decides, and settle_time only the claims."""
+    d = start(env={**RECURSIVE, "INGESTD_FOLDER_QUIET_TIME": ""})  # settle_time 0.3 s, folder_quiet_time default
     u = d.watch_dir / "unprocessed"
     (u / "slow").mkdir()
     (u / "slow" / "a.txt").write_bytes(b"a\n")
     wait_for(lambda: (d.watch_dir / "processed" / "slow" / "a.txt").exists(), what="a.txt processed")
     time.sleep(1.5)  # the producer fetches its next file
     (u / "slow" / "b.txt").write_bytes(b"b\n")  # ENOENT: the folder was removed meanwhile
+    wait_for(lambda: (d.watch_dir / "processed" / "slow" / "b.txt").exists(), what="b.txt processed")
+
+
+def test_an_emptied_folder_is_removed_after_folder_quiet_time_not_settle_time(start, tmp_path: Path) -> None:
+    """The setting is the one that counts: with settle_time 0.3 s and folder_quiet_time 4 s, the emptied folder
+    is still there seconds after its last claim, and removed once quiet for 4 s (before, 0.3 s after it)."""
+    d = start(env={**RECURSIVE, "INGESTD_FOLDER_QUIET_TIME": "4"})
+    u = d.watch_dir / "unprocessed"
+    (u / "batch").mkdir()
+    (u / "batch" / "a.txt").write_bytes(b"a\n")
+    wait_for(lambda: (d.watch_dir / "processed" / "batch" / "a.txt").exists(), what="a.txt processed")
+    seen = time.monotonic()  # after its claim, which set the folder's quiet time going
+    gone = wait_for(lambda: not (u / "batch").exists() and time.monotonic(), timeout=20, interval=0.05,
+                    what="the emptied folder removed")
+    assert gone - seen >= 3.0, f"removed {gone - seen:.2f} s after its last file was processed, not after 4 s quiet"

@@ -100,7 +100,7 @@ def test_unprocessed_removed_and_made_again_during_an_overflow_is_watched_again(
     5 s and 35 s still in unprocessed/. Fix (daemon._rescan): compare unprocessed/'s identity (st_dev, st_ino, or
     folder_id) with the one the watch was opened on at each rescan, overflow ones at least, and _rewatch when
     it changed."""
-    d = start({**RECURSIVE, "INGESTD_SETTLE_TIME": "1"}, queue=64)
+    d = start({**RECURSIVE, "INGESTD_SETTLE_TIME": "1", "INGESTD_FOLDER_QUIET_TIME": "1"}, queue=64)
     u = d.watch_dir / "unprocessed"
     os.killpg(d.proc.pid, signal.SIGSTOP)
     try:

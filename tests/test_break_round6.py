@@ -23,7 +23,8 @@ from test_directories import RECURSIVE, tree
 from ingestd.names import display
 
 # The 30 s safety-net rescan would hide a miss: far away, so a file found late is a file the watch missed.
-NO_RESCAN = {**RECURSIVE, "INGESTD_RESCAN_INTERVAL": "3600", "INGESTD_SETTLE_TIME": "0.2"}
+NO_RESCAN = {**RECURSIVE, "INGESTD_RESCAN_INTERVAL": "3600", "INGESTD_SETTLE_TIME": "0.2",
+             "INGESTD_FOLDER_QUIET_TIME": "0.2"}
 
 
 def _write(path: Path, data: bytes) -> bool:
@@ -269,7 +270,7 @@ def test_a_collision_reason_with_a_hostile_name_is_escaped_and_fails_the_file_on
     a top-level BAD2 arriving (EISDIR from Sinks.publish). Each newcomer goes to failed/ once with its path,
     a sidecar whose reason names the blocker escaped (names.display: no raw control byte, valid JSON), the
     status page says the same, the queue flows on, nothing is lost. Held."""
-    d = start(env={**RECURSIVE, "INGESTD_SETTLE_TIME": "0.2"})
+    d = start(env={**RECURSIVE, "INGESTD_SETTLE_TIME": "0.2", "INGESTD_FOLDER_QUIET_TIME": "0.2"})
     w = d.watch_dir
     u = w / "unprocessed"
     raw = os.fsencode(bad)
@@ -322,6 +323,7 @@ def test_a_folder_named_like_a_file_in_flight_waits_without_spinning_and_loses_n
     cfg = tmp_path / "slow.toml"
     cfg.write_text('[[filters]]\nmatch = "*"\nprocessor = "slow"\nseconds = 0.01\n')
     d = start("--config", str(cfg), "--workers", "2", env={**RECURSIVE, "INGESTD_SETTLE_TIME": "0.2",
+                                                             "INGESTD_FOLDER_QUIET_TIME": "0.2",
                                                              "INGESTD_RESCAN_INTERVAL": "3600"})
     w = d.watch_dir
     u = w / "unprocessed"

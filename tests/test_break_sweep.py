@@ -26,7 +26,7 @@ from support import DaemonProcess, cpu_used, wait_for
 from test_directories import RECURSIVE, tree
 from test_folder_moves import _emptied, replace_emptied_folders
 
-SLOW = {**RECURSIVE, "INGESTD_SETTLE_TIME": "1"}
+SLOW = {**RECURSIVE, "INGESTD_SETTLE_TIME": "1", "INGESTD_FOLDER_QUIET_TIME": "1"}
 QUEUED = Path("/proc/sys/fs/inotify/max_queued_events")
 
 
@@ -185,7 +185,7 @@ def test_an_emptied_folder_renamed_while_the_daemon_was_down_is_removed_at_start
     processed/ or failed/ are checked, and the departed map is not persisted: batch2 stays for ever. The
     README's "renamed ... within five minutes" does not say "while the daemon runs". Fix: persist the pending
     checks' identities (.ingestd/), and at start schedule a check for a listed folder whose identity matches."""
-    d = start({**RECURSIVE, "INGESTD_SETTLE_TIME": "3"})
+    d = start({**RECURSIVE, "INGESTD_SETTLE_TIME": "3", "INGESTD_FOLDER_QUIET_TIME": "3"})
     u = _emptied(d, {"batch/a.txt": b"a\n"})
     os.killpg(d.proc.pid, signal.SIGKILL)
     d.kill()
@@ -309,7 +309,7 @@ def test_settle_time_0_a_folder_that_cannot_be_removed_does_not_spin(start) -> N
     now + settle_time = now, due again at once: the main loop spins at 100% of a core for ever (3.0 s of CPU in
     3 s here). Fix (daemon._clean_folders): re-arm at max(now + settle_time, now + a floor such as 1 s), or only
     when the folder was merely not quiet yet; give up (once logged) when rmdir fails with EPERM/EACCES/EBUSY."""
-    d = start({**RECURSIVE, "INGESTD_SETTLE_TIME": "0"})
+    d = start({**RECURSIVE, "INGESTD_SETTLE_TIME": "0", "INGESTD_FOLDER_QUIET_TIME": "0"})
     u = d.watch_dir / "unprocessed"
     (u / "outer" / "batch").mkdir(parents=True)
     if os.system(f"chattr +a {u / 'outer'} 2>/dev/null"):

@@ -75,7 +75,7 @@ def loop(tmp_path: Path) -> Iterator[Callable[..., Loop]]:
             (tmp_path / "routing.toml").write_text(config)
             flags["config"] = str(tmp_path / "routing.toml")
         s = settings_mod.load({"watch_dir": str(tmp_path / "w"), "listen": "127.0.0.1:0", "workers": 1,
-                               "settle_time": 0.05, **flags}, environ={}, cwd=tmp_path)
+                               "settle_time": 0.05, "folder_quiet_time": 0.05, **flags}, environ={}, cwd=tmp_path)
         clock = Clock()
         d = Daemon(s, reload=reload, clock=clock)
         made.append(d)

@@ -20,7 +20,7 @@ from test_directories import RECURSIVE, tree
 
 # Settle time 1 s: a folder's removal check comes 1 s after the claim that emptied it, long enough for each test
 # to rename the folder first, once it has seen the claim.
-SLOW = {**RECURSIVE, "INGESTD_SETTLE_TIME": "1"}
+SLOW = {**RECURSIVE, "INGESTD_SETTLE_TIME": "1", "INGESTD_FOLDER_QUIET_TIME": "1"}
 
 
 def _emptied(d: DaemonProcess, files: dict[str, bytes]) -> Path:

@@ -390,7 +390,8 @@ def test_host_port(listen: str, expected: tuple[str, int], cwd: Path) -> None:
 @pytest.mark.parametrize(("name", "value"), [
     ("stop_timeout", "inf"), ("stop_timeout", "-inf"), ("stop_timeout", "1e400"), ("settle_time", "inf"),
     ("stall_time", "inf"), ("stall_time", "0"), ("rescan_interval", "0"), ("rescan_interval", "0.01"),
-    ("rescan_interval", "inf"), ("rescan_interval", "nan"), ("stop_timeout", "1e12"),
+    ("rescan_interval", "inf"), ("rescan_interval", "nan"), ("stop_timeout", "1e12"), ("folder_quiet_time", "-1"),
+    ("folder_quiet_time", "inf"),
 ])
 def test_seconds_must_be_finite_and_in_range(name: str, value: str, cwd: Path) -> None:
     """The issue's instances (stop_timeout = inf crashed on SIGTERM, rescan_interval = 0 burned a core) and the
@@ -406,6 +407,13 @@ def test_seconds_out_of_range_in_toml(line: str, cwd: Path, tmp_path: Path) -> N
     name = line.split(" ")[0]
     msg = bad({"config": toml(tmp_path, line + "\n")}, cwd)
     assert msg.startswith(f"{name}: ") and "ingestd.toml" in msg, msg
+
+
+def test_folder_quiet_time_is_its_own_setting(cwd: Path, tmp_path: Path) -> None:
+    """5 minutes by default, whatever settle_time is: a producer pausing between two files of its folder keeps it."""
+    assert load({}, environ={"INGESTD_SETTLE_TIME": "0.1"}, cwd=cwd).folder_quiet_time == 300.0
+    s = load({"config": toml(tmp_path, "folder_quiet_time = 86400\n")}, environ={}, cwd=cwd)
+    assert (s.folder_quiet_time, s.settle_time) == (86400.0, 1.0)
 
 
 def test_sane_seconds_accepted(cwd: Path) -> None:
