@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from support import INGESTD, NEUTRAL_CWD, DaemonProcess, clean_env, folder, wait_for
+from support import INGESTD, NEUTRAL_CWD, DaemonProcess, clean_env, folder, plugin, wait_for, with_path
 from torture.lib import readable_copy
 
 NOBODY = 65534  # the user nobody (tests/test_lease.py)
@@ -237,6 +237,20 @@ def test_process_resolves_the_output_folder_as_the_kernel_does(tmp_path: Path) -
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "real" / "out.txt").read_bytes() == b"FINE\n"  # where `cp text here/link/../out.txt` writes
     assert not (tmp_path / "here" / "out.txt").exists()
+
+
+def test_a_plugin_that_fails_to_load_is_named_not_called_unknown(tmp_path: Path) -> None:
+    """Found: `--mode X` where X's module raises KeyError at import said "unknown processor 'X'" (while listing X as
+    known). Both commands that load a processor say it could not be loaded and why: process, and run at start
+    (which makes no watch dir when its settings are refused)."""
+    env = with_path(plugin(tmp_path / "plug", "keyload", "raise KeyError('endpoint')\n", {"keyfail": "keyload:factory"}))
+    (tmp_path / "in.txt").write_bytes(b"hi\n")
+    said = "ingestd: mode: processor 'keyfail' could not be loaded: KeyError: 'endpoint' (from --mode)\n"
+    r = ingestd("process", "--mode", "keyfail", "--input", "in.txt", "--output", "-", cwd=tmp_path, env=env)
+    assert (r.returncode, r.stderr.decode()) == (78, said)
+    r = ingestd("run", "--watch-dir", str(tmp_path / "w"), "--mode", "keyfail", "--listen", "127.0.0.1:0", env=env)
+    assert (r.returncode, r.stderr.decode()) == (78, said)
+    assert not (tmp_path / "w").exists()
 
 
 def test_process_says_the_kernels_reason_when_the_output_cannot_go_there(tmp_path: Path) -> None:
