@@ -14,7 +14,16 @@ import time
 from pathlib import Path
 
 import pytest
-from support import INGESTD, NEUTRAL_CWD, DaemonProcess, clean_env, folder, plugin, wait_for, with_path
+from support import (
+    INGESTD,
+    NEUTRAL_CWD,
+    DaemonProcess,
+    clean_env,
+    folder,
+    plugin,
+    wait_for,
+    with_path,
+)
 from torture.lib import readable_copy
 
 NOBODY = 65534  # the user nobody (tests/test_lease.py)
@@ -514,6 +523,16 @@ def test_closing_the_terminal_stops_the_daemon_but_a_sighup_otherwise_reloads(tm
     second = subprocess.run([*INGESTD, "status", "--watch-dir", str(tmp_path / "w")], capture_output=True, text=True,
                             timeout=30)
     assert "not running" in second.stdout, second.stdout
+
+
+def test_status_and_requeue_never_make_a_missing_watch_dir(tmp_path: Path) -> None:
+    """`run` makes a missing watch dir (and says so); the commands that look (status) or move files back (requeue)
+    must not, a typo would leave an empty tree behind: they say that it does not exist (not "no folder
+    .../unprocessed", which reads as a broken watch dir), exit 78."""
+    for args in (["status"], ["status", "--json"], ["requeue"], ["requeue", "x.txt"]):
+        r = ingestd(*args, "--watch-dir", "typo/w", cwd=tmp_path)
+        assert (r.returncode, r.stderr.decode()) == (78, "ingestd: watch_dir: typo/w does not exist\n"), args
+    assert os.listdir(tmp_path) == []
 
 
 def test_closed_standard_fds_get_dev_null_never_a_data_file(tmp_path: Path) -> None:
