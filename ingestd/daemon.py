@@ -93,6 +93,7 @@ class Daemon:
         self._withheld = False
         self.web: Web | None = None
         self.watch: Watcher | None = None
+        self.created: str | None = None  # the topmost folder of the watch dir's path made at start-up
         self.watch_choice = Choice("inotify", "not started")  # inotify or polling, and why (watchmode.choose)
         self.watch_lost = False  # unprocessed/'s watch is dead and not yet replaced: rescans come every second
         self.folders_left: set[str] = set()  # default mode: folders in unprocessed/, left as they are (logged once)
@@ -113,7 +114,7 @@ class Daemon:
     def startup(self) -> None:
         """Raises ConfigError/SpoolError/RuntimeError on a start-up failure; the caller then runs shutdown()."""
         faulthandler.enable()  # the watchdog's SIGABRT dumps every thread's stack into the journal
-        self.spool.ensure()
+        self.created = self.spool.ensure_at_start()  # the watch dir's topmost folder made now, if any (said)
         if os.path.exists(os.path.join(self.spool.state, "cluster-id")):
             # A cluster's shared folder: its underprocess/ files are in worker nodes' hands, not left by a crash.
             raise NotAWatchDir(f"watch_dir: {self.spool.root} is a cluster's shared folder (.ingestd/cluster-id): run "
@@ -150,9 +151,11 @@ class Daemon:
         event("started", "ingestd started", version=__version__, watch_dir=str(self.spool.root.resolve()),
               listen=self.web.address, workers=self.s.workers, recovered=len(self.queue),
               waiting=len(self.arrivals), watch=self.watch_choice.kind, watch_reason=self.watch_choice.reason,
-              poll_interval=self.s.poll_interval if self.watch_choice.kind == "polling" else None)
+              poll_interval=self.s.poll_interval if self.watch_choice.kind == "polling" else None,
+              watch_dir_created=self.created)
         if log.text_wanted("auto"):  # a person at a terminal (make run): one line saying where to look
-            log.say(f"ingestd is watching {self.spool.root.resolve()}/unprocessed/ - status page "
+            made = f" (made now: {self.created} did not exist)" if self.created else ""
+            log.say(f"ingestd is watching {self.spool.root.resolve()}/unprocessed/{made} - status page "
                     f"http://{self.web.address}/ - press Ctrl-C to stop")
 
     def _recover(self) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import stat
 import sys
 import threading
 from collections.abc import Iterator
@@ -55,16 +56,19 @@ def _process(settings: Settings, input_path: str, output_path: str, explain: boo
     elif output_path != "-" and os.path.islink(output_path):
         # As cp(1) and `>`: a symlink is written through, its target replaced (atomically, as any output); a
         # rename over the link replaced the link and left its target as it was (tests/test_break_round7.py).
-        if not os.path.exists(output_path):
-            print(f"ingestd: cannot write {given}: a symlink to nothing (not written through, as cp(1) does)",
-                  file=sys.stderr)
+        try:
+            os.stat(output_path)
+        except OSError as e:  # ENOENT: it points at nothing; else the kernel's reason (a loop: ELOOP)
+            why = "a symlink to nothing (not written through, as cp(1) does)" if isinstance(e, FileNotFoundError) \
+                else f"{e.strerror} (a symlink that cannot be followed)"
+            print(f"ingestd: cannot write {given}: {why}", file=sys.stderr)
             return EX_CANTCREAT
         output_path = os.path.realpath(output_path)
     folder = os.path.dirname(output_path) or "."
-    if output_path != "-" and not os.path.isdir(folder):
-        # As cp(1) and a shell's `>`: a typo in the folder is an error, never a tree of folders made silently. The
-        # path as given, resolved by the kernel: abspath() collapses "missing/.." without asking whether it exists.
-        print(f"ingestd: cannot write {given}: its folder {folder} does not exist", file=sys.stderr)
+    unusable = _unusable(folder) if output_path != "-" else None
+    if unusable:
+        # As cp(1) and a shell's `>`: a typo in the folder is an error, never a tree of folders made silently.
+        print(f"ingestd: cannot write {given}: {unusable}", file=sys.stderr)
         return EX_CANTCREAT
     try:
         src: BinaryIO = pipeline.whole_head(sys.stdin.buffer) if input_path == "-" else open(input_path, "rb")  # noqa: SIM115
@@ -184,6 +188,22 @@ def _process(settings: Settings, input_path: str, output_path: str, explain: boo
               f"{'was' if dropped == 1 else 'were'} not written to stdout; give --output FILE to keep them "
               "in folders beside it", file=sys.stderr)
     return 0
+
+
+def _unusable(folder: str) -> str | None:
+    """Why `folder` cannot hold the output, in the kernel's words (stat(2)'s errno, as cp(1) says it), or None when
+    it is a folder. The path as given, resolved by the kernel: abspath() collapses "missing/.." without asking
+    whether it exists. "does not exist" for ENOENT alone: a symlink loop (ELOOP) or a folder this user may not
+    enter (EACCES) exists, and a user told otherwise looks for a typo that is not there."""
+    try:
+        st = os.stat(folder)
+    except FileNotFoundError:
+        return f"its folder {folder} does not exist"
+    except NotADirectoryError:
+        return f"its folder {folder}: a part of its path is not a folder"
+    except OSError as e:
+        return f"its folder {folder}: {e.strerror}"
+    return None if stat.S_ISDIR(st.st_mode) else f"its folder {folder} is not a folder"
 
 
 @contextmanager

@@ -16,6 +16,16 @@ Factory = Callable[..., Processor]
 GROUP = "ingestd.processors"
 
 
+class Unknown(KeyError):
+    """No built-in and no installed plug-in (entry point) of that name. Ours alone: a plug-in's own KeyError
+    (raised at its import, or by its factory) is never taken for it."""
+
+
+class LoadError(Exception):
+    """A plug-in of that name is installed but could not be loaded (its import or its entry point raised). The
+    message names the plug-in's error: "processor 'x' could not be loaded: KeyError: 'setting'"; __cause__ is it."""
+
+
 def _simple(fn: Processor) -> Factory:
     def factory() -> Processor:
         return fn
@@ -92,7 +102,8 @@ def options(name: str) -> dict[str, bool] | None:
 
 
 def make(name: str, options: dict[str, object]) -> Processor:
-    """Build one processor; KeyError for an unknown name, TypeError/re.error for bad options.
+    """Build one processor; Unknown (a KeyError) for an unknown name, LoadError for a plug-in that cannot be loaded,
+    TypeError/re.error for bad options, anything else a plug-in's factory raises.
 
     A built-in cannot be shadowed by a plug-in of the same name.
     """
@@ -100,13 +111,17 @@ def make(name: str, options: dict[str, object]) -> Processor:
 
 
 def _factory(name: str) -> Factory:
-    """The built-in of that name, else the installed plug-in's (its entry point loaded); KeyError if neither."""
+    """The built-in of that name, else the installed plug-in's (its entry point loaded); Unknown if neither,
+    LoadError if the plug-in's import or entry point raises."""
     factory = BUILTIN.get(name)
     if factory is None:
         from importlib.metadata import entry_points
 
         found = entry_points(group=GROUP, name=name)
         if not found:
-            raise KeyError(name)
-        factory = next(iter(found)).load()
+            raise Unknown(name)
+        try:
+            factory = next(iter(found)).load()
+        except Exception as e:  # a plug-in's module may raise anything, KeyError too: never "unknown processor"
+            raise LoadError(f"processor {name!r} could not be loaded: {type(e).__name__}: {e}") from e
     return factory

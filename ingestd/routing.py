@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import re
 from collections.abc import Iterable
 from typing import Any
@@ -47,26 +46,8 @@ def from_mode(mode: str, options: dict[str, str] | None = None) -> Routing:
 
 def mode_params(mode: str) -> dict[str, bool] | None:
     """The keyword options a processor's factory takes -> whether each is required; None when unknown (no
-    such processor, or a factory taking **kwargs)."""
-    factory: Any = processors.BUILTIN.get(mode)
-    if factory is None:
-        # Imported here: ~10 ms of start-up that a built-in mode does not need.
-        from importlib.metadata import entry_points
-
-        found = entry_points(group=processors.GROUP, name=mode)
-        if not found:
-            return None
-        try:
-            factory = next(iter(found)).load()
-        except Exception:  # noqa: BLE001 - reported by processors.make with its own words
-            return None
-    try:
-        params = inspect.signature(factory).parameters.values()
-    except (TypeError, ValueError):
-        return None
-    if any(p.kind is p.VAR_KEYWORD for p in params):
-        return None
-    return {p.name: p.default is p.empty for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    such processor, a plug-in that cannot be loaded: processors.make says which, or a factory taking **kwargs)."""
+    return processors.options(mode)
 
 
 def from_tables(doc: dict[str, Any]) -> Routing:
@@ -127,8 +108,10 @@ def _filter(where: str, t: dict[str, Any]) -> Filter:
     options = {k: v for k, v in t.items() if k not in ("match", "processor")}
     try:
         proc = processors.make(name, options)
-    except KeyError:
+    except processors.Unknown:  # only "no such name": a plug-in's own KeyError is a load or build error below
         raise RoutingError(f"{where}.processor: unknown processor {name!r} (known: {', '.join(processors.names())})") from None
+    except processors.LoadError as e:
+        raise RoutingError(f"{where}.processor: {e}") from None
     except REGEX_ERRORS as e:
         raise RoutingError(f"{where}.pattern: invalid regular expression: {e or type(e).__name__}") from None
     except TypeError as e:

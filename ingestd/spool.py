@@ -114,6 +114,29 @@ class Spool:
         self._committed_in: set[str] = set()
 
     # --- start-up -------------------------------------------------------------------------
+    def missing(self) -> str | None:
+        """The topmost folder on the watch dir's path that does not exist: the first one ensure() makes (the watch
+        dir itself, or a parent of it); None when the watch dir exists. The path as given, made absolute but not
+        normalised: os.makedirs makes "missing/../w" by way of "missing", so that is the one named."""
+        path = os.path.join(os.getcwd(), self.root)
+        if os.path.lexists(path):
+            return None
+        while (parent := os.path.dirname(path)) != path and not os.path.lexists(parent):
+            path = parent
+        return path
+
+    def ensure_at_start(self) -> str | None:
+        """ensure() at start-up, said in a WARNING event (`watch_dir_created`) when the watch dir did not exist: it is
+        made, as a fresh install and `make run` on a fresh clone want, but a typo in the path makes one too, and the
+        daemon then watches an empty new tree while files pile up elsewhere. Returns the topmost folder made (see
+        missing()), or None; raises as ensure() does."""
+        created = self.missing()
+        self.ensure()
+        if created:
+            event("watch_dir_created", "the watch dir did not exist: made it (a typo in the path? files dropped "
+                  "elsewhere are not seen)", logging.WARNING, watch_dir=str(self.root.resolve()), made=created)
+        return created
+
     def ensure(self) -> list[str]:
         """Create missing folders; refuse folders on different filesystems (renames would fail with EXDEV).
 
@@ -719,6 +742,8 @@ class Spool:
                 with os.scandir(path):
                     pass
             except (FileNotFoundError, NotADirectoryError):
+                if not os.path.lexists(self.root):  # a typo in the path, most likely: never made here (only by run)
+                    raise NotAWatchDir(f"watch_dir: {self.root} does not exist") from None
                 raise NotAWatchDir(f"watch_dir: {self.root} is not an ingestd watch dir "
                                    f"(no folder {path}; it needs {'/'.join(FOLDERS)})") from None
             except OSError as e:

@@ -206,6 +206,22 @@ class DaemonProcess:
             self.proc.stderr.close()
 
 
+def plugin(root: Path, name: str, module: str, entries: dict[str, str]) -> str:
+    """A processor plug-in distribution `name` in root: its module (name.py) and a dist-info that importlib.metadata
+    reads (entries: processor name -> "module:attr"), no install, no mock. Returns root, for sys.path or PYTHONPATH."""
+    info = root / f"{name}-0.1.dist-info"
+    info.mkdir(parents=True)
+    (root / f"{name}.py").write_text(module)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[ingestd.processors]\n" + "".join(f"{k} = {v}\n" for k, v in entries.items()))
+    return str(root)
+
+
+def with_path(root: str) -> dict[str, str]:
+    """The environment entry that puts root first on a subprocess's PYTHONPATH (ahead of any already set)."""
+    return {"PYTHONPATH": os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])}
+
+
 def folder(watch_dir: Path, name: str) -> list[str]:
     """User-visible entries of a queue folder, sorted (hidden temps and sidecars excluded)."""
     return sorted(n for n in os.listdir(watch_dir / name) if not n.startswith("."))

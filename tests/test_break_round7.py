@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from support import NEUTRAL_CWD, clean_env, wait_for
+from support import NEUTRAL_CWD, clean_env, plugin, wait_for, with_path
 from test_break_dirs import start  # noqa: F401 (fixture)
 
 INGESTD = [sys.executable, "-m", "ingestd"]
@@ -98,13 +98,7 @@ importfail = (1 + "x") if os.environ.get("BADPLUG_BOOM") else None
 
 def _plugin(tmp_path: Path, module: str, entries: dict[str, str]) -> dict[str, str]:
     """A plug-in distribution on PYTHONPATH (its dist-info read by importlib.metadata): no install, no mock."""
-    root = tmp_path / "plug"
-    info = root / "badplug-0.1.dist-info"
-    info.mkdir(parents=True)
-    (root / "badplug.py").write_text(module)
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: badplug\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text("[ingestd.processors]\n" + "".join(f"{k} = {v}\n" for k, v in entries.items()))
-    return {"PYTHONPATH": os.pathsep.join([str(root), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    return with_path(plugin(tmp_path / "plug", "badplug", module, entries))
 
 
 def test_factory_whose_signature_raises_is_a_config_error(tmp_path: Path) -> None:

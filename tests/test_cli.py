@@ -5,15 +5,28 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
+from support import (
+    INGESTD,
+    NEUTRAL_CWD,
+    DaemonProcess,
+    clean_env,
+    folder,
+    plugin,
+    wait_for,
+    with_path,
+)
+from torture.lib import readable_copy
 
-from support import INGESTD, NEUTRAL_CWD, DaemonProcess, clean_env, folder, wait_for
+NOBODY = 65534  # the user nobody (tests/test_lease.py)
 
 
 def ingestd(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None, input: bytes | None = None
@@ -235,6 +248,74 @@ def test_process_resolves_the_output_folder_as_the_kernel_does(tmp_path: Path) -
     assert not (tmp_path / "here" / "out.txt").exists()
 
 
+def test_a_plugin_that_fails_to_load_is_named_not_called_unknown(tmp_path: Path) -> None:
+    """Found: `--mode X` where X's module raises KeyError at import said "unknown processor 'X'" (while listing X as
+    known). Both commands that load a processor say it could not be loaded and why: process, and run at start
+    (which makes no watch dir when its settings are refused)."""
+    env = with_path(plugin(tmp_path / "plug", "keyload", "raise KeyError('endpoint')\n", {"keyfail": "keyload:factory"}))
+    (tmp_path / "in.txt").write_bytes(b"hi\n")
+    said = "ingestd: mode: processor 'keyfail' could not be loaded: KeyError: 'endpoint' (from --mode)\n"
+    r = ingestd("process", "--mode", "keyfail", "--input", "in.txt", "--output", "-", cwd=tmp_path, env=env)
+    assert (r.returncode, r.stderr.decode()) == (78, said)
+    r = ingestd("run", "--watch-dir", str(tmp_path / "w"), "--mode", "keyfail", "--listen", "127.0.0.1:0", env=env)
+    assert (r.returncode, r.stderr.decode()) == (78, said)
+    assert not (tmp_path / "w").exists()
+
+
+def test_process_says_the_kernels_reason_when_the_output_cannot_go_there(tmp_path: Path) -> None:
+    """Found: `--output loop1/x`, loop1 a symlink loop (`ln -s loop1 loop1`), said "its folder loop1 does not
+    exist", and `--output loop1` "a symlink to nothing". The kind: each refusal gives stat(2)'s errno in the
+    kernel's words, "does not exist" for ENOENT alone; the path is named as typed. The input side too."""
+    (tmp_path / "loop1").symlink_to("loop1")
+    (tmp_path / "file").write_bytes(b"")
+    cases = {"loop1/x": "its folder loop1: too many levels of symbolic links",
+             "loop1": "too many levels of symbolic links",
+             "file/x": "its folder file is not a folder",
+             "file/sub/x": "its folder file/sub: a part of its path is not a folder",
+             "missing/x": "its folder missing does not exist"}
+    for out, why in cases.items():
+        r = ingestd("process", "--input", "-", "--output", out, cwd=tmp_path, input=b"hi\n")
+        said = r.stderr.decode()
+        assert r.returncode == 73 and said.startswith(f"ingestd: cannot write {out}: ") and why in said.lower(), said
+        assert "does not exist" not in said or out.startswith("missing"), said
+    r = ingestd("process", "--input", "loop1/x", "--output", "-", cwd=tmp_path)
+    assert r.returncode == 66 and b"cannot read loop1/x: Too many levels of symbolic links" in r.stderr, r.stderr
+    assert sorted(os.listdir(tmp_path)) == ["file", "loop1"]  # nothing made, no temp left
+
+
+def test_process_says_permission_denied_for_an_output_folder_it_may_not_enter() -> None:
+    """EACCES on the way to the output's folder is no missing folder: said as the kernel says it. As root (who may
+    enter anything) the command runs as nobody, with a python and a copy of ingestd nobody may read, in a folder
+    outside pytest's basetemp (closed to nobody), as tests/test_status_truth.py does."""
+    root = os.geteuid() == 0
+    python = shutil.which("python3.11", path="/usr/bin:/usr/local/bin") if root else sys.executable
+    if python is None:
+        pytest.skip("a python3.11 the user nobody may execute")
+    base = Path(tempfile.mkdtemp(prefix="ingestd-eacces-", dir="/tmp"))
+    locked = base / "locked"
+    try:
+        base.chmod(0o755)
+        env = {**clean_env(), "PYTHONPATH": readable_copy(base / "lib")} if root else clean_env()
+        (locked / "sub").mkdir(parents=True)
+        locked.chmod(0o700 if root else 0)
+
+        def nobody() -> None:
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+
+        out = locked / "sub" / "x"
+        r = subprocess.run([python, "-m", "ingestd", "process", "--input", "-", "--output", str(out)], input=b"hi\n",
+                           capture_output=True, env=env, cwd=NEUTRAL_CWD, preexec_fn=nobody if root else None,
+                           timeout=60, check=False)
+        assert r.returncode == 73, r.stderr
+        assert r.stderr.decode() == f"ingestd: cannot write {out}: its folder {out.parent}: Permission denied\n"
+    finally:
+        locked.chmod(0o700)
+        shutil.rmtree(base)
+
+
+
 @pytest.mark.parametrize(("args", "env", "message"), [
     (["--workers", "0"], {}, "workers: must be an integer >= 1, not '0'"),
     (["--listen", "nowhere"], {}, "listen: must be HOST:PORT"),
@@ -442,6 +523,16 @@ def test_closing_the_terminal_stops_the_daemon_but_a_sighup_otherwise_reloads(tm
     second = subprocess.run([*INGESTD, "status", "--watch-dir", str(tmp_path / "w")], capture_output=True, text=True,
                             timeout=30)
     assert "not running" in second.stdout, second.stdout
+
+
+def test_status_and_requeue_never_make_a_missing_watch_dir(tmp_path: Path) -> None:
+    """`run` makes a missing watch dir (and says so); the commands that look (status) or move files back (requeue)
+    must not, a typo would leave an empty tree behind: they say that it does not exist (not "no folder
+    .../unprocessed", which reads as a broken watch dir), exit 78."""
+    for args in (["status"], ["status", "--json"], ["requeue"], ["requeue", "x.txt"]):
+        r = ingestd(*args, "--watch-dir", "typo/w", cwd=tmp_path)
+        assert (r.returncode, r.stderr.decode()) == (78, "ingestd: watch_dir: typo/w does not exist\n"), args
+    assert os.listdir(tmp_path) == []
 
 
 def test_closed_standard_fds_get_dev_null_never_a_data_file(tmp_path: Path) -> None:

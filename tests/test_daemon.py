@@ -269,6 +269,48 @@ def _worker_pids(parent: int) -> list[int]:
     return pids
 
 
+def test_a_watch_dir_that_does_not_exist_is_made_and_said(start, tmp_path: Path) -> None:
+    """Found: `ingestd run --watch-dir /srv/queu` (a typo) made the whole tree silently: a daemon watching an empty
+    new folder while files pile up elsewhere. Still made (a fresh install, `make run` on a fresh clone), but said: a
+    WARNING event naming the watch dir and the topmost folder made, the same in `started`; an existing one, nothing."""
+    w = tmp_path / "typo" / "w"
+    d = start(watch=w)
+    ev = d.event("watch_dir_created")
+    assert ev and ev["level"] == "WARNING" and ev["watch_dir"] == str(w.resolve()), d.events
+    assert ev["made"] == str(tmp_path / "typo") and d.event("started")["watch_dir_created"] == ev["made"]
+    assert d.stop() == 0
+    again = start(watch=w)
+    assert again.count("watch_dir_created") == 0 and again.event("started")["watch_dir_created"] is None
+
+
+def test_a_watch_dir_made_at_start_is_said_at_the_terminal(tmp_path: Path) -> None:
+    """`make run WATCH_DIR=...` at a terminal: the text log's WARNING and the line saying where to look both say it."""
+    import pty
+    import select
+
+    master, slave = pty.openpty()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INGESTD_")}
+    proc = subprocess.Popen([*INGESTD, "run", "--watch-dir", "new/w", "--listen", "127.0.0.1:0", "--workers", "1"],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=slave, env=env, cwd=tmp_path)
+    os.close(slave)
+    out = b""
+    try:
+        deadline = time.monotonic() + 20
+        while b"Ctrl-C" not in out and time.monotonic() < deadline and proc.poll() is None:
+            if select.select([master], [], [], 0.5)[0]:
+                out += os.read(master, 4096)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = out.decode(errors="replace")
+    assert "WARNING the watch dir did not exist: made it" in text and f"made={tmp_path / 'new'}" in text, text
+    assert f"new/w/unprocessed/ (made now: {tmp_path / 'new'} did not exist) - status page" in text, text
+
+
 def test_second_daemon_is_refused_naming_the_first(start) -> None:
     d = start()
     out = subprocess.run([*INGESTD, "run", "--watch-dir", str(d.watch_dir), "--listen", "127.0.0.1:0"],

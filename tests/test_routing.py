@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import tomllib
+from pathlib import Path
 
 import pytest
+from support import plugin
 
-from ingestd import routing
+from ingestd import processors, routing
 from ingestd.engine import DEFAULT_TAG
 from ingestd.routing import RoutingError
 
@@ -208,3 +210,27 @@ def test_a_plugin_factory_that_raises_anything_is_a_routing_error(monkeypatch: p
     monkeypatch.setitem(routing.processors.BUILTIN, "broken", lambda: int("not a number"))
     msg = error({"filters": [{"processor": "broken"}]})
     assert msg.startswith("filters[0]: processor 'broken' cannot be built: ValueError:"), msg
+
+
+def test_a_plugin_raising_keyerror_is_not_an_unknown_processor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found: a plug-in whose module raised KeyError at import (a missing setting) was reported as an unknown
+    processor: processors.make's KeyError for "no such name" caught the plug-in's own. The kind: "unknown" is only a
+    name no built-in and no entry point has; any error of a plug-in, KeyError included, at its load or from its
+    factory, is named as its own. Real plug-in distributions on sys.path, loaded by importlib.metadata."""
+    monkeypatch.syspath_prepend(plugin(tmp_path / "a", "keyload", "raise KeyError('endpoint')\n",
+                                       {"keyfail": "keyload:factory"}))
+    monkeypatch.syspath_prepend(plugin(tmp_path / "b", "keybuild", "def factory():\n    return {}['endpoint']\n",
+                                       {"keybuild": "keybuild:factory"}))
+    assert error({"filters": [{"processor": "keyfail"}]}) == \
+        "filters[0].processor: processor 'keyfail' could not be loaded: KeyError: 'endpoint'"
+    with pytest.raises(RoutingError) as e:
+        routing.from_mode("keyfail")
+    assert str(e.value) == "mode: processor 'keyfail' could not be loaded: KeyError: 'endpoint'"
+    with pytest.raises(processors.LoadError) as load:
+        processors.make("keyfail", {})
+    assert isinstance(load.value.__cause__, KeyError)  # the plug-in's own error, for a traceback if one is wanted
+    assert error({"filters": [{"processor": "keybuild"}]}) == \
+        "filters[0]: processor 'keybuild' cannot be built: KeyError: 'endpoint'"
+    assert error({"filters": [{"processor": "keyfial"}]}).startswith("filters[0].processor: unknown processor 'keyfial'")
+    with pytest.raises(KeyError):  # Unknown is still a KeyError for callers of make()
+        processors.make("keyfial", {})

@@ -341,7 +341,7 @@ class Scanner:
 
     # --- the loop -------------------------------------------------------------------------------------------
     def run(self) -> int:
-        self.spool.ensure()
+        self.spool.ensure_at_start()
         holder = self.spool.holder()
         if holder is not None:
             # A single-machine daemon moves files here as if alone: never claim beside it (exit 75, as a second one).
