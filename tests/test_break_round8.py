@@ -2,7 +2,8 @@
 `watch_dir_created` and "does not exist" for a missing watch dir, plug-in load errors named, process --output's
 kernel reasons). Real daemons, real files, real inotify, real plug-in distributions (support.plugin); no mocks.
 
-Each test's docstring says FAULT (fails now: what it shows and the fix it needs) or HELD (tried, and it held)."""
+Each test's docstring says FAULT (fails now: what it shows and the fix it needs) or HELD (tried, and it held). No
+fault is xfail: each has a fix in reach, described in its docstring."""
 
 from __future__ import annotations
 
@@ -271,13 +272,21 @@ def test_emptied_folder_pending_across_a_restart_after_its_results_were_taken(tm
     assert not (u / "batch").exists(), "the folder the daemon emptied stays in unprocessed/ for ever"
 
 
-def test_thousands_of_emptied_folders_pending_cost_no_cpu_while_idle(tmp_path: Path, daemons) -> None:
-    """HELD. 1,000 one-file folders moved in at once; each emptied, then all pending for folder_quiet_time (4 s): the
-    daemon sleeps meanwhile (under 0.1 s of CPU over 1.5 s), then removes every one; all results under their path."""
+def test_many_emptied_folders_pending_cost_no_cpu_while_idle(tmp_path: Path, daemons) -> None:
+    """FAULT (spins a core for up to a second after a burst of completions; found here, likely not from this round).
+    500 one-file folders moved in at once, all processed, underprocess/ empty, the emptied folders pending for
+    folder_quiet_time (4 s): the daemon should sleep, but uses ~0.5 s of CPU in the next second. strace of that
+    second: ~6,000 turns of poll(fds, 0) = 0 + statfs(watch dir), nothing else, ended by one history save (openat,
+    write, fsync, rename). Cause, as read from the code: after completions the history is dirty and _timeout_ms
+    adds next_history as a deadline, but the history is saved only in _publish_view, which runs when now >=
+    next_view (PROGRESS_REFRESH, 1 s) or an fd is ready: with next_history before next_view the deadline is in the
+    past, poll() returns at once, and the loop turns until next_view. Then the pending folders are removed (HELD).
+    Fix: save the history in _housekeeping when due (not only inside _publish_view), or add next_history as a
+    deadline only as max(next_history, next_view)."""
     w = tmp_path / "w"
     d = daemons(env=_quiet(4))
     stage = tmp_path / "stage"
-    n = 1000
+    n = 500
     for i in range(n):
         (stage / f"b{i:04d}").mkdir(parents=True)
         (stage / f"b{i:04d}" / "x.txt").write_text(f"{i}\n")
@@ -455,3 +464,4 @@ def test_process_output_folder_removed_while_writing(tmp_path: Path) -> None:
             p.stderr.close()
     assert rc == 73 and "cannot write out/r.txt" in err and "Traceback" not in err, (rc, err)
     assert os.listdir(tmp_path) == []
+
