@@ -122,6 +122,9 @@ def _factory(name: str) -> Factory:
             raise Unknown(name)
         try:
             factory = next(iter(found)).load()
-        except Exception as e:  # a plug-in's module may raise anything, KeyError too: never "unknown processor"
+        except KeyboardInterrupt:
+            raise  # Ctrl-C during the import is the person's, not the plug-in's
+        except BaseException as e:  # noqa: BLE001 - anything, KeyError too: never "unknown processor"; SystemExit
+            # too (argparse or sys.exit() at import): it ended `run` with exit 0, which systemd does not restart
             raise LoadError(f"processor {name!r} could not be loaded: {type(e).__name__}: {e}") from e
     return factory

@@ -127,7 +127,10 @@ def _filter(where: str, t: dict[str, Any]) -> Filter:
         if missing:
             raise RoutingError(f"{where}: processor {name!r} needs option {missing[0]!r}") from None
         raise RoutingError(f"{where}: bad options for processor {name!r}: {e}") from None
-    except Exception as e:  # noqa: BLE001 - a plug-in factory may raise anything: a config error (exit 78), never a crash
+    except KeyboardInterrupt:
+        raise
+    except BaseException as e:  # noqa: BLE001 - a plug-in factory may raise anything, SystemExit too: a config error
+        # (exit 78), never a crash, and never a daemon ended with exit 0 by a reload
         raise RoutingError(f"{where}: processor {name!r} cannot be built: {type(e).__name__}: {e}") from None
     return Filter(match, name, processor=proc, per_char=name in processors.PER_CHAR)
 

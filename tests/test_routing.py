@@ -234,3 +234,13 @@ def test_a_plugin_raising_keyerror_is_not_an_unknown_processor(tmp_path: Path, m
     assert error({"filters": [{"processor": "keyfial"}]}).startswith("filters[0].processor: unknown processor 'keyfial'")
     with pytest.raises(KeyError):  # Unknown is still a KeyError for callers of make()
         processors.make("keyfial", {})
+
+
+def test_a_plugin_exiting_in_its_factory_is_a_config_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kind of break-it round 8's SystemExit at import (tests/test_break_round8.py), in the other place a plug-in
+    runs at validation: its factory. SystemExit (a sys.exit() or argparse in it) or another BaseException is a
+    config error naming it, never an exit of `run` with the plug-in's code (0: systemd would not restart it)."""
+    monkeypatch.syspath_prepend(plugin(tmp_path / "a", "exitbuild", "def factory():\n    raise SystemExit(0)\n",
+                                       {"exitbuild": "exitbuild:factory"}))
+    assert error({"filters": [{"processor": "exitbuild"}]}) == \
+        "filters[0]: processor 'exitbuild' cannot be built: SystemExit: 0"
