@@ -252,6 +252,11 @@ class Daemon:
         finally:
             self._sync_poller()  # whatever maintain got to: a closed fd must never stay in the poller
         self.arrivals.tick(now, self._stat)  # due settle/grace timers run now, not only when a worker is free
+        if self.state.history_dirty and now >= self.next_history:
+            # Here, every turn, not in _publish_view (once a second): _timeout_ms wakes the loop for this deadline,
+            # and a save left to the view made each turn until then a poll(0) spin (tests/test_break_round8.py).
+            self._save_history()
+            self.next_history = now + HISTORY_EVERY
         if self.sweep:
             self._clean_folders(now)
         if now >= self.next_rescan:
@@ -1014,9 +1019,6 @@ class Daemon:
         assert self.pool is not None
         now = self.clock()
         busy = self.pool.busy()
-        if self.state.history_dirty and now >= self.next_history:
-            self._save_history()
-            self.next_history = now + HISTORY_EVERY
         self.state.publish(self.pool.view(now), len(self.arrivals), self.arrivals.oldest_seen(),
                            self.pool.in_flight() + len(self.queue) + len(self.unacked),
                            # claimed files not in a worker's hands (claimed ahead, waiting for a retry) age too
