@@ -128,13 +128,28 @@ class Spool:
     def ensure_at_start(self) -> str | None:
         """ensure() at start-up, said in a WARNING event (`watch_dir_created`) when the watch dir did not exist: it is
         made, as a fresh install and `make run` on a fresh clone want, but a typo in the path makes one too, and the
-        daemon then watches an empty new tree while files pile up elsewhere. Returns the topmost folder made (see
-        missing()), or None; raises as ensure() does."""
+        daemon then watches an empty new tree while files pile up elsewhere. Likewise `queue_folders_created` when
+        an existing folder holding other things (a home folder given by mistake) gets the queue folders; an empty
+        one (a fresh StateDirectory) gets them silently. Returns the topmost folder made (see missing()), or None.
+        Raises NotAWatchDir for a path that reaches a missing folder before a "..": the kernel resolves it to
+        nothing (`status` says it does not exist), and makedirs would make that stray folder and go on to an
+        existing watch dir; else as ensure() does."""
         created = self.missing()
-        self.ensure()
+        if created and ".." in os.path.relpath(os.path.join(os.getcwd(), self.root), created).split(os.sep):
+            raise NotAWatchDir(f"watch_dir: {self.root} does not exist (its folder {created} does not)")
+        fresh = not created and not os.path.isdir(self.unprocessed)
+        try:
+            others = [e for e in Spool.entries(str(self.root)) if e not in FOLDERS] if fresh else []
+        except OSError:
+            others = []  # not a folder, not readable: ensure() below says so
+        made = self.ensure()
         if created:
             event("watch_dir_created", "the watch dir did not exist: made it (a typo in the path? files dropped "
                   "elsewhere are not seen)", logging.WARNING, watch_dir=str(self.root.resolve()), made=created)
+        elif fresh and others and made:
+            event("queue_folders_created", "the watch dir held other things but no queue folders: made them (the "
+                  "wrong folder?)", logging.WARNING, watch_dir=str(self.root.resolve()),
+                  made=[os.path.basename(m) for m in made], holding=len(others))
         return created
 
     def ensure(self) -> list[str]:

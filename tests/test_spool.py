@@ -20,7 +20,17 @@ import pytest
 
 from ingestd import durable
 from ingestd.names import key
-from ingestd.spool import FOLDERS, REASON_PREFIX, TEMP_OUTPUT_PREFIX, AlreadyRunning, Claim, Failure, Spool, SpoolError
+from ingestd.spool import (
+    FOLDERS,
+    REASON_PREFIX,
+    TEMP_OUTPUT_PREFIX,
+    AlreadyRunning,
+    Claim,
+    Failure,
+    NotAWatchDir,
+    Spool,
+    SpoolError,
+)
 
 NOW = 1_700_000_000.0
 K = key("a")
@@ -752,3 +762,40 @@ def test_kept_agrees_with_counts_for_a_processed_folder_made_again(spool: Spool)
     assert spool.kept()["processed"] == 1 == spool.counts()["processed"]
     shutil.rmtree(p)
     assert spool.kept()["processed"] == 0
+
+
+def test_queue_folders_made_in_a_folder_holding_other_things_are_said(tmp_path: Path, caplog) -> None:
+    """Found by a new user: `run --watch-dir $HOME` made the four queue folders in a home folder without a word (the
+    watch_dir_created warning is only for a path that did not exist). A folder holding other things gets them with
+    a queue_folders_created WARNING; an empty one (a fresh StateDirectory) and a watch dir silently."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="ingestd")
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "notes.txt").write_text("mine\n")
+    Spool(home).ensure_at_start()
+    said = [r for r in caplog.records if getattr(r, "event", None) == "queue_folders_created"]
+    assert len(said) == 1 and said[0].levelno == logging.WARNING and said[0].holding == 1
+    assert sorted(said[0].made) == [".ingestd", "failed", "processed", "underprocess", "unprocessed"]
+    caplog.clear()
+    Spool(home).ensure_at_start()  # a watch dir now: nothing to say
+    empty = tmp_path / "state"
+    empty.mkdir()
+    Spool(empty).ensure_at_start()
+    assert not [r for r in caplog.records if getattr(r, "event", None) in ("queue_folders_created",
+                                                                           "watch_dir_created")]
+
+
+def test_a_watch_dir_path_through_a_missing_folder_and_dotdot_is_refused(tmp_path: Path, monkeypatch) -> None:
+    """`typo/../w`: the kernel resolves it to nothing (status says it does not exist); run made typo/ and said the
+    watch dir was made, then watched w (break-it round 8). Refused as status refuses it, and nothing is made."""
+    (tmp_path / "w").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(NotAWatchDir, match="does not exist"):
+        Spool(Path("typo/../w")).ensure_at_start()
+    with pytest.raises(NotAWatchDir, match="does not exist"):
+        Spool(Path("typo/../new")).ensure_at_start()
+    assert sorted(os.listdir(tmp_path)) == ["w"] and not os.listdir(tmp_path / "w")
+    Spool(Path("fresh/w")).ensure_at_start()  # a plain missing path is still made
+    assert (tmp_path / "fresh" / "w" / "unprocessed").is_dir()
