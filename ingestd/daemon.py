@@ -63,6 +63,7 @@ MAX_INTERNAL_ERRORS = 3  # unexpected exceptions one file may cause before it is
 # Watch.read) never pile up; the others wait, in order, in Daemon._deferred.
 DRAIN_EVERY = 256
 FOLDER_RECHECK = 1.0  # seconds at least between two looks at an emptied folder that is still there
+RELOADED = ("routing_doc", "config", "mode", "pattern", "replacement")  # what SIGHUP applies (the routing)
 MAX_BATCH = 32  # files handed to one worker at once, committed as one group (one data sync for all)
 BATCH_BYTES = 4 << 20  # a batch stops growing past this many input bytes: big files travel alone
 
@@ -981,7 +982,13 @@ class Daemon:
                 event("io_error", "could not create the new output folders", logging.ERROR, reason=oserror(e))
             assert self.pool is not None
             self.pool.reconfigure(self.s)  # idle workers restart at the end of this turn, busy ones when done
-            event("reloaded", "routing reloaded", config=str(self.s.config) if self.s.config else None)
+            # A reload applies the routing alone: every other setting changed is said, not silently left as it was
+            # (a new user raised folder_quiet_time, reloaded, and the old value went on).
+            ignored = sorted(f.name for f in dataclasses.fields(self.s)
+                             if f.name not in RELOADED and getattr(new, f.name) != getattr(self.s, f.name))
+            event("reloaded", "routing reloaded" + ("; restart to apply the other settings changed" if ignored else ""),
+                  logging.WARNING if ignored else logging.INFO,
+                  config=str(self.s.config) if self.s.config else None, not_applied=ignored or None)
         self.state.phase = "running"
         self.notifier.ready()
 

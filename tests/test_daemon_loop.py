@@ -579,3 +579,23 @@ def test_files_claimed_ahead_behind_a_stuck_worker_age_in_the_underprocess_gauge
     d.queue[0].claimed_at = time.time() - 600
     d._publish_view()
     assert d.state.snapshot()["oldest"]["underprocess"] >= 600
+
+
+def test_a_reload_says_which_changed_settings_it_did_not_apply(loop, tmp_path: Path, events) -> None:
+    """Found by a new user: folder_quiet_time raised in the config, `systemctl reload`, "routing reloaded", and the
+    old value went on without a word. A reload applies the routing; any other setting that changed is named
+    (not_applied, a WARNING), so the operator knows to restart."""
+    new = settings_mod.load({"watch_dir": str(tmp_path / "w"), "listen": "127.0.0.1:0", "workers": 1,
+                             "settle_time": 0.05, "folder_quiet_time": 99, "mode": "lowercase"}, environ={},
+                            cwd=tmp_path)
+    lp = loop(reload=lambda: new)
+    lp.d._on_signal(signal.SIGHUP, None)
+    lp.until(lambda: events("reloaded"), what="the reload")
+    (said,) = events("reloaded")
+    assert said.levelno == logging.WARNING and said.not_applied == ["folder_quiet_time"], said.__dict__
+    assert lp.d.s.folder_quiet_time == 0.05 and lp.d.s.routing_doc == {"mode": "lowercase"}
+    same = lp.d.s
+    lp.d._reload_settings = lambda: same
+    lp.d._on_signal(signal.SIGHUP, None)
+    lp.until(lambda: len(events("reloaded")) == 2, what="a second reload")
+    assert events("reloaded")[1].levelno == logging.INFO and events("reloaded")[1].not_applied is None
