@@ -89,9 +89,11 @@ def main(argv: list[str] | None = None) -> int:
             from ingestd.manual import process
 
             return process(settings, args.input, args.output, args.explain)
+        import logging
+
         from ingestd import log
 
-        log.setup(settings.log_format)
+        log.setup(settings.log_format, getattr(logging, settings.log_level.upper()))
         if args.command == "run":
             return _run(settings, flags)
         if args.command == "worker":

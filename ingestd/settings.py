@@ -47,6 +47,7 @@ class Settings:
     time_limit: float = 0.0  # seconds one file may take before its worker is killed (0: no limit)
     metrics_file_names: bool = True  # file-name labels on /metrics (off: no series per file, for high volume)
     log_format: str = "auto"  # json | text | auto (text when stderr is a terminal, else JSON)
+    log_level: str = "info"  # debug | info | warning | error: the least severe event logged
     file_exist: str = "keep"  # an earlier same-named result: keep (set aside) | replace | fail (sinks.py)
     broker: str | None = None  # redis://HOST:PORT/DB: run is the cluster's scanner, worker a node (docs/distributed.md)
     lease_time: float = 30.0  # seconds a node's claim lease and Dramatiq heartbeat last without renewal
@@ -177,6 +178,7 @@ PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "time_limit": _seconds(0),  # 0: no limit
     "metrics_file_names": _bool,
     "log_format": _choice("auto", "json", "text"),
+    "log_level": _choice("debug", "info", "warning", "error"),
     "file_exist": _choice("keep", "replace", "fail"),
     "broker": _broker,
     "lease_time": _seconds(1, strict=True),

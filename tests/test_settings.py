@@ -469,3 +469,10 @@ def test_default_workers_are_the_cores_this_process_may_use() -> None:
             "from ingestd.settings import Settings; print(Settings().workers)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert r.stdout.strip() == "1"
+
+
+def test_log_level_is_a_setting(cwd: Path) -> None:
+    """Found by a new user: the README named events "at DEBUG" (folder_removed, claimed) with no way to see them."""
+    assert load({}, environ={}, cwd=cwd).log_level == "info"
+    assert load({}, environ={"INGESTD_LOG_LEVEL": "debug"}, cwd=cwd).log_level == "debug"
+    assert bad({}, cwd, environ={"INGESTD_LOG_LEVEL": "loud"}).startswith("log_level: ")
