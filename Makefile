@@ -20,8 +20,10 @@ $(VENV)/.test-deps: $(BIN)/ingestd pyproject.toml tests/plugins/pyproject.toml
 	$(BIN)/pip install -q --disable-pip-version-check -e '.[test]' ./tests/plugins
 	touch $@
 
+# The path through the environment, quoted by the shell: `make run WATCH_DIR="/srv/my queue"` split at the space.
+run: export WATCH_DIR := $(WATCH_DIR)
 run: $(BIN)/ingestd
-	$(BIN)/ingestd run $(if $(WATCH_DIR),--watch-dir $(WATCH_DIR))
+	$(BIN)/ingestd run $(if $(WATCH_DIR),--watch-dir "$$WATCH_DIR")
 
 # System packages the real-component tests use (Prometheus, Alertmanager, Chromium); installed when missing.
 test: $(VENV)/.test-deps

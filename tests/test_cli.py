@@ -590,3 +590,26 @@ def test_status_counts_as_the_running_daemon_does_whatever_its_own_settings(tmp_
     finally:
         d.stop()
     assert "recursive is off" in ingestd("status", "--watch-dir", str(d.watch_dir)).stdout.decode()  # no daemon
+
+
+def test_make_run_takes_a_watch_dir_with_a_space(tmp_path: Path) -> None:
+    """Found by a new user: `make run WATCH_DIR="/srv/my queue"` ended in "unrecognized arguments: queue" (the path
+    was pasted unquoted into the recipe). It goes through the environment now, quoted by the shell."""
+    repo = Path(__file__).resolve().parents[1]
+    wd = tmp_path / "my queue"
+    env = {**clean_env(), "INGESTD_LISTEN": "127.0.0.1:0", "INGESTD_LOG_FORMAT": "json"}
+    p = subprocess.Popen(["make", "-s", "-C", str(repo), "run", f"WATCH_DIR={wd}"], env=env, cwd=NEUTRAL_CWD,
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    try:
+        lines = []
+        for line in p.stderr:  # type: ignore[union-attr]
+            lines.append(line)
+            if '"started"' in line:
+                break
+        started = [json.loads(x) for x in lines if '"started"' in x]
+        assert started and started[0]["watch_dir"] == str(wd), "".join(lines)[-500:]
+        assert (wd / "unprocessed").is_dir()
+    finally:
+        os.killpg(p.pid, signal.SIGTERM)
+        p.communicate(timeout=30)  # reads stderr to its end and closes it
