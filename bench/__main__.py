@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{' (modified)' if info['ingestd_dirty'] else ''}; load average {load0[0]:.2f} at start, "
           f"{load1[0]:.2f} at end (other jobs share this machine: figures are noisy)")
     print("values: median [min..max] when repeated; ratio = ingestd / baseline unless a note says otherwise\n")
-    print(t.render())
+    print(t.render(judged=not args.quick))
     for n in t.notes:
         print(f"note: {n}")
     if not args.no_save:

@@ -466,7 +466,9 @@ class Table:
     def target(self, what: str, measured: str, met: bool) -> None:
         self.targets.append(Target(what, measured, met))
 
-    def render(self) -> str:
+    def render(self, judged: bool = True) -> str:
+        """The table, then the targets: each MEETS or MISSES when judged, else (a --quick run: too few files, no
+        repeats) only the figure, never a verdict a reader would take for one (found by a new user)."""
         head = ("#", "measure (ingestd)", "value", "baseline (same run)", "baseline value", "ratio")
         rows = [head, *sorted(self.rows, key=lambda r: [int(x) for x in r[0].split(".")])]
         widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
@@ -477,9 +479,10 @@ class Table:
         out = [line(head), "  ".join("-" * w for w in widths)]
         out += [line(r) for r in rows[1:]]
         if self.targets:
-            out += ["", "targets (issue 10):"]
+            out += ["", "targets (issue 10):" if judged else "targets (issue 10), not judged in a --quick run:"]
             w = max(len(t.what) for t in self.targets)
-            out += [f"  {'MEETS ' if t.met else 'MISSES'}  {t.what.ljust(w)}  {t.measured}" for t in self.targets]
+            out += [f"  {('MEETS ' if t.met else 'MISSES') if judged else '-     '}  {t.what.ljust(w)}  {t.measured}"
+                    for t in self.targets]
         return "\n".join(out)
 
 
