@@ -32,7 +32,7 @@ from ingestd.messages import Done, Outcome, Outcomes, Rejected, Retry, ToParent
 from ingestd.names import DONE_SUFFIX, display, hidden_path, oserror
 from ingestd.notify import Notifier
 from ingestd.pipeline import kind
-from ingestd.settings import ConfigError, Settings
+from ingestd.settings import ConfigError, Settings, unknown_env
 from ingestd.sinks import remove_temps
 from ingestd.spool import (
     RECURSIVE_NOTE,
@@ -153,7 +153,13 @@ class Daemon:
               listen=self.web.address, workers=self.s.workers, recovered=len(self.queue),
               waiting=len(self.arrivals), watch=self.watch_choice.kind, watch_reason=self.watch_choice.reason,
               poll_interval=self.s.poll_interval if self.watch_choice.kind == "polling" else None,
-              watch_dir_created=self.created)
+              watch_dir_created=self.created,
+              # What it runs with beyond the defaults (a new user could not tell whether recursive was on)
+              settings={k: v for k, v in self.s.changed().items() if k not in ("watch_dir", "listen", "workers")},
+              unknown_env=unknown_env(os.environ) or None)
+        if unknown := unknown_env(os.environ):
+            event("unknown_setting", "INGESTD_ variables that name no setting are ignored (a typo?)", logging.WARNING,
+                  variables=unknown)
         if log.text_wanted("auto"):  # a person at a terminal (make run): one line saying where to look
             made = f" (made now: {self.created} did not exist)" if self.created else ""
             log.say(f"ingestd is watching {self.spool.root.resolve()}/unprocessed/{made} - status page "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +64,24 @@ class Settings:
     def host_port(self) -> tuple[str, int]:
         host, _, port = self.listen.rpartition(":")
         return host.strip("[]"), int(port)
+
+    def changed(self) -> dict[str, Any]:
+        """The settings that differ from their defaults, as JSON values (paths as text), the routing tables left out
+        (`config` names their file): what the `started` event shows an operator the daemon really runs with."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name != "routing_doc" and f.default is not MISSING and value != f.default:
+                out[f.name] = str(value) if isinstance(value, Path) else value
+        return out
+
+
+def unknown_env(environ: Mapping[str, str | None]) -> list[str]:
+    """INGESTD_* variables (any case) that name no setting (INGESTD_RECURSIV=true), sorted: in the process
+    environment ignored, as other tools may set variables of that prefix, but worth a warning (the daemon's
+    unknown_setting); in .env refused (_unknown_in_dotenv)."""
+    known = {f"INGESTD_{k.upper()}" for k in PARSERS} | {"INGESTD_TEST_CRASH_AT"}  # distributed/: a test's hook
+    return sorted(k for k in environ if k.upper().startswith("INGESTD_") and k not in known)
 
 
 def _int(minimum: int) -> Callable[[str, Any], int]:
@@ -204,10 +222,9 @@ def _from_env(env: Mapping[str, str | None], where: str = "") -> tuple[dict[str,
 def _unknown_in_dotenv(values: Mapping[str, str | None], path: Path) -> None:
     """A typo in .env (INGESTD_WORKRS=3) exits 78 like a typo in the TOML config, instead of being ignored.
     Only .env: the process environment carries INGESTD_* variables of other tools (test shims, CI)."""
-    known = {f"INGESTD_{k.upper()}" for k in PARSERS}
-    unknown = sorted(k for k in values if k.upper().startswith("INGESTD_") and k not in known)
-    if unknown:
-        raise ConfigError(f"{unknown[0]} in {path}: unknown setting (allowed: {', '.join(sorted(known))})")
+    if unknown := unknown_env(values):
+        allowed = sorted(f"INGESTD_{k.upper()}" for k in PARSERS)
+        raise ConfigError(f"{unknown[0]} in {path}: unknown setting (allowed: {', '.join(allowed)})")
 
 
 def load(

@@ -476,3 +476,14 @@ def test_log_level_is_a_setting(cwd: Path) -> None:
     assert load({}, environ={}, cwd=cwd).log_level == "info"
     assert load({}, environ={"INGESTD_LOG_LEVEL": "debug"}, cwd=cwd).log_level == "debug"
     assert bad({}, cwd, environ={"INGESTD_LOG_LEVEL": "loud"}).startswith("log_level: ")
+
+
+def test_changed_settings_and_unknown_variables_are_told(cwd: Path) -> None:
+    """Found by a new user: INGESTD_RECURSIV=true started a daemon without recursive and without a word, and nothing
+    in `started` said what it ran with. changed() is what `started` shows; unknown_env() what it warns about."""
+    from ingestd.settings import unknown_env
+
+    s = load({}, environ={"INGESTD_RECURSIVE": "true", "INGESTD_FOLDER_QUIET_TIME": "9"}, cwd=cwd)
+    assert s.changed() == {"recursive": True, "folder_quiet_time": 9.0}
+    assert load({"watch_dir": "/srv/q"}, environ={}, cwd=cwd).changed() == {"watch_dir": "/srv/q"}
+    assert unknown_env({"INGESTD_RECURSIV": "true", "INGESTD_WORKERS": "2", "PATH": "/bin"}) == ["INGESTD_RECURSIV"]
