@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import sys
+from collections.abc import Iterable, Iterator
 from datetime import datetime, timezone
 
 logger = logging.getLogger("ingestd")
@@ -51,9 +52,18 @@ class _Text(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         base = super().format(record)
-        fields = [f"{k}={_logfmt(v)}" for k, v in record.__dict__.items()
+        fields = [f"{k}={_logfmt(v)}" for k, v in _flat(record.__dict__.items())
                   if k not in _STANDARD and not k.startswith("_") and k != "event" and v is not None and v != []]
         return base + ("  " + " ".join(fields) if fields else "")
+
+
+def _flat(items: Iterable[tuple[str, object]]) -> Iterator[tuple[str, object]]:
+    """A dict field as dotted keys, as logfmt has no nesting: settings={"recursive": True} -> settings.recursive."""
+    for k, v in items:
+        if isinstance(v, dict):
+            yield from ((f"{k}.{k2}", v2) for k2, v2 in v.items())
+        else:
+            yield k, v
 
 
 def _logfmt(value: object) -> str:

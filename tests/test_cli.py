@@ -613,3 +613,16 @@ def test_make_run_takes_a_watch_dir_with_a_space(tmp_path: Path) -> None:
     finally:
         os.killpg(p.pid, signal.SIGTERM)
         p.communicate(timeout=30)  # reads stderr to its end and closes it
+
+
+def test_text_log_flattens_a_dict_field_as_logfmt() -> None:
+    """The started event's settings (a dict) in the text log: dotted logfmt keys, never a Python dict's repr."""
+    import logging
+
+    from ingestd.log import _Text
+
+    r = logging.LogRecord("ingestd", logging.INFO, "", 0, "ingestd started", (), None)
+    r.settings = {"recursive": True, "folder_quiet_time": 9.0}
+    r.empty = {}
+    line = _Text("%(levelname)s %(message)s").format(r)
+    assert line.endswith("settings.recursive=True settings.folder_quiet_time=9.0"), line
