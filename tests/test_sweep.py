@@ -93,3 +93,26 @@ def test_folder_id_is_none_for_what_is_not_a_folder(tmp_path: Path) -> None:
     assert folder_id(str(tmp_path / "link")) is None  # never followed
     assert folder_id(str(tmp_path / "missing")) is None
     assert folder_id(str(tmp_path / "d")) is not None
+
+
+def test_gone_costs_what_is_under_the_folder_not_every_check() -> None:
+    """Every folder leaving unprocessed/ (the daemon's own rmdir too) calls gone(): it scanned every pending check,
+    quadratic with folder_quiet_time keeping thousands pending (tests/test_break_round8.py). 20,000 pending
+    one-file folders, each then gone, with a deeper tree among them: CPU time only, no sleeps."""
+    import time
+
+    s = Sweep()
+    n = 20_000
+    for i in range(n):
+        s.at(f"b{i:05d}", 1000.0 + i, (i, i))
+    s.at("tree/x/y", 1.0, (n + 1, 1))
+    s.at("tree/x", 1.0, (n + 2, 1))
+    s.at("treehouse", 1.0, (n + 3, 1))  # shares a prefix, not a folder
+    t = time.process_time()
+    for i in range(n):
+        s.gone(f"b{i:05d}", 0.0)
+    took = time.process_time() - t
+    assert took < 0.3, f"{n} folders gone one by one took {took:.2f} s of CPU (each scanned every check)"
+    s.gone("tree", 0.0)
+    assert set(s.checks) == {"treehouse"} and len(s) == 1
+    assert s.returned((n + 1, 1), 0.0) and s.returned((n + 2, 1), 0.0) and not s.returned((n + 3, 1), 0.0)
