@@ -471,9 +471,20 @@ class Daemon:
                 self.sweep.missing(d, now)
                 self.next_rescan = min(self.next_rescan, now + FOLDER_RECHECK)
             elif self._empty(d.rel):
-                # Empty but changed lately, or rmdir refused (EPERM: an append-only parent; EBUSY: a mount
-                # point): look again, never sooner than FOLDER_RECHECK (with a quiet time of 0 this spun a core).
-                self.sweep.at(d.rel, now + max(self.s.folder_quiet_time, FOLDER_RECHECK), ident)
+                # Empty but changed lately: look again when it will have been quiet for folder_quiet_time (prune's
+                # own measure, its mtime/ctime: the claim's rename set them after this check was scheduled, and
+                # waiting a whole quiet time more kept folders twice as long). Already quiet, so rmdir refused
+                # (EPERM: an append-only parent; EBUSY: a mount point): a whole quiet time. Never sooner than
+                # FOLDER_RECHECK (with a quiet time of 0 this spun a core).
+                wait = self.s.folder_quiet_time
+                try:
+                    st = os.lstat(path)
+                except OSError:
+                    pass  # gone meanwhile: the next look says so
+                else:
+                    left = max(st.st_mtime, st.st_ctime) + self.s.folder_quiet_time - self.wall()
+                    wait = left if left > 0 else wait
+                self.sweep.at(d.rel, now + max(wait, FOLDER_RECHECK), ident)
 
     def _empty(self, rel: str) -> bool:
         try:
