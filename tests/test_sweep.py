@@ -116,3 +116,22 @@ def test_gone_costs_what_is_under_the_folder_not_every_check() -> None:
     s.gone("tree", 0.0)
     assert set(s.checks) == {"treehouse"} and len(s) == 1
     assert s.returned((n + 1, 1), 0.0) and s.returned((n + 2, 1), 0.0) and not s.returned((n + 3, 1), 0.0)
+
+
+def test_kept_identities_round_trip_and_a_torn_file_reads_as_none(tmp_path: Path) -> None:
+    """.ingestd/emptied (ingestd/emptied.py) is a hint written with no fsync: a torn or foreign file must read as
+    nothing kept (a folder then stays), never as some other identity."""
+    from ingestd import emptied
+
+    ids = [(12, 1_700_000_000_123_456_789), (2**63 + 5, -3)]
+    emptied.save(str(tmp_path), ids)
+    assert emptied.load(str(tmp_path)) == set(ids)
+    emptied.save(str(tmp_path), [])
+    assert emptied.load(str(tmp_path)) == set()
+    emptied.save(str(tmp_path), ids)
+    data = (tmp_path / emptied.FILE).read_bytes()
+    (tmp_path / emptied.FILE).write_bytes(data[:-1])
+    assert emptied.load(str(tmp_path)) == set()
+    (tmp_path / emptied.FILE).write_bytes(b"junk")
+    assert emptied.load(str(tmp_path)) == set()
+    assert [p.name for p in tmp_path.iterdir()] == [emptied.FILE]  # no temp left behind
