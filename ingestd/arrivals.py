@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from ingestd.names import DONE_SUFFIX, ignored
+from ingestd.pathindex import PathIndex
 from ingestd.watch import Change
 
 LINK_GRACE = 0.02  # seconds an IN_CREATE-only file waits for a possible IN_OPEN
@@ -68,6 +69,11 @@ class Arrivals:
         self.ready: OrderedDict[str, None] = OrderedDict()  # complete, in the order they completed
         self.markers: set[str] = set()
         self._timers: list[tuple[float, str]] = []  # (when, name); at most one live per name (Entry.due)
+        # The names inside folders ("batch/a.txt") of entries and markers, by folder: forget_under() costs what is
+        # under its folder (scanning every waiting name for each folder leaving was quadratic). Top-level names,
+        # most of them outside recursive mode, are never under a folder and stay out.
+        self._below = PathIndex()
+        self._marks_below = PathIndex()
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -85,23 +91,24 @@ class Arrivals:
             return
         if self.done_marker and name.endswith(DONE_SUFFIX):
             if c.kind in ("create", "moved_in"):
-                self.markers.add(name[: -len(DONE_SUFFIX)])
+                self._mark(name[: -len(DONE_SUFFIX)])
                 self._check(name[: -len(DONE_SUFFIX)], now)
             elif c.kind == "gone":
                 self.markers.discard(name[: -len(DONE_SUFFIX)])
+                self._marks_below.discard(name[: -len(DONE_SUFFIX)])
             return
         e = self.entries.get(name)
         if c.kind == "create":
-            self.entries[name] = Entry(tracked=True, seen=now, last=now)
+            self._put(name, Entry(tracked=True, seen=now, last=now))
             self._check(name, now)
         elif c.kind == "moved_in":
-            self.entries[name] = Entry(tracked=True, seen=now, last=now, closed=True)
+            self._put(name, Entry(tracked=True, seen=now, last=now, closed=True))
             self._check(name, now)
         elif c.kind == "gone":
             self.forget(name)
         elif c.kind == "open":
             if e is None:  # opened, but we missed its arrival: count from here, settle too
-                e = self.entries[name] = Entry(tracked=False, seen=now, last=now)
+                e = self._put(name, Entry(tracked=False, seen=now, last=now))
             e.opens += 1
             e.recheck = False  # someone holds it now; their close brings the check back
             self._touch(name, e, now)
@@ -126,11 +133,11 @@ class Arrivals:
             if ignored(name):
                 continue
             if self.done_marker and name.endswith(DONE_SUFFIX):
-                self.markers.add(name[: -len(DONE_SUFFIX)])
+                self._mark(name[: -len(DONE_SUFFIX)])
                 continue
             e = self.entries.get(name)
             if e is None:
-                self.entries[name] = Entry(tracked=False, seen=now, last=now)
+                self._put(name, Entry(tracked=False, seen=now, last=now))
                 self._at(now, name)
             elif name not in self.ready:
                 e.recheck = True
@@ -147,29 +154,30 @@ class Arrivals:
             self._at(now, name)
 
     def forget(self, name: str) -> None:
-        self.entries.pop(name, None)
+        if self.entries.pop(name, None) is not None and "/" in name:
+            self._below.discard(name)
         self.ready.pop(name, None)
 
     def forget_under(self, folder: str) -> None:
         """A folder left unprocessed/ (removed, moved out): forget every name below it ("folder/...")."""
-        prefix = folder + "/"
-        for name in [n for n in self.entries if n.startswith(prefix)]:
+        for name in self._below.under(folder, itself=False):
             self.forget(name)
-        self.markers = {m for m in self.markers if not m.startswith(prefix)}
+        for base in self._marks_below.under(folder, itself=False):
+            self.markers.discard(base)
+            self._marks_below.discard(base)
 
     # --- the kernel's verdict at the claim --------------------------------------------------------
     def busy(self, r: Ready, now: float) -> None:
         """The claim found a writer holding `r.name` open: wait for a writer's close, or retry after
         BUSY_RETRY seconds, doubling with each busy verdict up to BUSY_RETRY_MAX."""
         retry = min(BUSY_RETRY_MAX, 2 * r.retry) if r.retry else BUSY_RETRY
-        self.entries[r.name] = Entry(tracked=True, seen=r.seen, last=now, closed=True, retry=retry,
-                                     retry_at=now + retry)
+        self._put(r.name, Entry(tracked=True, seen=r.seen, last=now, closed=True, retry=retry, retry_at=now + retry))
         self._at(now + retry, r.name)
 
     def unsure(self, r: Ready, now: float) -> None:
         """The claim could not ask the kernel (no lease possible): settle `r.name` first, then hand it out
         with settled=True."""
-        self.entries[r.name] = Entry(tracked=False, seen=r.seen, last=now)
+        self._put(r.name, Entry(tracked=False, seen=r.seen, last=now))
         self._at(now, r.name)
 
     # --- output: what may be claimed -----------------------------------------------------------
@@ -208,6 +216,18 @@ class Arrivals:
         return next(iter(self.entries.values())).seen if self.entries else None
 
     # --- inside ----------------------------------------------------------------------------------
+    def _put(self, name: str, e: Entry) -> Entry:
+        """Every entry is added here, so the folder index (_below) never misses one."""
+        self.entries[name] = e
+        if "/" in name:
+            self._below.add(name)
+        return e
+
+    def _mark(self, base: str) -> None:
+        self.markers.add(base)
+        if "/" in base:
+            self._marks_below.add(base)
+
     def _at(self, when: float, name: str) -> None:
         e = self.entries[name]
         if e.due is not None and e.due <= when:

@@ -23,7 +23,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from ingestd import __version__, history, inflight, log
+from ingestd import __version__, emptied, history, inflight, log
 from ingestd.arrivals import Arrivals, Ready
 from ingestd.inode import born, folder_id
 from ingestd.job import Job
@@ -99,6 +99,7 @@ class Daemon:
         self.watch_lost = False  # unprocessed/'s watch is dead and not yet replaced: rescans come every second
         self.folders_left: set[str] = set()  # default mode: folders in unprocessed/, left as they are (logged once)
         self.sweep = Sweep()  # recursive mode: the emptied subfolders to look at, and when
+        self._folders_kept = (0, float("-inf"))  # sweep.changed last saved to .ingestd/emptied, and when (monotonic)
         self._watch_refused = False  # a subfolder's watch was refused (said once)
         self._deferred: collections.deque[Change] = collections.deque()  # read during a listing, not yet handled
         self._entered = 0  # folders entered by listings (DRAIN_EVERY)
@@ -456,11 +457,29 @@ class Daemon:
         a rename after that still finds it."""
         if rel:
             self.sweep.at(rel, when, folder_id(os.path.join(self.spool.unprocessed, rel)))
+            self._keep_folders(self.clock())
+
+    def _keep_folders(self, now: float, force: bool = False) -> None:
+        """Keep the pending folders' identities in .ingestd/emptied (ingestd/emptied.py) for the next run, when they
+        changed: at most once each FOLDER_RECHECK, or now at shutdown (force). A hint: a lost update only leaves a
+        folder the daemon emptied in unprocessed/, never removes a producer's, so no fsync and no more often."""
+        changed, at = self._folders_kept
+        if self.sweep.changed == changed or (not force and now < at + FOLDER_RECHECK):
+            return  # nothing new (a daemon that never got its lock never writes), or saved within the second
+        try:
+            emptied.save(self.spool.state, self.sweep.idents())
+        except OSError as e:
+            event("io_error", "cannot keep the emptied folders for the next start", logging.DEBUG, reason=oserror(e))
+            changed = -1  # retried in a second
+        else:
+            changed = self.sweep.changed
+        self._folders_kept = (changed, now)
 
     def _clean_folders(self, now: float) -> None:
         """Recursive mode: remove subfolders of unprocessed/ the daemon emptied (only claims schedule a check)
         once empty and quiet (folder_quiet_time without a change); then their parents. A check whose folder is gone,
         or is another folder now (moved away, a new one made under its name), never removes what is there."""
+        self._keep_folders(now)  # each turn while any is pending: the changes the last save held back (rate)
         due = self.sweep.due(now)
         if not due:
             return
@@ -483,9 +502,20 @@ class Daemon:
                 self.sweep.missing(d, now)
                 self.next_rescan = min(self.next_rescan, now + FOLDER_RECHECK)
             elif self._empty(d.rel):
-                # Empty but changed lately, or rmdir refused (EPERM: an append-only parent; EBUSY: a mount
-                # point): look again, never sooner than FOLDER_RECHECK (with a quiet time of 0 this spun a core).
-                self.sweep.at(d.rel, now + max(self.s.folder_quiet_time, FOLDER_RECHECK), ident)
+                # Empty but changed lately: look again when it will have been quiet for folder_quiet_time (prune's
+                # own measure, its mtime/ctime: the claim's rename set them after this check was scheduled, and
+                # waiting a whole quiet time more kept folders twice as long). Already quiet, so rmdir refused
+                # (EPERM: an append-only parent; EBUSY: a mount point): a whole quiet time. Never sooner than
+                # FOLDER_RECHECK (with a quiet time of 0 this spun a core).
+                wait = self.s.folder_quiet_time
+                try:
+                    st = os.lstat(path)
+                except OSError:
+                    pass  # gone meanwhile: the next look says so
+                else:
+                    left = max(st.st_mtime, st.st_ctime) + self.s.folder_quiet_time - self.wall()
+                    wait = left if left > 0 else wait
+                self.sweep.at(d.rel, now + max(wait, FOLDER_RECHECK), ident)
 
     def _empty(self, rel: str) -> bool:
         try:
@@ -548,8 +578,11 @@ class Daemon:
             self.arrivals.scanned(files, now)
             self._returned(subdirs, now)  # a folder moved back while events overflowed
             if reason == "startup":
+                # The identities the last run kept (.ingestd/emptied): its emptied folders under any name now.
+                kept = emptied.load(self.spool.state)
                 for rel in subdirs:
-                    if self._emptied_before(rel):
+                    path = os.path.join(self.spool.unprocessed, rel)
+                    if (kept and folder_id(path) in kept) or self._emptied_before(rel):
                         self._check_folder_at(rel, now + self.s.folder_quiet_time)
         else:
             files, folders = Spool.split(self.spool.unprocessed)
@@ -1091,6 +1124,7 @@ class Daemon:
             self.web.stop()
         if self.watch is not None:
             self.watch.close()
+        self._keep_folders(self.clock(), force=True)  # the pending emptied folders, for the next start
         self._restore_signals()
         self.spool.unlock()
         if self.state.phase != "starting":

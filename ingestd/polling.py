@@ -39,6 +39,7 @@ import threading
 from collections.abc import Iterator
 
 from ingestd.log import event
+from ingestd.pathindex import PathIndex
 from ingestd.watch import Change
 
 Sig = tuple[int, int, int, int]  # (inode, size, mtime_ns, ctime_ns); a folder: (inode, -1, 0, 0)
@@ -64,6 +65,7 @@ class Poller:
         self._lock = threading.Lock()  # guards _dirs, _gen, _closed and the eventfd against close()
         self._dirs: dict[str, int] = {"": 0}  # watched folder (relative, "" itself) -> generation of its add()
         self._gen = 0
+        self._index = PathIndex()  # the subfolders of _dirs, by folder: drop() costs what is under `rel`, no more
         # Folders dropped since the last round: their parent's next listing reports them as new if they are there
         # (the daemon removed an emptied folder and a producer made it again, maybe with the same inode number).
         self._forgotten: set[str] = set()
@@ -116,16 +118,18 @@ class Poller:
             if rel not in self._dirs:
                 self._gen += 1
                 self._dirs[rel] = self._gen
+                if rel:
+                    self._index.add(rel)
         return True
 
     def drop(self, rel: str, below: bool = True) -> None:
         """Stop listing subfolder `rel` and (below=True) every watched folder under it."""
-        prefix = rel + "/"
         with self._lock:
             self._forgotten.add(rel)
-            for sub in [d for d in self._dirs if d == rel or (below and d.startswith(prefix))]:
+            for sub in self._index.under(rel) if below and rel else [rel] if rel in self._dirs else []:
                 if sub:
                     del self._dirs[sub]
+                    self._index.discard(sub)
                     self._forgotten.add(sub)
 
     def watched(self) -> set[str]:

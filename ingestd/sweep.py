@@ -20,6 +20,8 @@ from __future__ import annotations
 import heapq
 from typing import NamedTuple
 
+from ingestd.pathindex import PathIndex
+
 Ident = tuple[int, int]  # (inode number, birth time ns): inode.folder_id()
 
 DEPARTED_TTL = 300.0  # seconds an emptied folder that moved away is still known if it comes back
@@ -41,6 +43,8 @@ class Sweep:
         self._heap: list[tuple[float, str]] = []
         self._ident: dict[str, Ident] = {}  # subfolder with a check -> which folder it was at its last claim
         self._departed: dict[Ident, float] = {}  # emptied folders no longer at their name -> since (oldest first)
+        self._index = PathIndex()  # the keys of checks, by folder: gone() costs what is under its folder, no more
+        self.changed = 0  # counts changes of the identities kept (idents()): the daemon saves them when it moved
 
     def __len__(self) -> int:
         return len(self.checks)
@@ -50,9 +54,11 @@ class Sweep:
         (the one a claim just took a file from: a folder replaced under the same name is the new one)."""
         if self.checks.get(rel, float("inf")) > when:
             self.checks[rel] = when
+            self._index.add(rel)
             heapq.heappush(self._heap, (when, rel))
-        if ident is not None:
+        if ident is not None and self._ident.get(rel) != ident:
             self._ident[rel] = ident
+            self.changed += 1
 
     def next(self) -> float | None:
         """When the earliest check is due, or None."""
@@ -67,7 +73,10 @@ class Sweep:
         while (when := self.next()) is not None and when <= now:
             rel = heapq.heappop(self._heap)[1]
             del self.checks[rel]
+            self._index.discard(rel)
             out.append(Due(rel, self._ident.pop(rel, None)))
+        if out:
+            self.changed += 1  # a check put back by at() counts again
         return out
 
     def missing(self, d: Due, now: float) -> None:
@@ -79,18 +88,25 @@ class Sweep:
     def removed(self, rel: str) -> None:
         """The daemon removed `rel` itself (it was empty): only its own check goes."""
         self.checks.pop(rel, None)
-        self._ident.pop(rel, None)
+        self._index.discard(rel)
+        if self._ident.pop(rel, None) is not None:
+            self.changed += 1
 
     def gone(self, rel: str, now: float) -> None:
         """`rel` left unprocessed/ (moved away, or deleted: inotify and the polling watcher cannot always tell):
         the checks of it and below go, their folders remembered by identity for returned(). Remembering a deleted
         one is harmless: no other folder is ever born with its inode number and birth time."""
-        below = rel + "/"
-        for sub in [f for f in self.checks if f == rel or f.startswith(below)]:
+        for sub in self._index.under(rel):
             self.checks.pop(sub)
+            self._index.discard(sub)
             ident = self._ident.pop(sub, None)
             if ident is not None:
                 self._depart(ident, now)
+
+    def idents(self) -> list[Ident]:
+        """Every folder the daemon emptied that is still pending: checked, or departed. Kept on disk across a
+        restart (daemon._keep_folders), so the next run knows them whatever their name then."""
+        return [*self._ident.values(), *self._departed]
 
     def awaited(self) -> bool:
         """True while an emptied folder that moved away may still come back (returned() can say yes)."""
@@ -100,11 +116,15 @@ class Sweep:
         """A folder came in (created, moved in, or found by a listing): True, and forgotten as departed, when
         it is one the daemon emptied and that left its name within DEPARTED_TTL. The caller schedules its check."""
         self._expire(now)
-        return self._departed.pop(ident, None) is not None
+        if self._departed.pop(ident, None) is None:
+            return False
+        self.changed += 1
+        return True
 
     def _depart(self, ident: Ident, now: float) -> None:
         self._departed.pop(ident, None)
         self._departed[ident] = now  # re-inserted: the dict's order stays the order of departure
+        self.changed += 1
         self._expire(now)
 
     def _expire(self, now: float) -> None:
@@ -114,3 +134,4 @@ class Sweep:
             if now - since <= DEPARTED_TTL and len(departed) <= DEPARTED_MAX:
                 break
             del departed[ident]
+            self.changed += 1

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from inotify_simple import INotify, flags
 
 from ingestd.inode import folder_id
+from ingestd.pathindex import PathIndex
 from ingestd.spool import SpoolError
 
 # IN_ATTRIB: chmod/utime/chown by path after the close (shutil.copy2) must restart the quiet period.
@@ -46,6 +47,7 @@ class Watch:
         self.folder = folder
         self._dirs: dict[int, str] = {}  # watch descriptor -> folder relative to `folder` ("" for itself)
         self._wds: dict[str, int] = {}
+        self._index = PathIndex()  # the subfolders of _wds, by folder: drop() costs what is under `rel`, no more
         try:
             self._ino = INotify(inheritable=False)
         except OSError as e:
@@ -73,17 +75,24 @@ class Watch:
             raise _limit(e, os.path.join(self.folder, rel)) from None
         old = self._dirs.get(wd)
         if old is not None and old != rel:  # the same folder under a new name (moved inside the tree)
-            self._wds.pop(old, None)
+            self._forget(old)
         self._dirs[wd], self._wds[rel] = rel, wd
+        self._index.add(rel)
         return True
+
+    def _forget(self, rel: str) -> int | None:
+        """`rel` is no longer watched: its watch descriptor, if it had one."""
+        self._index.discard(rel)
+        return self._wds.pop(rel, None)
 
     def drop(self, rel: str, below: bool = True) -> None:
         """Stop watching subfolder `rel` and everything below it (it was removed or moved out). below=False: only
         `rel` (it was empty: no scan of every watch)."""
-        prefix = rel + "/"
-        subs = [d for d in self._wds if d == rel or d.startswith(prefix)] if below else [rel] if rel in self._wds else []
+        subs = self._index.under(rel) if below and rel else [rel] if rel in self._wds else []
         for sub in subs:
-            wd = self._wds.pop(sub)
+            wd = self._forget(sub)
+            if wd is None:
+                continue
             self._dirs.pop(wd, None)
             try:
                 self._ino.rm_watch(wd)
@@ -119,7 +128,7 @@ class Watch:
                     # own, added before this event was read): kept, its entry leaked once per replacement.
                     self._dirs.pop(ev.wd, None)
                     if self._wds.get(rel) == ev.wd:
-                        self._wds.pop(rel, None)
+                        self._forget(rel)
                 continue
             if not ev.name:
                 continue  # about the watched folder itself (our own listing opens it): nothing to claim

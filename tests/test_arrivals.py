@@ -547,3 +547,22 @@ def test_relative_paths_are_names_like_any_other_and_a_folder_leaving_forgets_th
     assert sorted(a.entries) == ["batch/a.txt", "batchx/e.txt"]
     a.forget_under("batch")
     assert take(a, 10, T + 1, d) == ["batchx/e.txt"]
+
+
+def test_forget_under_costs_what_is_under_the_folder_not_every_waiting_name(d: FakeDir) -> None:
+    """forget_under() runs for every folder leaving unprocessed/: it scanned every waiting name (quadratic with
+    thousands of folders pending and full ones waiting; tests/test_break_round8.py). 20,000 waiting names in
+    20,000 folders, each folder then gone: CPU time only, no sleeps."""
+    import time
+
+    a = Arrivals(SETTLE, done_marker=True)
+    n = 20_000
+    for i in range(n):
+        feed(a, T, ("create", f"b{i:05d}/x.txt"), ("create", f"b{i:05d}/y.txt.done"))
+    feed(a, T, ("create", "top.txt"), ("create", "bee/x.txt"), ("create", "b00000x/z.txt"))
+    t = time.process_time()
+    for i in range(n):
+        a.forget_under(f"b{i:05d}")
+    took = time.process_time() - t
+    assert took < 0.3, f"{n} folders forgotten one by one took {took:.2f} s of CPU (each scanned every name)"
+    assert set(a.entries) == {"top.txt", "bee/x.txt", "b00000x/z.txt"} and not a.markers

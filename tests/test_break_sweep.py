@@ -176,15 +176,12 @@ def test_polling_watcher_an_emptied_folder_renamed_is_removed(start) -> None:
     _healthy(d)
 
 
-@pytest.mark.xfail(strict=True, reason="open: a folder emptied, then renamed while the daemon is down, has no "
-                   "mirror of its new name: the start-up sweep would need the pending checks' identities kept on "
-                   "disk (.ingestd/); it stays, as a folder emptied by hand does")
 def test_an_emptied_folder_renamed_while_the_daemon_was_down_is_removed_at_start(start) -> None:
-    """GAP (lower severity). The daemon is killed (-9) between the claims and the removal check; the folder is
+    """Was a GAP (strict xfail). The daemon is killed (-9) between the claims and the removal check; the folder is
     renamed while it is down. At start-up only subfolders with a mirror of the SAME name in underprocess/,
-    processed/ or failed/ are checked, and the departed map is not persisted: batch2 stays for ever. The
-    README's "renamed ... within five minutes" does not say "while the daemon runs". Fix: persist the pending
-    checks' identities (.ingestd/), and at start schedule a check for a listed folder whose identity matches."""
+    processed/ or failed/ were checked, and the departed map was not persisted: batch2 stayed for ever. Now the
+    pending checks' identities are kept in .ingestd/emptied (written at the claim: the first change in a second
+    is saved at once), and a listed folder whose identity matches is checked at start."""
     d = start({**RECURSIVE, "INGESTD_SETTLE_TIME": "3", "INGESTD_FOLDER_QUIET_TIME": "3"})
     u = _emptied(d, {"batch/a.txt": b"a\n"})
     os.killpg(d.proc.pid, signal.SIGKILL)

@@ -93,3 +93,45 @@ def test_folder_id_is_none_for_what_is_not_a_folder(tmp_path: Path) -> None:
     assert folder_id(str(tmp_path / "link")) is None  # never followed
     assert folder_id(str(tmp_path / "missing")) is None
     assert folder_id(str(tmp_path / "d")) is not None
+
+
+def test_gone_costs_what_is_under_the_folder_not_every_check() -> None:
+    """Every folder leaving unprocessed/ (the daemon's own rmdir too) calls gone(): it scanned every pending check,
+    quadratic with folder_quiet_time keeping thousands pending (tests/test_break_round8.py). 20,000 pending
+    one-file folders, each then gone, with a deeper tree among them: CPU time only, no sleeps."""
+    import time
+
+    s = Sweep()
+    n = 20_000
+    for i in range(n):
+        s.at(f"b{i:05d}", 1000.0 + i, (i, i))
+    s.at("tree/x/y", 1.0, (n + 1, 1))
+    s.at("tree/x", 1.0, (n + 2, 1))
+    s.at("treehouse", 1.0, (n + 3, 1))  # shares a prefix, not a folder
+    t = time.process_time()
+    for i in range(n):
+        s.gone(f"b{i:05d}", 0.0)
+    took = time.process_time() - t
+    assert took < 0.3, f"{n} folders gone one by one took {took:.2f} s of CPU (each scanned every check)"
+    s.gone("tree", 0.0)
+    assert set(s.checks) == {"treehouse"} and len(s) == 1
+    assert s.returned((n + 1, 1), 0.0) and s.returned((n + 2, 1), 0.0) and not s.returned((n + 3, 1), 0.0)
+
+
+def test_kept_identities_round_trip_and_a_torn_file_reads_as_none(tmp_path: Path) -> None:
+    """.ingestd/emptied (ingestd/emptied.py) is a hint written with no fsync: a torn or foreign file must read as
+    nothing kept (a folder then stays), never as some other identity."""
+    from ingestd import emptied
+
+    ids = [(12, 1_700_000_000_123_456_789), (2**63 + 5, -3)]
+    emptied.save(str(tmp_path), ids)
+    assert emptied.load(str(tmp_path)) == set(ids)
+    emptied.save(str(tmp_path), [])
+    assert emptied.load(str(tmp_path)) == set()
+    emptied.save(str(tmp_path), ids)
+    data = (tmp_path / emptied.FILE).read_bytes()
+    (tmp_path / emptied.FILE).write_bytes(data[:-1])
+    assert emptied.load(str(tmp_path)) == set()
+    (tmp_path / emptied.FILE).write_bytes(b"junk")
+    assert emptied.load(str(tmp_path)) == set()
+    assert [p.name for p in tmp_path.iterdir()] == [emptied.FILE]  # no temp left behind

@@ -348,3 +348,26 @@ def test_daemon_without_an_inotify_instance_says_so_in_one_line_and_exits_75(req
     lines = out.stderr.strip().splitlines()
     assert out.returncode == 75, out.stderr
     assert len(lines) == 1 and "fs.inotify.max_user_instances" in lines[0], out.stderr
+
+
+def test_drop_costs_what_is_under_the_folder_not_every_watch(folder: Path, watch: Watch) -> None:
+    """drop(below=True) runs for every folder leaving unprocessed/: it scanned every watch (quadratic with
+    thousands of emptied folders pending and watched; tests/test_break_round8.py). 6,000 watched folders, each
+    dropped: CPU time only (the rm_watch calls included), no sleeps."""
+    import time
+
+    n = 6_000
+    for i in range(n):
+        (folder / f"b{i:05d}").mkdir()
+        assert watch.add(f"b{i:05d}")
+    (folder / "tree" / "deep").mkdir(parents=True)
+    (folder / "treehouse").mkdir()
+    for rel in ("tree", "tree/deep", "treehouse"):
+        assert watch.add(rel)
+    t = time.process_time()
+    for i in range(n):
+        watch.drop(f"b{i:05d}")
+    took = time.process_time() - t
+    assert took < 0.3, f"{n} folders dropped one by one took {took:.2f} s of CPU (each scanned every watch)"
+    watch.drop("tree")
+    assert watch.watched() == {"treehouse"}
