@@ -136,21 +136,24 @@ def unlink_quiet(path: str) -> None:
         pass
 
 
-def publish_bytes(directory: str, name: str, data: bytes, temp: str) -> None:
-    """Write a small file durably under a temp name, then rename it into place (name appears last)."""
+def publish_bytes(directory: str, name: str, data: bytes, temp: str, sync: bool = True) -> None:
+    """Write a small file durably under a temp name, then rename it into place (name appears last). sync=False: a
+    hint whose loss or tearing in a power cut its reader survives (emptied.py): atomic against a crash, no fsyncs."""
     tmp_path = os.path.join(directory, temp)
     unlink_quiet(tmp_path)
     fd = create_exclusive(tmp_path)
     try:
         write_all(fd, data)
-        fsync(fd)  # data on disk before the name points at it
+        if sync:
+            fsync(fd)  # data on disk before the name points at it
     except BaseException:
         os.close(fd)
-        unlink_quiet(tmp_path)
+        unlink_quiet(tmp_path)  # a disk full must not leave half a file behind
         raise
     os.close(fd)
-    rename(tmp_path, os.path.join(directory, name))
-    fsync_dir(directory)  # make the rename itself durable
+    rename(tmp_path, os.path.join(directory, name))  # readers see the old file or the new one, never half of one
+    if sync:
+        fsync_dir(directory)  # make the rename itself durable
 
 
 def makedirs(root: str, rel: str, shown: str | None = None) -> None:

@@ -29,17 +29,7 @@ def save(state: str, idents: list[Ident]) -> None:
     """Replace the kept identities (in `state`, the .ingestd/ folder). Raises OSError."""
     n = len(idents)
     data = MAGIC + struct.pack(f"<Q{n}Q{n}q", n, *(i for i, _ in idents), *(b for _, b in idents))
-    tmp = os.path.join(state, TEMP_PREFIX + "tmp-" + FILE)
-    durable.unlink_quiet(tmp)
-    fd = durable.create_exclusive(tmp)
-    try:
-        durable.write_all(fd, data)  # no fsync: a hint (see above)
-    except BaseException:
-        os.close(fd)
-        durable.unlink_quiet(tmp)  # a disk full must not leave half a file behind
-        raise
-    os.close(fd)
-    os.rename(tmp, os.path.join(state, FILE))  # readers see the old list or the new one, never half of one
+    durable.publish_bytes(state, FILE, data, TEMP_PREFIX + "tmp-" + FILE, sync=False)  # a hint: no fsync (above)
 
 
 def load(state: str) -> set[Ident]:
