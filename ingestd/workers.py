@@ -6,6 +6,7 @@ between event rounds: never while the pipes are being read.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import signal
@@ -18,9 +19,9 @@ from typing import Any
 
 from ingestd import inflight, worker
 from ingestd.job import Job
-from ingestd.messages import Assign, Heartbeat, Ready, Stage, Stop, ToParent
+from ingestd.messages import Assign, Heartbeat, Ready, Stage, StartFailed, Stop, ToParent
 from ingestd.names import display
-from ingestd.settings import Settings
+from ingestd.settings import ConfigError, Settings
 from ingestd.spool import Spool
 
 # spawn, not fork: the parent runs an HTTP thread, and forking a threaded process is unsafe.
@@ -50,6 +51,8 @@ class Slot:
     retire: bool = False  # restart once idle (a reload changed the routing)
     closed: bool = False  # its pipe and process handle are released (after death or stop)
     respawn_at: float = 0.0  # monotonic: a failed respawn (EMFILE...) is tried again from then
+    start_error: str | None = None  # why it could not start: what its StartFailed said, else how it exited
+    start_said: bool = False  # start_error is the worker's own (StartFailed: its routing cannot be built)
     kill_reason: str | None = None  # why the parent is killing it (stuck, over its time limit), for people
     kill_kind: str = "died"  # the same as a metric label: stalled | time_limit
     kill_at: float | None = None  # monotonic: when the SIGKILL goes (after the stack dump)
@@ -81,15 +84,24 @@ class Pool:
 
     def start(self, timeout: float = 60.0) -> None:
         """Spawn every worker and wait until each says it is ready, so READY=1 means work starts at once.
-        Raises RuntimeError if one does not start; the caller then calls close()."""
+        Raises ConfigError if one does not start, naming the worker's own error; the caller then calls close().
+        Exit 78 (cli) when the worker could not build the routing (the same plug-in error in the daemon exits 78 too:
+        a restart cannot fix it), else `temporary`, 75 (killed at start, or slow: a restart may succeed)."""
         self.slots = [self._spawn(i) for i in range(self.s.workers)]
         self._index()
         for slot in self.slots:
             if not slot.conn.poll(timeout):
-                raise RuntimeError(f"worker {slot.id} did not start within {timeout:.0f}s")
+                err = ConfigError(f"workers: worker {slot.id} did not start within {timeout:.0f}s")
+                err.temporary = True
+                raise err
             self.receive(slot.conn.fileno())
             if not slot.ready:
-                raise RuntimeError(f"worker {slot.id} exited at start (exit code {slot.process.exitcode})")
+                if slot.start_error is None:  # no word from it (killed, or it died before main()): its exit code
+                    slot.process.join(timeout=1)  # the pipe's EOF can come a moment before the exit code
+                    slot.start_error = _exit_reason(slot.process)
+                err = ConfigError(f"worker {slot.id} could not start: {slot.start_error}")
+                err.temporary = not slot.start_said  # 78 for its own routing error, as in the daemon; else 75
+                raise err
 
     def _spawn(self, wid: int) -> Slot:
         parent, child = _ctx.Pipe()
@@ -131,6 +143,8 @@ class Pool:
                         self.records_ok = False
                 elif isinstance(msg, Heartbeat):
                     self._beat(slot, msg)
+                elif isinstance(msg, StartFailed):
+                    slot.start_error, slot.start_said = msg.error, True
                 else:
                     out.append((slot, msg))
         except (EOFError, OSError):
@@ -354,6 +368,15 @@ class Pool:
             slot.process.kill()
             slot.process.join()
         _close(slot)
+
+
+def _exit_reason(process: BaseProcess) -> str:
+    """How a worker that said nothing ended: "it exited at start with code 1", "it was killed at start by SIGKILL"."""
+    code = process.exitcode
+    if code is not None and code < 0:
+        with contextlib.suppress(ValueError):
+            return f"it was killed at start by {signal.Signals(-code).name}"
+    return f"it exited at start with code {code}"
 
 
 def _close(slot: Slot) -> None:
