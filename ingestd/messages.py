@@ -1,7 +1,8 @@
 """Typed messages between the parent and its workers, pickled over a multiprocessing pipe.
 
-Parent -> worker: Assign(names), a batch, or Stop(). Worker -> parent: Ready once (or StartFailed, then it exits), then for each batch any number
-of Heartbeat and one Outcomes: per file one of Done, Rejected or Retry (an environmental error: the input is kept).
+Parent -> worker: Assign(names), a batch, or Stop(). Worker -> parent: Ready once (or StartFailed, then it exits),
+then for each batch any number of Heartbeat and one Outcomes: per file one of Done, Rejected or Retry (an
+environmental error: the input is kept).
 """
 
 from __future__ import annotations

@@ -28,6 +28,11 @@ from ingestd.spool import Spool
 _ctx = multiprocessing.get_context("spawn")
 KILL_GRACE = 0.5  # seconds between asking a stuck worker for its stack (SIGUSR1) and killing it
 RESPAWN_AFTER = 1.0  # seconds before a failed worker spawn is tried again
+# A worker that dies before its Ready (its plug-in cannot load in a worker) would die again at once: its slot is
+# respawned after START_BACKOFF seconds, doubling with each such death up to START_BACKOFF_MAX; a Ready resets it.
+# Respawned at once, two such workers spun both cores of a small VM (~10 deaths a second: tests/test_break_round8.py).
+START_BACKOFF = 1.0
+START_BACKOFF_MAX = 60.0
 # Seconds the parent waits for a worker's cursor lock, held by a running worker for a few microseconds per file.
 # Never longer: a POSIX semaphore is not released by a holder's death (sem_overview(7)), so a worker killed or
 # stopped inside it would otherwise block the parent's main loop for ever.
@@ -51,8 +56,10 @@ class Slot:
     retire: bool = False  # restart once idle (a reload changed the routing)
     closed: bool = False  # its pipe and process handle are released (after death or stop)
     respawn_at: float = 0.0  # monotonic: a failed respawn (EMFILE...) is tried again from then
+    start_delay: float = 0.0  # the respawn backoff of this slot's deaths before Ready (carried to its successor)
     start_error: str | None = None  # why it could not start: what its StartFailed said, else how it exited
     start_said: bool = False  # start_error is the worker's own (StartFailed: its routing cannot be built)
+    start_news: bool = False  # that error differs from the pool's last one: the daemon logs it (once per change)
     kill_reason: str | None = None  # why the parent is killing it (stuck, over its time limit), for people
     kill_kind: str = "died"  # the same as a metric label: stalled | time_limit
     kill_at: float | None = None  # monotonic: when the SIGKILL goes (after the stack dump)
@@ -81,6 +88,7 @@ class Pool:
         self._by_fd: dict[int, Slot] = {}
         self.spawn_error: str | None = None  # the last failed respawn, until one succeeds
         self.records_ok = True  # every worker so far could keep its .ingestd/inflight record (False stays False)
+        self.start_error: str | None = None  # why the last worker to die before its Ready died, until one is ready
 
     def start(self, timeout: float = 60.0) -> None:
         """Spawn every worker and wait until each says it is ready, so READY=1 means work starts at once.
@@ -137,7 +145,8 @@ class Pool:
             while slot.conn.poll():
                 msg = slot.conn.recv()
                 if isinstance(msg, Ready):
-                    slot.ready = True
+                    slot.ready, slot.start_delay = True, 0.0  # it starts: its successors respawn at once again
+                    self.start_error = None
                     if not msg.marker_ok:  # its record would lie after a crash: make recovery count every file
                         inflight.set_record(self.spool.state, slot.id, inflight.UNKNOWN)
                         self.records_ok = False
@@ -152,9 +161,25 @@ class Pool:
         if not slot.process.is_alive():
             slot.process.join()
             slot.dead = True
+            if not slot.ready:
+                self._died_at_start(slot)
             self._index()
             out.append((slot, None))
         return out
+
+    def _died_at_start(self, slot: Slot) -> None:
+        """Dead before its Ready: its successor would most likely die the same way at once, so it is respawned
+        after a backoff (START_BACKOFF, doubling); a worker that dies on a file was ready, and is replaced at once."""
+        if slot.start_error is None:
+            slot.start_error = _exit_reason(slot.process)
+        slot.start_news = slot.start_error != self.start_error  # said once per change, not once per respawn
+        self.start_error = slot.start_error
+        slot.start_delay = min(START_BACKOFF_MAX, slot.start_delay * 2 or START_BACKOFF)
+        slot.respawn_at = self.clock() + slot.start_delay
+
+    def started(self) -> int:
+        """Workers alive that said Ready (a worker still importing, or one that cannot start, is not counted)."""
+        return sum(1 for s in self.slots if s.ready and not s.dead)
 
     def _beat(self, slot: Slot, hb: Heartbeat) -> None:
         if not slot.batch or hb.index >= len(slot.batch):
@@ -277,6 +302,8 @@ class Pool:
             else:
                 _close(slot)
             if new is not None:
+                if not slot.ready:  # a slot that has not started yet keeps its backoff (reset by a Ready)
+                    new.start_delay = slot.start_delay
                 self.slots[i] = new
             changed = True
         if changed:
