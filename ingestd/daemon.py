@@ -921,6 +921,12 @@ class Daemon:
         if why:
             event("worker_killed", "killed a stuck worker", logging.ERROR, worker=slot.id, reason=why,
                   file=display(job.name) if job else None)
+        elif not slot.ready:  # it never started: no file to blame; respawned after a backoff (Pool._died_at_start)
+            if slot.start_news:  # its error once per change, not once per respawn
+                event("worker_cannot_start", "a worker cannot start; retrying with a backoff", logging.ERROR,
+                      worker=slot.id, error=slot.start_error)
+            event("worker_died", "a worker died at start", logging.ERROR, worker=slot.id, exitcode=code,
+                  retry_in=slot.start_delay)
         else:
             event("worker_died", "a worker died", logging.ERROR, worker=slot.id, exitcode=code,
                   file=display(job.name) if job else None)
@@ -1033,8 +1039,9 @@ class Daemon:
 
     # --- health, watchdog, status --------------------------------------------------------------------------
     def health(self) -> str | None:
-        """None when healthy, else why: the main loop must turn (stuck workers are the loop's own business), and
-        at least one worker must be alive (if none can be started, a restart by systemd is the way out)."""
+        """None when healthy, else why: the main loop must turn (stuck workers are the loop's own business), at
+        least one worker must be alive (if none can be started, a restart by systemd is the way out), and while files
+        wait, one must have started (said Ready)."""
         now = self.clock()
         limit = 2 * max(HEARTBEAT, self.notifier.watchdog_interval or 0) + 1.0
         waiting = self.waiting_until
@@ -1045,6 +1052,11 @@ class Daemon:
             return f"main loop silent for {now - self.heartbeat:.1f}s"
         if self.pool is not None and self.pool.slots and not self.pool.alive() and self.pool.spawn_error:
             return f"no worker is running; starting one fails: {self.pool.spawn_error}"
+        # Files wait and every worker dies before its Ready (a plug-in that no longer loads in a new worker):
+        # nothing will be processed until someone acts, so the watchdog and /healthz must say so.
+        if (self.pool is not None and self.pool.start_error and not self.pool.started()
+                and (self.queue or len(self.arrivals))):
+            return f"no worker can start: {self.pool.start_error}"
         return None
 
     def _watchdog(self, now: float) -> None:

@@ -1,7 +1,8 @@
 """Typed messages between the parent and its workers, pickled over a multiprocessing pipe.
 
-Parent -> worker: Assign(names), a batch, or Stop(). Worker -> parent: Ready once, then for each batch any number
-of Heartbeat and one Outcomes: per file one of Done, Rejected or Retry (an environmental error: the input is kept).
+Parent -> worker: Assign(names), a batch, or Stop(). Worker -> parent: Ready once (or StartFailed, then it exits),
+then for each batch any number of Heartbeat and one Outcomes: per file one of Done, Rejected or Retry (an
+environmental error: the input is kept).
 """
 
 from __future__ import annotations
@@ -31,6 +32,13 @@ class Stop:
 class Ready:
     pid: int
     marker_ok: bool = True  # it can keep its in-flight record (inflight.py); if not, recovery must count all
+
+
+@dataclass(frozen=True, slots=True)
+class StartFailed:
+    """Sent instead of Ready by a worker whose routing cannot be built (a plug-in that loads in the daemon but
+    raises in a worker), just before it exits: the parent says why, instead of an exit code."""
+    error: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,4 +90,4 @@ class Outcomes:
     final: bool = True
 
 
-ToParent = Ready | Heartbeat | Outcomes
+ToParent = Ready | StartFailed | Heartbeat | Outcomes

@@ -131,6 +131,10 @@ class Web:
         # with no timeout, wakes and soon sees the shutdown request: no lost wake-up, whatever the order.
         with contextlib.suppress(OSError):
             self.server.socket.shutdown(socket.SHUT_RDWR)
-        self.server.shutdown()
+        if self._thread.ident is not None:
+            # Only once started: socketserver's shutdown() waits for serve_forever() to acknowledge, so after a
+            # start-up failure before start() it waited for ever (tests/test_break_round8.py).
+            self.server.shutdown()
         self.server.server_close()
-        self._thread.join(timeout=5)
+        if self._thread.ident is not None:
+            self._thread.join(timeout=5)

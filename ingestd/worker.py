@@ -6,19 +6,21 @@ reads its input in underprocess/ and publishes outputs (temp file, fsync, rename
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import faulthandler
 import os
 import signal
+import sys
 import threading
 import time
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import Any, NoReturn
 
 from ingestd import durable, errors, inflight, pipeline, routing
 from ingestd.errors import Phase, Verdict
 from ingestd.lifeline import die_with_parent
-from ingestd.messages import Assign, Done, Heartbeat, Outcome, Outcomes, Ready, Rejected, Retry, Stage
+from ingestd.messages import Assign, Done, Heartbeat, Outcome, Outcomes, Ready, Rejected, Retry, Stage, StartFailed
 from ingestd.names import key
 from ingestd.sinks import Sinks, claim_of
 
@@ -93,7 +95,10 @@ def main(conn: Connection, cursor: Any, routing_doc: dict[str, Any], max_line_by
     die_with_parent()  # if the parent is killed (kill -9, watchdog), its workers go too, at once
     faulthandler.enable()  # a crash (SIGSEGV, SIGABRT) dumps this worker's stack
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # the parent asks when this worker seems stuck
-    table = routing.build(routing_doc)
+    try:
+        table = routing.build(routing_doc)
+    except BaseException as e:  # noqa: BLE001 - a plug-in may raise anything at import (SystemExit too): said, not lost
+        _cannot_start(conn, e)
     folders = sorted({out.path for out in table.outputs})
     link = _Link(conn, inflight.Marker(state, slot))
     threading.Thread(target=link.heartbeats, name="heartbeat", daemon=True).start()
@@ -107,6 +112,15 @@ def main(conn: Connection, cursor: Any, routing_doc: dict[str, Any], max_line_by
         if not isinstance(msg, Assign):
             return  # Stop
         run_batch(link, cursor, msg.names, table, folders, max_line_bytes, underprocess, processed, file_exist)
+
+
+def _cannot_start(conn: Connection, e: BaseException) -> NoReturn:
+    """Tell the parent why this worker cannot start (in place of Ready), then exit 1 without a traceback: the
+    parent logs the error once, however often the worker is respawned (Pool backs those off)."""
+    error = str(e) if isinstance(e, routing.RoutingError) else errors.reason(e)  # RoutingError names the plug-in's
+    with contextlib.suppress(OSError):  # the parent may be gone already: the exit code is all it gets then
+        conn.send(StartFailed(error))
+    sys.exit(1)
 
 
 class _Group:

@@ -6,6 +6,7 @@ between event rounds: never while the pipes are being read.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import signal
@@ -18,15 +19,20 @@ from typing import Any
 
 from ingestd import inflight, worker
 from ingestd.job import Job
-from ingestd.messages import Assign, Heartbeat, Ready, Stage, Stop, ToParent
+from ingestd.messages import Assign, Heartbeat, Ready, Stage, StartFailed, Stop, ToParent
 from ingestd.names import display
-from ingestd.settings import Settings
+from ingestd.settings import ConfigError, Settings
 from ingestd.spool import Spool
 
 # spawn, not fork: the parent runs an HTTP thread, and forking a threaded process is unsafe.
 _ctx = multiprocessing.get_context("spawn")
 KILL_GRACE = 0.5  # seconds between asking a stuck worker for its stack (SIGUSR1) and killing it
 RESPAWN_AFTER = 1.0  # seconds before a failed worker spawn is tried again
+# A worker that dies before its Ready (its plug-in cannot load in a worker) would die again at once: its slot is
+# respawned after START_BACKOFF seconds, doubling with each such death up to START_BACKOFF_MAX; a Ready resets it.
+# Respawned at once, two such workers spun both cores of a small VM (~10 deaths a second: tests/test_break_round8.py).
+START_BACKOFF = 1.0
+START_BACKOFF_MAX = 60.0
 # Seconds the parent waits for a worker's cursor lock, held by a running worker for a few microseconds per file.
 # Never longer: a POSIX semaphore is not released by a holder's death (sem_overview(7)), so a worker killed or
 # stopped inside it would otherwise block the parent's main loop for ever.
@@ -50,6 +56,10 @@ class Slot:
     retire: bool = False  # restart once idle (a reload changed the routing)
     closed: bool = False  # its pipe and process handle are released (after death or stop)
     respawn_at: float = 0.0  # monotonic: a failed respawn (EMFILE...) is tried again from then
+    start_delay: float = 0.0  # the respawn backoff of this slot's deaths before Ready (carried to its successor)
+    start_error: str | None = None  # why it could not start: what its StartFailed said, else how it exited
+    start_said: bool = False  # start_error is the worker's own (StartFailed: its routing cannot be built)
+    start_news: bool = False  # that error differs from the pool's last one: the daemon logs it (once per change)
     kill_reason: str | None = None  # why the parent is killing it (stuck, over its time limit), for people
     kill_kind: str = "died"  # the same as a metric label: stalled | time_limit
     kill_at: float | None = None  # monotonic: when the SIGKILL goes (after the stack dump)
@@ -78,18 +88,28 @@ class Pool:
         self._by_fd: dict[int, Slot] = {}
         self.spawn_error: str | None = None  # the last failed respawn, until one succeeds
         self.records_ok = True  # every worker so far could keep its .ingestd/inflight record (False stays False)
+        self.start_error: str | None = None  # why the last worker to die before its Ready died, until one is ready
 
     def start(self, timeout: float = 60.0) -> None:
         """Spawn every worker and wait until each says it is ready, so READY=1 means work starts at once.
-        Raises RuntimeError if one does not start; the caller then calls close()."""
+        Raises ConfigError if one does not start, naming the worker's own error; the caller then calls close().
+        Exit 78 (cli) when the worker could not build the routing (the same plug-in error in the daemon exits 78 too:
+        a restart cannot fix it), else `temporary`, 75 (killed at start, or slow: a restart may succeed)."""
         self.slots = [self._spawn(i) for i in range(self.s.workers)]
         self._index()
         for slot in self.slots:
             if not slot.conn.poll(timeout):
-                raise RuntimeError(f"worker {slot.id} did not start within {timeout:.0f}s")
+                err = ConfigError(f"workers: worker {slot.id} did not start within {timeout:.0f}s")
+                err.temporary = True
+                raise err
             self.receive(slot.conn.fileno())
             if not slot.ready:
-                raise RuntimeError(f"worker {slot.id} exited at start (exit code {slot.process.exitcode})")
+                if slot.start_error is None:  # no word from it (killed, or it died before main()): its exit code
+                    slot.process.join(timeout=1)  # the pipe's EOF can come a moment before the exit code
+                    slot.start_error = _exit_reason(slot.process)
+                err = ConfigError(f"worker {slot.id} could not start: {slot.start_error}")
+                err.temporary = not slot.start_said  # 78 for its own routing error, as in the daemon; else 75
+                raise err
 
     def _spawn(self, wid: int) -> Slot:
         parent, child = _ctx.Pipe()
@@ -125,12 +145,15 @@ class Pool:
             while slot.conn.poll():
                 msg = slot.conn.recv()
                 if isinstance(msg, Ready):
-                    slot.ready = True
+                    slot.ready, slot.start_delay = True, 0.0  # it starts: its successors respawn at once again
+                    self.start_error = None
                     if not msg.marker_ok:  # its record would lie after a crash: make recovery count every file
                         inflight.set_record(self.spool.state, slot.id, inflight.UNKNOWN)
                         self.records_ok = False
                 elif isinstance(msg, Heartbeat):
                     self._beat(slot, msg)
+                elif isinstance(msg, StartFailed):
+                    slot.start_error, slot.start_said = msg.error, True
                 else:
                     out.append((slot, msg))
         except (EOFError, OSError):
@@ -138,9 +161,25 @@ class Pool:
         if not slot.process.is_alive():
             slot.process.join()
             slot.dead = True
+            if not slot.ready:
+                self._died_at_start(slot)
             self._index()
             out.append((slot, None))
         return out
+
+    def _died_at_start(self, slot: Slot) -> None:
+        """Dead before its Ready: its successor would most likely die the same way at once, so it is respawned
+        after a backoff (START_BACKOFF, doubling); a worker that dies on a file was ready, and is replaced at once."""
+        if slot.start_error is None:
+            slot.start_error = _exit_reason(slot.process)
+        slot.start_news = slot.start_error != self.start_error  # said once per change, not once per respawn
+        self.start_error = slot.start_error
+        slot.start_delay = min(START_BACKOFF_MAX, slot.start_delay * 2 or START_BACKOFF)
+        slot.respawn_at = self.clock() + slot.start_delay
+
+    def started(self) -> int:
+        """Workers alive that said Ready (a worker still importing, or one that cannot start, is not counted)."""
+        return sum(1 for s in self.slots if s.ready and not s.dead)
 
     def _beat(self, slot: Slot, hb: Heartbeat) -> None:
         if not slot.batch or hb.index >= len(slot.batch):
@@ -263,6 +302,8 @@ class Pool:
             else:
                 _close(slot)
             if new is not None:
+                if not slot.ready:  # a slot that has not started yet keeps its backoff (reset by a Ready)
+                    new.start_delay = slot.start_delay
                 self.slots[i] = new
             changed = True
         if changed:
@@ -354,6 +395,15 @@ class Pool:
             slot.process.kill()
             slot.process.join()
         _close(slot)
+
+
+def _exit_reason(process: BaseProcess) -> str:
+    """How a worker that said nothing ended: "it exited at start with code 1", "it was killed at start by SIGKILL"."""
+    code = process.exitcode
+    if code is not None and code < 0:
+        with contextlib.suppress(ValueError):
+            return f"it was killed at start by {signal.Signals(-code).name}"
+    return f"it exited at start with code {code}"
 
 
 def _close(slot: Slot) -> None:

@@ -45,6 +45,7 @@ def daemons(tmp_path: Path) -> Iterator:
         else:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(d.proc.pid, signal.SIGKILL)  # its workers, if any outlived it
+            d.kill()  # ended by itself (a start-up failure): its stderr pipe still needs closing (ResourceWarning)
 
 
 def _cli(tmp_path: Path, *args: str, env: dict[str, str] | None = None,
