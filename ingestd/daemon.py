@@ -63,6 +63,7 @@ MAX_INTERNAL_ERRORS = 3  # unexpected exceptions one file may cause before it is
 # Watch.read) never pile up; the others wait, in order, in Daemon._deferred.
 DRAIN_EVERY = 256
 FOLDER_RECHECK = 1.0  # seconds at least between two looks at an emptied folder that is still there
+QUIET_SLACK = 0.05  # seconds past a folder's quiet time its re-check comes (clock rounding), at least
 RELOADED = ("routing_doc", "config", "mode", "pattern", "replacement")  # what SIGHUP applies (the routing)
 MAX_BATCH = 32  # files handed to one worker at once, committed as one group (one data sync for all)
 BATCH_BYTES = 4 << 20  # a batch stops growing past this many input bytes: big files travel alone
@@ -483,8 +484,9 @@ class Daemon:
         due = self.sweep.due(now)
         if not due:
             return
+        wall = self.wall()  # one clock for prune's verdict and the re-check below: two reads split a folder's fate
         removed = self.spool.prune(self.spool.unprocessed, [d.rel for d in due], quiet=self.s.folder_quiet_time,
-                                   now=self.wall(), expect={d.rel: d.ident for d in due if d.ident})
+                                   now=wall, expect={d.rel: d.ident for d in due if d.ident})
         for d in due:
             if d.rel in removed:
                 event("folder_removed", "an emptied folder of unprocessed/ was removed", logging.DEBUG,
@@ -504,18 +506,19 @@ class Daemon:
             elif self._empty(d.rel):
                 # Empty but changed lately: look again when it will have been quiet for folder_quiet_time (prune's
                 # own measure, its mtime/ctime: the claim's rename set them after this check was scheduled, and
-                # waiting a whole quiet time more kept folders twice as long). Already quiet, so rmdir refused
-                # (EPERM: an append-only parent; EBUSY: a mount point): a whole quiet time. Never sooner than
-                # FOLDER_RECHECK (with a quiet time of 0 this spun a core).
-                wait = self.s.folder_quiet_time
+                # waiting a whole quiet time more kept folders twice as long), and no later: a FOLDER_RECHECK floor
+                # here added a second to most. Already quiet by prune's clock, so rmdir refused (EPERM: an
+                # append-only parent; EBUSY: a mount point): a whole quiet time, never sooner than FOLDER_RECHECK
+                # (with a quiet time of 0 this spun a core).
+                wait = max(self.s.folder_quiet_time, FOLDER_RECHECK)
                 try:
                     st = os.lstat(path)
                 except OSError:
                     pass  # gone meanwhile: the next look says so
                 else:
-                    left = max(st.st_mtime, st.st_ctime) + self.s.folder_quiet_time - self.wall()
-                    wait = left if left > 0 else wait
-                self.sweep.at(d.rel, now + max(wait, FOLDER_RECHECK), ident)
+                    left = max(st.st_mtime, st.st_ctime) + self.s.folder_quiet_time - wall
+                    wait = max(left, QUIET_SLACK) if left > 0 else wait
+                self.sweep.at(d.rel, now + wait, ident)
 
     def _empty(self, rel: str) -> bool:
         try:
