@@ -2,24 +2,29 @@
 `watch_dir_created` and "does not exist" for a missing watch dir, plug-in load errors named, process --output's
 kernel reasons). Real daemons, real files, real inotify, real plug-in distributions (support.plugin); no mocks.
 
-Each test's docstring says FAULT (fails now: what it shows and the fix it needs) or HELD (tried, and it held). No
-fault is xfail: each has a fix in reach, described in its docstring."""
+Each test's docstring says FAULT (what it showed and the fix it needed; every one was fixed this round, and each of
+these tests failed before its fix) or HELD (tried, and it held)."""
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support import NEUTRAL_CWD, DaemonProcess, clean_env, cpu_used, plugin, wait_for, with_path
+from support import (
+    DaemonProcess,
+    clean_env,
+    cpu_used,
+    plugin,
+    wait_for,
+    with_path,
+)
 
 INGESTD = [sys.executable, "-m", "ingestd"]
 RECURSIVE = {"INGESTD_RECURSIVE": "true"}
@@ -80,7 +85,7 @@ def _workers_only(tmp_path: Path, flag: Path) -> dict[str, str]:
 
 
 def test_plugin_failing_in_workers_at_start_does_not_wedge_the_daemon(tmp_path: Path, daemons) -> None:
-    """FAULT (wedge). A plug-in that imports in the daemon but raises in its worker processes (here: always in a
+    """FAULT, fixed this round (wedge). A plug-in that imports in the daemon but raises in its worker processes (here: always in a
     worker): Pool.start() raises "worker 0 exited at start", then Daemon.shutdown() calls Web.stop(), whose
     socketserver.shutdown() waits for a serve_forever() that was never started (web.start() comes after the pool):
     the daemon hangs for ever, holding the watch dir's lock (`ingestd status` says "running"), never saying why
@@ -111,7 +116,7 @@ def _died(d: DaemonProcess) -> int:
 
 
 def test_workers_dying_at_start_do_not_spin_and_are_reported(tmp_path: Path, daemons) -> None:
-    """FAULT (spins two cores, lies to the operator). The daemon runs fine, then its plug-in cannot be imported in new
+    """FAULT, fixed this round (spins two cores, lies to the operator). The daemon runs fine, then its plug-in cannot be imported in new
     worker processes (a `pip install -U` of the plug-in that broke it, a file or service it needs at import gone;
     here a flag file), and a `systemctl reload` restarts the workers: each new worker dies at once, is respawned at
     once, ~10 deaths a second with 2 workers: 100% of both cores of this VM in interpreter start-ups, the files
@@ -149,7 +154,7 @@ EXITS_AT_IMPORT = {
 
 @pytest.mark.parametrize("body", EXITS_AT_IMPORT.values(), ids=EXITS_AT_IMPORT.keys())
 def test_plugin_exiting_at_import_is_a_load_error_for_process(tmp_path: Path, body: str) -> None:
-    """FAULT (lies to the operator). processors._factory (and options()) catch Exception only: a plug-in module that
+    """FAULT, fixed this round (lies to the operator). processors._factory (and options()) catch Exception only: a plug-in module that
     raises SystemExit at import (a module that parses sys.argv with argparse, a stray sys.exit()) or another
     BaseException ends `ingestd process` with the plug-in's exit code: SystemExit(0) exits 0 with no output
     written and nothing said; argparse's exits 2 ("bad command line") with the plug-in's usage; a BaseException
@@ -162,7 +167,7 @@ def test_plugin_exiting_at_import_is_a_load_error_for_process(tmp_path: Path, bo
 
 
 def test_plugin_exiting_at_import_is_a_load_error_for_run(tmp_path: Path) -> None:
-    """FAULT (the daemon ends with exit 0, silently). `ingestd run --mode bad` whose plug-in raises SystemExit(0) at
+    """FAULT, fixed this round (the daemon ends with exit 0, silently). `ingestd run --mode bad` whose plug-in raises SystemExit(0) at
     import: exit 0, nothing said (no message, no event). systemd's Restart=on-failure does not restart a unit that
     exits 0, so the service is silently down. Expected: exit 78 naming the plug-in. Fix as above."""
     r = _cli(tmp_path, "run", "--watch-dir", "w", "--mode", "bad", "--listen", "127.0.0.1:0",
@@ -171,7 +176,7 @@ def test_plugin_exiting_at_import_is_a_load_error_for_run(tmp_path: Path) -> Non
 
 
 def test_reload_to_a_plugin_exiting_at_import_keeps_the_daemon(tmp_path: Path, daemons) -> None:
-    """FAULT (kills the daemon, exit 0). A running daemon, its config changed to a filter whose plug-in raises
+    """FAULT, fixed this round (kills the daemon, exit 0). A running daemon, its config changed to a filter whose plug-in raises
     SystemExit(0) at import, then SIGHUP (`systemctl reload`): the SystemExit goes through _reload (it catches
     ConfigError), through the loop's boundaries (Exception only): the daemon stops ("stopped", exit 0), where
     README promises "a bad new config is logged and the old one kept" (reload_failed). Exit 0: systemd does not
@@ -223,6 +228,13 @@ def test_producer_pausing_under_the_quiet_time_keeps_its_folder(tmp_path: Path, 
     assert sorted(os.listdir(d.watch_dir / "processed" / "batch")) == [f"f{i}.txt" for i in range(5)]
 
 
+def _emptied_batch(w: Path) -> None:
+    """unprocessed/batch/a.txt dropped and processed: batch/ is a folder the daemon emptied, pending removal."""
+    (w / "unprocessed" / "batch").mkdir()
+    (w / "unprocessed" / "batch" / "a.txt").write_text("a\n")
+    wait_for(lambda: (w / "processed" / "batch" / "a.txt").exists(), what="a.txt processed")
+
+
 @pytest.mark.parametrize("how", ["SIGTERM", "kill -9"])
 def test_emptied_folder_pending_across_a_restart_is_removed_after_it(tmp_path: Path, daemons, how: str) -> None:
     """HELD. An emptied folder pending removal (folder_quiet_time 3 s) when the daemon stops (SIGTERM, or kill -9):
@@ -231,9 +243,7 @@ def test_emptied_folder_pending_across_a_restart_is_removed_after_it(tmp_path: P
     w = tmp_path / "w"
     d = daemons(env=_quiet(3))
     u = w / "unprocessed"
-    (u / "batch").mkdir()
-    (u / "batch" / "a.txt").write_text("a\n")
-    wait_for(lambda: (w / "processed" / "batch" / "a.txt").exists(), what="a.txt processed")
+    _emptied_batch(w)
     if how == "SIGTERM":
         assert d.stop() == 0
     else:
@@ -250,7 +260,7 @@ def test_emptied_folder_pending_across_a_restart_is_removed_after_it(tmp_path: P
 
 
 def test_emptied_folder_pending_across_a_restart_after_its_results_were_taken(tmp_path: Path, daemons) -> None:
-    """FAULT (a folder left for ever; low). A downstream consumer takes the results (rm -r processed/batch: the very
+    """FAULT, fixed this round (a folder left for ever; low). A downstream consumer takes the results (rm -r processed/batch: the very
     thing processed/ is for) while batch/ waits its folder_quiet_time (5 min by default: before this round 1 s, so a
     stop inside the window was unlikely); the daemon is restarted (`systemctl restart`, a deploy) in those minutes.
     The next daemon knows an emptied folder only by a mirror in underprocess/, processed/ or failed/ born after it
@@ -262,9 +272,7 @@ def test_emptied_folder_pending_across_a_restart_after_its_results_were_taken(tm
     w = tmp_path / "w"
     d = daemons(env=_quiet(2))
     u = w / "unprocessed"
-    (u / "batch").mkdir()
-    (u / "batch" / "a.txt").write_text("a\n")
-    wait_for(lambda: (w / "processed" / "batch" / "a.txt").exists(), what="a.txt processed")
+    _emptied_batch(w)
     (w / "processed" / "batch" / "a.txt").unlink()  # the consumer takes its result
     (w / "processed" / "batch").rmdir()
     assert d.stop() == 0
@@ -273,8 +281,20 @@ def test_emptied_folder_pending_across_a_restart_after_its_results_were_taken(tm
     assert not (u / "batch").exists(), "the folder the daemon emptied stays in unprocessed/ for ever"
 
 
+def _one_file_folders(stage: Path, w: Path, n: int) -> Path:
+    """n folders b0000.. of one file x.txt each, made in `stage`, then moved into w's unprocessed/ one by one, at
+    once (a producer's atomic drops); returns unprocessed/."""
+    for i in range(n):
+        (stage / f"b{i:04d}").mkdir(parents=True)
+        (stage / f"b{i:04d}" / "x.txt").write_text(f"{i}\n")
+    u = w / "unprocessed"
+    for i in range(n):
+        (stage / f"b{i:04d}").rename(u / f"b{i:04d}")
+    return u
+
+
 def test_many_emptied_folders_pending_cost_no_cpu_while_idle(tmp_path: Path, daemons) -> None:
-    """FAULT (spins a core for up to a second after a burst of completions; found here, likely not from this round).
+    """FAULT, fixed this round (spins a core for up to a second after a burst of completions; found here, likely not from this round).
     500 one-file folders moved in at once, all processed, underprocess/ empty, the emptied folders pending for
     folder_quiet_time (4 s): the daemon should sleep, but uses ~0.5 s of CPU in the next second. strace of that
     second: ~6,000 turns of poll(fds, 0) = 0 + statfs(watch dir), nothing else, ended by one history save (openat,
@@ -286,14 +306,8 @@ def test_many_emptied_folders_pending_cost_no_cpu_while_idle(tmp_path: Path, dae
     deadline only as max(next_history, next_view)."""
     w = tmp_path / "w"
     d = daemons(env=_quiet(4))
-    stage = tmp_path / "stage"
     n = 500
-    for i in range(n):
-        (stage / f"b{i:04d}").mkdir(parents=True)
-        (stage / f"b{i:04d}" / "x.txt").write_text(f"{i}\n")
-    u = w / "unprocessed"
-    for i in range(n):
-        (stage / f"b{i:04d}").rename(u / f"b{i:04d}")
+    u = _one_file_folders(tmp_path / "stage", w, n)
     wait_for(lambda: d.count("processed") >= n, timeout=60, what="every file processed")
     # the last commits' tail (mirrors of underprocess/ removed, fsyncs) done: nothing left but the pending checks
     wait_for(lambda: not os.listdir(w / "underprocess"), what="underprocess/ empty")
@@ -309,7 +323,8 @@ def test_quiet_time_zero_does_not_spin_on_a_folder_rmdir_refuses(tmp_path: Path,
     d = daemons(env=_quiet(0))
     u = d.watch_dir / "unprocessed"
     (u / "m").mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "none", str(u / "m")], capture_output=True).returncode:
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "none", str(u / "m")], check=False,
+                      capture_output=True).returncode:
         pytest.skip("cannot mount a tmpfs (needs root)")
     try:
         # a file on another file system cannot be claimed (EXDEV): give the folder one of its own instead
@@ -322,7 +337,7 @@ def test_quiet_time_zero_does_not_spin_on_a_folder_rmdir_refuses(tmp_path: Path,
 
 
 def test_emptied_folders_go_after_one_quiet_time_not_two(tmp_path: Path, daemons) -> None:
-    """FAULT (low: emptied folders stay twice as long as said, 10 minutes by default, each holding its inotify watch
+    """FAULT, fixed this round (low: emptied folders stay twice as long as said, 10 minutes by default, each holding its inotify watch
     and its place in every scan). The check is scheduled at the claim turn's start + folder_quiet_time (monotonic),
     but spool.prune measures the quiet from the folder's ctime, which the claim's rename set later in that turn
     (a turn claims up to 32 files a worker, and more ahead): at the check the folder has been quiet for a little
@@ -334,16 +349,10 @@ def test_emptied_folders_go_after_one_quiet_time_not_two(tmp_path: Path, daemons
     quiet - wall time + now, at least FOLDER_RECHECK later), not a whole folder_quiet_time later; or take the
     check's time from the clock read after the claim's rename."""
     w = tmp_path / "w"
-    d = daemons(env=_quiet(3))
-    stage = tmp_path / "stage"
+    daemons(env=_quiet(3))
     n = 300
-    for i in range(n):
-        (stage / f"b{i:03d}").mkdir(parents=True)
-        (stage / f"b{i:03d}" / "x.txt").write_text(f"{i}\n")
-    u = w / "unprocessed"
-    for i in range(n):
-        (stage / f"b{i:03d}").rename(u / f"b{i:03d}")
-    wait_for(lambda: not any((u / f"b{i:03d}" / "x.txt").exists() for i in range(n)), what="every file claimed")
+    u = _one_file_folders(tmp_path / "stage", w, n)
+    wait_for(lambda: not any((u / f"b{i:04d}" / "x.txt").exists() for i in range(n)), what="every file claimed")
     claimed = time.monotonic()
     wait_for(lambda: not os.listdir(u), timeout=15, interval=0.05, what="every emptied folder removed")
     took = time.monotonic() - claimed
@@ -351,7 +360,7 @@ def test_emptied_folders_go_after_one_quiet_time_not_two(tmp_path: Path, daemons
 
 
 def test_sweep_gone_is_not_quadratic_in_pending_folders() -> None:
-    """FAULT (CPU: a core spun by a steady producer of small folders). Every folder leaving unprocessed/ (the daemon's
+    """FAULT, fixed this round (CPU: a core spun by a steady producer of small folders). Every folder leaving unprocessed/ (the daemon's
     own rmdir of an emptied folder too: its IN_DELETE comes back as dir_gone) costs three scans of everything known:
     Sweep.gone (every pending check), Watch.drop(below=True) (every watch) and Arrivals.forget_under (every waiting
     name). Cheap while emptied folders went after settle_time (1 s: a handful pending); with folder_quiet_time
@@ -380,7 +389,7 @@ def test_sweep_gone_is_not_quadratic_in_pending_folders() -> None:
 # 2. A watch dir that does not exist
 # =====================================================================================================================
 def test_run_on_missing_dotdot_path_does_not_claim_to_make_an_existing_watch_dir(tmp_path: Path) -> None:
-    """FAULT (low: lies to the operator, leaves a stray folder). `--watch-dir typo/../w` where w is a watch dir with
+    """FAULT, fixed this round (low: lies to the operator, leaves a stray folder). `--watch-dir typo/../w` where w is a watch dir with
     files waiting and typo/ does not exist: `ingestd status` (the kernel's view) says "typo/../w does not exist", but
     `ingestd run` makes typo/ (os.makedirs goes through it), logs WARNING watch_dir_created "the watch dir did not
     exist: made it" and at a terminal "(made now: .../typo did not exist)", then processes w's files: the watch
