@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -172,3 +173,120 @@ def test_reload_after_fixing_the_plugin_respawns_without_waiting_out_the_backoff
     assert (d.watch_dir / "processed" / "b.txt").exists(), (
         f"b.txt still waits {took:.1f} s after the plug-in was fixed and the daemon reloaded (the backoff of 4 s "
         "goes on)")
+
+
+def test_reload_storm_loses_and_doubles_nothing(tmp_path: Path, daemons) -> None:
+    """HELD. 40 SIGHUPs in 2 s (a config-management loop) while 60 files arrive: each reload retires every worker
+    and kills the ones still importing, yet once the storm ends every file is processed exactly once, none is left
+    in unprocessed/ or underprocess/, and the daemon is healthy."""
+    d = daemons(env={"INGESTD_SETTLE_TIME": "0.1"})
+    u = d.watch_dir / "unprocessed"
+    for i in range(40):
+        (u / f"f{i:02}.txt").write_text(f"line {i}\n")
+        if i < 20:
+            (u / f"g{i:02}.txt").write_text(f"more {i}\n")
+        d.signal(signal.SIGHUP)
+        time.sleep(0.05)
+    done = d.watch_dir / "processed"
+    wait_for(lambda: len(list(done.iterdir())) >= 60, timeout=10, what="60 files processed")
+    time.sleep(0.5)
+    names = sorted(p.name for p in done.iterdir())
+    assert len(names) == 60 and not list(u.iterdir())
+    assert not [p for p in (d.watch_dir / "underprocess").iterdir() if not p.name.startswith(".")]
+    assert (done / "f07.txt").read_text() == "LINE 7\n"
+    assert d.get("/healthz")[0] == 200
+
+
+def test_reload_names_only_the_settings_it_does_not_apply(tmp_path: Path, daemons) -> None:
+    """HELD. A reload with nothing changed is INFO with no not_applied; one whose config raised stall_time
+    and log_level names exactly those two (WARNING), not the routing it applies nor anything it merely re-read."""
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('mode = "uppercase"\n')
+    d = daemons("--config", str(cfg))
+    d.signal(signal.SIGHUP)
+    ev = wait_for(lambda: d.event("reloaded"), what="reloaded")
+    assert ev["level"] == "INFO" and ev.get("not_applied") is None, ev
+    cfg.write_text('mode = "lowercase"\nstall_time = 9\nlog_level = "warning"\n')
+    d.signal(signal.SIGHUP)
+    wait_for(lambda: d.count("reloaded") >= 2, what="second reloaded")
+    ev = [e for e in d.events if e.get("event") == "reloaded"][-1]
+    assert ev["level"] == "WARNING" and ev["not_applied"] == ["log_level", "stall_time"], ev
+
+
+# =====================================================================================================================
+# 2. Recursive mode: PathIndex and .ingestd/emptied
+# =====================================================================================================================
+def test_pathindex_siblings_prefixes_and_odd_names() -> None:
+    """HELD. "a" vs "ab" vs "a/b" vs "a b" and names ending in a space or holding undecodable bytes (surrogate
+    escapes): under() finds exactly the paths below a folder, discard() leaves the index as if never added."""
+    from ingestd.pathindex import PathIndex
+
+    paths = ["a", "ab", "a/b", "a/b/c", "a/bc", "a b/x", "a ", "a\udcff/z", "b/a", "x/y/z/w"]
+    idx = PathIndex(paths)
+    assert sorted(idx.under("a")) == ["a", "a/b", "a/b/c", "a/bc"]
+    assert sorted(idx.under("a", itself=False)) == ["a/b", "a/b/c", "a/bc"]
+    assert sorted(idx.under("a/b")) == ["a/b", "a/b/c"]
+    assert idx.under("x/y") == ["x/y/z/w"] and idx.under("ab") == ["ab"] and idx.under("nope") == []
+    assert sorted(idx.under("")) == sorted(paths)
+    for p in idx.under("a"):
+        idx.discard(p)
+    assert sorted(idx.under("")) == sorted(set(paths) - {"a", "a/b", "a/b/c", "a/bc"})
+    for p in paths:
+        idx.discard(p)
+    assert len(idx) == 0 and idx._kids in ({}, {"": set()})  # nothing left leading anywhere
+
+
+def _quiet(q: float) -> dict[str, str]:
+    return {**RECURSIVE, "INGESTD_SETTLE_TIME": "0.1", "INGESTD_FOLDER_QUIET_TIME": str(q)}
+
+
+@pytest.mark.parametrize("kind", ["fifo", "garbage", "folder", "symlink_zero", "newer_version"])
+def test_damaged_emptied_file_is_read_as_nothing_kept(tmp_path: Path, daemons, kind: str) -> None:
+    """HELD. .ingestd/emptied as a FIFO (no writer: an open would block), random bytes, a folder, a symlink to
+    /dev/zero, or a file of a later version's format: the daemon starts at once, processes files in subfolders and
+    removes the folders it emptied (a folder in the way of the save is logged and retried, never fatal)."""
+    w = tmp_path / "w"
+    state = w / ".ingestd"
+    state.mkdir(parents=True)
+    p = state / "emptied"
+    if kind == "fifo":
+        os.mkfifo(p)
+    elif kind == "garbage":
+        p.write_bytes(os.urandom(4096))
+    elif kind == "folder":
+        p.mkdir()
+    elif kind == "symlink_zero":
+        p.symlink_to("/dev/zero")
+    else:
+        p.write_bytes(b"ingestd-emptied-2\n" + b"\x01" * 64)
+    d = daemons(env=_quiet(0.3), watch_dir=w)
+    sub = w / "unprocessed" / "batch"
+    sub.mkdir()
+    (sub / "a.txt").write_text("a\n")
+    wait_for(lambda: (w / "processed" / "batch" / "a.txt").exists(), what="batch/a.txt processed")
+    wait_for(lambda: not sub.exists(), timeout=5, what="the emptied folder removed")
+    assert d.proc.poll() is None
+
+
+def test_kept_identity_never_removes_a_new_folder_of_the_same_name(tmp_path: Path, daemons) -> None:
+    """HELD. A folder the daemon emptied is pending (quiet time 30 s) when the daemon is killed -9 (its identity
+    saved within the second). While it is down the folder is renamed within unprocessed/ ("old"), and a producer
+    makes a fresh, empty "batch" (a new inode, even if the number is reused: its birth time differs). The next run
+    removes "old" (kept by identity, under its new name) and never the producer's fresh "batch"."""
+    w = tmp_path / "w"
+    d = daemons(env=_quiet(30), watch_dir=w)
+    u = w / "unprocessed"
+    (u / "batch").mkdir()
+    (u / "batch" / "a.txt").write_text("a\n")
+    wait_for(lambda: (w / "processed" / "batch" / "a.txt").exists(), what="batch/a.txt processed")
+    wait_for(lambda: (w / ".ingestd" / "emptied").exists(), timeout=3, what=".ingestd/emptied saved")
+    os.killpg(d.proc.pid, signal.SIGKILL)
+    d.kill()
+    shutil.rmtree(w / "processed" / "batch")  # a consumer took the results: only the kept identity tells
+    (u / "batch").rename(u / "old")
+    (u / "batch").mkdir()
+    time.sleep(0.05)
+    daemons(env=_quiet(0.3), watch_dir=w)
+    wait_for(lambda: not (u / "old").exists(), timeout=5, what="the renamed emptied folder removed")
+    time.sleep(1.0)
+    assert (u / "batch").is_dir(), "the producer's fresh folder was removed"
