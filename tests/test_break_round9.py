@@ -134,7 +134,7 @@ def test_a_worker_failing_once_at_daemon_start_is_not_a_permanent_config_error(t
     is an OSError/MemoryError (environmental by errors.py's own table)."""
     flag = tmp_path / "flag"
     flag.write_text("")
-    d = daemons(env=_plug(tmp_path, flag, ONCE), started=False)
+    d = daemons("--workers", "1", env=_plug(tmp_path, flag, ONCE), started=False)
     deadline = time.monotonic() + 8
     while time.monotonic() < deadline and d.proc.poll() is None and not d.event("started"):
         time.sleep(0.05)
