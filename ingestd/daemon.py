@@ -48,7 +48,7 @@ from ingestd.sweep import Sweep
 from ingestd.watch import Change, WatchLimit
 from ingestd.watchmode import Choice, Watcher, choose, open_watch
 from ingestd.web import Web, cannot_listen
-from ingestd.workers import Pool, Slot
+from ingestd.workers import Pool, Slot, StartInterrupted
 
 HEARTBEAT = 5.0  # seconds a main-loop turn may take (outside its wait) before /healthz calls the loop stuck
 IDLE_TURN = 60.0  # the idle loop's longest wait: a loop waiting in poll() is alive, so it wakes only for its timers
@@ -144,7 +144,9 @@ class Daemon:
         except OSError as e:
             raise cannot_listen(self.s.listen, e) from None
         self.pool = Pool(self.s, self.spool, self.clock)
-        self.pool.start()
+        # A stop signal while the workers start (a plug-in hanging at import) is acted on at once, not in 60 s.
+        self.pool.start(wake=self._wake_r,
+                        stopping=lambda: any(s in (signal.SIGTERM, signal.SIGINT) for s in self.signals))
         self._sync_poller()
         self._publish_view()  # a scrape that arrives at once must find a complete view (counts included)
         self.web.start()
@@ -201,7 +203,11 @@ class Daemon:
     # --- the main loop -----------------------------------------------------------------------------
     def run(self) -> None:
         try:
-            self.startup()
+            try:
+                self.startup()
+            except StartInterrupted:
+                self.state.phase = "stopping"  # a stop asked for during the start: stopped, as asked (exit 0)
+                return
             while self.main_loop_once():
                 pass
         finally:
@@ -921,15 +927,15 @@ class Daemon:
         code = slot.process.exitcode
         why = slot.kill_reason
         self.metrics.workers_lost.labels(slot.kill_kind).inc()
-        if why:
-            event("worker_killed", "killed a stuck worker", logging.ERROR, worker=slot.id, reason=why,
-                  file=display(job.name) if job else None)
-        elif not slot.ready:  # it never started: no file to blame; respawned after a backoff (Pool._died_at_start)
+        if not slot.ready:  # it never started: no file to blame; respawned after a backoff (Pool._died_at_start)
             if slot.start_news:  # its error once per change, not once per respawn
                 event("worker_cannot_start", "a worker cannot start; retrying with a backoff", logging.ERROR,
                       worker=slot.id, error=slot.start_error)
-            event("worker_died", "a worker died at start", logging.ERROR, worker=slot.id, exitcode=code,
-                  retry_in=slot.start_delay)
+            event("worker_died", "a worker died at start" if not why else "a worker that did not start was killed",
+                  logging.ERROR, worker=slot.id, exitcode=code, retry_in=slot.start_delay, reason=why)
+        elif why:
+            event("worker_killed", "killed a stuck worker", logging.ERROR, worker=slot.id, reason=why,
+                  file=display(job.name) if job else None)
         else:
             event("worker_died", "a worker died", logging.ERROR, worker=slot.id, exitcode=code,
                   file=display(job.name) if job else None)

@@ -19,7 +19,15 @@ from typing import Any
 
 from ingestd import inflight, worker
 from ingestd.job import Job
-from ingestd.messages import Assign, Heartbeat, Ready, Stage, StartFailed, Stop, ToParent
+from ingestd.messages import (
+    Assign,
+    Heartbeat,
+    Ready,
+    Stage,
+    StartFailed,
+    Stop,
+    ToParent,
+)
 from ingestd.names import display
 from ingestd.settings import ConfigError, Settings
 from ingestd.spool import Spool
@@ -33,6 +41,8 @@ RESPAWN_AFTER = 1.0  # seconds before a failed worker spawn is tried again
 # Respawned at once, two such workers spun both cores of a small VM (~10 deaths a second: tests/test_break_round8.py).
 START_BACKOFF = 1.0
 START_BACKOFF_MAX = 60.0
+START_MIN = 2.0  # seconds a worker may take to start (import) at least, whatever a tiny stall_time says
+MAX_START_TRIES = 3  # at the daemon's start, a slot's workers dying before Ready with one error this often: it ends
 # Seconds the parent waits for a worker's cursor lock, held by a running worker for a few microseconds per file.
 # Never longer: a POSIX semaphore is not released by a holder's death (sem_overview(7)), so a worker killed or
 # stopped inside it would otherwise block the parent's main loop for ever.
@@ -56,9 +66,9 @@ class Slot:
     retire: bool = False  # restart once idle (a reload changed the routing)
     closed: bool = False  # its pipe and process handle are released (after death or stop)
     respawn_at: float = 0.0  # monotonic: a failed respawn (EMFILE...) is tried again from then
+    spawned: float = 0.0  # monotonic: when its process was started (a worker not ready within stall_time is stuck)
     start_delay: float = 0.0  # the respawn backoff of this slot's deaths before Ready (carried to its successor)
     start_error: str | None = None  # why it could not start: what its StartFailed said, else how it exited
-    start_said: bool = False  # start_error is the worker's own (StartFailed: its routing cannot be built)
     start_news: bool = False  # that error differs from the pool's last one: the daemon logs it (once per change)
     kill_reason: str | None = None  # why the parent is killing it (stuck, over its time limit), for people
     kill_kind: str = "died"  # the same as a metric label: stalled | time_limit
@@ -90,26 +100,49 @@ class Pool:
         self.records_ok = True  # every worker so far could keep its .ingestd/inflight record (False stays False)
         self.start_error: str | None = None  # why the last worker to die before its Ready died, until one is ready
 
-    def start(self, timeout: float = 60.0) -> None:
+    def start(self, timeout: float = 60.0, wake: int | None = None,
+              stopping: Callable[[], bool] = lambda: False) -> None:
         """Spawn every worker and wait until each says it is ready, so READY=1 means work starts at once.
-        Raises ConfigError if one does not start, naming the worker's own error; the caller then calls close().
-        Exit 78 (cli) when the worker could not build the routing (the same plug-in error in the daemon exits 78 too:
-        a restart cannot fix it), else `temporary`, 75 (killed at start, or slow: a restart may succeed)."""
+
+        A worker that dies before its Ready is spawned again after the start backoff (1 s, doubling), as after the
+        start: a passing failure (a service its plug-in needs, not up yet at boot; EMFILE) must not end the daemon.
+        Raises ConfigError with `temporary` (exit 75: the daemon built this routing itself, so a worker that cannot
+        is the environment's or the plug-in's doing, which a restart may not meet again) naming the worker's own
+        error, once the same error came MAX_START_TRIES times in a row or `timeout` seconds passed; the caller then
+        calls close(). Raises StartInterrupted when `stopping()` turns true: it is looked at whenever `wake` (the
+        signal handlers' wake-up fd) is readable, so a SIGTERM is not held for the whole timeout."""
         self.slots = [self._spawn(i) for i in range(self.s.workers)]
         self._index()
-        for slot in self.slots:
-            if not slot.conn.poll(timeout):
-                err = ConfigError(f"workers: worker {slot.id} did not start within {timeout:.0f}s")
-                err.temporary = True
-                raise err
-            self.receive(slot.conn.fileno())
-            if not slot.ready:
-                if slot.start_error is None:  # no word from it (killed, or it died before main()): its exit code
-                    slot.process.join(timeout=1)  # the pipe's EOF can come a moment before the exit code
-                    slot.start_error = _exit_reason(slot.process)
-                err = ConfigError(f"worker {slot.id} could not start: {slot.start_error}")
-                err.temporary = not slot.start_said  # 78 for its own routing error, as in the daemon; else 75
-                raise err
+        deadline = self.clock() + timeout
+        streak = [0] * len(self.slots)  # each slot's deaths before Ready in a row with the same error
+        last: list[str | None] = [None] * len(self.slots)
+        while not all(s.ready for s in self.slots):
+            now = self.clock()
+            if now >= deadline:
+                late = next(s for s in self.slots if not s.ready)
+                late.start_error = late.start_error or f"it did not start within {timeout:.0f}s"
+                raise _cannot_start(late)
+            for i, slot in enumerate(self.slots):
+                if slot.dead and now >= slot.respawn_at:  # its backoff is over: try again
+                    self.slots[i] = self._spawn(slot.id)
+                    self.slots[i].start_delay = slot.start_delay  # the backoff goes on (a Ready resets it)
+                    _close(slot)
+                    self._index()
+            starting = [s for s in self.slots if not s.ready and not s.dead]
+            until = min([deadline, *(s.respawn_at for s in self.slots if s.dead)])
+            objects: list[Any] = [s.conn for s in starting] + [s.process.sentinel for s in starting]
+            multiprocessing.connection.wait(objects + ([wake] if wake is not None else []), max(0.0, until - now))
+            if stopping():
+                raise StartInterrupted("a stop signal came while the workers were starting")
+            for i, slot in enumerate(self.slots):
+                if slot.ready or slot.dead:
+                    continue
+                self.receive(slot.conn.fileno())  # a Ready, a StartFailed, or its death (then backed off)
+                if slot.dead:
+                    streak[i] = streak[i] + 1 if slot.start_error == last[i] else 1
+                    last[i] = slot.start_error
+                    if streak[i] >= MAX_START_TRIES:
+                        raise _cannot_start(slot)
 
     def _spawn(self, wid: int) -> Slot:
         parent, child = _ctx.Pipe()
@@ -121,7 +154,7 @@ class Pool:
                                self.spool.processed, self.spool.state, wid, self.s.file_exist))
         p.start()
         child.close()
-        return Slot(wid, p, parent, cursor)
+        return Slot(wid, p, parent, cursor, spawned=self.clock())
 
     def _index(self) -> None:
         self._by_fd = {}
@@ -153,7 +186,7 @@ class Pool:
                 elif isinstance(msg, Heartbeat):
                     self._beat(slot, msg)
                 elif isinstance(msg, StartFailed):
-                    slot.start_error, slot.start_said = msg.error, True
+                    slot.start_error = msg.error
                 else:
                     out.append((slot, msg))
         except (EOFError, OSError):
@@ -170,8 +203,8 @@ class Pool:
     def _died_at_start(self, slot: Slot) -> None:
         """Dead before its Ready: its successor would most likely die the same way at once, so it is respawned
         after a backoff (START_BACKOFF, doubling); a worker that dies on a file was ready, and is replaced at once."""
-        if slot.start_error is None:
-            slot.start_error = _exit_reason(slot.process)
+        if slot.start_error is None:  # killed for not starting in time, or it said nothing: how it ended
+            slot.start_error = slot.kill_reason or _exit_reason(slot.process)
         slot.start_news = slot.start_error != self.start_error  # said once per change, not once per respawn
         self.start_error = slot.start_error
         slot.start_delay = min(START_BACKOFF_MAX, slot.start_delay * 2 or START_BACKOFF)
@@ -271,10 +304,14 @@ class Pool:
         return taken
 
     def reconfigure(self, settings: Settings) -> None:
-        """New routing: every worker restarts once idle (maintain() does it)."""
+        """New routing: every worker restarts once idle (maintain() does it). A slot waiting out its start backoff
+        is tried again at once: a reload is the operator's "try now" (the plug-in fixed), not one more wait of up
+        to START_BACKOFF_MAX (tests/test_break_round9.py)."""
         self.s = settings
         for slot in self.slots:
             slot.retire = True
+            if slot.dead and not slot.ready:
+                slot.start_delay, slot.respawn_at = 0.0, 0.0
 
     def maintain(self, running: bool) -> bool:
         """Replace dead workers and restart idle retiring ones (only while running). True if the fds changed.
@@ -314,11 +351,18 @@ class Pool:
 
     # --- supervision ----------------------------------------------------------------------------------
     def stalled(self, now: float, limit: float, time_limit: float) -> list[tuple[Slot, str, str]]:
-        """Busy workers with no progress for `limit` seconds, or on one file longer than `time_limit` (0: none)."""
+        """Busy workers with no progress for `limit` seconds, or on one file longer than `time_limit` (0: none);
+        and workers not ready `limit` seconds after their spawn (a plug-in hanging at import after a reload: alive,
+        never ready, never dead, so nothing else noticed, and files waited for ever: tests/test_break_round9.py)."""
         out = []
         for s in self.slots:
+            if s.dead or s.kill_reason is not None:
+                continue
+            if not s.ready and now - s.spawned > max(limit, START_MIN):
+                out.append((s, "stalled", f"it did not start within {max(limit, START_MIN):g}s (stall_time)"))
+                continue
             job = s.job
-            if job is None or s.dead or s.kill_reason is not None:
+            if job is None:
                 continue
             if now - s.last_progress > limit:
                 out.append((s, "stalled", f"no progress for {now - s.last_progress:.1f}s (stall_time {limit:g}s)"))
@@ -395,6 +439,17 @@ class Pool:
             slot.process.kill()
             slot.process.join()
         _close(slot)
+
+
+class StartInterrupted(Exception):
+    """Pool.start() gave up waiting for the workers' Ready: a stop signal came (the daemon stops, nothing started)."""
+
+
+def _cannot_start(slot: Slot) -> ConfigError:
+    """The error that ends the daemon's start when a worker cannot start: 75 (temporary), naming its error."""
+    err = ConfigError(f"worker {slot.id} could not start: {slot.start_error or _exit_reason(slot.process)}")
+    err.temporary = True  # the daemon built this routing itself: a restart, later, may meet a worker that can
+    return err
 
 
 def _exit_reason(process: BaseProcess) -> str:
