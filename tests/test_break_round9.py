@@ -3,8 +3,8 @@ the respawn backoff, /healthz's "no worker can start"; recursive mode's PathInde
 reload's not_applied, started's settings and unknown_env). Real daemons, real files, real inotify, real plug-in
 distributions (support.plugin); no mocks.
 
-Each test's docstring says FAULT (fails now: what it shows, its severity and the fix it needs) or HELD (tried, and
-it held)."""
+Each test's docstring says FAULT (what it showed, its severity and the fix it needed; all four were fixed this round,
+and each of these tests failed before its fix) or HELD (tried, and it held)."""
 
 from __future__ import annotations
 
@@ -71,7 +71,7 @@ def _plug(tmp_path: Path, flag: Path, behaviour: str) -> dict[str, str]:
 
 
 def test_reload_to_a_plugin_hanging_at_import_in_workers_is_reported(tmp_path: Path, daemons) -> None:
-    """FAULT (wedge + lies to the operator; high). The daemon runs, then its plug-in hangs at import in new worker
+    """FAULT, fixed this round (wedge + lies to the operator; high). The daemon runs, then its plug-in hangs at import in new worker
     processes (waits for a service, a lock, an NFS mount; here a sleep while a flag file exists), and a reload
     replaces the idle workers: the new ones never say Ready and never die. The backoff and "no worker can start"
     (Pool._died_at_start) only see deaths, and Pool.start()'s 60 s limit applies only at daemon start, so: every
@@ -101,7 +101,7 @@ def test_reload_to_a_plugin_hanging_at_import_in_workers_is_reported(tmp_path: P
 
 
 def test_sigterm_while_a_worker_hangs_at_start_stops_the_daemon(tmp_path: Path, daemons) -> None:
-    """FAULT (wedge; medium). At daemon start a worker that hangs importing its plug-in holds Pool.start() in
+    """FAULT, fixed this round (wedge; medium). At daemon start a worker that hangs importing its plug-in holds Pool.start() in
     conn.poll(60): the SIGTERM handler only queues the signal, so `systemctl stop` (or Ctrl-C, or a deploy
     restarting the unit) waits the whole 60 s, the watch dir's lock held, then the daemon exits 75 as if the worker
     were the problem and never says it was asked to stop.
@@ -123,7 +123,7 @@ def test_sigterm_while_a_worker_hangs_at_start_stops_the_daemon(tmp_path: Path, 
 
 
 def test_a_worker_failing_once_at_daemon_start_is_not_a_permanent_config_error(tmp_path: Path, daemons) -> None:
-    """FAULT (daemon stays down after a transient; medium). A plug-in whose import fails once in a worker for a
+    """FAULT, fixed this round (daemon stays down after a transient; medium). A plug-in whose import fails once in a worker for a
     passing reason (a service not up yet at boot, EMFILE, ENOMEM: here OSError ECONNREFUSED the first time only) ends
     `run` with exit 78, "worker 0 could not start: ...". The daemon itself had just imported the same plug-in fine,
     so this is the environment, not the configuration; but 78 is what the packaged unit's RestartPreventExitStatus=78
@@ -147,7 +147,7 @@ def test_a_worker_failing_once_at_daemon_start_is_not_a_permanent_config_error(t
 
 
 def test_reload_after_fixing_the_plugin_respawns_without_waiting_out_the_backoff(tmp_path: Path, daemons) -> None:
-    """FAULT (delays real work, and the operator's reload does nothing; low-medium). After a reload to a plug-in
+    """FAULT, fixed this round (delays real work, and the operator's reload does nothing; low-medium). After a reload to a plug-in
     that cannot load in workers, each death doubles the slot's respawn delay (1, 2, 4 ... 60 s). The operator fixes
     the plug-in and reloads (`systemctl reload`, the documented way to apply it): Pool.reconfigure() marks the
     slots retiring but maintain() still skips a dead slot until its respawn_at, so the files keep waiting for the
