@@ -14,7 +14,7 @@ from collections.abc import Iterable
 class PathIndex:
     """A set of relative paths, each also reachable from every folder above it ("" is the top)."""
 
-    __slots__ = ("_members", "_kids")
+    __slots__ = ("_kids", "_members")
 
     def __init__(self, paths: Iterable[str] = ()) -> None:
         self._members: set[str] = set()

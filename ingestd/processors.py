@@ -124,7 +124,7 @@ def _factory(name: str) -> Factory:
             factory = next(iter(found)).load()
         except KeyboardInterrupt:
             raise  # Ctrl-C during the import is the person's, not the plug-in's
-        except BaseException as e:  # noqa: BLE001 - anything, KeyError too: never "unknown processor"; SystemExit
+        except BaseException as e:
             # too (argparse or sys.exit() at import): it ended `run` with exit 0, which systemd does not restart
             raise LoadError(f"processor {name!r} could not be loaded: {type(e).__name__}: {e}") from e
     return factory

@@ -348,3 +348,22 @@ def need_redis() -> None:
         pytest.fail(f"missing {', '.join(missing)}, and CI=true: the distributed tests must run there")
     pytest.skip(f"missing {', '.join(missing)} (tests/system-deps.sh installs redis-server as root)")
 
+
+
+def daemon_group(tmp_path: Path) -> Iterator[Callable[..., DaemonProcess]]:
+    """For a fixture: yields start(*args, env=, watch_dir=, started=True) -> DaemonProcess, each daemon in a session
+    of its own under tmp_path (watch dir tmp_path/w by default); at the end every one is killed with its workers
+    (killpg), and its stderr pipe closed, even if it ended by itself (a start-up failure: else a ResourceWarning)."""
+    procs: list[DaemonProcess] = []
+
+    def start(*args: str, env: dict[str, str] | None = None, watch_dir: Path | None = None,
+              started: bool = True) -> DaemonProcess:
+        d = DaemonProcess(watch_dir or tmp_path / "w", *args, env=env, cwd=tmp_path, new_session=True)
+        procs.append(d)
+        return d.started() if started else d
+
+    yield start
+    for d in procs:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(d.proc.pid, signal.SIGKILL)  # the daemon and any worker that outlived it
+        d.kill()

@@ -21,6 +21,7 @@ from support import (
     DaemonProcess,
     clean_env,
     cpu_used,
+    daemon_group,
     plugin,
     wait_for,
     with_path,
@@ -33,24 +34,7 @@ RECURSIVE = {"INGESTD_RECURSIVE": "true"}
 @pytest.fixture
 def daemons(tmp_path: Path) -> Iterator:
     """Start real daemons (each in a session of its own); every one is killed with its workers at the end."""
-    procs: list[DaemonProcess] = []
-
-    def _start(*args: str, env: dict[str, str] | None = None, watch_dir: Path | None = None,
-               started: bool = True) -> DaemonProcess:
-        d = DaemonProcess(watch_dir or tmp_path / "w", *args, env=env, cwd=tmp_path, new_session=True)
-        procs.append(d)
-        return d.started() if started else d
-
-    yield _start
-    for d in procs:
-        if d.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(d.proc.pid, signal.SIGKILL)
-            d.kill()
-        else:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(d.proc.pid, signal.SIGKILL)  # its workers, if any outlived it
-            d.kill()  # ended by itself (a start-up failure): its stderr pipe still needs closing (ResourceWarning)
+    yield from daemon_group(tmp_path)
 
 
 def _cli(tmp_path: Path, *args: str, env: dict[str, str] | None = None,

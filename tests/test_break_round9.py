@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support import DaemonProcess, plugin, wait_for, with_path
+from support import daemon_group, plugin, wait_for, with_path
 
 INGESTD = [sys.executable, "-m", "ingestd"]
 RECURSIVE = {"INGESTD_RECURSIVE": "true"}
@@ -28,19 +28,7 @@ RECURSIVE = {"INGESTD_RECURSIVE": "true"}
 @pytest.fixture
 def daemons(tmp_path: Path) -> Iterator:
     """Start real daemons (each in a session of its own); every one is killed with its workers at the end."""
-    procs: list[DaemonProcess] = []
-
-    def _start(*args: str, env: dict[str, str] | None = None, watch_dir: Path | None = None,
-               started: bool = True) -> DaemonProcess:
-        d = DaemonProcess(watch_dir or tmp_path / "w", *args, env=env, cwd=tmp_path, new_session=True)
-        procs.append(d)
-        return d.started() if started else d
-
-    yield _start
-    for d in procs:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(d.proc.pid, signal.SIGKILL)  # the daemon and any worker that outlived it
-        d.kill()
+    yield from daemon_group(tmp_path)
 
 
 # =====================================================================================================================
