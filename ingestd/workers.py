@@ -131,7 +131,14 @@ class Pool:
             starting = [s for s in self.slots if not s.ready and not s.dead]
             until = min([deadline, *(s.respawn_at for s in self.slots if s.dead)])
             objects: list[Any] = [s.conn for s in starting] + [s.process.sentinel for s in starting]
-            multiprocessing.connection.wait(objects + ([wake] if wake is not None else []), max(0.0, until - now))
+            woke = multiprocessing.connection.wait(objects + ([wake] if wake is not None else []),
+                                                   max(0.0, until - now))
+            if wake is not None and wake in woke:
+                # Drained here: left readable (a SIGHUP, which does not stop the start), each wait returned at once
+                # and the loop spun until the workers were ready. The signals themselves stay in the daemon's list.
+                with contextlib.suppress(OSError):
+                    while os.read(wake, 512):
+                        pass
             if stopping():
                 raise StartInterrupted("a stop signal came while the workers were starting")
             for i, slot in enumerate(self.slots):

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support import daemon_group, plugin, wait_for, with_path
+from support import cpu_used, daemon_group, plugin, wait_for, with_path
 
 INGESTD = [sys.executable, "-m", "ingestd"]
 RECURSIVE = {"INGESTD_RECURSIVE": "true"}
@@ -278,3 +278,19 @@ def test_kept_identity_never_removes_a_new_folder_of_the_same_name(tmp_path: Pat
     wait_for(lambda: not (u / "old").exists(), timeout=5, what="the renamed emptied folder removed")
     time.sleep(1.0)
     assert (u / "batch").is_dir(), "the producer's fresh folder was removed"
+
+
+def test_sighup_while_a_worker_hangs_at_start_does_not_spin(tmp_path: Path, daemons) -> None:
+    """Found reading the fix of the SIGTERM test above: Pool.start() waits on the signals' wake-up fd too, and a
+    SIGHUP (which does not stop a start) left it readable, so every wait returned at once: a core spun until the
+    workers were ready (up to 60 s with a worker hanging at import). The fd is drained; SIGTERM still stops it."""
+    flag = tmp_path / "flag"
+    flag.write_text("")
+    d = daemons(env=_plug(tmp_path, flag, HANG), started=False)
+    time.sleep(2)  # the daemon waits for its worker's Ready
+    d.signal(signal.SIGHUP)
+    time.sleep(0.3)
+    used = cpu_used(d.proc.pid, 1.0)
+    assert used < 0.3, f"the daemon used {used:.2f} s of CPU in 1 s while a worker hangs at start after a SIGHUP"
+    d.signal(signal.SIGTERM)
+    assert d.proc.wait(timeout=5) is not None
