@@ -294,3 +294,17 @@ def test_sighup_while_a_worker_hangs_at_start_does_not_spin(tmp_path: Path, daem
     assert used < 0.3, f"the daemon used {used:.2f} s of CPU in 1 s while a worker hangs at start after a SIGHUP"
     d.signal(signal.SIGTERM)
     assert d.proc.wait(timeout=5) is not None
+
+
+def test_a_sighup_during_the_start_is_acted_on_once_started(tmp_path: Path, daemons) -> None:
+    """HELD. The SIGHUP of the test above, with a worker slow (2 s) but not stuck at import: Pool.start drained its
+    wake-up byte, yet the signal waits in the daemon's list and is a reload at the first turns after the start."""
+    flag = tmp_path / "flag"
+    flag.write_text("")
+    d = daemons(env=_plug(tmp_path, flag, "    time.sleep(2)"), started=False)
+    time.sleep(0.8)  # the daemon waits for its worker's Ready
+    d.signal(signal.SIGHUP)
+    wait_for(lambda: d.event("started"), timeout=10, what="started")
+    t0 = time.monotonic()
+    wait_for(lambda: d.event("reloaded"), timeout=10, what="the reload asked for during the start")
+    assert time.monotonic() - t0 < 2, "the SIGHUP queued during the start waited for a timer"
