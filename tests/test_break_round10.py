@@ -8,7 +8,6 @@ Each test's docstring says FAULT (what it showed, its severity and the fix it ne
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import time
@@ -16,7 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support import DaemonProcess, daemon_group, plugin, wait_for, with_path
+from support import DaemonProcess, cpu_used, daemon_group, wait_for
+from test_break_round9 import HANG, RAISE, _plug
 
 
 @pytest.fixture
@@ -25,39 +25,9 @@ def daemons(tmp_path: Path) -> Iterator:
     yield from daemon_group(tmp_path)
 
 
-# In the daemon it imports; in a worker process, while the flag file exists, it does what BEHAVIOUR says.
-IN_WORKERS = """
-import multiprocessing, os, threading, time
-if multiprocessing.parent_process() is not None and os.path.exists({flag!r}):
-{behaviour}
-def make():
-    return str.upper
-"""
-HANG = "    time.sleep(3600)  # a plug-in waiting at import for a service, a lock, a network mount"
-RAISE = "    raise RuntimeError('cannot start in a worker')"
-# Raises (so the worker sends StartFailed and exits 1), but a non-daemon thread it started holds the exit for ever:
-# a client library's background connection thread, say.
-RAISE_STUCK = ("    threading.Thread(target=time.sleep, args=(3600,), daemon=False).start()\n"
-               "    raise RuntimeError('cannot start in a worker; my thread holds the exit')")
-
-
-def _plug(tmp_path: Path, flag: Path, behaviour: str) -> dict[str, str]:
-    module = IN_WORKERS.format(flag=str(flag), behaviour=behaviour.format(flag=str(flag)))
-    root = plugin(tmp_path / "plug", "wplug10", module, {"w10": "wplug10:make"})
-    return {**with_path(root), "INGESTD_MODE": "w10", "INGESTD_SETTLE_TIME": "0.1"}
-
-
-def _cpu(pid: int) -> float:
-    """Seconds of CPU (user + system) the process has used."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def _busy(pid: int, seconds: float) -> float:
     """The share of one core the process used over the next `seconds`."""
-    c0, t0 = _cpu(pid), time.monotonic()
-    time.sleep(seconds)
-    return (_cpu(pid) - c0) / (time.monotonic() - t0)
+    return cpu_used(pid, seconds, after=0) / seconds
 
 
 def _files(folder: Path) -> list[str]:

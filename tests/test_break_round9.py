@@ -36,7 +36,7 @@ def daemons(tmp_path: Path) -> Iterator:
 # =====================================================================================================================
 # Imports in the daemon; in a worker process, while the flag file exists, does what BEHAVIOUR says.
 IN_WORKERS = """
-import multiprocessing, os, time
+import multiprocessing, os, threading, time
 if multiprocessing.parent_process() is not None and os.path.exists({flag!r}):
 {behaviour}
 def make():
