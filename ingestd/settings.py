@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import math
 import os
+import stat
 from collections.abc import Callable, Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
@@ -232,14 +234,10 @@ def load(
 ) -> Settings:
     """Merge every source; raise ConfigError on the first bad value."""
     environ = os.environ if environ is None else environ
-    dotenv_path = (cwd or Path.cwd()) / ".env"
     dotenv: dict[str, str] = {}
     dotenv_src: dict[str, str] = {}
-    if dotenv_path.is_file():
-        # Imported here: ~5 ms of start-up when there is no .env.
-        from dotenv import dotenv_values
-
-        raw = dotenv_values(dotenv_path)
+    if raw := _read_dotenv(cwd):
+        dotenv_path = _dotenv_name(cwd)
         _unknown_in_dotenv(raw, dotenv_path)
         dotenv, dotenv_src = _from_env(raw, f" in {dotenv_path}")
     env, env_src = _from_env(environ)
@@ -270,6 +268,41 @@ def load(
                                          where=lambda k: next((s[k] for s in sources if k in s), k))
     known = {f.name for f in fields(Settings)}
     return Settings(**{k: v for k, v in values.items() if k in known})
+
+
+def _read_dotenv(cwd: Path | None) -> dict[str, str | None]:
+    """The variables of the working directory's .env (`cwd`'s when given), {} when it has none. Without `cwd` the
+    file is found by the relative name `.env`, never by an absolute path: a working directory deeper than PATH_MAX
+    (4096 bytes) makes its absolute path ENAMETOOLONG for every call, and a removed one has none (os.getcwd raises
+    ENOENT), while the kernel still resolves `.env` from it. Raises ConfigError, one line naming the errno, when the
+    .env cannot be looked at or read (EACCES: a working directory or file this user may not read, e.g. after sudo -u)
+    or is not UTF-8."""
+    path = cwd / ".env" if cwd is not None else Path(".env")
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return {}
+        # Imported here: ~5 ms of start-up when there is no .env.
+        from dotenv import dotenv_values
+
+        with open(path, encoding="utf-8") as f:  # dotenv_values(path) opens it in UTF-8 too
+            return dotenv_values(stream=f)
+    except (FileNotFoundError, NotADirectoryError):
+        return {}
+    except OSError as e:
+        raise ConfigError(f".env: cannot read {_dotenv_name(cwd)}: {e.strerror} "
+                          f"({errno.errorcode.get(e.errno or 0, e.errno)}); run ingestd from another folder") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f".env: {_dotenv_name(cwd)} is not UTF-8 text (byte {e.start})") from None
+
+
+def _dotenv_name(cwd: Path | None) -> Path:
+    """The .env's path for messages: absolute when the working directory has a name (os.getcwd), else `.env`."""
+    if cwd is not None:
+        return cwd / ".env"
+    try:
+        return Path(os.getcwd(), ".env")
+    except OSError:  # ENOENT: the working directory was removed
+        return Path(".env")
 
 
 def _read_toml(path: Path) -> dict[str, Any]:

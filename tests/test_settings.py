@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -487,3 +492,51 @@ def test_changed_settings_and_unknown_variables_are_told(cwd: Path) -> None:
     assert s.changed() == {"recursive": True, "folder_quiet_time": 9.0}
     assert load({"watch_dir": "/srv/q"}, environ={}, cwd=cwd).changed() == {"watch_dir": "/srv/q"}
     assert unknown_env({"INGESTD_RECURSIV": "true", "INGESTD_WORKERS": "2", "PATH": "/bin"}) == ["INGESTD_RECURSIV"]
+
+
+# --- a working directory deeper than PATH_MAX --------------------------------------------------------------------
+@contextlib.contextmanager
+def deep_cwd(root: Path) -> Iterator[None]:
+    """The working directory inside a chain of folders under root whose absolute path passes PATH_MAX (4096 bytes),
+    made and entered by relative steps (no path to it fits in one system call), left again by an fd on return."""
+    back = os.open(".", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.chdir(root)
+        for _ in range(21):  # 21 * 201 bytes > 4096
+            os.mkdir("d" * 200)
+            os.chdir("d" * 200)
+        yield
+    finally:
+        os.fchdir(back)
+        os.close(back)
+
+
+def test_a_working_directory_deeper_than_path_max_still_finds_its_dotenv(tmp_path: Path) -> None:
+    """Found: `ingestd status` (every command) from such a folder died in a traceback, OSError ENAMETOOLONG: the .env
+    was looked for by its absolute path. The kernel still resolves `.env` from there: it is read."""
+    with deep_cwd(tmp_path):
+        assert load({}, environ={}).mode == "uppercase"  # no .env: the defaults
+        Path(".env").write_text("MODE=lowercase\n")
+        assert load({}, environ={}).mode == "lowercase"
+
+
+def test_a_dotenv_that_is_not_utf8_is_one_line(cwd: Path) -> None:
+    """Found beside the above: it raised UnicodeDecodeError, a traceback."""
+    (cwd / ".env").write_bytes(b"MODE=lower\xffcase\n")
+    assert bad({}, cwd) == f".env: {cwd}/.env is not UTF-8 text (byte 10)"
+
+
+def test_a_working_directory_this_user_cannot_search_is_one_line(tmp_path: Path) -> None:
+    """Its .env cannot be looked at (EACCES, e.g. `sudo -u` from a home folder): a ConfigError naming it, not an
+    OSError's traceback. Run as the user nobody in a child, as root passes every permission check."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to run a child as the user nobody")
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    code = ("import os; from ingestd.settings import ConfigError, load\n"  # imported first: the interpreter may be under /root
+            "os.setgroups([]); os.setgid(65534); os.setuid(65534)\n"
+            "try: load({}, environ={})\n"
+            "except ConfigError as e: print(e)\n")
+    r = subprocess.run([sys.executable, "-c", code], check=False, cwd=private, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and not r.stderr, r.stderr
+    assert r.stdout == f".env: cannot read {private}/.env: Permission denied (EACCES); run ingestd from another folder\n"
