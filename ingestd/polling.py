@@ -222,9 +222,8 @@ class Poller:
 
     def _diff(self, rel: str, gen: int, old: dict[str, Sig] | None, now: dict[str, Sig],
               out: list[tuple[str, int, Change]]) -> None:
-        """Append the changes from listing `old` (None: never listed) to `now` of folder `rel`."""
-        with self._lock:
-            watched = set(self._dirs)
+        """Append the changes from listing `old` (None: never listed) to `now` of folder `rel`. Costs what the two
+        listings hold: never a copy of every watched folder (one per folder listed was quadratic in them, each round)."""
 
         def path(name: str) -> str:
             return f"{rel}/{name}" if rel else name
@@ -232,13 +231,15 @@ class Poller:
         def appeared(name: str, sig: Sig) -> None:
             if sig[1] >= 0:
                 out.append((rel, gen, Change("listed", path(name))))
-            elif old is not None or path(name) not in watched:  # a first listing: folders watched are known
+            elif old is not None or path(name) not in known:  # a first listing: folders watched are known
                 out.append((rel, gen, Change("dir_in", path(name))))
 
         def vanished(name: str, sig: Sig) -> None:
             out.append((rel, gen, Change("gone" if sig[1] >= 0 else "dir_gone", path(name))))
 
         if old is None:
+            with self._lock:  # the subfolders of this listing watched now (the main thread adds and drops)
+                known = {path(n) for n, sig in now.items() if sig[1] < 0 and path(n) in self._dirs}
             for name, sig in now.items():
                 appeared(name, sig)
             return
