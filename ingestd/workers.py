@@ -19,6 +19,7 @@ from typing import Any
 
 from ingestd import inflight, worker
 from ingestd.job import Job
+from ingestd.log import event
 from ingestd.messages import (
     Assign,
     Heartbeat,
@@ -99,6 +100,10 @@ class Pool:
         self.spawn_error: str | None = None  # the last failed respawn, until one succeeds
         self.records_ok = True  # every worker so far could keep its .ingestd/inflight record (False stays False)
         self.start_error: str | None = None  # why the last worker to die before its Ready died, until one is ready
+        # Since workers could not start (the spawn of the first to die before its Ready once the daemon runs: the
+        # daemon said worker_cannot_start), and how many died so, until one is ready (workers_recovered says both).
+        self.failing: tuple[float, int] | None = None
+        self._starting = False  # in start(): deaths there are start()'s to judge, and the daemon logs none
 
     def start(self, timeout: float = 60.0, wake: int | None = None,
               stopping: Callable[[], bool] = lambda: False) -> None:
@@ -111,6 +116,13 @@ class Pool:
         error, once the same error came MAX_START_TRIES times in a row or `timeout` seconds passed; the caller then
         calls close(). Raises StartInterrupted when `stopping()` turns true: it is looked at whenever `wake` (the
         signal handlers' wake-up fd) is readable, so a SIGTERM is not held for the whole timeout."""
+        self._starting = True
+        try:
+            self._start(timeout, wake, stopping)
+        finally:
+            self._starting = False
+
+    def _start(self, timeout: float, wake: int | None, stopping: Callable[[], bool]) -> None:
         self.slots = [self._spawn(i) for i in range(self.s.workers)]
         self._index()
         deadline = self.clock() + timeout
@@ -187,6 +199,7 @@ class Pool:
                 if isinstance(msg, Ready):
                     slot.ready, slot.start_delay = True, 0.0  # it starts: its successors respawn at once again
                     self.start_error = None
+                    self._recovered(slot)
                     if not msg.marker_ok:  # its record would lie after a crash: make recovery count every file
                         inflight.set_record(self.spool.state, slot.id, inflight.UNKNOWN)
                         self.records_ok = False
@@ -214,8 +227,21 @@ class Pool:
             slot.start_error = slot.kill_reason or _exit_reason(slot.process)
         slot.start_news = slot.start_error != self.start_error  # said once per change, not once per respawn
         self.start_error = slot.start_error
+        if not self._starting:  # the daemon says worker_cannot_start (its error is news: the first since a Ready)
+            since, deaths = self.failing or (slot.spawned, 0)
+            self.failing = (since, deaths + 1)
         slot.start_delay = min(START_BACKOFF_MAX, slot.start_delay * 2 or START_BACKOFF)
         slot.respawn_at = self.clock() + slot.start_delay
+
+    def _recovered(self, slot: Slot) -> None:
+        """A worker is ready after workers could not start (worker_cannot_start was logged): said once, INFO, with
+        how long they could not (seconds from the spawn of the first that died before its Ready) and how many died
+        so; the next death before a Ready starts a new count (and is said again as worker_cannot_start)."""
+        if self.failing is None:
+            return
+        (since, deaths), self.failing = self.failing, None
+        event("workers_recovered", "a worker started again after workers could not start", worker=slot.id,
+              duration=round(self.clock() - since, 3), failed_starts=deaths)
 
     def started(self) -> int:
         """Workers alive that said Ready (a worker still importing, or one that cannot start, is not counted)."""

@@ -19,7 +19,7 @@ import pytest
 
 from ingestd import settings as settings_mod
 from ingestd.daemon import MAX_INTERNAL_ERRORS, Daemon
-from support import HANG_ROUTING, folder
+from support import HANG_ROUTING, folder, plugin
 
 SLOW_ROUTING = '[[filters]]\nmatch = "*"\nprocessor = "slow"\nseconds = 0.002\n'
 
@@ -599,3 +599,48 @@ def test_a_reload_says_which_changed_settings_it_did_not_apply(loop, tmp_path: P
     lp.d._on_signal(signal.SIGHUP, None)
     lp.until(lambda: len(events("reloaded")) == 2, what="a second reload")
     assert events("reloaded")[1].levelno == logging.INFO and events("reloaded")[1].not_applied is None
+
+
+# Imports in the daemon (this process); in a worker process, while the flag file exists, raises at import: a service
+# the plug-in needs at import down for a while (tests/test_break_round9.py makes the same with a subprocess daemon).
+FAILS_IN_WORKERS = """
+import multiprocessing, os
+if multiprocessing.parent_process() is not None and os.path.exists({flag!r}):
+    raise OSError(111, 'Connection refused (a licence server the plug-in asks at import)')
+def make():
+    return str.upper
+"""
+
+
+def test_workers_starting_again_after_they_could_not_is_said_once_and_healthz_clears(
+        loop, tmp_path: Path, events, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found in review: after worker_cannot_start (ERROR; /healthz "no worker can start: ..."), nothing said when
+    workers worked again: an operator reading the log could not tell whether the outage was over, nor how long it
+    lasted. One workers_recovered (INFO) at the first Ready since, with how long they could not start and how many
+    died so; /healthz is ok again. The backoff (1 s, then 2 s) is skipped by moving the daemon's clock."""
+    flag = tmp_path / "flag"
+    root = plugin(tmp_path / "plug", "recplug", FAILS_IN_WORKERS.format(flag=str(flag)), {"rec": "recplug:make"})
+    monkeypatch.syspath_prepend(root)  # the spawned workers get this sys.path too
+    lp = loop(mode="rec")
+    d = lp.d
+    d._reload_settings = lambda: d.s
+    lp.until(lambda: d.pool.idle(), what="an idle worker")
+    flag.write_text("")
+    d._on_signal(signal.SIGHUP, None)  # the idle worker is replaced by one that cannot import the plug-in
+    lp.drop("b.txt", b"b\n")
+    lp.until(lambda: events("worker_cannot_start"), what="worker_cannot_start")
+    lp.clock.advance(1.0)  # the first backoff: a second worker dies the same way
+    lp.until(lambda: len(events("worker_died")) == 2, what="a second death at start")
+    # Asked now, b.txt waiting: one more turn would wait out the real 2 s backoff and spawn the next worker.
+    assert d.health() == ("no worker can start: mode: processor 'rec' could not be loaded: ConnectionRefusedError: "
+                          "[Errno 111] Connection refused (a licence server the plug-in asks at import)")
+    assert not events("workers_recovered")
+    flag.unlink()  # the service is back
+    lp.clock.advance(2.0)
+    lp.until(lambda: lp.result("b.txt"), what="b.txt processed by a worker that started")
+    (said,) = events("workers_recovered")
+    assert said.levelno == logging.INFO and said.worker == 0 and said.failed_starts == 2, said.__dict__
+    assert 3.0 <= said.duration < 10.0, said.duration  # the 3 s of backoff skipped, and the real time taken
+    assert d.health() is None
+    assert len(events("worker_cannot_start")) == 1 and len(events("workers_recovered")) == 1
+    assert not events("internal_error")
