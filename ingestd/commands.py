@@ -103,19 +103,19 @@ def _report(settings: Settings, spool: Spool) -> dict[str, Any]:
     """The fields `status --json` shares with /api/status have its shape (docs/api.md): watch_dir, counts,
     recent (the daemon's entries: file, result, duration, finished_at, reason, seq), failures (sidecar records)."""
     try:
-        counts = spool.counts(settings.recursive, {o.path for o in settings.routing.outputs})
-        # Names the daemon never claims (dot-files, *.tmp, *.part...) are not waiting, nor with done_marker the
-        # NAME.done markers themselves (they vouch for a file, they are none); the daemon counts the same.
+        outputs = {o.path for o in settings.routing.outputs}
+        counts = spool.counts(settings.recursive, outputs)
         # Folders are never claimed: with recursive on, the files inside them wait; off, they are left as they are.
         names, folders = Spool.split(spool.unprocessed)
         if settings.recursive:
             names, folders = spool.files(spool.unprocessed), []
-        counts["unprocessed"] = sum(1 for n in names
-                                    if not ignored(n) and not (settings.done_marker and n.endswith(DONE_SUFFIX)))
+        counts["unprocessed"] = _waiting(settings, names)
+        daemon = spool.holder()
         return {
             "watch_dir": str(spool.root.resolve()),
-            "daemon": spool.holder(),
+            "daemon": daemon,
             "counts": counts,
+            "not_counted": None if daemon is not None else _not_counted(settings, spool, counts, outputs),
             "folders_left": {"count": len(folders), "names": [display(n) for n in sorted(folders)[: settings.recent]],
                              "recursive": settings.recursive},
             "in_progress": [display(n) for n in sorted(spool.files(spool.underprocess))],
@@ -129,10 +129,37 @@ def _report(settings: Settings, spool: Spool) -> dict[str, Any]:
         raise FolderError(e.filename or str(spool.root), e) from None
 
 
+def _waiting(settings: Settings, names: list[str]) -> int:
+    """How many of these names in unprocessed/ wait. Names the daemon never claims (dot-files, *.tmp, *.part...)
+    do not, nor with done_marker the NAME.done markers themselves (they vouch for a file, they are none); the daemon
+    counts the same."""
+    return sum(1 for n in names if not ignored(n) and not (settings.done_marker and n.endswith(DONE_SUFFIX)))
+
+
+def _not_counted(settings: Settings, spool: Spool, counts: dict[str, int], outputs: set[str]) -> dict[str, Any] | None:
+    """No daemon runs, and `counts` were made with recursive off (this shell's settings), while the last daemon here
+    ran with it on (its label stays in .ingestd/lock after it stops): what that daemon counted besides, {"processed":
+    results in folders of processed/ (routed output folders this shell knows of left out), "unprocessed": files
+    waiting in folders of unprocessed/, "last_daemon": its label ("pid N on HOST, recursive")}. None when nothing is
+    left out, or there is no such evidence: then subfolders of processed/ are routed outputs, never counted. With a
+    broker the label is not the cluster's (its scanner takes no lock here): None."""
+    if settings.recursive or settings.broker:
+        return None
+    last = spool._label()  # the label, kept after the daemon stops (holder() gives it only while the lock is held)
+    if not Spool.noted(last, RECURSIVE_NOTE):
+        return None
+    processed = spool.kept(True, outputs)["processed"] - counts["processed"]
+    unprocessed = _waiting(settings, spool.files(spool.unprocessed)) - counts["unprocessed"]
+    if processed <= 0 and unprocessed <= 0:
+        return None
+    return {"processed": max(0, processed), "unprocessed": max(0, unprocessed), "last_daemon": last}
+
+
 def _text(report: dict[str, Any]) -> list[str]:
     out = [f"watch dir   {report['watch_dir']}",
            f"daemon      {'running (' + report['daemon'] + ')' if report['daemon'] else 'not running'}",
            "folders     " + "  ".join(f"{f} {report['counts'][f]}" for f in FOLDERS),
+           *([_not_counted_line(report["not_counted"])] if report.get("not_counted") else []),
            _claimed_line(report),
            *([_folders_line(report["folders_left"], "broker" in report)] if report["folders_left"]["count"] else []),
            *(_cluster_lines(report) if "broker" in report else []),
@@ -146,6 +173,15 @@ def _text(report: dict[str, Any]) -> list[str]:
         out.append(f"  {when(f.get('failed_at_unix'))}  {f['name']}: {f['reason']}{line}, "
                    f"attempts {f.get('attempts') or '?'}")
     return out
+
+
+def _not_counted_line(left: dict[str, Any]) -> str:
+    """Under the counts: what the last daemon, recursive, counted besides, why not here, and how to count it."""
+    what = [f"{plural(left['processed'], 'result')} in folders of processed/" if left["processed"] else "",
+            f"{plural(left['unprocessed'], 'file')} waiting in folders of unprocessed/" if left["unprocessed"] else ""]
+    who = left["last_daemon"].removesuffix(", " + RECURSIVE_NOTE)
+    return (f"not counted {', '.join(filter(None, what))} (recursive is off here; the last daemon, {who}, ran with "
+            "it on: INGESTD_RECURSIVE=true ingestd status counts them)")
 
 
 def _claimed_line(report: dict[str, Any]) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import tempfile
 import threading
@@ -508,3 +509,49 @@ def test_requeue_accepts_the_escaped_name_status_prints(tmp_path: Path) -> None:
     assert os.listdir(spool.unprocessed) == [name] and folder(spool.root, "failed") == []
     r = cli("requeue", "--watch-dir", str(spool.root), "nope.txt")
     assert (r.returncode, r.stderr) == (1, "ingestd: not in failed/: nope.txt\n")
+
+
+def test_status_without_a_daemon_says_what_the_last_recursive_daemon_counted_besides(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Found in review: a daemon with recursive = true in its own settings (a config file, the unit's environment)
+    stops; `status` from a shell without that setting counts as recursive off (README: "when no daemon runs, from
+    the environment and .env"), so processed/'s results in folders dropped out of the count and the files waiting in
+    folders of unprocessed/ with them, with no word, while the running daemon's status had counted them. Its lock
+    label ("pid N on HOST, recursive") stays after it stops: status says what was left out and how to count it, and
+    the two counts add up to the recursive one. failed/ counts its folders' files either way. In process: status()
+    is what `ingestd status` runs; the label is written by the daemon's own Spool.lock()."""
+    from ingestd import commands
+    from ingestd import settings as settings_mod
+
+    spool = watch(tmp_path / "w")
+    spool.lock(note="recursive")  # as a recursive daemon's start does; its stop leaves the label
+    spool.unlock()
+    Path(spool.processed, "top.txt").write_bytes(b"T")
+    os.makedirs(os.path.join(spool.processed, "batch", "deep"))
+    Path(spool.processed, "batch", "a.txt").write_bytes(b"A")
+    Path(spool.processed, "batch", "deep", "b.txt").write_bytes(b"B")
+    os.makedirs(os.path.join(spool.underprocess, "batch"))
+    failed_file(spool, "batch/bad.bin", NOW)
+    os.makedirs(os.path.join(spool.unprocessed, "later"))
+    Path(spool.unprocessed, "later", "x.txt").write_bytes(b"x")
+    Path(spool.unprocessed, "later", "x.tmp").write_bytes(b"x")  # never claimed: not waiting
+
+    def status(as_json: bool, **env: str) -> str:
+        s = settings_mod.load({"watch_dir": str(spool.root)}, environ=env, cwd=tmp_path)
+        assert commands.status(s, as_json) == 0
+        return capsys.readouterr().out
+
+    doc = json.loads(status(True))
+    assert doc["daemon"] is None and doc["counts"] == {"unprocessed": 0, "underprocess": 0, "processed": 1, "failed": 1}
+    label = f"pid {os.getpid()} on {socket.gethostname()}"
+    assert doc["not_counted"] == {"processed": 2, "unprocessed": 1, "last_daemon": label + ", recursive"}, doc
+    assert (f"not counted 2 results in folders of processed/, 1 file waiting in folders of unprocessed/ (recursive "
+            f"is off here; the last daemon, {label}, ran with it on: INGESTD_RECURSIVE=true ingestd status counts "
+            "them)\n") in status(False)
+    full = json.loads(status(True, INGESTD_RECURSIVE="true"))  # as the daemon counted them
+    assert full["counts"] == {"unprocessed": 1, "underprocess": 0, "processed": 3, "failed": 1}
+    assert full["not_counted"] is None and "not counted" not in status(False, INGESTD_RECURSIVE="true")
+    # The last daemon was not recursive: folders of processed/ are routed outputs (processed/errors/), never counted.
+    spool.lock()
+    spool.unlock()
+    assert json.loads(status(True))["not_counted"] is None and "not counted" not in status(False)
