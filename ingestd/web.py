@@ -39,7 +39,9 @@ def cannot_listen(address: str, e: OSError) -> Exception:
     another instance), exit 78 otherwise (EADDRNOTAVAIL: no such address here; EACCES: a privileged port)."""
     from ingestd.settings import ConfigError
 
-    err = ConfigError(f"listen: cannot listen on {address}: {e.strerror}")
+    hint = " (another ingestd or program has it: give another with --listen or INGESTD_LISTEN, e.g. 127.0.0.1:0 " \
+        "for any free port)" if e.errno == errno.EADDRINUSE else ""
+    err = ConfigError(f"listen: cannot listen on {address}: {e.strerror}{hint}")
     err.temporary = e.errno == errno.EADDRINUSE
     return err
 

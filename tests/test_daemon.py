@@ -419,6 +419,8 @@ def test_a_listen_address_that_cannot_be_bound_exits_at_once(tmp_path: Path, whe
     assert out.returncode == (75 if where == "in use" else 78), out.stderr
     assert time.monotonic() - t0 < 10
     assert f"listen: cannot listen on {listen}" in out.stderr
+    # A port in use says what to do (a new user ran a second `make run`); another address needs no such hint.
+    assert ("give another with --listen or INGESTD_LISTEN" in out.stderr) == (where == "in use")
 
 
 def test_a_watch_dir_removed_and_made_again_is_locked_again(start, tmp_path: Path) -> None:
