@@ -237,7 +237,7 @@ def _folders_line(left: dict[str, Any], cluster: bool = False) -> str:
     to do about them."""
     n = left["count"]
     why = "a cluster claims files only: move the files in" if cluster else \
-        "recursive is off: set recursive = true, or move the files in"
+        "recursive is off: set INGESTD_RECURSIVE=true (or recursive = true in the config), or move the files in"
     return (f"left alone  {n} folder{'s' if n > 1 else ''} in unprocessed/ ({why}): " + ", ".join(left["names"]) + (", ..." if n > len(left["names"]) else ""))
 
 
@@ -265,6 +265,8 @@ def requeue(settings: Settings, names: list[str]) -> int:
     for n in missing:
         print(f"ingestd: not in failed/: {display(n)}", file=sys.stderr)
     moved, refused = spool.requeue(wanted if names else None)
+    if not names and not moved and not refused:
+        print("nothing to requeue: failed/ holds no files")  # silence read as "did it do anything?"
     for n in moved:
         print(f"requeued {display(n)}")
     trouble = 0

@@ -32,7 +32,7 @@ from ingestd.messages import Done, Outcome, Outcomes, Rejected, Retry, ToParent
 from ingestd.names import DONE_SUFFIX, display, hidden_path, oserror
 from ingestd.notify import Notifier
 from ingestd.pipeline import kind
-from ingestd.settings import ConfigError, Settings, unknown_env
+from ingestd.settings import ConfigError, Settings, dotenv_unread, unknown_env
 from ingestd.sinks import remove_temps
 from ingestd.spool import (
     RECURSIVE_NOTE,
@@ -164,10 +164,20 @@ class Daemon:
         if unknown := unknown_env(os.environ):
             event("unknown_setting", "INGESTD_ variables that name no setting are ignored (a typo?)", logging.WARNING,
                   variables=unknown)
+        self._warn_unread_dotenv()
         if log.text_wanted("auto"):  # a person at a terminal (make run): one line saying where to look
             made = f" (made now: {self.created} did not exist)" if self.created else ""
             log.say(f"ingestd is watching {self.spool.root.resolve()}/unprocessed/{made} - status page "
                     f"http://{self.web.address}/ - press Ctrl-C to stop")
+
+    def _warn_unread_dotenv(self) -> None:
+        """.env lines that name a setting in another form than INGESTD_NAME (or MODE) are not read: said, with the
+        form that is (`recursive = true` there is the config file's form: a new user saw nothing happen)."""
+        if (found := dotenv_unread()) is not None:
+            path, unread = found
+            event("dotenv_not_read", "these .env lines name settings but are not read: in .env a setting is "
+                  "INGESTD_<NAME>=value (MODE also works)", logging.WARNING, file=str(path), lines=sorted(unread),
+                  use=[unread[k] for k in sorted(unread)])
 
     def _recover(self) -> None:
         requeued, quarantined = self.spool.recover(self.s.max_attempts, self.wall())
@@ -453,7 +463,8 @@ class Daemon:
         """Default mode: the folders now in unprocessed/. Each new one is logged once (not at every rescan)."""
         for rel in sorted(found - self.folders_left):
             event("folder_left", "a folder in unprocessed/ is left as it is: only files are processed there (set "
-                  "recursive = true to process the files inside it, or move the files themselves into unprocessed/)",
+                  "INGESTD_RECURSIVE=true, or recursive = true in the config, to process the files inside it, or "
+                  "move the files themselves into unprocessed/)",
                   logging.WARNING, folder=display(rel))
         self.folders_left = found  # replaced, never changed in place: status() reads it from HTTP threads
         self.metrics.folders_left.set(len(found))
@@ -1042,7 +1053,9 @@ class Daemon:
                              if f.name not in RELOADED and getattr(new, f.name) != getattr(self.s, f.name))
             event("reloaded", "routing reloaded" + ("; restart to apply the other settings changed" if ignored else ""),
                   logging.WARNING if ignored else logging.INFO,
-                  config=str(self.s.config) if self.s.config else None, not_applied=ignored or None)
+                  config=str(self.s.config) if self.s.config else None, mode=self.s.routing_doc.get("mode"),
+                  not_applied=ignored or None)
+            self._warn_unread_dotenv()
         self.state.phase = "running"
         self.notifier.ready()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import errno
 import math
 import os
@@ -222,11 +223,39 @@ def _from_env(env: Mapping[str, str | None], where: str = "") -> tuple[dict[str,
 
 
 def _unknown_in_dotenv(values: Mapping[str, str | None], path: Path) -> None:
-    """A typo in .env (INGESTD_WORKRS=3) exits 78 like a typo in the TOML config, instead of being ignored.
-    Only .env: the process environment carries INGESTD_* variables of other tools (test shims, CI)."""
+    """A typo in .env (INGESTD_WORKRS=3) exits 78 like a typo in the TOML config, instead of being ignored, with
+    the closest names (difflib) first. Only .env: the process environment carries INGESTD_* variables of other
+    tools (test shims, CI)."""
     if unknown := unknown_env(values):
         allowed = sorted(f"INGESTD_{k.upper()}" for k in PARSERS)
-        raise ConfigError(f"{unknown[0]} in {path}: unknown setting (allowed: {', '.join(allowed)})")
+        # Compared without the prefix, which every name shares: else anything "matches" something.
+        close = difflib.get_close_matches(unknown[0].upper().removeprefix("INGESTD_"), [k.upper() for k in PARSERS], 1)
+        hint = f"did you mean INGESTD_{close[0]}? " if close else ""
+        raise ConfigError(f"{unknown[0]} in {path}: unknown setting ({hint}allowed: {', '.join(allowed)})")
+
+
+def unread_in_dotenv(values: Mapping[str, str | None]) -> dict[str, str]:
+    """Lines of a .env that name a setting without its INGESTD_ prefix, in any case, and are so not read:
+    {"recursive": "INGESTD_RECURSIVE", "mode": "MODE"}. MODE itself is read (the one plain name, `_from_env`).
+    Not refused, unlike an INGESTD_ typo: plain names such as LOG_LEVEL or WORKERS are common in a .env another
+    tool reads too. The daemon warns of them (dotenv_not_read) at start and at each reload; a new user who wrote
+    `recursive = true` (the config file's form) saw nothing happen."""
+    out = {}
+    for k in values:
+        name = k.lower()
+        if name in PARSERS and k != "MODE":
+            out[k] = "MODE" if name == "mode" else f"INGESTD_{name.upper()}"
+    return out
+
+
+def dotenv_unread(cwd: Path | None = None) -> tuple[Path, dict[str, str]] | None:
+    """The working directory's .env and its unread lines (unread_in_dotenv), None when it has none or cannot be
+    read (load() has said why already). For the daemon's warning: it reads the file again, a hint only."""
+    try:
+        unread = unread_in_dotenv(_read_dotenv(cwd))
+    except ConfigError:
+        return None
+    return (_dotenv_name(cwd), unread) if unread else None
 
 
 def load(
@@ -264,6 +293,11 @@ def load(
                     raise ConfigError(f"{e} (from {source.get(name, name)})") from None
                 break
     values["config"] = Path(config) if config else None
+    if "mode" in flags and "config" not in flags:
+        # --mode on the command line beats a config named lower down (INGESTD_CONFIG in the environment or .env):
+        # flag > environment > .env, for the routing as a whole. A new user's `ingestd process --mode uppercase`
+        # in a folder whose .env names a routing config was refused ("choose one") with no way to choose.
+        doc = {k: v for k, v in doc.items() if k not in ("tags", "filters", "outputs")}
     values["routing_doc"] = _routing_doc(doc, values, explicit_mode=any("mode" in layer for layer in layers),
                                          where=lambda k: next((s[k] for s in sources if k in s), k))
     known = {f.name for f in fields(Settings)}
@@ -326,7 +360,8 @@ def _routing_doc(doc: dict[str, Any], values: dict[str, Any], explicit_mode: boo
     options = {k: values[k] for k in ("pattern", "replacement") if values.get(k) is not None}
     if routing.has_tables(doc):
         if explicit_mode and "filters" in doc:
-            raise ConfigError("mode: set both as mode (MODE/--mode/config) and as [[filters]] in the config; choose one")
+            raise ConfigError(f"mode: set both as mode (from {where('mode')}) and as [[filters]] in the config (from "
+                              f"{where('config')}); choose one")
         if options and "filters" in doc:
             key = next(iter(options))
             raise ConfigError(f"{key}: belongs to mode, and the config has [[filters]]; give it in the filter's "

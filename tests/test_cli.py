@@ -160,6 +160,38 @@ def test_run_with_a_mode_pattern_and_a_reload_that_changes_it(tmp_path: Path) ->
         d.stop()
 
 
+def test_dotenv_lines_that_are_not_read_are_said_at_start_and_at_each_reload(tmp_path: Path) -> None:
+    """A new user put `recursive = true` in .env, as the daemon's own hint wrote it, then `mode=titlecase` over
+    MODE=reverse: nothing was read, nothing said so, and the reload fell back to uppercase under an INFO 'routing
+    reloaded'. Each such line is now a dotenv_not_read WARNING naming the form that is read, and `reloaded` says
+    the mode it runs now."""
+    import signal
+
+    (tmp_path / ".env").write_text("recursive = true\nMODE=reverse\n")
+    d = DaemonProcess(tmp_path / "w", cwd=tmp_path).started()
+    try:
+        ev = wait_for(lambda: d.event("dotenv_not_read"), what="dotenv_not_read")
+        assert (ev["level"], ev["lines"], ev["use"]) == ("WARNING", ["recursive"], ["INGESTD_RECURSIVE"])
+        assert ev["file"].endswith(".env")
+        (tmp_path / ".env").write_text("mode=titlecase\n")
+        d.signal(signal.SIGHUP)
+        ev = wait_for(lambda: d.event("reloaded"), what="reloaded")
+        assert ev["mode"] == "uppercase"  # MODE is gone, `mode` is not read: said, not hidden
+        wait_for(lambda: d.count("dotenv_not_read") == 2, what="the second dotenv_not_read")
+        assert [e["lines"] for e in d.events if e.get("event") == "dotenv_not_read"][-1] == ["mode"]
+    finally:
+        d.stop()
+
+
+def test_process_mode_flag_beats_the_routing_config_of_dotenv(tmp_path: Path) -> None:
+    (tmp_path / "r.toml").write_text('[[filters]]\nmatch = "*"\nprocessor = "reverse"\n')
+    (tmp_path / ".env").write_text(f"INGESTD_CONFIG={tmp_path / 'r.toml'}\n")
+    r = ingestd("process", "--input", "-", "--output", "-", cwd=tmp_path, input=b"ab\n")
+    assert (r.returncode, r.stdout) == (0, b"ba\n")
+    r = ingestd("process", "--input", "-", "--output", "-", "--mode", "uppercase", cwd=tmp_path, input=b"ab\n")
+    assert (r.returncode, r.stdout, r.stderr) == (0, b"AB\n", b"")
+
+
 @pytest.mark.parametrize("command", ["run", "process"])
 @pytest.mark.parametrize(("args", "message"), [
     (["--mode", "grep"], ("ingestd: pattern: mode grep needs a pattern (--pattern, INGESTD_PATTERN or pattern = in "
@@ -368,6 +400,9 @@ def test_status_and_requeue_without_a_daemon(tmp_path: Path) -> None:
     r = ingestd("requeue", "--watch-dir", str(w))
     assert r.returncode == 0 and b"requeued bad.bin" in r.stdout
     assert folder(w, "unprocessed") == ["bad.bin"] and folder(w, "failed") == []
+    # Nothing left: said, not silence (a new user could not tell whether it had done anything).
+    r = ingestd("requeue", "--watch-dir", str(w))
+    assert r.returncode == 0 and r.stdout == b"nothing to requeue: failed/ holds no files\n"
     assert ingestd("status", "--watch-dir", str(tmp_path / "nope")).returncode == 78
 
 

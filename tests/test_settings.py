@@ -440,6 +440,55 @@ def test_unknown_ingestd_variable_in_dotenv_is_refused(cwd: Path) -> None:
     assert msg.startswith("INGESTD_WORKRS in ") and ".env: unknown setting" in msg and "INGESTD_WORKERS" in msg
 
 
+def test_a_typo_in_dotenv_names_the_closest_setting(cwd: Path) -> None:
+    (cwd / ".env").write_text("INGESTD_WORKER=3\n")
+    assert "(did you mean INGESTD_WORKERS? allowed: " in bad({}, cwd)
+    (cwd / ".env").write_text("INGESTD_XYZZY=3\n")
+    assert "did you mean" not in bad({}, cwd)  # nothing close: the list alone
+
+
+def test_dotenv_lines_naming_a_setting_without_its_prefix_are_found_not_refused(cwd: Path) -> None:
+    """A new user wrote `recursive = true` in .env (the config file's form, which the daemon's own hint printed):
+    not read, and nothing said so. Not refused either, as plain LOG_LEVEL or WORKERS may be another tool's: the
+    daemon warns (dotenv_not_read, tests/test_cli.py). Exactly MODE is read; `mode`, `Mode` are not."""
+    from ingestd.settings import dotenv_unread, unread_in_dotenv
+
+    (cwd / ".env").write_text("recursive = true\nRECURSIVE=true\nmode=titlecase\nMode=x\nMODE=reverse\n"
+                              "LOG_LEVEL=debug\nPATH_EXTRA=x\nINGESTD_WORKERS=3\n")
+    s = load({}, environ={}, cwd=cwd)
+    assert (s.recursive, s.mode, s.workers, s.log_level) == (False, "reverse", 3, "info")
+    found = dotenv_unread(cwd)
+    assert found is not None and found[0] == cwd / ".env"
+    assert found[1] == {"recursive": "INGESTD_RECURSIVE", "RECURSIVE": "INGESTD_RECURSIVE", "mode": "MODE",
+                        "Mode": "MODE", "LOG_LEVEL": "INGESTD_LOG_LEVEL"}
+    assert unread_in_dotenv({"MODE": "x", "INGESTD_MODE": "y", "OTHER": "z"}) == {}
+    (cwd / ".env").write_text("MODE=reverse\n")
+    assert dotenv_unread(cwd) is None
+
+
+@pytest.mark.parametrize("where", ["env", "dotenv"])
+def test_a_mode_flag_beats_a_config_named_lower_down(where: str, cwd: Path, tmp_path: Path) -> None:
+    """flag > environment > .env for the routing as a whole: `ingestd process --mode uppercase` in a folder whose
+    .env names a routing config was refused ("choose one") with no way to choose (a new user)."""
+    config = toml(tmp_path, 'workers = 3\n' + FILTERS)
+    environ = {"INGESTD_CONFIG": config} if where == "env" else {}
+    if where == "dotenv":
+        (cwd / ".env").write_text(f"INGESTD_CONFIG={config}\n")
+    s = load({"mode": "lowercase"}, environ=environ, cwd=cwd)
+    assert s.routing_doc == {"mode": "lowercase"}
+    assert s.workers == 3  # the config's other settings still apply
+    assert load({}, environ=environ, cwd=cwd).routing_doc == {"filters": [{"match": "*", "processor": "reverse"}]}
+
+
+def test_mode_and_filters_conflict_names_where_each_came_from(cwd: Path, tmp_path: Path) -> None:
+    config = toml(tmp_path, FILTERS)
+    (cwd / ".env").write_text(f"INGESTD_CONFIG={config}\n")
+    msg = bad({}, cwd, {"INGESTD_MODE": "lowercase"})
+    assert msg.startswith("mode: set both as mode (from INGESTD_MODE) and as [[filters]] in the config (from "
+                          "INGESTD_CONFIG in "), msg
+    assert msg.endswith(".env); choose one")
+
+
 def test_other_variables_in_dotenv_are_left_alone(cwd: Path) -> None:
     (cwd / ".env").write_text("MODE=lowercase\nPATH_EXTRA=x\nINGESTD_WORKERS=3\n")
     s = load({}, environ={}, cwd=cwd)
