@@ -110,6 +110,7 @@ def _report(settings: Settings, spool: Spool) -> dict[str, Any]:
         if settings.recursive:
             names, folders = spool.files(spool.unprocessed), []
         counts["unprocessed"] = _waiting(settings, names)
+        unmarked = _unmarked(settings, names)
         daemon = spool.holder()
         return {
             "watch_dir": str(spool.root.resolve()),
@@ -119,6 +120,9 @@ def _report(settings: Settings, spool: Spool) -> dict[str, Any]:
             "folders_left": {"count": len(folders), "names": [display(n) for n in sorted(folders)[: settings.recent]],
                              "recursive": settings.recursive},
             "in_progress": [display(n) for n in sorted(spool.files(spool.underprocess))],
+            # done_marker: what waits for its NAME.done (a new user saw only a count, and could not tell why)
+            "awaiting_marker": {"count": len(unmarked), "names": [display(n) for n in unmarked[: settings.recent]]}
+            if settings.done_marker else None,
             # The daemon's own history (ordered by its sequence) when it kept one, else what processed/ holds.
             # A cluster's folder (.ingestd/cluster-id): a single-machine daemon's old history would stand for ever.
             "recent": (([] if os.path.exists(os.path.join(spool.state, "cluster-id"))
@@ -134,6 +138,14 @@ def _waiting(settings: Settings, names: list[str]) -> int:
     do not, nor with done_marker the NAME.done markers themselves (they vouch for a file, they are none); the daemon
     counts the same."""
     return sum(1 for n in names if not ignored(n) and not (settings.done_marker and n.endswith(DONE_SUFFIX)))
+
+
+def _unmarked(settings: Settings, names: list[str]) -> list[str]:
+    """With done_marker: the waiting names of `names` (unprocessed/) without their NAME.done yet, sorted."""
+    if not settings.done_marker:
+        return []
+    present = set(names)
+    return sorted(n for n in names if not ignored(n) and not n.endswith(DONE_SUFFIX) and n + DONE_SUFFIX not in present)
 
 
 def _not_counted(settings: Settings, spool: Spool, counts: dict[str, int], outputs: set[str]) -> dict[str, Any] | None:
@@ -161,6 +173,7 @@ def _text(report: dict[str, Any]) -> list[str]:
            "folders     " + "  ".join(f"{f} {report['counts'][f]}" for f in FOLDERS),
            *([_not_counted_line(report["not_counted"])] if report.get("not_counted") else []),
            _claimed_line(report),
+           *([_marker_line(report["awaiting_marker"])] if (report.get("awaiting_marker") or {}).get("count") else []),
            *([_folders_line(report["folders_left"], "broker" in report)] if report["folders_left"]["count"] else []),
            *(_cluster_lines(report) if "broker" in report else []),
            "recent completions (UTC):" if report["recent"] else "recent completions: none"]
@@ -182,6 +195,13 @@ def _not_counted_line(left: dict[str, Any]) -> str:
     who = left["last_daemon"].removesuffix(", " + RECURSIVE_NOTE)
     return (f"not counted {', '.join(filter(None, what))} (recursive is off here; the last daemon, {who}, ran with "
             "it on: INGESTD_RECURSIVE=true ingestd status counts them)")
+
+
+def _marker_line(waiting: dict[str, Any]) -> str:
+    """done_marker: the files that wait for their marker, and what would release each."""
+    n, names = waiting["count"], waiting["names"]
+    return (f"no marker  {plural(n, 'file')} wait for NAME.done (done_marker is on): " + ", ".join(names)
+            + (", ..." if n > len(names) else ""))
 
 
 def _claimed_line(report: dict[str, Any]) -> str:

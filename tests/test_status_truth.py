@@ -478,9 +478,15 @@ def test_status_counts_waiting_files_as_the_daemon_does_with_done_markers(tmp_pa
         api = wait_for(lambda: (s := d.status())["counts"] == {"unprocessed": 1, "underprocess": 0, "processed": 1,
                                                                  "failed": 0} and s, timeout=10)
         doc = json.loads(cli("status", "--json", "--watch-dir", str(d.watch_dir), env=env).stdout)
+        text = cli("status", "--watch-dir", str(d.watch_dir), env=env).stdout
+        plain = json.loads(cli("status", "--json", "--watch-dir", str(d.watch_dir)).stdout)
     finally:
         d.stop()
     assert doc["counts"] == api["counts"] and doc["counts"]["unprocessed"] == 1
+    # Which file waits for its marker, by name (a new user saw only the count, and could not tell why).
+    assert doc["awaiting_marker"] == {"count": 1, "names": ["waits-for-its-marker.txt"]}
+    assert "no marker  1 file wait for NAME.done (done_marker is on): waits-for-its-marker.txt" in text
+    assert plain["awaiting_marker"] is None and "no marker" not in cli("status", "--watch-dir", str(tmp_path / "w")).stdout
 
 
 def test_status_into_a_closed_pipe_exits_quietly(tmp_path: Path) -> None:
