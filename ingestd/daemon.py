@@ -628,7 +628,7 @@ class Daemon:
     def _stat(self, name: str) -> tuple[int, int] | None:
         try:
             st = os.lstat(os.path.join(self.spool.unprocessed, name))
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # ENOTDIR: its folder became a file (mv batch away; a file)
             return None
         return st.st_size, st.st_mtime_ns
 
@@ -747,7 +747,7 @@ class Daemon:
         src = os.path.join(self.spool.unprocessed, name)
         try:
             st = os.lstat(src)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # gone, or its folder is a file now: its events say what is
             return None
         if stat.S_ISDIR(st.st_mode):
             # A folder where a file was (removed and made again under the same name): never claimed or moved.

@@ -87,7 +87,7 @@ def read_lease(path: str) -> Iterator[Lease]:
 def _take(path: str) -> Lease:
     try:
         fd = os.open(path, _OPEN_FLAGS)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # ENOTDIR: a folder on its path is a file now (recursive mode)
         return Lease(Verdict.GONE)
     except OSError as e:
         if e.errno in (errno.ELOOP, errno.ENXIO, errno.ENODEV):  # a symlink (O_NOFOLLOW), a socket, a device

@@ -377,7 +377,7 @@ class Spool:
         except OSError as e:
             if "/" in name:
                 self._prune_up(self.underprocess, name)  # the rename did not happen: no empty mirror left
-            if e.errno in (errno.ENOENT, errno.EEXIST):
+            if e.errno in (errno.ENOENT, errno.EEXIST, errno.ENOTDIR):  # ENOTDIR: its folder became a file meanwhile
                 return Claim.GONE
             raise
         return Claim.CLAIMED
