@@ -200,7 +200,10 @@ class Spool:
             label = os.open(os.path.join(self.state, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
             try:
                 os.ftruncate(label, 0)
-                os.pwrite(label, f"pid {os.getpid()} on {socket.gethostname()}{', ' + note if note else ''}".encode(), 0)
+                # ", " in the host name written as ",": only the note may end the label with ", NOTE" (noted()), or
+                # a host named "box, recursive" made every daemon there recursive to `status`.
+                host = socket.gethostname().replace(", ", ",")
+                os.pwrite(label, f"pid {os.getpid()} on {host}{', ' + note if note else ''}".encode(), 0)
             finally:
                 os.close(label)
         except OSError:
