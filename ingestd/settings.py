@@ -160,6 +160,8 @@ def _broker(name: str, value: Any) -> str | None:
 def _path(name: str, value: Any) -> Path:
     if not isinstance(value, (str, os.PathLike)) or not str(value):
         raise ConfigError(f"{name}: must be a path, not {value!r}")
+    if "\0" in str(value):  # a .env or a TOML string can hold one; every system call refuses it (ValueError)
+        raise ConfigError(f"{name}: a path cannot hold a NUL byte, not {value!r}")
     return Path(value)
 
 
@@ -275,6 +277,12 @@ def load(
     sources: list[Mapping[str, str]] = [{k: "--" + k.replace("_", "-") for k in flags}, env_src, dotenv_src]
 
     config = next((layer["config"] for layer in layers if layer.get("config")), None)
+    if config:
+        try:
+            _path("config", config)
+        except ConfigError as e:
+            where = next(src["config"] for layer, src in zip(layers, sources) if layer.get("config"))
+            raise ConfigError(f"{e} (from {where})") from None
     doc = _read_toml(Path(config)) if config else {}
     unknown = sorted(set(doc) - set(PARSERS) - {"tags", "filters", "outputs"})
     if unknown:
