@@ -113,7 +113,7 @@ def _report(settings: Settings, spool: Spool) -> dict[str, Any]:
         unmarked = _unmarked(settings, names)
         daemon = spool.holder()
         return {
-            "watch_dir": str(spool.root.resolve()),
+            "watch_dir": _shown(spool),
             "daemon": daemon,
             "counts": counts,
             "not_counted": None if daemon is not None else _not_counted(settings, spool, counts, outputs),
@@ -131,6 +131,15 @@ def _report(settings: Settings, spool: Spool) -> dict[str, Any]:
         }
     except PermissionError as e:  # a folder or the state dir readable at the probe and no longer now
         raise FolderError(e.filename or str(spool.root), e) from None
+
+
+def _shown(spool: Spool) -> str:
+    """The watch dir's absolute path; the path as given when it has none: relative, from a working directory since
+    removed (resolve() asks os.getcwd(): ENOENT), while the kernel still resolves it from there."""
+    try:
+        return str(spool.root.resolve())
+    except OSError:
+        return str(spool.root)
 
 
 def _waiting(settings: Settings, names: list[str]) -> int:
