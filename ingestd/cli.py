@@ -163,7 +163,26 @@ def _distributed() -> None:
         raise ConfigError("broker: the distributed mode needs its extra: .venv/bin/pip install -e '.[distributed]' in the ingestd checkout (docs/distributed.md)") from None
 
 
+PATH_MAX = 4096  # <linux/limits.h>, its NUL included: the longest path one system call takes
+
+
+def _working_directory() -> None:
+    """`run` (no broker) and `worker` spawn processes (multiprocessing's spawn), and each child first enters the
+    parent's working directory by its absolute name (os.getcwd()): from one since removed (ENOENT) the parent cannot
+    name it, and from one deeper than PATH_MAX the child cannot enter it (ENAMETOOLONG), so no worker could ever
+    start (a traceback, or exit 75 after the start backoff with "it exited at start with code 1"). One line, 78."""
+    try:
+        cwd = os.getcwd()
+    except OSError as e:
+        raise ConfigError(f"working directory: it has no name ({e.strerror}: removed?), and worker processes start "
+                          "in it by its name; run ingestd from another folder") from None
+    if len(os.fsencode(cwd)) >= PATH_MAX:
+        raise ConfigError(f"working directory: its path is longer than PATH_MAX ({PATH_MAX} bytes), and worker "
+                          "processes start in it by that path; run ingestd from another folder")
+
+
 def _worker(settings: Settings, processes: int | None) -> int:
+    _working_directory()
     if not settings.broker:
         raise ConfigError("broker: `ingestd worker` needs --broker redis://HOST:PORT/DB (or INGESTD_BROKER)")
     if processes is not None and processes < 1:
@@ -180,6 +199,7 @@ def _run(settings: Settings, flags: dict[str, Any]) -> int:
         from ingestd.distributed import scanner
 
         return scanner.run(settings)
+    _working_directory()
     from ingestd.daemon import Daemon
 
     # SIGHUP re-reads every source the start did (same flags, current environment and files).
