@@ -255,6 +255,38 @@ def test_a_host_named_like_the_recursive_note_does_not_make_a_daemon_recursive(t
     assert stopped["daemon"] is None and stopped["not_counted"] is None, stopped
 
 
+@pytest.mark.xfail(strict=True, reason="status cannot know a stopped daemon's routed output folders; open, see the "
+                   "docstring")
+def test_not_counted_leaves_out_the_last_daemons_routed_outputs(tmp_path: Path) -> None:
+    """FAULT, left open (status lies; low-medium: the very case f0f38ec is for). The daemon has recursive = true in
+    its config file, and that file also routes outputs ([[outputs]] path = "errors", README's routing example): it
+    counts 2 results (top.log, batch/app.log), never processed/errors/. Stopped, `status` from a shell without the
+    config says "processed 1" and "not counted 3 results in folders of processed/ ... INGESTD_RECURSIVE=true ingestd
+    status counts them": errors/top.log and errors/batch/app.log are routed outputs the daemon never counted, and
+    the command it suggests counts 4 (so does `status` while that daemon runs: it takes recursive from the label,
+    the outputs from nowhere). Only a shell that has the config knows them, and that shell also has recursive on,
+    so the note is wrong whenever it shows and the routing has outputs. A fix needs the daemon to leave its output
+    folders where status reads them without a config (beside the lock label, in .ingestd/), or the note to say it
+    may include routed output folders it cannot tell from input folders."""
+    w = tmp_path / "w"
+    cfg = tmp_path / "ingestd.toml"
+    cfg.write_text('recursive = true\n[[filters]]\nmatch = "*"\nretag = "errors"\npattern = "ERROR"\n'
+                   '[[outputs]]\nmatch = "errors"\npath = "errors"\n[[outputs]]\nmatch = "*"\n')
+    d = DaemonProcess(w, "--workers", "1", "--config", str(cfg), new_session=True).started()
+    try:
+        (tmp_path / "b").mkdir()
+        (tmp_path / "b" / "app.log").write_text("ok\nERROR x\n")
+        os.rename(tmp_path / "b", w / "unprocessed" / "batch")
+        (w / "unprocessed" / "top.log").write_text("fine\nERROR y\n")
+        wait_for(lambda: d.status()["counts"]["processed"] == 2, what="both files processed")
+    finally:
+        assert d.stop() == 0
+    assert (w / "processed" / "errors" / "batch" / "app.log").exists()  # a routed output, mirrored
+    doc = json.loads(_run("status", "--json", "--watch-dir", str(w)).stdout)
+    assert doc["counts"]["processed"] == 1
+    assert doc["not_counted"] is not None and doc["not_counted"]["processed"] == 1, doc["not_counted"]
+
+
 @pytest.mark.parametrize("damage", ["fifo", "folder", "garbage", "symlink"])
 def test_status_without_a_daemon_reads_a_damaged_lock_label_without_hanging(tmp_path: Path, damage: str) -> None:
     """HELD. `status` without a daemon now reads .ingestd/lock (before, only while the lock was held): a FIFO there
