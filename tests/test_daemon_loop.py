@@ -306,7 +306,9 @@ def test_a_condemned_worker_that_finishes_in_its_grace_is_reprieved_and_the_next
 
 
 def test_an_expired_io_error_pause_neither_spins_nor_stays_shown(loop) -> None:
-    lp = loop()
+    # rescan_interval (its minimum, 1 s) bounds the idle loop's wait: with the default an idle turn waits up to
+    # 30 s, and the one-second watch below lasted that long. The spin this guards is poll() returning at once.
+    lp = loop(rescan_interval=1)
     d = lp.d
     d.state.back_off("Input/output error (EIO)")  # as after a failed claim: paused for 1 s
     lp.clock.advance(2)
