@@ -1,6 +1,6 @@
 """Catalogue: arrivals. Direct write, rename in, link()+unlink() (IN_CREATE only), rsync-style dot-temp + rename,
 a writer holding the file open over seconds, close-and-reopen-to-append (guaranteed with done markers only),
-a 50,000-file burst that overflows the inotify queue, files deleted or replaced while queued; and completeness when
+a 20,000-file burst that overflows the inotify queue, files deleted or replaced while queued; and completeness when
 the events lie (issue 8): merged IN_OPEN / IN_CLOSE events, shutil copies that chmod after the close, writers the
 watch never saw open, a close-and-reopen producer with quiet_time, and no CPU spent while every worker is busy.
 None is processed early, none missed."""
@@ -82,7 +82,9 @@ def test_close_and_reopen_to_append_is_whole_with_a_done_marker(tmp_path: Path) 
 
 @pytest.mark.slow
 def test_burst_overflowing_inotify_deleted_and_replaced_while_queued(tmp_path: Path) -> None:
-    n = 50_000 * SCALE
+    # 20,000 files, three events each (IN_CREATE, IN_OPEN, IN_CLOSE_WRITE): 60,000 events against a queue of
+    # 16,384 (fs.inotify.max_queued_events), overflowed several times over; `make torture-long`: 200,000.
+    n = 20_000 * SCALE
     w = make_watch(tmp_path / "w")
     u = w / "unprocessed"
     d = start_daemon(w, "--workers", "2", env={"INGESTD_RESCAN_INTERVAL": "3600"}, cwd=tmp_path)
