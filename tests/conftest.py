@@ -10,6 +10,23 @@ from pathlib import Path
 import pytest
 from support import RedisServer, need_redis
 
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Compile ingestd (and the torture suite's I/O shim) to bytecode once, before any test starts a process.
+
+    The suite starts thousands of Python processes that import ingestd: daemons, their spawned workers, nodes,
+    `ingestd` commands. An installed ingestd has its bytecode (pip compiles at install), but this checkout is an
+    editable install, and under PYTHONDONTWRITEBYTECODE=1 (set on this machine kind, CI included) no process ever
+    writes its __pycache__: each one compiled every module from source, ~0.1 s of its start-up. Written here
+    once into ingestd/__pycache__ (ignored by git), as bench/engine.py does; a module changed since is compiled
+    in memory again by its mtime, so nothing stale is ever run. What runs is the same code."""
+    import compileall
+
+    for folder in (ROOT / "ingestd", ROOT / "tests" / "torture" / "shim"):
+        compileall.compile_dir(str(folder), quiet=1)
+
 
 def _need_root(what: str) -> None:
     """Skip (with a reason) when not root; on CI (CI=true) a missing privilege is a failure, not a skip."""
